@@ -1,0 +1,107 @@
+"""``cxr-train``: prepare | phantoms | fit | evaluate | export."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from trainer.errors import TrainerError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cxr-train", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("prepare", help="patient-level splits from the NIH ChestX-ray14 label file")
+    s.add_argument("--labels", type=Path, required=True, help="Data_Entry_2017.csv (or .csv.gz)")
+    s.add_argument("--images", type=Path, required=True, help="folder holding the release's PNGs (any depth)")
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--neg-ratio", type=float, default=1.0, help="No Finding images per Pneumonia image")
+    s.add_argument("--views", default="PA,AP", help="comma-separated View Position values")
+    s.add_argument("--seed", type=int, default=0)
+
+    s = sub.add_parser("phantoms", help="synthetic chest phantoms with opacity masks (not patient data)")
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--n", type=int, required=True)
+    s.add_argument("--size", type=int, default=256)
+    s.add_argument("--seed", type=int, default=0)
+
+    s = sub.add_parser("fit", help="fine-tune ResNet-50; resumes an interrupted run")
+    s.add_argument("--data", type=Path, required=True)
+    s.add_argument("--out", type=Path, required=True, help="run folder")
+    s.add_argument("--config", type=Path, default=None, help="TOML (default: config/train.toml)")
+    s.add_argument("--epochs", type=int)
+    s.add_argument("--image-size", type=int)
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--learning-rate", type=float)
+    s.add_argument("--weights", help="imagenet | none | PATH to the notop .h5")
+
+    s = sub.add_parser("evaluate", help="metrics with 95%% CIs, figures, heatmap localisation")
+    s.add_argument("--run", type=Path, required=True)
+    s.add_argument("--split", default="test", choices=("val", "test"))
+    s.add_argument("--boxes", type=Path, default=None, help="NIH BBox_List_2017.csv for expert regions")
+
+    s = sub.add_parser("export", help="verified ONNX model with probability and gradcam outputs")
+    s.add_argument("--run", type=Path, required=True)
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--threshold", type=float, default=None, help="default: the one evaluate chose")
+    s.add_argument("--model-version", default=None)
+    return p
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.command == "prepare":
+        from trainer.data import prepare
+
+        summary = prepare(args.labels, args.images, args.out, neg_ratio=args.neg_ratio,
+                          views=args.views.split(","), seed=args.seed)
+        for note in summary["notes"]:
+            print(note)
+        return {k: {"images": v["images"], "patients": v["patients"]} for k, v in summary["splits"].items()}
+    if args.command == "phantoms":
+        from trainer.phantoms import write_phantoms
+
+        summary = write_phantoms(args.out, args.n, size=args.size, seed=args.seed)
+        return {k: v["images"] for k, v in summary["splits"].items()}
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.command == "fit":
+        from trainer.config import load_config
+        from trainer.fit import fit
+
+        cfg = load_config(args.config, {
+            "model": {"image_size": args.image_size, "weights": args.weights},
+            "train": {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.learning_rate},
+        })
+        return fit(args.data, args.out, cfg)
+    if args.command == "evaluate":
+        from trainer.evaluate import evaluate
+
+        r = evaluate(args.run, args.split, args.boxes)
+        return {"threshold": r["threshold"], "metrics": r["metrics"], "ci95": r["ci95"],
+                "localisation": r["localisation"]}
+    from trainer.export import export
+
+    return export(args.run, args.out, threshold=args.threshold, version=args.model_version)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        result = _run(args)
+    except TrainerError as exc:
+        print(f"cxr-train {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"cxr-train {args.command}: interrupted (a fit resumes from its last checkpoint)", file=sys.stderr)
+        return 130
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Training configuration: ``config/train.toml`` validated by pydantic, flags on top."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from trainer.errors import ConfigError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "train.toml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(_Section):
+    name: str = "cxr-gradcam-resnet50"
+    feature_layer: str = "conv5_block3_out"
+    image_size: int = Field(224, ge=32, le=1024, multiple_of=32)
+    dropout: float = Field(0.5, ge=0.0, lt=1.0)
+    dense_units: int = Field(256, ge=1)
+    weights: str = "imagenet"
+
+
+class TrainSection(_Section):
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(1e-4, gt=0, lt=1)
+    patience: int = Field(5, ge=0)
+    class_weights: Literal["auto", "none"] = "auto"
+    cache: bool = True
+    mixed_precision: Literal["auto", "on", "off"] = "auto"
+    seed: int = 0
+
+
+class AugmentSection(_Section):
+    rotation_degrees: float = Field(10.0, ge=0, le=180)
+    zoom: float = Field(0.1, ge=0, lt=1)
+    horizontal_flip: bool = True
+    contrast: float = Field(0.1, ge=0, lt=1)
+
+
+class EvaluateSection(_Section):
+    bootstrap: int = Field(1000, ge=0)
+    threshold_rule: Literal["youden", "fixed"] = "youden"
+    fixed_threshold: float = Field(0.5, gt=0, lt=1)
+
+
+class TrainConfig(_Section):
+    model: ModelSection = ModelSection()
+    train: TrainSection = TrainSection()
+    augment: AugmentSection = AugmentSection()
+    evaluate: EvaluateSection = EvaluateSection()
+
+
+def load_config(path: Path | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> TrainConfig:
+    """Read a TOML config (the shipped defaults when ``path`` is None) and apply overrides.
+
+    Raises:
+        ConfigError: naming the file and the first bad key and value.
+    """
+    source = path or DEFAULT_CONFIG
+    data: dict[str, Any] = {}
+    if path is not None or source.is_file():
+        try:
+            data = tomllib.loads(Path(source).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {source}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    for section, values in (overrides or {}).items():
+        data.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"{source}: {where}: {err['msg']} (received {err.get('input')!r})") from None

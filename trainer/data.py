@@ -1,0 +1,322 @@
+"""Split files shared by every trainer command.
+
+A data folder holds ``train.csv``, ``val.csv``, ``test.csv`` (columns
+:data:`SPLIT_COLUMNS`), ``summary.json`` and optionally ``boxes.csv`` in the NIH
+``BBox_List_2017.csv`` format. ``prepare`` writes one from the real label file;
+``phantoms`` writes one from synthetic images.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import os
+import random
+import statistics
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainer.errors import DataError
+
+SPLITS = ("train", "val", "test")
+SPLIT_COLUMNS = ("path", "label", "patient_id", "view", "image_id", "age", "sex", "mask")
+POSITIVE_FINDING = "Pneumonia"
+NEGATIVE_FINDING = "No Finding"
+#: Number of Pneumonia images in the ChestX-ray14 release the paper drew "5,000 per class" from.
+PAPER_PER_CLASS = 5000
+
+
+@dataclass
+class Record:
+    """One image of a split."""
+
+    path: str
+    label: int
+    patient_id: str
+    view: str
+    image_id: str
+    age: str = ""
+    sex: str = ""
+    mask: str = ""
+
+    def row(self) -> dict[str, Any]:
+        return {c: getattr(self, c) for c in SPLIT_COLUMNS}
+
+
+@dataclass
+class Box:
+    """An expert region in NIH BBox_List format (pixels of the stored image)."""
+
+    image_id: str
+    finding: str
+    x: float
+    y: float
+    w: float
+    h: float
+
+
+@dataclass
+class Dataset:
+    """The three splits of a data folder, with paths resolved."""
+
+    root: Path
+    splits: dict[str, list[Record]]
+    boxes: dict[str, list[Box]] = field(default_factory=dict)
+
+
+def open_text(path: Path) -> io.TextIOBase:
+    """Open a CSV that may be gzip-compressed (as the NIH files are shipped here)."""
+    if not path.is_file():
+        raise DataError(f"file not found: {path}")
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
+    return open(path, encoding="utf-8", newline="")  # noqa: SIM115
+
+
+def split_by_patient(
+    patients: dict[str, bool], fractions: Sequence[float], seed: int
+) -> dict[str, str]:
+    """Assign each patient to a split, stratified by whether they have a positive.
+
+    Args:
+        patients: patient ID -> has at least one positive image.
+        fractions: train, val, test fractions (sum to 1).
+        seed: makes the split reproducible.
+
+    Returns:
+        patient ID -> split name. No patient is in two splits by construction.
+    """
+    rng = random.Random(seed)
+    assignment: dict[str, str] = {}
+    for stratum in (True, False):
+        group = sorted(p for p, pos in patients.items() if pos is stratum)
+        rng.shuffle(group)
+        n = len(group)
+        n_train = round(n * fractions[0])
+        n_val = round(n * fractions[1])
+        for i, pid in enumerate(group):
+            assignment[pid] = "train" if i < n_train else "val" if i < n_train + n_val else "test"
+    return assignment
+
+
+def summarize(splits: dict[str, list[Record]], notes: Iterable[str] = ()) -> dict[str, Any]:
+    """Images and patients per split and class, views, and age and sex spread."""
+    out: dict[str, Any] = {"splits": {}, "notes": list(notes)}
+    for name, records in splits.items():
+        ages = [float(r.age) for r in records if r.age.replace(".", "", 1).isdigit()]
+        out["splits"][name] = {
+            "images": len(records),
+            "patients": len({r.patient_id for r in records}),
+            "by_class": {
+                str(c): {
+                    "images": sum(r.label == c for r in records),
+                    "patients": len({r.patient_id for r in records if r.label == c}),
+                }
+                for c in (0, 1)
+            },
+            "views": dict(Counter(r.view for r in records)),
+            "sex": dict(Counter(r.sex for r in records if r.sex)),
+            "age": (
+                {
+                    "mean": round(statistics.fmean(ages), 1),
+                    "sd": round(statistics.pstdev(ages), 1),
+                    "quartiles": [round(q, 1) for q in statistics.quantiles(ages, n=4)],
+                }
+                if len(ages) >= 2
+                else {}
+            ),
+        }
+    return out
+
+
+def write_split_folder(
+    out: Path,
+    splits: dict[str, list[Record]],
+    summary: dict[str, Any],
+    boxes: Sequence[Box] = (),
+) -> None:
+    """Write the split CSVs, summary.json and (when given) boxes.csv."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in SPLITS:
+        with open(out / f"{name}.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=SPLIT_COLUMNS)
+            writer.writeheader()
+            writer.writerows(r.row() for r in splits[name])
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    if boxes:
+        with open(out / "boxes.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["Image Index", "Finding Label", "Bbox [x", "y", "w", "h]"])
+            for b in boxes:
+                writer.writerow([b.image_id, b.finding, b.x, b.y, b.w, b.h])
+
+
+def read_boxes(path: Path, finding: str = POSITIVE_FINDING) -> dict[str, list[Box]]:
+    """Read NIH ``BBox_List_2017.csv`` (or ours): image ID -> boxes of ``finding``."""
+    boxes: dict[str, list[Box]] = defaultdict(list)
+    with open_text(path) as f:
+        reader = csv.reader(f)
+        next(reader, None)
+        for n, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            try:
+                image_id, label = row[0], row[1]
+                x, y, w, h = (float(v) for v in row[2:6])
+            except (IndexError, ValueError):
+                raise DataError(f"{path}:{n}: not a box row (Image Index, Finding Label, x, y, w, h)") from None
+            if label == finding:
+                boxes[image_id].append(Box(image_id, label, x, y, w, h))
+    return dict(boxes)
+
+
+def load_dataset(root: Path) -> Dataset:
+    """Read a data folder written by ``prepare`` or ``phantoms``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder not found: {root}")
+    splits: dict[str, list[Record]] = {}
+    for name in SPLITS:
+        path = root / f"{name}.csv"
+        if not path.is_file():
+            raise DataError(f"{path} is missing: run 'cxr-train prepare' or 'cxr-train phantoms' first")
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing = {"path", "label", "patient_id"} - set(reader.fieldnames or ())
+            if missing:
+                raise DataError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
+            records = []
+            for n, row in enumerate(reader, start=2):
+                if row["label"] not in ("0", "1"):
+                    raise DataError(f"{path}:{n}: label must be 0 or 1, received {row['label']!r}")
+                p = row["path"]
+                records.append(
+                    Record(
+                        path=p if os.path.isabs(p) else str(root / p),
+                        label=int(row["label"]),
+                        patient_id=row["patient_id"],
+                        view=row.get("view", ""),
+                        image_id=row.get("image_id") or Path(p).name,
+                        age=row.get("age", ""),
+                        sex=row.get("sex", ""),
+                        mask=(str(root / row["mask"]) if row.get("mask") else ""),
+                    )
+                )
+        splits[name] = records
+    boxes = read_boxes(root / "boxes.csv") if (root / "boxes.csv").is_file() else {}
+    return Dataset(root, splits, boxes)
+
+
+def require_split(ds: Dataset, name: str, *, both_classes: bool = True) -> list[Record]:
+    """The records of one split, or a clear error when it is empty or one-class."""
+    records = ds.splits.get(name) or []
+    if not records:
+        raise DataError(f"split {name!r} in {ds.root} is empty")
+    if both_classes and len({r.label for r in records}) < 2:
+        raise DataError(f"split {name!r} in {ds.root} holds only one class: metrics need both")
+    return records
+
+
+def _index_images(images: Path) -> dict[str, Path]:
+    """Image file name -> path, searching the release's nested images_NNN/images folders."""
+    index: dict[str, Path] = {}
+    for dirpath, _dirs, files in os.walk(images):
+        for name in files:
+            if name.lower().endswith(".png"):
+                index.setdefault(name, Path(dirpath) / name)
+    return index
+
+
+def prepare(
+    labels: Path,
+    images: Path,
+    out: Path,
+    *,
+    neg_ratio: float = 1.0,
+    views: Sequence[str] = ("PA", "AP"),
+    seed: int = 0,
+    fractions: Sequence[float] = (0.7, 0.15, 0.15),
+) -> dict[str, Any]:
+    """Build patient-level splits of Pneumonia vs No Finding from the NIH label file.
+
+    Returns the summary written to ``summary.json``.
+    """
+    if neg_ratio <= 0:
+        raise DataError(f"--neg-ratio must be positive, received {neg_ratio}")
+    if not images.is_dir():
+        raise DataError(f"images folder not found: {images}")
+    wanted_views = {v.strip().upper() for v in views if v.strip()}
+    positives: list[Record] = []
+    negatives: list[Record] = []
+    required = {"Image Index", "Finding Labels", "Patient ID", "View Position"}
+    with open_text(labels) as f:
+        reader = csv.DictReader(f)
+        missing = required - set(reader.fieldnames or ())
+        if missing:
+            raise DataError(f"{labels}: not a ChestX-ray14 label file (missing {', '.join(sorted(missing))})")
+        for row in reader:
+            view = row["View Position"].strip().upper()
+            if view not in wanted_views:
+                continue
+            findings = row["Finding Labels"].split("|")
+            label = 1 if POSITIVE_FINDING in findings else 0 if findings == [NEGATIVE_FINDING] else None
+            if label is None:
+                continue
+            record = Record(
+                path=row["Image Index"],
+                label=label,
+                patient_id=row["Patient ID"],
+                view=view,
+                image_id=row["Image Index"],
+                age=row.get("Patient Age", ""),
+                sex=row.get("Patient Gender", ""),
+            )
+            (positives if label else negatives).append(record)
+    if not positives:
+        raise DataError(f"{labels}: no {POSITIVE_FINDING} images in views {sorted(wanted_views)}")
+
+    patients: dict[str, bool] = {}
+    for r in negatives:
+        patients.setdefault(r.patient_id, False)
+    for r in positives:
+        patients[r.patient_id] = True
+    assignment = split_by_patient(patients, fractions, seed)
+
+    rng = random.Random(seed + 1)
+    splits: dict[str, list[Record]] = {}
+    for name in SPLITS:
+        pos = [r for r in positives if assignment[r.patient_id] == name]
+        neg_pool = [r for r in negatives if assignment[r.patient_id] == name]
+        n_neg = min(len(neg_pool), round(len(pos) * neg_ratio))
+        splits[name] = pos + rng.sample(neg_pool, n_neg)
+        rng.shuffle(splits[name])
+
+    index = _index_images(images)
+    missing_files = [r.image_id for name in SPLITS for r in splits[name] if r.image_id not in index]
+    if missing_files:
+        raise DataError(
+            f"{len(missing_files)} selected image(s) are not under {images}, e.g. "
+            f"{', '.join(missing_files[:5])}: download the full release (see README) "
+            "or check --images; nothing was written"
+        )
+    for name in SPLITS:
+        for r in splits[name]:
+            r.path = str(index[r.image_id].resolve())
+
+    n_pos_patients = len({r.patient_id for r in positives})
+    notes = [
+        f"{len(positives)} {POSITIVE_FINDING} images from {n_pos_patients} patients in views "
+        f"{','.join(sorted(wanted_views))}; the paper's {PAPER_PER_CLASS} per class cannot be "
+        f"drawn from this release, so all {len(positives)} are used with {neg_ratio:g} "
+        f"{NEGATIVE_FINDING} image(s) per positive.",
+        "Split 70/15/15 by patient, stratified by whether a patient has a positive image.",
+    ]
+    summary = summarize(splits, notes)
+    summary.update({"source": str(labels), "seed": seed, "neg_ratio": neg_ratio, "synthetic": False})
+    write_split_folder(out, splits, summary)
+    return summary

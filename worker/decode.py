@@ -1,0 +1,150 @@
+"""Pixel steps from a stored image to the model's input tensor.
+
+Every step is a pure function ``(arr, ds) -> arr`` or ``arr -> arr``, as in
+:mod:`pydicom.pixels.processing`. The trainer imports :func:`to_unit_range` and
+:func:`resize_for_model` from here so that a PNG through the trainer and a DICOM
+through the worker give the same tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cv2
+import numpy as np
+from pydicom import Dataset
+from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
+
+from worker.errors import DecodeError, UnsupportedInput
+
+#: Interpolation used to bring any image to the model's S x S input: area
+#: averaging is the anti-aliased choice when shrinking a 2-3k radiograph.
+MODEL_INTERPOLATION = cv2.INTER_AREA
+
+SUPPORTED_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2")
+
+
+def check_pixel_module(ds: Dataset, *, max_pixels: int) -> None:
+    """Reject, before decoding, images the model cannot be applied to.
+
+    Checks the Image Pixel Module (PS3.3 C.7.6.3) attributes so that nothing
+    large or odd is decoded at all.
+    """
+    if "PixelData" not in ds:
+        raise UnsupportedInput("no Pixel Data (7FE0,0010)")
+    photometric = str(ds.get("PhotometricInterpretation", ""))
+    if photometric not in SUPPORTED_PHOTOMETRIC:
+        raise UnsupportedInput(
+            f"PhotometricInterpretation {photometric!r} is not grayscale "
+            f"(expected one of {', '.join(SUPPORTED_PHOTOMETRIC)})"
+        )
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise UnsupportedInput(f"SamplesPerPixel {ds.SamplesPerPixel} is not 1")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames != 1:
+        raise UnsupportedInput(f"multi-frame image ({frames} frames)")
+    bits_allocated = ds.get("BitsAllocated")
+    if bits_allocated not in (8, 16):
+        raise UnsupportedInput(f"BitsAllocated {bits_allocated!r} is not 8 or 16")
+    bits_stored = ds.get("BitsStored", bits_allocated)
+    if not isinstance(bits_stored, int) or not 1 <= bits_stored <= bits_allocated:
+        raise UnsupportedInput(f"BitsStored {bits_stored!r} does not fit BitsAllocated {bits_allocated}")
+    rows, cols = ds.get("Rows"), ds.get("Columns")
+    if not rows or not cols:
+        raise UnsupportedInput("Rows or Columns missing or zero")
+    if int(rows) * int(cols) > max_pixels:
+        raise UnsupportedInput(f"{rows}x{cols} pixels is over the limit of {max_pixels}")
+
+
+def read_pixels(ds: Dataset) -> np.ndarray[Any, Any]:
+    """Decode the stored values of a single-frame grayscale image."""
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # pydicom raises many types for broken pixel data
+        raise DecodeError(f"pixel data cannot be decoded: {exc}") from None
+    if arr.ndim != 2 or arr.shape != (ds.Rows, ds.Columns):
+        raise DecodeError(f"decoded pixel array has shape {arr.shape}, expected ({ds.Rows}, {ds.Columns})")
+    return arr
+
+
+def mask_padding(arr: np.ndarray[Any, Any], ds: Dataset) -> np.ndarray[Any, Any]:
+    """Replace Pixel Padding Value pixels (PS3.3 C.7.5.1.1.2) by the image's minimum
+    real value, so padding neither sets the intensity range nor looks like tissue."""
+    padding = ds.get("PixelPaddingValue")
+    if padding is None:
+        return arr
+    limit = ds.get("PixelPaddingRangeLimit", padding)
+    lo, hi = sorted((int(padding), int(limit)))
+    pad = (arr >= lo) & (arr <= hi)
+    if pad.all() or not pad.any():
+        return arr
+    out = arr.copy()
+    out[pad] = arr[~pad].min()
+    return out
+
+
+def apply_voi(arr: np.ndarray[Any, Any], ds: Dataset) -> np.ndarray[Any, Any]:
+    """Apply the default VOI transform: the first VOI LUT, else the first window
+    (PS3.3 C.11.2.1.2: when several are given, the first is the default)."""
+    if "VOILUTSequence" in ds or "WindowCenter" in ds:
+        try:
+            return np.asarray(apply_voi_lut(arr, ds, index=0, prefer_lut=True), dtype=np.float64)
+        except Exception as exc:
+            raise DecodeError(f"VOI LUT / window cannot be applied: {exc}") from None
+    return arr.astype(np.float64)
+
+
+def to_unit_range(arr: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """Linearly map the image's own value range onto [0, 1] (float32).
+
+    A constant image maps to zeros. Shared by the trainer's PNG path and the
+    worker's DICOM path.
+    """
+    arr = np.asarray(arr, dtype=np.float64)
+    lo, hi = float(arr.min()), float(arr.max())
+    if hi <= lo:
+        return np.zeros(arr.shape, dtype=np.float32)
+    return ((arr - lo) / (hi - lo)).astype(np.float32)
+
+
+def invert_monochrome1(arr: np.ndarray[Any, Any], ds: Dataset) -> np.ndarray[Any, Any]:
+    """MONOCHROME1 shows low values bright; flip a [0, 1] image so bone is bright."""
+    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+        return (1.0 - arr).astype(np.float32)
+    return arr
+
+
+def resize_for_model(arr: np.ndarray[Any, Any], size: int) -> np.ndarray[Any, Any]:
+    """Resize a [0, 1] float image to ``size x size`` with the trainer's interpolation."""
+    return cv2.resize(
+        np.asarray(arr, dtype=np.float32), (size, size), interpolation=MODEL_INTERPOLATION
+    )
+
+
+def dataset_to_unit_image(ds: Dataset, *, max_pixels: int = 50_000_000) -> np.ndarray[Any, Any]:
+    """Stored pixels -> display-ready grayscale in [0, 1] at the source's resolution."""
+    check_pixel_module(ds, max_pixels=max_pixels)
+    arr = read_pixels(ds)
+    arr = mask_padding(arr, ds)
+    try:
+        arr = apply_modality_lut(arr, ds)
+    except Exception as exc:
+        raise DecodeError(f"modality LUT / rescale cannot be applied: {exc}") from None
+    arr = apply_voi(arr, ds)
+    arr = to_unit_range(arr)
+    return invert_monochrome1(arr, ds)
+
+
+def dataset_to_model_input(ds: Dataset, size: int, *, max_pixels: int = 50_000_000) -> np.ndarray[Any, Any]:
+    """The model input ``[size, size, 1]`` float32 for one dataset."""
+    return resize_for_model(dataset_to_unit_image(ds, max_pixels=max_pixels), size)[..., None]
+
+
+def png_to_model_input(path: str, size: int) -> np.ndarray[Any, Any]:
+    """The trainer's path: an 8/16-bit grayscale PNG -> ``[size, size, 1]`` float32."""
+    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise DecodeError(f"{path}: not a readable image")
+    if img.ndim == 3:
+        img = cv2.cvtColor(img[..., :3], cv2.COLOR_BGR2GRAY)
+    return resize_for_model(to_unit_range(img), size)[..., None]

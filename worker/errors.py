@@ -1,0 +1,29 @@
+"""One error hierarchy for the worker; the CLI maps each to one clear line."""
+
+
+class WorkerError(Exception):
+    """Base class of every error the worker raises on purpose."""
+
+
+class ConfigError(WorkerError):
+    """The configuration file, a flag or an environment variable is invalid."""
+
+
+class UnsupportedInput(WorkerError):
+    """A dataset is readable but not something the model can be applied to."""
+
+
+class DecodeError(WorkerError):
+    """A dataset or its pixel data cannot be read."""
+
+
+class ModelError(WorkerError):
+    """The ONNX model is missing or does not follow the model contract."""
+
+
+class SendError(WorkerError):
+    """A C-STORE to a destination failed."""
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
