@@ -24,6 +24,7 @@ class ModelSection(_Section):
     dropout: float = Field(0.5, ge=0.0, lt=1.0)
     dense_units: int = Field(256, ge=1)
     weights: str = "imagenet"
+    bn_momentum: float = Field(0.99, gt=0, lt=1)
 
 
 class TrainSection(_Section):

@@ -150,10 +150,10 @@ def write_split_folder(
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     if boxes:
         with open(out / "boxes.csv", "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(["Image Index", "Finding Label", "Bbox [x", "y", "w", "h]"])
+            box_writer = csv.writer(f)
+            box_writer.writerow(["Image Index", "Finding Label", "Bbox [x", "y", "w", "h]"])
             for b in boxes:
-                writer.writerow([b.image_id, b.finding, b.x, b.y, b.w, b.h])
+                box_writer.writerow([b.image_id, b.finding, b.x, b.y, b.w, b.h])
 
 
 def read_boxes(path: Path, finding: str = POSITIVE_FINDING) -> dict[str, list[Box]]:

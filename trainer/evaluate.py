@@ -110,22 +110,32 @@ def centre_prior(size: int) -> np.ndarray[Any, Any]:
 
 
 def localisation(cam: np.ndarray[Any, Any], region: np.ndarray[Any, Any]) -> tuple[bool, float]:
-    """Pointing game hit (the heatmap's maximum lies in the region) and the fraction
-    of heatmap energy inside the region."""
-    total = float(cam.sum())
-    hit = bool(region.flat[int(np.argmax(cam))]) if total > 0 else False
-    return hit, float(cam[region].sum() / total) if total > 0 else 0.0
+    """Pointing game and energy for one raw (feature-resolution) heatmap.
+
+    The pointing game hits when the heatmap's maximum lies in the region. A bilinear
+    upsampling peaks at a feature-cell centre (and is flat towards the border, where a
+    plain argmax would pick the corner), so the maximum is the centre of the hottest
+    cell. Energy is the fraction of the upsampled heatmap inside the region.
+    """
+    size = region.shape[0]
+    if float(cam.max()) <= 0:
+        return False, 0.0
+    i, j = np.unravel_index(int(np.argmax(cam)), cam.shape)
+    y = min(size - 1, int((i + 0.5) * size / cam.shape[0]))
+    x = min(size - 1, int((j + 0.5) * size / cam.shape[1]))
+    up = cv2.resize(cam.astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
+    return bool(region[y, x]), float(up[region].sum() / up.sum())
 
 
 def heatmaps(model: keras.Model, cfg: TrainConfig, images: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-    """Grad-CAM maps upsampled to the input size, one per image."""
+    """Raw Grad-CAM maps at the feature resolution, one per image."""
     fn = tf.function(gradcam_forward(model, cfg.model.feature_layer))
-    size = cfg.model.image_size
-    cams = []
-    for start in range(0, len(images), 16):
-        _p, cam = fn(tf.convert_to_tensor(images[start : start + 16]))
-        cams += [cv2.resize(c, (size, size), interpolation=cv2.INTER_LINEAR) for c in cam.numpy()]
-    return np.asarray(cams)
+    cams = [fn(tf.convert_to_tensor(images[i : i + 16]))[1].numpy() for i in range(0, len(images), 16)]
+    return np.concatenate(cams)
+
+
+def upsample(cam: np.ndarray[Any, Any], size: int) -> np.ndarray[Any, Any]:
+    return cv2.resize(cam.astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
 
 
 def evaluate(run: Path, split: str = "test", boxes_file: Path | None = None) -> dict[str, Any]:
@@ -143,8 +153,11 @@ def evaluate(run: Path, split: str = "test", boxes_file: Path | None = None) -> 
     ci = bootstrap_ci(y, p, threshold, cfg.evaluate.bootstrap, cfg.train.seed)
 
     size = cfg.model.image_size
-    located = [(r, region_mask(r, boxes.get(r.image_id, []), size)) for r in records if r.label == 1]
-    located = [(r, m) for r, m in located if m is not None and m.any()]
+    located: list[tuple[Record, np.ndarray[Any, Any]]] = []
+    for r in records:
+        m = region_mask(r, boxes.get(r.image_id, []), size) if r.label == 1 else None
+        if m is not None and m.any():
+            located.append((r, m))
     loc: dict[str, Any] = {"n": len(located)}
     if located:
         imgs = np.stack([load_image(r.path, size) for r, _ in located])
@@ -222,14 +235,16 @@ def _figures(run: Path, y: Any, p: Any, threshold: float, cm: Any, result: dict[
     fig, axes = plt.subplots(3, 4, figsize=(10, 7.8))
     for row, (name, idx) in enumerate(groups.items()):
         chosen = sorted(idx, key=lambda i: -p[i])[:4]
-        cams = heatmaps(model, cfg, np.stack([load_image(records[i].path, size) for i in chosen])) if chosen else []
+        cams: Any = []
+        if chosen:
+            cams = heatmaps(model, cfg, np.stack([load_image(records[i].path, size) for i in chosen]))
         for col in range(4):
             ax = axes[row, col]
             ax.axis("off")
             if col < len(chosen):
                 i = chosen[col]
                 ax.imshow(load_image(records[i].path, size)[..., 0], cmap="gray")
-                cam = cams[col]
+                cam = upsample(cams[col], size)
                 ax.imshow(cam / cam.max() if cam.max() > 0 else cam, cmap="jet", alpha=0.4)
                 ax.set_title(f"{name}\np={p[i]:.2f}", fontsize=8)
     fig.tight_layout()

@@ -70,6 +70,11 @@ def build_model(cfg: ModelSection) -> keras.Model:
         for layer in source.layers:
             if layer.weights:
                 base.get_layer(layer.name).set_weights(layer.get_weights())
+    for layer in base.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            # Keras' 0.99 suits long runs; short runs on small sets need faster-moving
+            # statistics or validation in inference mode lags far behind training.
+            layer.momentum = cfg.bn_momentum
     try:
         features = base.get_layer(cfg.feature_layer).output
     except ValueError:

@@ -100,6 +100,9 @@ class OnnxModel:
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
+        # onnxruntime-gpu lists CUDA even where its libraries are missing; keep its
+        # failed-load message out of the log (we log the providers actually used).
+        ort.set_default_logger_severity(4)
         try:
             self.session = ort.InferenceSession(
                 str(path), options, providers=choose_providers(ort.get_available_providers(), providers)

@@ -1,0 +1,351 @@
+"""Build the two answers to one chest X-ray: a Grad-CAM Secondary Capture and a TID 1500 SR.
+
+One builder per output object, as in :mod:`highdicom.sc` and :mod:`highdicom.sr`: each takes
+the source dataset, rejects bad input before building anything, and returns an object that
+dciodvfy accepts without errors.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import highdicom as hd
+import numpy as np
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import PYDICOM_ROOT_UID, ExplicitVRLittleEndian, generate_uid
+
+from worker.errors import UnsupportedInput, WorkerError
+from worker.model import ModelInfo
+
+#: The model reads one frontal view, so the procedure is a single-view chest radiograph.
+CHEST_XR_SINGLE_VIEW = Code("36554-4", "LN", "XR Chest Single view")
+PNEUMONIA = Code("233604007", "SCT", "Pneumonia")
+PRESENT = Code("52101004", "SCT", "Present")
+ABSENT = Code("2667000", "SCT", "Absent")
+#: No standard concept names "probability of pneumonia"; a "99" scheme is private by
+#: definition (PS3.3 8.2) and is declared in the SR's Coding Scheme Identification Sequence.
+PRIVATE_SCHEME = "99CXR"
+PNEUMONIA_PROBABILITY = Code("PNEUMONIA-PROB", PRIVATE_SCHEME, "Probability of pneumonia")
+
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+_BLACK = (0, 0, 0)
+_ORIENTATION = re.compile(r"[APRLHF]{1,3}")
+
+
+@dataclass(frozen=True)
+class OutputUIDs:
+    """UIDs of the two output series and instances for one source image."""
+
+    sc_series: str
+    sc_instance: str
+    sr_series: str
+    sr_instance: str
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """Site choices for the output objects."""
+
+    manufacturer: str = "cxr-gradcam"
+    sc_series_number: int = 9001
+    sc_series_description: str = "AI Grad-CAM Pneumonia"
+    sr_series_number: int = 9002
+    sr_series_description: str = "AI Pneumonia Report"
+    opacity: float = 0.4
+    uid_prefix: str | None = None
+    institution_name: str | None = None
+
+
+def decision(probability: float, threshold: float) -> bool:
+    """Whether the model calls pneumonia: at or above the threshold is positive."""
+    return probability >= threshold
+
+
+def _derived_uid(prefix: str | None, *parts: str) -> str:
+    # generate_uid ignores entropy_srcs when prefix is None (random 2.25 UID) and joins
+    # the sources without a separator ("ab"+"c" == "a"+"bc"), so supply both ourselves.
+    entropy = "\x1f".join(("cxr-gradcam", *parts))
+    return str(generate_uid(prefix=prefix or PYDICOM_ROOT_UID, entropy_srcs=[entropy]))
+
+
+def output_uids(source: Dataset, model_version: str, prefix: str | None = None) -> OutputUIDs:
+    """Deterministic output UIDs, so that a resend after a crash is a recognisable duplicate.
+
+    Args:
+        source: The image the answer is about.
+        model_version: Version of the model; a new version gives new objects.
+        prefix: UID root ending in "."; pydicom's root when None.
+    """
+    series, instance = str(source.SeriesInstanceUID), str(source.SOPInstanceUID)
+    return OutputUIDs(
+        sc_series=_derived_uid(prefix, series, model_version, "sc"),
+        sc_instance=_derived_uid(prefix, instance, model_version, "sc"),
+        sr_series=_derived_uid(prefix, series, model_version, "sr"),
+        sr_instance=_derived_uid(prefix, instance, model_version, "sr"),
+    )
+
+
+def _check_probability(probability: float, threshold: float) -> None:
+    for name, value in (("probability", probability), ("threshold", threshold)):
+        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise WorkerError(f"{name} must be in [0, 1]. Received: {name}={value!r}")
+
+
+def _jet(heat: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """[0, 1] heat -> uint8 RGB with Jet (red = high); OpenCV colour maps are BGR."""
+    bgr = cv2.applyColorMap(np.rint(np.clip(heat, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def _draw_text(rgb: np.ndarray[Any, Any], items: list[tuple[str, int, int]], scale: float) -> None:
+    """White text with a dark halo, in place; items are (text, x, baseline y)."""
+    mask = np.zeros(rgb.shape[:2], np.uint8)
+    for text, x, y in items:
+        cv2.putText(mask, text, (x, y), _FONT, scale, 255, max(1, round(scale * 1.5)), cv2.LINE_AA)
+    # The halo is a dilated mask, not a thicker black pass: OpenCV 5 draws Hershey names with
+    # a vector font whose outline ignores thickness. It makes the text read on bone and heat.
+    radius = max(1, round(scale * 1.5))
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    halo = cv2.dilate(mask, kernel)[..., None].astype(np.float32) / 255.0
+    ink = mask[..., None].astype(np.float32) / 255.0
+    out = rgb.astype(np.float32) * (1.0 - 0.85 * halo)
+    rgb[...] = np.rint(out * (1.0 - ink) + 255.0 * ink).astype(np.uint8)
+
+
+def _burn_in(rgb: np.ndarray[Any, Any], lines: list[str]) -> None:
+    """Draw the text block (top left) and the heat colour bar (top right) in place."""
+    rows, cols = rgb.shape[:2]
+    margin = max(2, round(min(rows, cols) * 0.015))
+    bar_w, bar_h = max(3, round(cols * 0.025)), min(max(8, round(rows * 0.3)), rows - 2 * margin)
+    # Text about 2.5 % of the image height, shrunk until the widest line and the bar labels
+    # fit side by side; tiny images clip the text rather than fail.
+    height_1 = cv2.getTextSize("Pg", _FONT, 1.0, 1)[0][1]
+    width_1 = max(cv2.getTextSize(t, _FONT, 1.0, 1)[0][0] for t in lines)
+    label_1 = cv2.getTextSize("high", _FONT, 1.0, 1)[0][0]
+    fit = (cols - bar_w - 4 * margin) / (width_1 + label_1)
+    scale = max(0.3, min(rows * 0.025 / height_1, fit))
+    text_h, line_h = round(height_1 * scale), round(height_1 * scale * 1.7)
+    items = [(t, margin, margin + text_h + i * line_h) for i, t in enumerate(lines)]
+    x0, y0 = cols - margin - bar_w, margin
+    if x0 > 0 and bar_h >= 2:
+        ramp = _jet(np.linspace(1.0, 0.0, bar_h, dtype=np.float32)[:, None])  # [bar_h, 1, 3]
+        rgb[y0 : y0 + bar_h, x0 : x0 + bar_w] = ramp
+        cv2.rectangle(rgb, (x0 - 1, y0 - 1), (x0 + bar_w, y0 + bar_h), _BLACK, 1)
+        label_x = x0 - margin - round(label_1 * scale)
+        items += [("high", label_x, y0 + text_h), ("low", label_x, y0 + bar_h)]
+    _draw_text(rgb, items, scale)
+
+
+def render_heatmap_overlay(
+    unit_image: np.ndarray[Any, Any],
+    gradcam: np.ndarray[Any, Any],
+    *,
+    probability: float,
+    threshold: float,
+    model_name: str,
+    model_version: str,
+    opacity: float = 0.4,
+    notice: str = "",
+) -> np.ndarray[Any, Any]:
+    """Blend the Grad-CAM map over the image at the source resolution and burn in the result.
+
+    Args:
+        unit_image: Display-ready grayscale [Rows, Columns] in [0, 1] (decode.py's output).
+        gradcam: Raw Grad-CAM map [h, w] >= 0 at the model's feature resolution.
+        probability, threshold: Model output and operating point, both in [0, 1].
+        model_name, model_version: Burned in with the result.
+        opacity: Colour weight where the map is hottest; cold areas stay grayscale.
+        notice: An extra line, e.g. the model's intended use when it is a demo model.
+
+    Returns:
+        uint8 RGB [Rows, Columns, 3].
+    """
+    if unit_image.ndim != 2 or gradcam.ndim != 2 or 0 in unit_image.shape + gradcam.shape:
+        raise UnsupportedInput(
+            f"expected 2-D image and Grad-CAM map. Received: image shape={unit_image.shape}, "
+            f"gradcam shape={gradcam.shape}"
+        )
+    if not 0.0 <= opacity <= 1.0:
+        raise WorkerError(f"opacity must be in [0, 1]. Received: opacity={opacity!r}")
+    _check_probability(probability, threshold)
+    rows, cols = unit_image.shape
+    cam = np.nan_to_num(np.asarray(gradcam, np.float32), nan=0.0, posinf=0.0).clip(min=0.0)
+    peak = float(cam.max())
+    heat = cam / peak if peak > 0 else np.zeros_like(cam)  # an all-zero map adds no colour
+    heat = np.clip(cv2.resize(heat, (cols, rows), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
+    gray = np.clip(np.nan_to_num(np.asarray(unit_image, np.float32)), 0.0, 1.0) * 255.0
+    alpha = (opacity * heat)[..., None]
+    blended = gray[..., None] * (1.0 - alpha) + _jet(heat).astype(np.float32) * alpha
+    rgb = np.ascontiguousarray(np.rint(blended).astype(np.uint8))
+    verdict = "POSITIVE" if decision(probability, threshold) else "NEGATIVE"
+    _burn_in(rgb, [
+        f"P(pneumonia) = {probability:.3f}",
+        f"Pneumonia: {verdict} (threshold {threshold:.2f})",
+        f"Model: {model_name} {model_version}",
+        "AI-generated - not for diagnostic use",
+        *([notice] if notice else []),
+    ])
+    return rgb
+
+
+def _pixel_spacing(source: Dataset) -> tuple[float, float] | None:
+    """Pixel Spacing, else Imager Pixel Spacing, only when both values are positive.
+
+    Uncalibrated projection radiographs carry the detector-plane spacing (PS3.3 10.7.1);
+    zeros (as in some CR) mean "unknown" and must not be passed on as a size.
+    """
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        try:
+            row, col = (float(v) for v in source.get(keyword))
+        except (TypeError, ValueError):
+            continue
+        if row > 0 and col > 0 and math.isfinite(row + col):
+            return row, col
+    return None
+
+
+def _patient_orientation(source: Dataset) -> list[str]:
+    """The source's Patient Orientation when well-formed, else [] (Type 2: unknown)."""
+    raw = source.get("PatientOrientation") or []
+    values = [str(raw)] if isinstance(raw, str) else [str(v) for v in raw]
+    ok = len(values) == 2 and all(_ORIENTATION.fullmatch(v) for v in values)
+    return values if ok else []
+
+
+def build_secondary_capture(
+    source: Dataset, rgb: np.ndarray[Any, Any], uids: OutputUIDs, model: ModelInfo,
+    settings: BuildSettings,
+) -> hd.sc.SCImage:
+    """The overlay as an RGB Secondary Capture in the source's study, referencing the source.
+
+    Args:
+        source: The image the overlay was computed on.
+        rgb: Output of :func:`render_heatmap_overlay`, uint8 [Rows, Columns, 3].
+        uids, model, settings: Output UIDs, the model that made the map, site choices.
+    """
+    rows, cols = int(source.Rows), int(source.Columns)
+    if rgb.dtype != np.uint8 or rgb.shape != (rows, cols, 3):
+        raise UnsupportedInput(
+            f"overlay must be uint8 [{rows}, {cols}, 3] like the source. "
+            f"Received: dtype={rgb.dtype}, shape={rgb.shape}"
+        )
+    orientation = _patient_orientation(source)
+    laterality = str(source.get("Laterality") or "")
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source, pixel_array=rgb, photometric_interpretation="RGB", bits_allocated=8,
+        coordinate_system="PATIENT", transfer_syntax_uid=ExplicitVRLittleEndian,
+        series_instance_uid=uids.sc_series, series_number=settings.sc_series_number,
+        sop_instance_uid=uids.sc_instance, instance_number=1, manufacturer=settings.manufacturer,
+        series_description=settings.sc_series_description,
+        institution_name=settings.institution_name,
+        pixel_spacing=_pixel_spacing(source),  # type: ignore[arg-type]  # hd hints int
+        laterality=laterality if laterality in ("R", "L") else None,
+        # highdicom requires a value and knows single letters only; the real value
+        # (possibly compound, or empty when unknown) is written back below.
+        patient_orientation=("L", "F"),
+    )
+    sc.PatientOrientation = orientation
+    if "BodyPartExamined" in source:
+        sc.BodyPartExamined = source.BodyPartExamined
+    if source.get("ImageLaterality") in ("R", "L", "U", "B"):
+        sc.ImageLaterality = source.ImageLaterality
+    # Laterality is Type 2C (PS3.3 C.7.3.1): a value for a paired body part, absent for an
+    # unpaired one such as the chest. When neither the side nor a chest is known, send it
+    # empty, which the standard reserves for "unknown" (dciodvfy: a warning, not an error).
+    chest = str(source.get("BodyPartExamined", "")).upper() == "CHEST"
+    if "Laterality" not in sc and "ImageLaterality" not in sc and not chest:
+        sc.Laterality = ""
+    if source.get("LossyImageCompression") == "01":  # lossy once, lossy for every derivative
+        sc.LossyImageCompression = "01"
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.BurnedInAnnotation = "YES"
+    sc.DerivationDescription = (
+        f"Grad-CAM heatmap of {model.name} {model.version} (pneumonia) blended over the source "
+        "image; probability and decision burned in. AI-generated, not for diagnostic use."
+    )
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = source.SOPClassUID
+    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    purpose = codes.DCM.SourceImageForImageProcessingOperation
+    reference.PurposeOfReferenceCodeSequence = [hd.sr.CodedConcept.from_code(purpose)]
+    sc.SourceImageSequence = [reference]
+    sc.SecondaryCaptureDeviceManufacturer = settings.manufacturer
+    sc.SecondaryCaptureDeviceManufacturerModelName = model.name
+    sc.SecondaryCaptureDeviceSoftwareVersions = model.version
+    return sc
+
+
+def build_report(
+    source: Dataset, sc: Dataset, probability: float, model: ModelInfo, uids: OutputUIDs,
+    settings: BuildSettings,
+) -> hd.sr.Comprehensive3DSR:
+    """A TID 1500 Measurement Report: the probability, the decision and the model identity.
+
+    Args:
+        source: The image the model read.
+        sc: The overlay from :func:`build_secondary_capture`; evidence and Image Library.
+        probability: Model output in [0, 1]; ``model.threshold`` makes the decision.
+        model, uids, settings: The model, output UIDs, site choices.
+    """
+    _check_probability(probability, model.threshold)
+    if sc.StudyInstanceUID != source.StudyInstanceUID:
+        raise WorkerError(
+            f"SC and source must share a study. Received: {sc.StudyInstanceUID} "
+            f"and {source.StudyInstanceUID}"
+        )
+    prefix = settings.uid_prefix
+    presence = PRESENT if decision(probability, model.threshold) else ABSENT
+    device = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=_derived_uid(prefix, "device", settings.manufacturer, model.name, model.version),
+            name=model.name,
+            manufacturer_name=settings.manufacturer,
+        ),
+    )
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=_derived_uid(prefix, "tracking", uids.sr_instance), identifier="Pneumonia"
+        ),
+        finding_type=PNEUMONIA,
+        algorithm_id=hd.sr.AlgorithmIdentification(
+            name=model.name,
+            version=model.version,
+            parameters=[f"weights_sha256={model.weights_sha256}", f"threshold={model.threshold}"],
+        ),
+        # Name = the finding, value = Present/Absent: one item a reader cannot misread.
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=PNEUMONIA, value=presence)],
+        measurements=[hd.sr.Measurement(
+            name=PNEUMONIA_PROBABILITY, value=probability, unit=codes.UCUM.NoUnits
+        )],
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=device),
+        procedure_reported=CHEST_XR_SINGLE_VIEW,
+        imaging_measurements=[group],
+        # The SC is not a source of the measurement; the Image Library (TID 1600) is where
+        # a report lists other images it refers to. highdicom's TID 1603 descriptors need
+        # Imager Pixel Spacing on a CR, which many CRs lack, so the source stays out of it.
+        referenced_images=[sc],
+    )
+    return hd.sr.Comprehensive3DSR(
+        evidence=[source, sc], content=report[0],
+        series_instance_uid=uids.sr_series, series_number=settings.sr_series_number,
+        sop_instance_uid=uids.sr_instance, instance_number=1, manufacturer=settings.manufacturer,
+        series_description=settings.sr_series_description,
+        institution_name=settings.institution_name,
+        # PRELIMINARY and UNVERIFIED: a machine reading that awaits a human's report.
+        is_complete=True, is_final=False, is_verified=False,
+        coding_schemes=[CodingSchemeIdentificationItem(
+            PRIVATE_SCHEME, name="cxr-gradcam concepts",
+            responsible_organization=settings.manufacturer,
+        )],
+    )

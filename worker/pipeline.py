@@ -1,0 +1,303 @@
+"""The one place that wires the stages together:
+
+receive -> spool -> decode -> infer + Grad-CAM -> build SC/SR -> send.
+
+No stage imports another one downstream of it; this module imports them all.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom import Dataset, dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom.filewriter import dcmwrite
+
+from worker.build import (
+    BuildSettings,
+    build_report,
+    build_secondary_capture,
+    decision,
+    output_uids,
+    render_heatmap_overlay,
+)
+from worker.config import Settings
+from worker.decode import dataset_to_unit_image, resize_for_model
+from worker.errors import DecodeError, UnsupportedInput, WorkerError
+from worker.model import OnnxModel
+from worker.receive import Receiver
+from worker.selection import ineligible_reason
+from worker.send import Outbox
+from worker.spool import Spool, key
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Decoded:
+    """An eligible instance, decoded and ready for the model."""
+
+    path: Path
+    ds: Dataset
+    unit_image: np.ndarray[Any, Any]
+    model_input: np.ndarray[Any, Any]
+
+
+@dataclass
+class Result:
+    """What the worker answered for one instance."""
+
+    sop_instance_uid: str
+    probability: float
+    positive: bool
+    sc: Dataset
+    sr: Dataset
+    unit_image: np.ndarray[Any, Any]
+    rgb: np.ndarray[Any, Any]
+
+
+def read_dataset(path: Path) -> Dataset:
+    """Read a DICOM file; a clear DecodeError for anything that is not one."""
+    try:
+        return dcmread(path)
+    except (InvalidDicomError, EOFError, ValueError, OSError, KeyError, TypeError) as exc:
+        raise DecodeError(f"not a readable DICOM file: {type(exc).__name__}: {exc}") from None
+
+
+def encode(ds: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def uid_of(ds: Dataset | None) -> str:
+    return str(ds.get("SOPInstanceUID", "unknown")) if ds is not None else "unknown"
+
+
+class Processor:
+    """Decode, infer and build for batches of instances."""
+
+    def __init__(self, settings: Settings, model: OnnxModel) -> None:
+        self.settings = settings
+        self.model = model
+        o = settings.output
+        self.build_settings = BuildSettings(
+            manufacturer=o.manufacturer,
+            sc_series_number=o.sc_series_number,
+            sc_series_description=o.sc_series_description,
+            sr_series_number=o.sr_series_number,
+            sr_series_description=o.sr_series_description,
+            opacity=o.opacity,
+            uid_prefix=o.uid_prefix,
+            institution_name=o.institution_name,
+        )
+
+    def decode(self, path: Path) -> Decoded | str:
+        """Read, select and decode one file.
+
+        Returns:
+            The decoded instance, or the reason it is not eligible.
+
+        Raises:
+            DecodeError, UnsupportedInput: the instance belongs in quarantine.
+        """
+        ds = read_dataset(path)
+        reason = ineligible_reason(ds, self.settings.select)
+        if reason is not None:
+            return reason
+        unit = dataset_to_unit_image(ds, max_pixels=self.settings.select.max_pixels)
+        model_input = resize_for_model(unit, self.model.info.input_size)[..., None]
+        return Decoded(path, ds, unit, model_input)
+
+    def infer_and_build(self, batch: list[Decoded]) -> list[Result | WorkerError]:
+        """One ONNX Runtime run for the batch, then an SC and an SR per image."""
+        predictions = self.model.predict(np.stack([d.model_input for d in batch]))
+        info = self.model.info
+        out: list[Result | WorkerError] = []
+        for item, pred in zip(batch, predictions, strict=True):
+            try:
+                uids = output_uids(item.ds, info.version, self.build_settings.uid_prefix)
+                rgb = render_heatmap_overlay(
+                    item.unit_image, pred.gradcam, probability=pred.probability,
+                    threshold=info.threshold, model_name=info.name, model_version=info.version,
+                    opacity=self.build_settings.opacity,
+                    notice=info.intended_use if "synthetic" in info.intended_use else "",
+                )
+                sc = build_secondary_capture(item.ds, rgb, uids, info, self.build_settings)
+                sr = build_report(item.ds, sc, pred.probability, info, uids, self.build_settings)
+            except WorkerError as exc:
+                out.append(exc)
+                continue
+            except Exception as exc:  # highdicom refuses odd headers with many types
+                out.append(UnsupportedInput(f"cannot build outputs: {type(exc).__name__}: {exc}"))
+                continue
+            out.append(Result(uid_of(item.ds), pred.probability, decision(pred.probability, info.threshold),
+                              sc, sr, item.unit_image, rgb))
+        return out
+
+
+class Service:
+    """``cxr-worker serve``: the receiver, one processing thread and one sending thread."""
+
+    def __init__(self, settings: Settings, model: OnnxModel) -> None:
+        self.settings = settings
+        self.spool = Spool(settings.spool.dir)
+        self.processor = Processor(settings, model)
+        self.outbox = Outbox(self.spool, settings.send, settings.dicom.ae_title)
+        self.wake = threading.Event()
+        self.wake_sender = threading.Event()
+        self.stopping = threading.Event()
+        self.receiver = Receiver(settings, self.spool, self.wake.set)
+        self.threads: list[threading.Thread] = []
+
+    # -- processing --------------------------------------------------------------
+    def _claim_batch(self) -> list[Path]:
+        m = self.settings.model
+        claimed = self.spool.claim(m.batch_size)
+        deadline = time.monotonic() + m.batch_wait_ms / 1000
+        while claimed and len(claimed) < m.batch_size and time.monotonic() < deadline:
+            time.sleep(0.02)
+            claimed += self.spool.claim(m.batch_size - len(claimed))
+        return claimed
+
+    def process_claimed(self, claimed: list[Path]) -> None:
+        version = self.processor.model.info.version
+        ready: list[Decoded] = []
+        for path in claimed:
+            ds: Dataset | None = None
+            try:
+                decoded = self.processor.decode(path)
+            except (DecodeError, UnsupportedInput) as exc:
+                self._quarantine(path, None, exc)
+                continue
+            except Exception as exc:  # a broken file must never stop the queue
+                self._quarantine(path, None, DecodeError(f"{type(exc).__name__}: {exc}"))
+                continue
+            if isinstance(decoded, str):
+                ds = read_dataset(path)
+                logger.info("skipped: %s", decoded, extra={"sop_instance_uid": uid_of(ds)})
+                path.unlink()
+                continue
+            marker = key(uid_of(decoded.ds), version)
+            if self.spool.is_done(marker):
+                logger.info("duplicate: already processed", extra={"sop_instance_uid": uid_of(decoded.ds)})
+                path.unlink()
+                continue
+            ready.append(decoded)
+        if not ready:
+            return
+        try:
+            results = self.processor.infer_and_build(ready)
+        except Exception as exc:
+            for item in ready:
+                self._quarantine(item.path, item.ds, WorkerError(f"inference failed: {type(exc).__name__}: {exc}"))
+            return
+        for item, result in zip(ready, results, strict=True):
+            if isinstance(result, WorkerError):
+                self._quarantine(item.path, item.ds, result)
+                continue
+            for obj in (result.sc, result.sr):
+                self.outbox.put(key(str(obj.SOPInstanceUID)), encode(obj), str(obj.SOPInstanceUID))
+            self.spool.mark_done(key(result.sop_instance_uid, version))
+            item.path.unlink()
+            logger.info("processed", extra={
+                "sop_instance_uid": result.sop_instance_uid, "probability": round(result.probability, 4),
+                "decision": "positive" if result.positive else "negative",
+                "sc_sop_instance_uid": str(result.sc.SOPInstanceUID),
+                "sr_sop_instance_uid": str(result.sr.SOPInstanceUID)})
+        self.wake_sender.set()
+
+    def _quarantine(self, path: Path, ds: Dataset | None, exc: Exception) -> None:
+        if ds is None:
+            try:
+                ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+            except Exception:
+                ds = None
+        uid = uid_of(ds)
+        reason = f"{type(exc).__name__}: {exc}"
+        self.spool.quarantine(path, f"{uid}\t{reason}")
+        logger.error("quarantined: %s", reason, extra={"sop_instance_uid": uid})
+
+    def _process_loop(self) -> None:
+        while not self.stopping.is_set():
+            claimed = self._claim_batch()
+            if not claimed:
+                self.wake.wait(1.0)
+                self.wake.clear()
+                continue
+            try:
+                self.process_claimed(claimed)
+            except Exception:
+                logger.exception("processing loop error; continuing")
+
+    # -- sending -----------------------------------------------------------------
+    def _send_loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self.outbox.send_due()
+            except Exception:
+                logger.exception("sending loop error; continuing")
+            self.wake_sender.wait(1.0)
+            self.wake_sender.clear()
+
+    # -- life cycle --------------------------------------------------------------
+    def start(self) -> None:
+        swept, requeued = self.spool.recover()
+        if swept or requeued:
+            logger.warning("recovered spool", extra={"partial_files_removed": swept, "requeued": requeued})
+        self.threads = [
+            threading.Thread(target=self._process_loop, name="process", daemon=True),
+            threading.Thread(target=self._send_loop, name="send", daemon=True),
+        ]
+        for t in self.threads:
+            t.start()
+        self.receiver.start()
+        self.wake.set()
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        self.receiver.stop()
+        self.stopping.set()
+        self.wake.set()
+        self.wake_sender.set()
+        for t in self.threads:
+            t.join(timeout=grace_s)
+
+    def run_forever(self) -> None:
+        """Serve until SIGTERM or SIGINT, then stop cleanly."""
+        done = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: done.set())
+        self.start()
+        done.wait()
+        logger.info("stopping")
+        self.stop()
+        logger.info("stopped")
+
+
+def process_files(paths: list[Path], processor: Processor) -> list[tuple[Path, Result | str | WorkerError]]:
+    """``cxr-worker process``: the same stages, offline, for files."""
+    out: list[tuple[Path, Result | str | WorkerError]] = []
+    decoded: list[Decoded] = []
+    for path in paths:
+        try:
+            d = processor.decode(path)
+        except WorkerError as exc:
+            out.append((path, exc))
+            continue
+        if isinstance(d, str):
+            out.append((path, d))
+        else:
+            decoded.append(d)
+    batch = processor.settings.model.batch_size
+    for start in range(0, len(decoded), batch):
+        chunk = decoded[start : start + batch]
+        out += [(d.path, r) for d, r in zip(chunk, processor.infer_and_build(chunk), strict=True)]
+    return out

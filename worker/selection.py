@@ -1,0 +1,56 @@
+"""Which received instances the model is applied to.
+
+Ineligible instances (lateral views, extremities, our own SC/SR coming back, a
+presentation state) are acknowledged to the sender and skipped with a reason.
+"""
+
+from __future__ import annotations
+
+from pydicom import Dataset
+from pydicom.uid import (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+)
+
+from worker.config import SelectSection
+
+#: The radiograph SOP classes the model is applied to.
+RADIOGRAPH_SOP_CLASSES = (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+)
+
+
+def ineligible_reason(ds: Dataset, rules: SelectSection) -> str | None:
+    """Why the model is not applied to ``ds``, or None when it is eligible.
+
+    Only header attributes are read; pixel data is not touched here.
+    """
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if sop_class not in RADIOGRAPH_SOP_CLASSES:
+        return f"SOP class {sop_class or 'missing'} is not CR or DX"
+    modality = str(ds.get("Modality", "")).upper()
+    if modality not in {m.upper() for m in rules.modalities}:
+        return f"modality {modality or 'missing'} not in {rules.modalities}"
+    body_part = str(ds.get("BodyPartExamined", "")).upper()
+    if body_part:
+        if body_part not in {b.upper() for b in rules.body_parts}:
+            return f"body part {body_part} not in {rules.body_parts}"
+    elif not rules.allow_missing_body_part:
+        return "BodyPartExamined missing"
+    view = str(ds.get("ViewPosition", "")).upper()
+    if view:
+        if view not in {v.upper() for v in rules.view_positions}:
+            return f"view position {view} not in {rules.view_positions}"
+    elif not rules.allow_missing_view_position:
+        return "ViewPosition missing"
+    image_type = {str(v).upper() for v in ds.get("ImageType", [])}
+    excluded = image_type & {t.upper() for t in rules.excluded_image_types}
+    if excluded:
+        return f"image type {'/'.join(sorted(excluded))} excluded"
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if min(rows, cols) < rules.min_size:
+        return f"{rows}x{cols} is smaller than the minimum {rules.min_size} px"
+    return None

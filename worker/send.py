@@ -1,0 +1,190 @@
+"""Send: C-STORE SCU from a persistent outbox, with exponential backoff.
+
+Each result is a ``.dcm`` file in ``outbox/<destination key>/`` beside a ``.json``
+state (destination, attempts, first and next attempt). Transient failures (no
+association, abort, timeout, 0xA7xx out of resources) are retried with backoff
+until ``retry_horizon_h``; permanent ones (association rejected permanently,
+0xA9xx, 0xCxxx, 0x0122) go to ``dead/`` at once. The state survives restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from worker.config import Destination, SendSection
+from worker.errors import SendError
+from worker.spool import Spool, fsync_dir, key
+
+logger = logging.getLogger(__name__)
+
+#: Statuses after which a resend cannot succeed (PS3.4 B.2.3, PS3.7 C).
+PERMANENT_STATUS_CLASSES = (0xA900, 0xC000)
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+
+
+@dataclass
+class OutboxState:
+    destination: str
+    sop_instance_uid: str
+    attempts: int = 0
+    first_attempt: float = 0.0
+    next_attempt: float = 0.0
+    last_error: str = ""
+
+
+def destination_key(dest: Destination) -> str:
+    return key(str(dest))
+
+
+def is_permanent(status: int) -> bool:
+    return status == SOP_CLASS_NOT_SUPPORTED or (status & 0xFF00) == 0xA900 or (status & 0xF000) == 0xC000
+
+
+def store(dest: Destination, paths: list[Path], settings: SendSection, calling_ae: str) -> list[SendError | None]:
+    """C-STORE ``paths`` to ``dest`` over one association.
+
+    Returns:
+        One entry per path: None when stored, else the SendError.
+    """
+    datasets = [dcmread(p) for p in paths]
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = settings.acse_timeout
+    ae.dimse_timeout = settings.dimse_timeout
+    ae.network_timeout = settings.network_timeout
+    for sop_class, syntax in {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets}:
+        ae.add_requested_context(sop_class, syntax)
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    if not assoc.is_established:
+        permanent = bool(assoc.is_rejected and getattr(assoc.acceptor, "result", None) == 0x01)
+        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no association"
+        return [SendError(f"{dest}: {why}", permanent=permanent)] * len(paths)
+    results: list[SendError | None] = []
+    try:
+        for ds in datasets:
+            if not assoc.is_established:
+                results.append(SendError(f"{dest}: association lost"))
+                continue
+            status = assoc.send_c_store(ds)
+            code = int(status.Status) if "Status" in status else None
+            if code is None:
+                results.append(SendError(f"{dest}: no response (timeout or abort)"))
+            elif code in (0x0000, 0xB000, 0xB007, 0xB006):
+                results.append(None)
+            else:
+                results.append(SendError(f"{dest}: status 0x{code:04X}", permanent=is_permanent(code)))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return results
+
+
+def echo(dest: Destination, calling_ae: str, timeout: float = 10.0) -> int:
+    """C-ECHO ``dest``; returns the status, raises SendError when unreachable."""
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    if not assoc.is_established:
+        raise SendError(f"{dest}: association {'rejected' if assoc.is_rejected else 'failed'}")
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    if "Status" not in status:
+        raise SendError(f"{dest}: no C-ECHO response")
+    return int(status.Status)
+
+
+class Outbox:
+    """Results waiting to be delivered, one folder per destination."""
+
+    def __init__(self, spool: Spool, settings: SendSection, calling_ae: str) -> None:
+        self.spool = spool
+        self.settings = settings
+        self.calling_ae = calling_ae
+        self.destinations = {destination_key(d): d for d in settings.destinations}
+
+    def put(self, name: str, data: bytes, sop_instance_uid: str) -> None:
+        """Queue one encoded result for every destination, durably.
+
+        ``name`` is derived from the deterministic output UID, so a re-run after a
+        crash overwrites rather than duplicates.
+        """
+        for dkey, dest in self.destinations.items():
+            folder = self.spool.outbox / dkey
+            folder.mkdir(exist_ok=True)
+            part = folder / f"{name}.part"
+            part.write_bytes(data)
+            os.replace(part, folder / f"{name}.dcm")
+            state = OutboxState(str(dest), sop_instance_uid, next_attempt=time.time())
+            (folder / f"{name}.json").write_text(json.dumps(asdict(state)))
+            fsync_dir(folder)
+
+    def depth(self) -> int:
+        return sum(1 for _ in self.spool.outbox.glob("*/*.dcm"))
+
+    def due(self, now: float) -> dict[str, list[tuple[Path, OutboxState]]]:
+        out: dict[str, list[tuple[Path, OutboxState]]] = {}
+        for dkey in self.destinations:
+            for state_file in sorted((self.spool.outbox / dkey).glob("*.json")):
+                try:
+                    state = OutboxState(**json.loads(state_file.read_text()))
+                except (OSError, ValueError, TypeError):
+                    continue
+                if state.next_attempt <= now and state_file.with_suffix(".dcm").is_file():
+                    out.setdefault(dkey, []).append((state_file.with_suffix(".dcm"), state))
+        return out
+
+    def _dead(self, path: Path, state: OutboxState, why: str) -> None:
+        state.last_error = why
+        target = self.spool.dead / f"{path.parent.name}-{path.name}"
+        os.replace(path, target)
+        target.with_suffix(".json").write_text(json.dumps(asdict(state)))
+        path.with_suffix(".json").unlink(missing_ok=True)
+        logger.error("dead letter: %s", why, extra={"sop_instance_uid": state.sop_instance_uid,
+                                                     "destination": state.destination})
+
+    def send_due(self, now: float | None = None, batch: int = 32) -> int:
+        """Try every due item once; returns how many were delivered."""
+        now = time.time() if now is None else now
+        delivered = 0
+        for dkey, items in self.due(now).items():
+            dest = self.destinations[dkey]
+            items = items[:batch]
+            try:
+                results = store(dest, [p for p, _ in items], self.settings, self.calling_ae)
+            except Exception as exc:  # unreadable file, socket error: retry later
+                results = [SendError(f"{dest}: {type(exc).__name__}: {exc}")] * len(items)
+            for (path, state), err in zip(items, results, strict=True):
+                if err is None:
+                    path.unlink(missing_ok=True)
+                    path.with_suffix(".json").unlink(missing_ok=True)
+                    delivered += 1
+                    logger.info("sent", extra={"sop_instance_uid": state.sop_instance_uid,
+                                               "destination": str(dest)})
+                    continue
+                state.attempts += 1
+                state.first_attempt = state.first_attempt or now
+                state.last_error = str(err)
+                if err.permanent:
+                    self._dead(path, state, f"permanent failure: {err}")
+                elif now - state.first_attempt > self.settings.retry_horizon_h * 3600:
+                    self._dead(path, state, f"retries exhausted after {state.attempts} attempts: {err}")
+                else:
+                    delay = min(self.settings.retry_initial_s * 2 ** (state.attempts - 1),
+                                self.settings.retry_max_interval_s)
+                    state.next_attempt = now + delay
+                    path.with_suffix(".json").write_text(json.dumps(asdict(state)))
+                    logger.warning("send failed, retrying in %.0f s: %s", delay, err,
+                                   extra={"sop_instance_uid": state.sop_instance_uid,
+                                          "destination": str(dest), "attempts": state.attempts})
+        return delivered
