@@ -109,22 +109,30 @@ def centre_prior(size: int) -> np.ndarray[Any, Any]:
     return np.exp(-((xx - c) ** 2 + (yy - c) ** 2) / (2 * (size / 4) ** 2))
 
 
+#: Pointing-game tolerance of Zhang et al. (2016): 15 px at 224 px, scaled to the input size.
+POINTING_TOLERANCE_AT_224 = 15.0
+
+
 def localisation(cam: np.ndarray[Any, Any], region: np.ndarray[Any, Any]) -> tuple[bool, float]:
     """Pointing game and energy for one raw (feature-resolution) heatmap.
 
-    The pointing game hits when the heatmap's maximum lies in the region. A bilinear
-    upsampling peaks at a feature-cell centre (and is flat towards the border, where a
-    plain argmax would pick the corner), so the maximum is the centre of the hottest
-    cell. Energy is the fraction of the upsampled heatmap inside the region.
+    The pointing game hits when the heatmap's maximum lies within the tolerance
+    (:data:`POINTING_TOLERANCE_AT_224`, scaled) of the region. A bilinear upsampling
+    peaks at a feature-cell centre and is flat towards the border, where a plain
+    argmax would pick the corner, so the maximum is the centre of the hottest cell.
+    Energy is the fraction of the upsampled heatmap inside the region.
     """
     size = region.shape[0]
     if float(cam.max()) <= 0:
         return False, 0.0
     i, j = np.unravel_index(int(np.argmax(cam)), cam.shape)
-    y = min(size - 1, int((i + 0.5) * size / cam.shape[0]))
-    x = min(size - 1, int((j + 0.5) * size / cam.shape[1]))
+    y = (i + 0.5) * size / cam.shape[0]
+    x = (j + 0.5) * size / cam.shape[1]
+    tolerance = POINTING_TOLERANCE_AT_224 * size / 224
+    ys, xs = np.nonzero(region)
+    hit = bool(np.min((ys - y) ** 2 + (xs - x) ** 2) <= tolerance**2) if len(ys) else False
     up = cv2.resize(cam.astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
-    return bool(region[y, x]), float(up[region].sum() / up.sum())
+    return hit, float(up[region].sum() / up.sum())
 
 
 def heatmaps(model: keras.Model, cfg: TrainConfig, images: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:

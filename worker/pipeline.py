@@ -171,6 +171,7 @@ class Service:
     def process_claimed(self, claimed: list[Path]) -> None:
         version = self.processor.model.info.version
         ready: list[Decoded] = []
+        in_batch: set[str] = set()
         for path in claimed:
             ds: Dataset | None = None
             try:
@@ -187,10 +188,11 @@ class Service:
                 path.unlink()
                 continue
             marker = key(uid_of(decoded.ds), version)
-            if self.spool.is_done(marker):
+            if marker in in_batch or self.spool.is_done(marker):
                 logger.info("duplicate: already processed", extra={"sop_instance_uid": uid_of(decoded.ds)})
                 path.unlink()
                 continue
+            in_batch.add(marker)
             ready.append(decoded)
         if not ready:
             return

@@ -1,0 +1,148 @@
+"""Fixtures that start real peers on loopback: DCMTK storescp as the PACS, the worker
+as a subprocess, and a small ONNX model exported by the trainer itself."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import free_port, require_tool, wait_port
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@pytest.fixture(scope="session")
+def onnx_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 64-px ResNet-50 trained for one epoch on phantoms, exported and verified by
+    ``cxr-train export``: the worker's tests need a model that follows the contract,
+    not a good one. ``CXR_TEST_MODEL`` may name one exported earlier, to save a minute
+    when iterating locally."""
+    cached = os.environ.get("CXR_TEST_MODEL")
+    if cached and Path(cached).is_file():
+        return Path(cached)
+    from trainer.config import load_config
+    from trainer.export import export
+    from trainer.fit import fit
+    from trainer.phantoms import write_phantoms
+
+    base = tmp_path_factory.mktemp("model")
+    write_phantoms(base / "data", 24, size=64, seed=11)
+    cfg = load_config(None, {"model": {"image_size": 64, "weights": "none"},
+                             "train": {"epochs": 1, "batch_size": 8},
+                             "evaluate": {"bootstrap": 10}})
+    fit(base / "data", base / "run", cfg, verbose=0)
+    export(base / "run", base / "model.onnx", threshold=0.5, version="test-1")
+    return base / "model.onnx"
+
+
+@dataclass
+class Storescp:
+    """DCMTK storescp standing in for the PACS: every received object is a file."""
+
+    port: int
+    out: Path
+    ae_title: str = "PACS"
+    proc: subprocess.Popen[bytes] | None = None
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.out.iterdir() if p.is_file())
+
+    def start(self) -> None:
+        tool = require_tool("/usr/bin/storescp")
+        self.out.mkdir(parents=True, exist_ok=True)
+        # -uf: unique file names, so a duplicate delivery shows up as a second file.
+        self.proc = subprocess.Popen([tool, "-aet", self.ae_title, "-od", str(self.out), "-uf", "+xa",
+                                      str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@pytest.fixture
+def pacs(tmp_path: Path) -> Iterator[Storescp]:
+    scp = Storescp(free_port(), tmp_path / "pacs")
+    scp.start()
+    yield scp
+    scp.stop()
+
+
+@dataclass
+class WorkerProcess:
+    """``cxr-worker serve`` as a subprocess with its own config and spool."""
+
+    config: Path
+    port: int
+    spool: Path
+    log: Path
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, **self.env}
+        self._log = open(self.log, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "serve", "--config", str(self.config)],
+                                     stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        wait_port(self.port, 60)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        code = self.proc.wait(60)
+        self.proc = None
+        self._log.close()
+        return code
+
+    def log_lines(self) -> list[str]:
+        return self.log.read_text(errors="replace").splitlines() if self.log.exists() else []
+
+
+@pytest.fixture
+def make_worker(tmp_path: Path, onnx_model: Path) -> Iterator[object]:
+    started: list[WorkerProcess] = []
+
+    def factory(destinations: list[str], extra: str = "", port: int | None = None) -> WorkerProcess:
+        port = port or free_port()
+        spool = tmp_path / "spool"
+        config = tmp_path / f"worker-{port}.toml"
+        dests = ", ".join(f'"{d}"' for d in destinations)
+        config.write_text(f"""
+[dicom]
+ae_title = "CXR-GRADCAM"
+bind = "127.0.0.1"
+port = {port}
+[spool]
+dir = "{spool}"
+reserve_mb = 0
+[model]
+path = "{onnx_model}"
+batch_wait_ms = 100
+[select]
+min_size = 32
+[send]
+destinations = [{dests}]
+retry_initial_s = 0.5
+retry_max_interval_s = 2
+{extra}
+""")
+        w = WorkerProcess(config, port, spool, tmp_path / "worker.log")
+        w.start()
+        started.append(w)
+        return w
+
+    yield factory
+    for w in started:
+        if w.proc is not None:
+            w.proc.kill()
+            w.proc.wait(10)
