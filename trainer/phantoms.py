@@ -32,9 +32,9 @@ def _lung_masks(rng: np.random.Generator, s: int) -> tuple[np.ndarray[Any, Any],
     """Right and left lung fields as filled ellipses (image left = patient's right)."""
     masks = []
     for side in (-1, 1):
-        cx = s / 2 + side * s * rng.uniform(0.17, 0.21)
+        cx = s / 2 + side * s * rng.uniform(0.21, 0.24)
         cy = s * rng.uniform(0.47, 0.52)
-        ax = s * rng.uniform(0.13, 0.16)
+        ax = s * rng.uniform(0.12, 0.15)
         ay = s * rng.uniform(0.26, 0.30)
         m = np.zeros((s, s), np.uint8)
         cv2.ellipse(m, (int(cx), int(cy)), (int(ax), int(ay)), side * rng.uniform(2, 8), 0, 360, 1, -1)
@@ -81,7 +81,7 @@ def make_phantom(
             cv2.ellipse(ribs, (int(cx * s), int(y0 * s)), axes, 0, start, end, 1.0, max(1, s // 90))
     att += 0.10 * cv2.GaussianBlur(ribs, (0, 0), max(0.6, s / 256)) * body
     # Mediastinum and heart shadow (heart bulges to the patient's left = image right).
-    med = (np.abs(xx - 0.5) < 0.07) & (yy > 0.12) & (yy < 0.85)
+    med = (np.abs(xx - 0.5) < 0.08) & (yy > 0.12) & (yy < 0.85)
     heart = ((xx - 0.56) / rng.uniform(0.13, 0.17)) ** 2 + ((yy - 0.66) / 0.13) ** 2 < 1.0
     att += 0.30 * cv2.GaussianBlur((med | heart).astype(np.float32), (0, 0), s / 70)
     mask = np.zeros((s, s), bool)

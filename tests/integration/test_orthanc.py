@@ -1,0 +1,64 @@
+"""Orthanc as the PACS: it routes a stable CR study to the worker by Lua, and the
+worker's SC and SR land back in the same study, viewable through Orthanc."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from cxr_demo.orthanc import OrthancPACS
+from tests.helpers import free_port, require_tool, wait_for
+from tests.integration.test_serve_dcmtk import sr_finding, storescu
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Any:
+    require_tool("/usr/sbin/Orthanc")
+    worker_port = free_port()
+    pacs = OrthancPACS(tmp_path / "orthanc", "CXR-GRADCAM", worker_port)
+    pacs.start()
+    yield pacs
+    pacs.stop()
+
+
+def test_orthanc_routes_study_and_receives_sc_and_sr(orthanc: OrthancPACS, make_worker: Any, tmp_path: Path) -> None:
+    worker = make_worker([f"{orthanc.ae_title}@127.0.0.1:{orthanc.dicom_port}"], port=orthanc.worker_port)
+    source = Path(get_testdata_file("RG1_UNCR.dcm"))
+    src = pydicom.dcmread(source)
+    # The hospital's modality stores into the PACS with DCMTK storescu.
+    out = storescu(orthanc.dicom_port, [source], False)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+    def series() -> list[dict[str, Any]]:
+        return orthanc.series_of_study(str(src.StudyInstanceUID))
+
+    wait_for(lambda: len(series()) >= 3, 180, "the SC and SR series in the study")
+    series_list = series()
+    assert len(series_list) == 3
+    sc_series = next(s for s in series_list if s["MainDicomTags"].get("SeriesDescription") == "AI Grad-CAM Pneumonia")
+    sr_series = next(s for s in series_list if s["MainDicomTags"].get("Modality") == "SR")
+    sc_id = sc_series["Instances"][0]
+    png = orthanc.get(f"/instances/{sc_id}/preview")
+    image = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+    assert image is not None and image.shape[2] == 3
+    # Orthanc renders the colour overlay: the preview is not gray.
+    assert float(np.abs(image[..., 2].astype(int) - image[..., 0].astype(int)).mean()) > 5
+    sr_bytes = orthanc.get(f"/instances/{sr_series['Instances'][0]}/file")
+    sr_path = tmp_path / "sr.dcm"
+    sr_path.write_bytes(sr_bytes)
+    presence, probability = sr_finding(pydicom.dcmread(sr_path))
+    logged = [json.loads(line) for line in worker.log_lines() if line.startswith("{")]
+    processed = [r for r in logged if r.get("message") == "processed"]
+    assert len(processed) == 1 and processed[0]["sop_instance_uid"] == src.SOPInstanceUID
+    assert abs(processed[0]["probability"] - probability) < 1e-3
+    assert presence == ("Present" if processed[0]["decision"] == "positive" else "Absent")
+    assert worker.stop() == 0
