@@ -107,6 +107,9 @@ def _activation_name(layer: keras.layers.Layer) -> str:
     return getattr(fn, "__name__", "linear") if fn is not None else "linear"
 
 
+SUPPORTED_ACTIVATIONS = ("linear", "relu", "sigmoid", "tanh")
+
+
 def _activation_and_derivative(name: str, z: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """Forward-only value and derivative of an activation at ``z``."""
     if name == "linear":
@@ -162,6 +165,8 @@ def _rule(layer: keras.layers.Layer, *, is_last: bool) -> ForwardRule:
         return lambda x: (x * scale + shift, lambda g: g * scale)
     if kind in ("Dense", "Activation"):
         act = _activation_name(layer)
+        if not is_last and act not in SUPPORTED_ACTIVATIONS:
+            raise ExportError(f"no forward-only gradient rule for activation {act!r} of layer {layer.name!r}")
 
         def dense(x: tf.Tensor) -> tuple[tf.Tensor, Callable[[tf.Tensor], tf.Tensor]]:
             if kind == "Dense":

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pydicom import dcmread
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from worker.config import Destination, SendSection
@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 #: Statuses after which a resend cannot succeed (PS3.4 B.2.3, PS3.7 C).
 PERMANENT_STATUS_CLASSES = (0xA900, 0xC000)
 SOP_CLASS_NOT_SUPPORTED = 0x0122
+#: A-ASSOCIATE-RJ result (PS3.8 9.3.4): 1 rejected-permanent, 2 rejected-transient.
+REJECTED_PERMANENT = 0x01
 
 
 @dataclass
@@ -62,11 +64,20 @@ def store(dest: Destination, paths: list[Path], settings: SendSection, calling_a
     ae.network_timeout = settings.network_timeout
     for sop_class, syntax in {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets}:
         ae.add_requested_context(sop_class, syntax)
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    answer: dict[str, int] = {}
+
+    def on_acse(event: evt.Event) -> None:
+        # pynetdicom does not keep the A-ASSOCIATE-RJ result on the association.
+        result = getattr(event.primitive, "result", None)
+        if result is not None:
+            answer["result"] = int(result)
+
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=[(evt.EVT_ACSE_RECV, on_acse)])
     if not assoc.is_established:
-        permanent = bool(assoc.is_rejected and getattr(assoc.acceptor, "result", None) == 0x01)
-        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no association"
-        return [SendError(f"{dest}: {why}", permanent=permanent)] * len(paths)
+        permanent = answer.get("result") == REJECTED_PERMANENT
+        why = ("rejected (permanent)" if permanent else "rejected (transient)") if "result" in answer and \
+            answer["result"] else "aborted" if assoc.is_aborted else "no association"
+        return [SendError(f"{dest}: association {why}", permanent=permanent)] * len(paths)
     results: list[SendError | None] = []
     try:
         for ds in datasets:

@@ -1,0 +1,48 @@
+# Two commands on a fresh Debian/Ubuntu machine with Python 3.11+:
+#   make demo   install, build a demo model if none is configured, run the worker with a PACS
+#   make test   install with all extras and test tools, then ruff, mypy and the whole suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+SYSTEM_PACKAGES := dcmtk orthanc dicom3tools
+SYSTEM_TOOLS := /usr/bin/storescu /usr/bin/storescp /usr/bin/dciodvfy /usr/sbin/Orthanc
+
+.PHONY: demo test install-train install-dev system-deps lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+install-train: $(PY)
+	$(PIP) install --quiet -e '.[train]' pydicom-data
+
+install-dev: $(PY)
+	$(PIP) install --quiet -e '.[dev]'
+
+# As root, install the Debian packages the tests and the demo use; otherwise say exactly what to run.
+system-deps:
+	@missing=""; for t in $(SYSTEM_TOOLS); do [ -x $$t ] || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing $(SYSTEM_PACKAGES) (missing:$$missing)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null; \
+	  else \
+	    echo "missing:$$missing"; echo "run: sudo apt-get install -y $(SYSTEM_PACKAGES)"; \
+	    if [ "$${CI:-}" = true ]; then exit 1; fi; \
+	  fi; \
+	fi
+
+lint: install-dev
+	$(VENV)/bin/ruff check worker trainer cxr_demo tests benchmarks
+	$(VENV)/bin/mypy
+
+test: system-deps install-dev lint
+	$(PY) -m pytest -q -p no:cacheprovider
+
+demo: install-train
+	@if [ "$$(id -u)" = 0 ] && [ ! -x /usr/sbin/Orthanc ]; then $(MAKE) --no-print-directory system-deps; fi
+	$(PY) -m cxr_demo.demo $(DEMO_ARGS)
+
+clean:
+	rm -rf $(VENV) var build *.egg-info

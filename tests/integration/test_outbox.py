@@ -1,0 +1,95 @@
+"""The outbox against DCMTK storescp: retry with backoff until the PACS is back,
+dead letter on permanent refusal or after the horizon, state kept across restarts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import Storescp
+from tests.helpers import free_port, require_tool, wait_port
+from trainer.dicom_phantoms import cr_dataset
+from worker.config import SendSection
+from worker.pipeline import encode
+from worker.send import Outbox
+from worker.spool import Spool
+
+pytestmark = pytest.mark.integration
+
+
+def queue_one(outbox: Outbox) -> str:
+    ds = cr_dataset(np.full((64, 64), 100, np.uint8))
+    outbox.put("item", encode(ds), str(ds.SOPInstanceUID))
+    return str(ds.SOPInstanceUID)
+
+
+def make_outbox(tmp_path: Path, port: int, **send: float) -> Outbox:
+    settings = SendSection(destinations=[f"PACS@127.0.0.1:{port}"], retry_initial_s=10, retry_max_interval_s=40,
+                           acse_timeout=5, dimse_timeout=5, network_timeout=5, **send)
+    return Outbox(Spool(tmp_path / "spool"), settings, "CXR-GRADCAM")
+
+
+def states(outbox: Outbox) -> list[dict[str, object]]:
+    return [json.loads(p.read_text()) for p in outbox.spool.outbox.glob("*/*.json")]
+
+
+def test_pacs_down_then_back_is_retried_with_backoff_and_delivered(tmp_path: Path) -> None:
+    port = free_port()
+    outbox = make_outbox(tmp_path, port)
+    uid = queue_one(outbox)
+    t0 = time.time()
+    assert outbox.send_due(now=t0) == 0
+    [state] = states(outbox)
+    assert state["attempts"] == 1 and state["next_attempt"] == pytest.approx(t0 + 10)
+    assert outbox.send_due(now=t0 + 5) == 0  # not due yet: no attempt
+    assert states(outbox)[0]["attempts"] == 1
+    assert outbox.send_due(now=t0 + 10) == 0
+    assert states(outbox)[0]["next_attempt"] == pytest.approx(t0 + 10 + 20)  # doubled
+    # A restart: a new Outbox on the same spool keeps the state.
+    outbox = make_outbox(tmp_path, port)
+    assert states(outbox)[0]["attempts"] == 2
+    pacs = Storescp(port, tmp_path / "pacs")
+    pacs.start()
+    try:
+        assert outbox.send_due(now=t0 + 30) == 1
+        assert outbox.depth() == 0
+        import pydicom
+
+        [received] = pacs.files()
+        assert pydicom.dcmread(received).SOPInstanceUID == uid
+    finally:
+        pacs.stop()
+
+
+def test_permanent_refusal_goes_to_dead_letter_at_once(tmp_path: Path) -> None:
+    port = free_port()
+    tool = require_tool("/usr/bin/storescp")
+    proc = subprocess.Popen([tool, "--refuse", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        outbox = make_outbox(tmp_path, port)
+        queue_one(outbox)
+        assert outbox.send_due() == 0
+        assert outbox.depth() == 0
+        [dead] = list(outbox.spool.dead.glob("*.json"))
+        assert "permanent" in json.loads(dead.read_text())["last_error"]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_retries_end_in_dead_letter_after_the_horizon(tmp_path: Path) -> None:
+    outbox = make_outbox(tmp_path, free_port(), retry_horizon_h=0.01)  # 36 s
+    queue_one(outbox)
+    t0 = time.time()
+    outbox.send_due(now=t0)
+    assert outbox.depth() == 1
+    outbox.send_due(now=t0 + 40)
+    assert outbox.depth() == 0
+    [dead] = list(outbox.spool.dead.glob("*.json"))
+    assert "retries exhausted after 2 attempts" in json.loads(dead.read_text())["last_error"]

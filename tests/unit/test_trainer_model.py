@@ -1,0 +1,71 @@
+"""The forward-only Grad-CAM equals GradientTape's, for the paper's head and others."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from trainer.config import ModelSection
+from trainer.errors import ExportError
+from trainer.model import build_model, gradcam_forward, gradcam_tape
+
+
+def small_backbone(head: list[keras.layers.Layer]) -> keras.Model:
+    image = keras.Input((32, 32, 1))
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu")(image)
+    x = keras.layers.Conv2D(16, 3, strides=2, padding="same", activation="relu", name="features")(x)
+    for layer in head:
+        x = layer(x)
+    return keras.Model(image, x)
+
+
+HEADS = {
+    "paper": lambda: [keras.layers.GlobalAveragePooling2D(), keras.layers.Dropout(0.5),
+                      keras.layers.Dense(12, activation="relu"), keras.layers.Dense(1, activation="sigmoid")],
+    "max-pool, batch norm, tanh": lambda: [keras.layers.GlobalMaxPooling2D(), keras.layers.BatchNormalization(),
+                                           keras.layers.Dense(7, activation="tanh"),
+                                           keras.layers.Dense(5, activation="sigmoid"),
+                                           keras.layers.Dense(1, activation="sigmoid")],
+    "flatten, activation layer": lambda: [keras.layers.Flatten(), keras.layers.Dense(6),
+                                          keras.layers.Activation("relu"), keras.layers.Dense(1, activation="sigmoid")],
+}
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_forward_gradcam_matches_gradient_tape(head: str) -> None:
+    keras.utils.set_random_seed(1)
+    model = small_backbone(HEADS[head]())
+    for layer in model.layers:  # non-trivial batch-norm statistics
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.moving_mean.assign(np.random.rand(16).astype("float32"))
+            layer.moving_variance.assign(np.random.rand(16).astype("float32") + 0.5)
+            layer.gamma.assign(np.random.randn(16).astype("float32"))
+    images = np.random.default_rng(0).random((4, 32, 32, 1), dtype=np.float32)
+    prob, cam = tf.function(gradcam_forward(model, "features"))(tf.constant(images))
+    ref_prob, ref_cam = gradcam_tape(model, "features", images)
+    np.testing.assert_allclose(prob.numpy(), ref_prob, atol=1e-6)
+    assert cam.shape == ref_cam.shape == (4, 8, 8)
+    assert ref_cam.max() > 0
+    np.testing.assert_allclose(cam.numpy(), ref_cam, atol=1e-5 * ref_cam.max())
+
+
+def test_unsupported_head_layer_is_named() -> None:
+    model = small_backbone([keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(4, activation="softplus"),
+                            keras.layers.Dense(1, activation="sigmoid")])
+    with pytest.raises(ExportError, match="softplus"):
+        gradcam_forward(model, "features")
+
+
+def test_resnet50_takes_grayscale_and_matches_tape() -> None:
+    model = build_model(ModelSection(image_size=64, weights="none"))
+    assert model.input_shape == (None, 64, 64, 1)
+    assert model.get_layer("conv5_block3_out").output.shape[1:3] == (2, 2)
+    names = [layer.name for layer in model.layers]
+    assert names[-4:] == ["head_pool", "head_dropout", "head_dense", "pneumonia"]
+    images = np.random.default_rng(1).random((2, 64, 64, 1), dtype=np.float32)
+    prob, cam = tf.function(gradcam_forward(model, "conv5_block3_out"))(tf.constant(images))
+    ref_prob, ref_cam = gradcam_tape(model, "conv5_block3_out", images)
+    np.testing.assert_allclose(prob.numpy(), ref_prob, atol=1e-5)
+    np.testing.assert_allclose(cam.numpy(), ref_cam, atol=1e-4 * max(ref_cam.max(), 1e-12))

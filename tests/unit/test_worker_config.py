@@ -1,0 +1,77 @@
+"""Worker settings: precedence, refusal of bad values, the shipped file, selection rules."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from worker.config import Settings, get_settings
+from worker.errors import ConfigError
+from worker.selection import ineligible_reason
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+def test_shipped_worker_toml_states_the_defaults() -> None:
+    assert get_settings(ROOT / "config" / "worker.toml") == Settings()
+
+
+def test_precedence_environment_then_flags_then_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "w.toml"
+    cfg.write_text('[dicom]\nport = 2000\nae_title = "FROMFILE"\n[send]\ndestinations = ["A@h:1"]\n')
+    s = get_settings(cfg)
+    assert (s.dicom.port, s.dicom.ae_title, str(s.send.destinations[0])) == (2000, "FROMFILE", "A@h:1")
+    s = get_settings(cfg, {"dicom": {"port": 3000, "ae_title": None}})
+    assert (s.dicom.port, s.dicom.ae_title) == (3000, "FROMFILE")
+    monkeypatch.setenv("CXR_DICOM__PORT", "4000")
+    monkeypatch.setenv("CXR_SEND__DESTINATIONS", '["B@host:104", "C@10.1.1.1:11112"]')
+    s = get_settings(cfg, {"dicom": {"port": 3000}})
+    assert s.dicom.port == 4000
+    assert [str(d) for d in s.send.destinations] == ["B@host:104", "C@10.1.1.1:11112"]
+
+
+@pytest.mark.parametrize("toml, match", [
+    ("[dicom]\nport = 70000\n", "dicom.port"),
+    ('[dicom]\nae_title = "MUCH-TOO-LONG-AE-TITLE"\n', "AE title"),
+    ('[send]\ndestinations = ["nohost"]\n', "AET@HOST:PORT"),
+    ("[output]\nopacity = 1.5\n", "output.opacity"),
+    ("[model]\nproviders = \"tpu\"\n", "model.providers"),
+    ("[dicom]\nprot = 1\n", "dicom.prot"),
+    ("[dicom\n", "not valid TOML"),
+])
+def test_bad_values_are_refused_with_the_key(tmp_path: Path, toml: str, match: str) -> None:
+    cfg = tmp_path / "w.toml"
+    cfg.write_text(toml)
+    with pytest.raises(ConfigError, match=match):
+        get_settings(cfg)
+
+
+def test_cli_reports_bad_config_in_one_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "w.toml"
+    cfg.write_text("[dicom]\nport = -1\n")
+    out = subprocess.run([sys.executable, "-m", "worker.cli", "serve", "--config", str(cfg)],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    assert "dicom.port" in out.stderr and "CXR_DICOM__PORT" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "worker.cli", "serve", "--model", str(tmp_path / "none.onnx")],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 1 and "model file not found" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_selection_takes_chest_pa_and_skips_the_rest() -> None:
+    rules = Settings().select
+    chest = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"), stop_before_pixels=True)
+    assert ineligible_reason(chest, rules) is None
+    hand = pydicom.dcmread(get_testdata_file("RG3_UNCR.dcm"), stop_before_pixels=True)
+    assert "body part" in str(ineligible_reason(hand, rules))
+    chest.ViewPosition = "LL"
+    assert "view position LL" in str(ineligible_reason(chest, rules))
+    chest.ViewPosition = "AP"
+    chest.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
+    assert "SOP class" in str(ineligible_reason(chest, rules))
