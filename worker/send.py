@@ -68,7 +68,7 @@ def store(dest: Destination, paths: list[Path], settings: SendSection, calling_a
 
     def on_acse(event: evt.Event) -> None:
         # pynetdicom does not keep the A-ASSOCIATE-RJ result on the association.
-        result = getattr(event.primitive, "result", None)
+        result = getattr(getattr(event, "primitive", None), "result", None)
         if result is not None:
             answer["result"] = int(result)
 

@@ -210,8 +210,8 @@ def test_restart_mid_processing_delivers_each_result_exactly_once(
     assert worker.stop() == 0
     # Acknowledged but unfinished: two claimed by a processor that died, two queued,
     # and one received twice (the sender retried after a lost response).
-    sources = [phantom_file(tmp_path / f"s{i}.dcm", bool(i % 2), 40 + i) for i in range(4)]
-    for i, ds in enumerate(sources):
+    for i in range(4):
+        phantom_file(tmp_path / f"s{i}.dcm", bool(i % 2), 40 + i)
         folder = worker.spool / ("work" if i < 2 else "queue")
         shutil.copy(tmp_path / f"s{i}.dcm", folder / f"{os.urandom(8).hex()}.dcm")
     shutil.copy(tmp_path / "s3.dcm", worker.spool / "queue" / f"{os.urandom(8).hex()}.dcm")

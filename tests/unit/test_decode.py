@@ -78,7 +78,7 @@ def test_real_cr_chest_monochrome1_is_displayed_with_bright_bone() -> None:
     ds = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
     unit = dataset_to_unit_image(ds)
     assert unit.shape == (ds.Rows, ds.Columns)
-    assert 0.0 <= unit.min() and unit.max() <= 1.0
+    assert unit.min() >= 0.0 and unit.max() <= 1.0
     # The mediastinum (centre column band) is brighter than the lung fields beside it.
     rows, cols = unit.shape
     centre = unit[rows // 3 : 2 * rows // 3, cols // 2 - 50 : cols // 2 + 50].mean()
