@@ -69,7 +69,10 @@ def demo_studies(work: Path) -> list[tuple[str, Path]]:
     for label, positive, seed in (("phantom with opacity", True, 21), ("phantom without opacity", False, 22)):
         path = out / f"{label.replace(' ', '-')}.dcm"
         if not path.is_file():
-            image, _ = make_phantom(np.random.default_rng(seed), 512, positive)
+            image, mask = make_phantom(np.random.default_rng(seed), 512, positive)
+            while positive and mask.mean() < 0.03:  # show a clearly visible opacity
+                seed += 100
+                image, mask = make_phantom(np.random.default_rng(seed), 512, positive)
             cr_dataset(image, patient_id=f"DEMO-{seed}", patient_name=f"Demo^Phantom{seed}").save_as(
                 path, enforce_file_format=True)
         files.append((label, path))

@@ -187,6 +187,7 @@ def fit(data: Path, run: Path, cfg: TrainConfig, *, verbose: int | None = None) 
             validation_data=make_dataset(val, cfg, training=False),
             epochs=cfg.train.epochs,
             initial_epoch=stopper.epoch,
+            shuffle=False,  # the tf.data pipeline shuffles
             class_weight=class_weights(train, cfg.train.class_weights),
             callbacks=[
                 keras.callbacks.CSVLogger(str(run / "history.csv"), append=True),
