@@ -72,12 +72,12 @@ def bench_inference(full: Path, plain: Path, model: Any, repeat: int) -> dict[st
     s_plain = ort.InferenceSession(str(plain), providers=["CPUExecutionProvider"])
     for batch in (1, 8):
         x = np.random.default_rng(0).random((batch, SIZE, SIZE, 1), dtype=np.float32)
-        t_full = timed(lambda: s_full.run(None, {"image": x}), repeat)
-        t_plain = timed(lambda: s_plain.run(None, {"image": x}), repeat)
+        t_full = timed(lambda x=x: s_full.run(None, {"image": x}), repeat)
+        t_plain = timed(lambda x=x: s_plain.run(None, {"image": x}), repeat)
         out[f"onnx_gradcam_b{batch}"] = {**summary(t_full), "ms_per_image": 1000 * np.median(t_full) / batch}
         out[f"onnx_plain_b{batch}"] = {**summary(t_plain), "ms_per_image": 1000 * np.median(t_plain) / batch}
         out[f"gradcam_overhead_b{batch}_pct"] = 100 * (np.median(t_full) / np.median(t_plain) - 1)
-        t_tape = timed(lambda: gradcam_tape(model, "conv5_block3_out", tf.constant(x)), max(3, repeat // 3))
+        t_tape = timed(lambda x=x: gradcam_tape(model, "conv5_block3_out", tf.constant(x)), max(3, repeat // 3))
         out[f"keras_gradienttape_b{batch}"] = {**summary(t_tape), "ms_per_image": 1000 * np.median(t_tape) / batch}
     try:
         import torch
@@ -88,7 +88,7 @@ def bench_inference(full: Path, plain: Path, model: Any, repeat: int) -> dict[st
         cam = GradCAM(model=net, target_layers=[net.layer4[-1]])
         for batch in (1, 8):
             x = torch.rand(batch, 3, SIZE, SIZE)
-            t = timed(lambda: cam(input_tensor=x), max(3, repeat // 3))
+            t = timed(lambda x=x: cam(input_tensor=x), max(3, repeat // 3))
             out[f"pytorch_grad_cam_b{batch}"] = {**summary(t), "ms_per_image": 1000 * np.median(t) / batch}
     except ImportError as exc:
         out["pytorch_grad_cam"] = f"not installed ({exc.name}); pip install grad-cam torch torchvision"
@@ -149,7 +149,8 @@ def bench_service(full: Path, work: Path, images: int, senders: tuple[int, ...])
             wait_port(rport, 30)
             store_times: list[float] = []
 
-            def send(k: int) -> None:
+            def send(k: int, wport: int = wport, n_senders: int = n_senders,
+                     store_times: list[float] = store_times) -> None:
                 ae = AE(ae_title=f"BENCH{k}")
                 ae.add_requested_context(src.SOPClassUID, src.file_meta.TransferSyntaxUID)
                 assoc = ae.associate("127.0.0.1", wport, ae_title="CXR-GRADCAM")

@@ -28,7 +28,8 @@ def timed(fn: Callable[[], Any], repeat: int, warmup: int = 1) -> list[float]:
 def summary(seconds: list[float]) -> dict[str, float]:
     s = sorted(seconds)
     p95 = s[min(len(s) - 1, round(0.95 * (len(s) - 1)))]
-    return {"n": len(s), "p50_ms": 1000 * statistics.median(s), "p95_ms": 1000 * p95, "mean_ms": 1000 * statistics.fmean(s)}
+    return {"n": len(s), "p50_ms": 1000 * statistics.median(s), "p95_ms": 1000 * p95,
+            "mean_ms": 1000 * statistics.fmean(s)}
 
 
 def machine() -> dict[str, Any]:
