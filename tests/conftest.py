@@ -86,6 +86,7 @@ class WorkerProcess:
     port: int
     spool: Path
     log: Path
+    metrics_port: int = 0
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
 
@@ -112,7 +113,8 @@ class WorkerProcess:
 def make_worker(tmp_path: Path, onnx_model: Path) -> Iterator[object]:
     started: list[WorkerProcess] = []
 
-    def factory(destinations: list[str], extra: str = "", port: int | None = None) -> WorkerProcess:
+    def factory(destinations: list[str], extra: str = "", port: int | None = None,
+                metrics_port: int = 0) -> WorkerProcess:
         port = port or free_port()
         spool = tmp_path / "spool"
         config = tmp_path / f"worker-{port}.toml"
@@ -130,13 +132,17 @@ path = "{onnx_model}"
 batch_wait_ms = 100
 [select]
 min_size = 32
+[metrics]
+port = {metrics_port}
+[audit]
+path = "{tmp_path / 'audit.jsonl'}"
 [send]
 destinations = [{dests}]
 retry_initial_s = 0.5
 retry_max_interval_s = 2
 {extra}
 """)
-        w = WorkerProcess(config, port, spool, tmp_path / "worker.log")
+        w = WorkerProcess(config, port, spool, tmp_path / "worker.log", metrics_port=metrics_port)
         w.start()
         started.append(w)
         return w

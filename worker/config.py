@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from worker.errors import ConfigError
@@ -114,6 +114,61 @@ class SendSection(_Section):
         return [Destination.parse(v) if isinstance(v, str) else v for v in value]
 
 
+class SecuritySection(_Section):
+    """Access control and DICOM TLS (BCP 195: TLS 1.2 or newer)."""
+
+    allowed: list[str] = Field(default_factory=list, description="AE@CIDR entries; empty allows every caller")
+    tls_port: int | None = Field(None, ge=1, le=65535, description="a second listener that speaks only TLS")
+    tls_only: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    tls_require_client_cert: bool = False
+    send_tls: bool = False
+
+    @field_validator("allowed")
+    @classmethod
+    def _check_allowed(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for entry in value:
+            ae, sep, network = entry.partition("@")
+            _check_ae(ae)
+            if sep:
+                try:
+                    ipaddress.ip_network(network, strict=False)
+                except ValueError:
+                    raise ValueError(f"allowed entry {entry!r}: {network!r} is not an IP network") from None
+        return value
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> SecuritySection:
+        wants_tls = self.tls_port is not None or self.tls_only or self.send_tls
+        if wants_tls and (self.tls_cert is None or self.tls_key is None):
+            raise ValueError("TLS needs tls_cert and tls_key")
+        if self.tls_require_client_cert and self.tls_ca is None:
+            raise ValueError("tls_require_client_cert needs tls_ca (the CA that signs client certificates)")
+        for name in ("tls_cert", "tls_key", "tls_ca"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name}: file not found: {path}")
+        return self
+
+
+class MetricsSection(_Section):
+    """Prometheus metrics, /healthz and /readyz over HTTP."""
+
+    port: int = Field(9108, ge=0, le=65535, description="0 switches the HTTP endpoint off")
+    bind: str = "127.0.0.1"
+    echo_cache_s: float = Field(30.0, ge=0, description="how long a C-ECHO of a destination counts for /readyz")
+
+
+class AuditSection(_Section):
+    """Audit trail: JSON lines modelled on DICOM PS3.15 A.5 audit messages."""
+
+    path: Path = Path("var/audit.jsonl")
+
+
 class LogSection(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "text"] = "json"
@@ -130,6 +185,9 @@ class Settings(BaseSettings):
     select: SelectSection = SelectSection()
     output: OutputSection = OutputSection()
     send: SendSection = SendSection()
+    security: SecuritySection = SecuritySection()
+    metrics: MetricsSection = MetricsSection()
+    audit: AuditSection = AuditSection()
     log: LogSection = LogSection()
 
     @classmethod

@@ -21,6 +21,7 @@ from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.filewriter import dcmwrite
 
+from worker.audit import AuditTrail
 from worker.build import (
     BuildSettings,
     build_report,
@@ -32,10 +33,12 @@ from worker.build import (
 from worker.config import Settings
 from worker.decode import dataset_to_unit_image, resize_for_model
 from worker.errors import DecodeError, UnsupportedInput, WorkerError
+from worker.metrics import HealthServer, Metrics
 from worker.model import OnnxModel
 from worker.receive import Receiver
+from worker.security import client_context
 from worker.selection import ineligible_reason
-from worker.send import Outbox
+from worker.send import Outbox, echo
 from worker.spool import Spool, key
 
 logger = logging.getLogger(__name__)
@@ -62,6 +65,7 @@ class Result:
     sr: Dataset
     unit_image: np.ndarray[Any, Any]
     rgb: np.ndarray[Any, Any]
+    infer_seconds: float = 0.0
 
 
 def read_dataset(path: Path) -> Dataset:
@@ -119,7 +123,9 @@ class Processor:
 
     def infer_and_build(self, batch: list[Decoded]) -> list[Result | WorkerError]:
         """One ONNX Runtime run for the batch, then an SC and an SR per image."""
+        started = time.perf_counter()
         predictions = self.model.predict(np.stack([d.model_input for d in batch]))
+        infer_seconds = (time.perf_counter() - started) / len(batch)
         info = self.model.info
         out: list[Result | WorkerError] = []
         for item, pred in zip(batch, predictions, strict=True):
@@ -140,7 +146,7 @@ class Processor:
                 out.append(UnsupportedInput(f"cannot build outputs: {type(exc).__name__}: {exc}"))
                 continue
             out.append(Result(uid_of(item.ds), pred.probability, decision(pred.probability, info.threshold),
-                              sc, sr, item.unit_image, rgb))
+                              sc, sr, item.unit_image, rgb, infer_seconds))
         return out
 
 
@@ -151,12 +157,22 @@ class Service:
         self.settings = settings
         self.spool = Spool(settings.spool.dir)
         self.processor = Processor(settings, model)
-        self.outbox = Outbox(self.spool, settings.send, settings.dicom.ae_title)
+        self.metrics = Metrics()
+        self.metrics.model.info({"name": model.info.name, "version": model.info.version,
+                                 "input_size": str(model.info.input_size), "threshold": str(model.info.threshold),
+                                 "providers": ",".join(model.providers)})
+        self.audit = AuditTrail(settings.audit.path, settings.dicom.ae_title)
+        sec = settings.security
+        self.client_tls = client_context(sec) if sec.send_tls else None
+        self.outbox = Outbox(self.spool, settings.send, settings.dicom.ae_title, tls=self.client_tls,
+                             metrics=self.metrics, audit=self.audit)
         self.wake = threading.Event()
         self.wake_sender = threading.Event()
         self.stopping = threading.Event()
-        self.receiver = Receiver(settings, self.spool, self.wake.set)
+        self.receiver = Receiver(settings, self.spool, self.wake.set, self.metrics, self.audit)
         self.threads: list[threading.Thread] = []
+        self.health: HealthServer | None = None
+        self._echo_ok: dict[str, float] = {}
 
     # -- processing --------------------------------------------------------------
     def _claim_batch(self) -> list[Path]:
@@ -173,7 +189,7 @@ class Service:
         ready: list[Decoded] = []
         in_batch: set[str] = set()
         for path in claimed:
-            ds: Dataset | None = None
+            started = time.perf_counter()
             try:
                 decoded = self.processor.decode(path)
             except (DecodeError, UnsupportedInput) as exc:
@@ -184,20 +200,25 @@ class Service:
                 continue
             if isinstance(decoded, str):
                 ds = read_dataset(path)
+                self.metrics.skipped.inc()
                 logger.info("skipped: %s", decoded, extra={"sop_instance_uid": uid_of(ds)})
                 path.unlink()
                 continue
             marker = key(uid_of(decoded.ds), version)
             if marker in in_batch or self.spool.is_done(marker):
+                self.metrics.duplicates.inc()
                 logger.info("duplicate: already processed", extra={"sop_instance_uid": uid_of(decoded.ds)})
                 path.unlink()
                 continue
             in_batch.add(marker)
             ready.append(decoded)
+            self.metrics.stage_seconds.labels("decode").observe(time.perf_counter() - started)
         if not ready:
             return
         try:
+            started = time.perf_counter()
             results = self.processor.infer_and_build(ready)
+            per_image = (time.perf_counter() - started) / len(ready)
         except Exception as exc:
             for item in ready:
                 self._quarantine(item.path, item.ds, WorkerError(f"inference failed: {type(exc).__name__}: {exc}"))
@@ -210,6 +231,10 @@ class Service:
                 self.outbox.put(key(str(obj.SOPInstanceUID)), encode(obj), str(obj.SOPInstanceUID))
             self.spool.mark_done(key(result.sop_instance_uid, version))
             item.path.unlink()
+            self.metrics.processed.inc()
+            self.metrics.probability.observe(result.probability)
+            self.metrics.stage_seconds.labels("infer").observe(result.infer_seconds)
+            self.metrics.stage_seconds.labels("build").observe(max(0.0, per_image - result.infer_seconds))
             logger.info("processed", extra={
                 "sop_instance_uid": result.sop_instance_uid, "probability": round(result.probability, 4),
                 "decision": "positive" if result.positive else "negative",
@@ -226,6 +251,7 @@ class Service:
         uid = uid_of(ds)
         reason = f"{type(exc).__name__}: {exc}"
         self.spool.quarantine(path, f"{uid}\t{reason}")
+        self.metrics.failed.inc()
         logger.error("quarantined: %s", reason, extra={"sop_instance_uid": uid})
 
     def _process_loop(self) -> None:
@@ -250,27 +276,72 @@ class Service:
             self.wake_sender.wait(1.0)
             self.wake_sender.clear()
 
+    # -- health --------------------------------------------------------------------
+    def alive(self) -> bool:
+        return not self.stopping.is_set() and all(t.is_alive() for t in self.threads)
+
+    def ready(self) -> dict[str, bool]:
+        """Readiness: model loaded, spool writable, disk above reserve, destinations answer C-ECHO."""
+        checks = {"model_loaded": self.processor.model is not None, "alive": self.alive()}
+        try:
+            probe = self.spool.incoming / f".ready-{threading.get_ident()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+            checks["spool_writable"] = True
+        except OSError:
+            checks["spool_writable"] = False
+        checks["disk_above_reserve"] = self.spool.free_mb() >= self.settings.spool.reserve_mb
+        now = time.monotonic()
+        for dest in self.settings.send.destinations:
+            name = str(dest)
+            if now - self._echo_ok.get(name, -1e9) > self.settings.metrics.echo_cache_s:
+                try:
+                    if echo(dest, self.settings.dicom.ae_title, timeout=5.0, tls=self.client_tls) == 0:
+                        self._echo_ok[name] = now
+                except Exception:
+                    self._echo_ok.pop(name, None)
+            checks[f"destination {name}"] = now - self._echo_ok.get(name, -1e9) <= max(
+                self.settings.metrics.echo_cache_s, 1.0)
+        return checks
+
+    def _update_gauges(self) -> None:
+        self.metrics.queue_depth.set(self.spool.depth())
+        self.metrics.outbox_depth.set(self.outbox.depth())
+
     # -- life cycle --------------------------------------------------------------
     def start(self) -> None:
         swept, requeued = self.spool.recover()
         if swept or requeued:
             logger.warning("recovered spool", extra={"partial_files_removed": swept, "requeued": requeued})
+        self.audit.application(start=True)
         self.threads = [
             threading.Thread(target=self._process_loop, name="process", daemon=True),
             threading.Thread(target=self._send_loop, name="send", daemon=True),
         ]
         for t in self.threads:
             t.start()
+        m = self.settings.metrics
+        if m.port:
+            self.health = HealthServer(self.metrics, m.bind, m.port, self.alive, self.ready)
+            self.health.metrics_update = self._update_gauges
+            self.health.start()
         self.receiver.start()
         self.wake.set()
 
     def stop(self, grace_s: float = 30.0) -> None:
+        """Refuse new associations, let those in progress finish, then stop the threads."""
         self.receiver.stop()
+        deadline = time.monotonic() + grace_s
+        while self.receiver.busy() and time.monotonic() < deadline:
+            time.sleep(0.1)
         self.stopping.set()
         self.wake.set()
         self.wake_sender.set()
         for t in self.threads:
-            t.join(timeout=grace_s)
+            t.join(timeout=max(0.1, deadline - time.monotonic()))
+        if self.health is not None:
+            self.health.stop()
+        self.audit.application(start=False)
 
     def run_forever(self) -> None:
         """Serve until SIGTERM or SIGINT, then stop cleanly."""

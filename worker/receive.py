@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import threading
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from pydicom.uid import (
     JPEG2000,
@@ -27,11 +29,14 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, _config, evt
+from pynetdicom import _config, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from worker.audit import NETWORK_ENTRY, NODE_AUTHENTICATION, AuditTrail
 from worker.config import Settings
+from worker.metrics import Metrics
+from worker.security import AllowList, GuardedAE, GuardedServer, server_context
 from worker.spool import Spool
 
 logger = logging.getLogger(__name__)
@@ -62,40 +67,70 @@ ACCEPTED_TRANSFER_SYNTAXES = [
 class Receiver:
     """The SCP side: accepts, spools, acknowledges; nothing else."""
 
-    def __init__(self, settings: Settings, spool: Spool, on_stored: Callable[[], None]) -> None:
+    def __init__(self, settings: Settings, spool: Spool, on_stored: Callable[[], None],
+                 metrics: Metrics | None = None, audit: AuditTrail | None = None) -> None:
         self.settings = settings
         self.spool = spool
         self.on_stored = on_stored
-        self.server: Any = None
+        self.metrics = metrics or Metrics()
+        self.audit = audit
+        self.allow = AllowList(settings.security.allowed)
+        self.servers: list[Any] = []
+        self._stopped: list[Any] = []
 
     def handle_echo(self, event: evt.Event) -> int:
         return SUCCESS
 
     def handle_store(self, event: evt.Event) -> int:
         """Spool one instance; return a named status, never raise."""
+        started = time.perf_counter()
         uid = str(getattr(event.request, "AffectedSOPInstanceUID", ""))
+        sop_class = str(getattr(event.request, "AffectedSOPClassUID", ""))
         calling = event.assoc.requestor.ae_title
+        address = str(event.assoc.requestor.address)
+        status, detail = SUCCESS, ""
         try:
             if self.spool.free_mb() < self.settings.spool.reserve_mb:
-                logger.error("spool below reserve: refusing instance", extra={
-                    "sop_instance_uid": uid, "calling_ae": calling, "status": "out of resources"})
-                return OUT_OF_RESOURCES
-            self.spool.accept(event.dataset_path)
+                status, detail = OUT_OF_RESOURCES, "spool below reserve"
+            else:
+                self.spool.accept(event.dataset_path)
         except OSError as exc:
-            logger.error("cannot spool instance: %s", type(exc).__name__,
-                         extra={"sop_instance_uid": uid, "calling_ae": calling})
-            return OUT_OF_RESOURCES
+            status, detail = OUT_OF_RESOURCES, f"cannot spool: {type(exc).__name__}"
         except Exception as exc:  # the handler must answer, whatever happened
-            logger.error("cannot understand instance: %s", type(exc).__name__,
-                         extra={"sop_instance_uid": uid, "calling_ae": calling})
-            return CANNOT_UNDERSTAND
-        logger.info("received", extra={"sop_instance_uid": uid, "calling_ae": calling})
+            status, detail = CANNOT_UNDERSTAND, f"cannot understand: {type(exc).__name__}"
+        extra = {"sop_instance_uid": uid, "calling_ae": calling, "peer": address}
+        if self.audit is not None:
+            try:
+                self.audit.instance_received(sop_class, uid, calling, address, self.settings.dicom.ae_title,
+                                             0 if status == SUCCESS else 8, detail)
+            except OSError:
+                logger.exception("audit trail not writable")
+        if status != SUCCESS:
+            self.metrics.refused.labels(f"0x{status:04X}").inc()
+            logger.error("refused instance: %s", detail, extra={**extra, "status": f"0x{status:04X}"})
+            return status
+        self.metrics.received.inc()
+        self.metrics.stage_seconds.labels("receive").observe(time.perf_counter() - started)
+        logger.info("received", extra=extra)
         self.on_stored()
         return SUCCESS
 
-    def make_ae(self) -> AE:
+    def handle_rejected(self, event: evt.Event) -> None:
+        """An association refused by the allow-list (or the association limit)."""
+        self._refused("association", str(event.assoc.requestor.address),
+                      "A-ASSOCIATE-RJ", event.assoc.requestor.ae_title)
+
+    def _refused(self, kind: str, address: str, detail: str, ae: str = "") -> None:
+        self.metrics.rejected.labels(kind).inc()
+        logger.warning("association refused: %s", detail, extra={"reason": kind, "peer": address, "calling_ae": ae})
+        if self.audit is not None:
+            code = NODE_AUTHENTICATION if kind == "tls" else NETWORK_ENTRY
+            self.audit.security_alert(code, ae, address, detail)
+
+    def make_ae(self) -> GuardedAE:
         d = self.settings.dicom
-        ae = AE(ae_title=d.ae_title)
+        ae = GuardedAE(ae_title=d.ae_title)
+        ae.allow = self.allow
         ae.maximum_associations = d.max_associations
         ae.maximum_pdu_size = d.max_pdu
         ae.acse_timeout = d.acse_timeout
@@ -109,22 +144,47 @@ class Receiver:
                 ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
         return ae
 
+    def _serve(self, ae: GuardedAE, port: int, tls: bool) -> None:
+        d, sec = self.settings.dicom, self.settings.security
+        server = cast(GuardedServer, ae.make_server(
+            (d.bind, port),
+            ssl_context=server_context(sec) if tls else None,
+            evt_handlers=[(evt.EVT_C_ECHO, self.handle_echo), (evt.EVT_C_STORE, self.handle_store),
+                          (evt.EVT_REJECTED, self.handle_rejected)],
+            server_class=GuardedServer,
+        ))
+        server.allow = self.allow
+        server.on_refused = lambda kind, address, detail: self._refused(kind, address, detail)
+        server.handshake_timeout = d.acse_timeout
+        thread = threading.Thread(target=server.serve_forever, name=f"scp-{port}", daemon=True)
+        thread.start()
+        ae._servers.append(server)
+        self.servers.append(server)
+        logger.info("listening", extra={"ae_title": d.ae_title, "bind": d.bind, "port": port, "tls": tls})
+
     def start(self) -> None:
-        """Start serving in background threads."""
+        """Start serving in background threads: plain and/or TLS listeners."""
         # pynetdicom writes chunked datasets with NamedTemporaryFile in the default
         # temp dir: put that inside the spool so accept() is a same-disk rename.
         tempfile.tempdir = str(self.spool.incoming)
         _config.STORE_RECV_CHUNKED_DATASET = True
         _config.LOG_HANDLER_LEVEL = "none"
-        d = self.settings.dicom
-        self.server = self.make_ae().start_server(
-            (d.bind, d.port),
-            block=False,
-            evt_handlers=[(evt.EVT_C_ECHO, self.handle_echo), (evt.EVT_C_STORE, self.handle_store)],
-        )
-        logger.info("listening", extra={"ae_title": d.ae_title, "bind": d.bind, "port": d.port})
+        sec = self.settings.security
+        if not self.allow:
+            logger.warning("no allow-list: every calling AE title is accepted ([security] allowed)")
+        ae = self.make_ae()
+        if not sec.tls_only:
+            self._serve(ae, self.settings.dicom.port, tls=False)
+        if sec.tls_port is not None or sec.tls_only:
+            self._serve(ae, sec.tls_port or self.settings.dicom.port, tls=True)
+
+    def busy(self) -> bool:
+        """Whether an association is still in progress on any listener."""
+        return any(a.is_established for server in self._stopped for a in server.active_associations)
 
     def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server = None
+        """Stop accepting; associations in progress finish in their own threads."""
+        self._stopped = list(self.servers)
+        for server in self.servers:
+            server.shutdown()
+        self.servers = []

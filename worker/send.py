@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import ssl
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,8 +21,10 @@ from pydicom import dcmread
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from worker.audit import AuditTrail
 from worker.config import Destination, SendSection
 from worker.errors import SendError
+from worker.metrics import Metrics
 from worker.spool import Spool, fsync_dir, key
 
 logger = logging.getLogger(__name__)
@@ -51,7 +54,8 @@ def is_permanent(status: int) -> bool:
     return status == SOP_CLASS_NOT_SUPPORTED or (status & 0xFF00) == 0xA900 or (status & 0xF000) == 0xC000
 
 
-def store(dest: Destination, paths: list[Path], settings: SendSection, calling_ae: str) -> list[SendError | None]:
+def store(dest: Destination, paths: list[Path], settings: SendSection, calling_ae: str,
+          tls: ssl.SSLContext | None = None) -> list[SendError | None]:
     """C-STORE ``paths`` to ``dest`` over one association.
 
     Returns:
@@ -69,10 +73,11 @@ def store(dest: Destination, paths: list[Path], settings: SendSection, calling_a
     def on_acse(event: evt.Event) -> None:
         # pynetdicom does not keep the A-ASSOCIATE-RJ result on the association.
         result = getattr(getattr(event, "primitive", None), "result", None)
-        if result is not None:
+        if isinstance(result, int):
             answer["result"] = int(result)
 
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=[(evt.EVT_ACSE_RECV, on_acse)])
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=[(evt.EVT_ACSE_RECV, on_acse)],
+                         tls_args=(tls, dest.host) if tls is not None else None)
     if not assoc.is_established:
         permanent = answer.get("result") == REJECTED_PERMANENT
         why = ("rejected (permanent)" if permanent else "rejected (transient)") if "result" in answer and \
@@ -98,12 +103,13 @@ def store(dest: Destination, paths: list[Path], settings: SendSection, calling_a
     return results
 
 
-def echo(dest: Destination, calling_ae: str, timeout: float = 10.0) -> int:
+def echo(dest: Destination, calling_ae: str, timeout: float = 10.0, tls: ssl.SSLContext | None = None) -> int:
     """C-ECHO ``dest``; returns the status, raises SendError when unreachable."""
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.add_requested_context(Verification)
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
+                         tls_args=(tls, dest.host) if tls is not None else None)
     if not assoc.is_established:
         raise SendError(f"{dest}: association {'rejected' if assoc.is_rejected else 'failed'}")
     try:
@@ -118,10 +124,14 @@ def echo(dest: Destination, calling_ae: str, timeout: float = 10.0) -> int:
 class Outbox:
     """Results waiting to be delivered, one folder per destination."""
 
-    def __init__(self, spool: Spool, settings: SendSection, calling_ae: str) -> None:
+    def __init__(self, spool: Spool, settings: SendSection, calling_ae: str, *, tls: ssl.SSLContext | None = None,
+                 metrics: Metrics | None = None, audit: AuditTrail | None = None) -> None:
         self.spool = spool
         self.settings = settings
         self.calling_ae = calling_ae
+        self.tls = tls
+        self.metrics = metrics or Metrics()
+        self.audit = audit
         self.destinations = {destination_key(d): d for d in settings.destinations}
 
     def put(self, name: str, data: bytes, sop_instance_uid: str) -> None:
@@ -161,6 +171,7 @@ class Outbox:
         os.replace(path, target)
         target.with_suffix(".json").write_text(json.dumps(asdict(state)))
         path.with_suffix(".json").unlink(missing_ok=True)
+        self.metrics.dead_letters.inc()
         logger.error("dead letter: %s", why, extra={"sop_instance_uid": state.sop_instance_uid,
                                                      "destination": state.destination})
 
@@ -171,18 +182,24 @@ class Outbox:
         for dkey, items in self.due(now).items():
             dest = self.destinations[dkey]
             items = items[:batch]
+            started = time.perf_counter()
             try:
-                results = store(dest, [p for p, _ in items], self.settings, self.calling_ae)
+                results = store(dest, [p for p, _ in items], self.settings, self.calling_ae, self.tls)
             except Exception as exc:  # unreadable file, socket error: retry later
                 results = [SendError(f"{dest}: {type(exc).__name__}: {exc}")] * len(items)
             for (path, state), err in zip(items, results, strict=True):
+                if self.audit is not None:
+                    self.audit.instance_sent(state.sop_instance_uid, str(dest), self.calling_ae,
+                                             0 if err is None else 4, "" if err is None else str(err))
                 if err is None:
                     path.unlink(missing_ok=True)
                     path.with_suffix(".json").unlink(missing_ok=True)
                     delivered += 1
+                    self.metrics.sent.labels(str(dest)).inc()
                     logger.info("sent", extra={"sop_instance_uid": state.sop_instance_uid,
                                                "destination": str(dest)})
                     continue
+                self.metrics.send_failures.labels(str(dest)).inc()
                 state.attempts += 1
                 state.first_attempt = state.first_attempt or now
                 state.last_error = str(err)
@@ -198,4 +215,5 @@ class Outbox:
                     logger.warning("send failed, retrying in %.0f s: %s", delay, err,
                                    extra={"sop_instance_uid": state.sop_instance_uid,
                                           "destination": str(dest), "attempts": state.attempts})
+            self.metrics.stage_seconds.labels("send").observe((time.perf_counter() - started) / max(1, len(items)))
         return delivered

@@ -4,7 +4,6 @@ dead letter on permanent refusal or after the horizon, state kept across restart
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import Storescp
-from tests.helpers import free_port, require_tool, wait_port
+from tests.helpers import free_port
 from trainer.dicom_phantoms import cr_dataset
 from worker.config import SendSection
 from worker.pipeline import encode
@@ -66,21 +65,43 @@ def test_pacs_down_then_back_is_retried_with_backoff_and_delivered(tmp_path: Pat
         pacs.stop()
 
 
-def test_permanent_refusal_goes_to_dead_letter_at_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("status", [0x0122, 0xA900, 0xC000])
+def test_permanent_failure_status_goes_to_dead_letter_at_once(tmp_path: Path, status: int) -> None:
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    # A real SCP (pynetdicom) that answers every C-STORE with a permanent failure.
+    scp = AE(ae_title="PACS")
+    scp.supported_contexts = AllStoragePresentationContexts
     port = free_port()
-    tool = require_tool("/usr/bin/storescp")
-    proc = subprocess.Popen([tool, "--refuse", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = scp.start_server(("127.0.0.1", port), block=False,
+                              evt_handlers=[(evt.EVT_C_STORE, lambda event: status)])
     try:
-        wait_port(port)
         outbox = make_outbox(tmp_path, port)
         queue_one(outbox)
         assert outbox.send_due() == 0
         assert outbox.depth() == 0
         [dead] = list(outbox.spool.dead.glob("*.json"))
-        assert "permanent" in json.loads(dead.read_text())["last_error"]
+        assert f"0x{status:04X}" in json.loads(dead.read_text())["last_error"]
     finally:
-        proc.terminate()
-        proc.wait(10)
+        server.shutdown()
+
+
+def test_transient_failure_status_is_retried(tmp_path: Path) -> None:
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    scp = AE(ae_title="PACS")
+    scp.supported_contexts = AllStoragePresentationContexts
+    port = free_port()
+    server = scp.start_server(("127.0.0.1", port), block=False,
+                              evt_handlers=[(evt.EVT_C_STORE, lambda event: 0xA700)])
+    try:
+        outbox = make_outbox(tmp_path, port)
+        queue_one(outbox)
+        assert outbox.send_due() == 0
+        assert outbox.depth() == 1 and states(outbox)[0]["attempts"] == 1
+        assert not list(outbox.spool.dead.iterdir())
+    finally:
+        server.shutdown()
 
 
 def test_retries_end_in_dead_letter_after_the_horizon(tmp_path: Path) -> None:

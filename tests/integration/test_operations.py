@@ -1,0 +1,189 @@
+"""Operating the worker: allow-list, DICOM TLS, metrics and health, audit trail.
+Peers are DCMTK's echoscu/storescu and storescp; certificates come from openssl."""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import free_port, require_tool, wait_for
+from tests.integration.test_serve_dcmtk import phantom_file
+
+pytestmark = pytest.mark.integration
+
+
+def echoscu(port: int, *options: str, calling: str = "HOSPITAL") -> subprocess.CompletedProcess[str]:
+    tool = require_tool("/usr/bin/echoscu")
+    return subprocess.run([tool, *options, "-aet", calling, "-aec", "CXR-GRADCAM", "127.0.0.1", str(port)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def audit(worker: Any) -> list[dict[str, Any]]:
+    path = worker.config.parent / "audit.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def alerts(worker: Any) -> list[dict[str, Any]]:
+    return [a for a in audit(worker) if a["EventIdentification"]["EventID"]["code"] == "110113"]
+
+
+def test_allow_list_by_ae_title_and_network(make_worker: Any, pacs: Any) -> None:
+    worker = make_worker([f"PACS@127.0.0.1:{pacs.port}"],
+                         extra='[security]\nallowed = ["HOSPITAL@127.0.0.0/24", "REMOTE@10.9.9.0/24"]\n')
+    assert echoscu(worker.port).returncode == 0
+    stranger = echoscu(worker.port, calling="STRANGER")
+    assert stranger.returncode != 0 and "calling ae title not recognized" in stranger.stderr.lower()
+    # A known AE title calling from an address its entry does not cover.
+    remote = echoscu(worker.port, calling="REMOTE")
+    assert remote.returncode != 0 and "calling ae title not recognized" in remote.stderr.lower()
+    wait_for(lambda: len(alerts(worker)) >= 2, 10, "two security alerts")
+    users = {a["ActiveParticipant"][0]["UserID"] for a in alerts(worker)}
+    assert users == {"STRANGER", "REMOTE"}
+    assert worker.stop() == 0
+
+
+def test_unlisted_address_gets_no_association(make_worker: Any, pacs: Any) -> None:
+    worker = make_worker([f"PACS@127.0.0.1:{pacs.port}"], extra='[security]\nallowed = ["HOSPITAL@127.0.0.9/32"]\n')
+    out = echoscu(worker.port)
+    assert out.returncode != 0
+    assert "association rejected" not in out.stderr.lower()  # dropped before any A-ASSOCIATE
+    wait_for(lambda: bool(alerts(worker)), 10, "a security alert")
+    assert alerts(worker)[0]["ActiveParticipant"][0]["NetworkAccessPointID"] == "127.0.0.1"
+    assert worker.proc.poll() is None
+    assert worker.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA, a server and a client certificate from it, and a rogue CA with its own client."""
+    openssl = require_tool("/usr/bin/openssl")
+    d = tmp_path_factory.mktemp("pki")
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], cwd=d, check=True, capture_output=True, timeout=60)
+
+    for ca in ("ca", "rogue-ca"):
+        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{ca}.key", "-out", f"{ca}.crt",
+            "-subj", f"/CN={ca}", "-days", "2")
+    for name, ca in (("server", "ca"), ("client", "ca"), ("rogue", "rogue-ca")):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", f"/CN={name}")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key", "-CAcreateserial",
+            "-out", f"{name}.crt", "-days", "2")
+    return d
+
+
+def test_dicom_tls(make_worker: Any, pacs: Any, pki: Path, tmp_path: Path) -> None:
+    tls_port = free_port()
+    worker = make_worker([f"PACS@127.0.0.1:{pacs.port}"], extra=f"""[security]
+tls_port = {tls_port}
+tls_cert = "{pki / 'server.crt'}"
+tls_key = "{pki / 'server.key'}"
+tls_ca = "{pki / 'ca.crt'}"
+tls_require_client_cert = true
+""")
+    wait_for(lambda: socket.create_connection(("127.0.0.1", tls_port), 2) is not None, 30, "TLS port")
+    good = ("+tls", str(pki / "client.key"), str(pki / "client.crt"), "+cf", str(pki / "ca.crt"))
+    assert echoscu(tls_port, *good).returncode == 0
+    assert echoscu(tls_port).returncode != 0  # plain to the TLS port
+    assert echoscu(worker.port, *good).returncode != 0  # TLS to the plain port
+    rogue = ("+tls", str(pki / "rogue.key"), str(pki / "rogue.crt"), "+cf", str(pki / "ca.crt"))
+    assert echoscu(tls_port, *rogue).returncode != 0  # client certificate from an unknown CA
+    # A TLS client that offers no certificate at all.
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    ctx.check_hostname = False
+    with pytest.raises((ssl.SSLError, OSError)), socket.create_connection(("127.0.0.1", tls_port), 5) as raw, \
+            ctx.wrap_socket(raw) as s:
+        s.sendall(b"\x01\x00")  # TLS 1.3 reports the missing certificate on first use
+        assert s.recv(1) != b""
+    wait_for(lambda: sum("TLS" in a["EventIdentification"].get("EventOutcomeDescription", "")
+                         for a in alerts(worker)) >= 2, 15, "TLS failures in the audit trail")
+    # A real study over TLS.
+    image = tmp_path / "tls.dcm"
+    phantom_file(image, True, 3)
+    out = subprocess.run([require_tool("/usr/bin/storescu"), *good, "-aet", "HOSPITAL", "-aec", "CXR-GRADCAM",
+                          "127.0.0.1", str(tls_port), str(image)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    wait_for(lambda: len(pacs.files()) >= 2, 120, "results of the TLS study")
+    assert worker.stop() == 0
+
+
+def test_bad_tls_config_is_refused_at_start(tmp_path: Path) -> None:
+    from worker.config import get_settings
+    from worker.errors import ConfigError
+
+    cfg = tmp_path / "w.toml"
+    cfg.write_text("[security]\ntls_port = 2762\n")
+    with pytest.raises(ConfigError, match="TLS needs tls_cert and tls_key"):
+        get_settings(cfg)
+    cfg.write_text(f'[security]\ntls_port = 2762\ntls_cert = "{tmp_path}/no.crt"\ntls_key = "{tmp_path}/no.key"\n')
+    with pytest.raises(ConfigError, match="file not found"):
+        get_settings(cfg)
+
+
+def http(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def metric(text: str, name: str) -> float:
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name)]
+    return sum(values)
+
+
+def test_metrics_health_readiness_and_audit(make_worker: Any, pacs: Any, tmp_path: Path) -> None:
+    mport = free_port()
+    worker = make_worker([f"PACS@127.0.0.1:{pacs.port}"], metrics_port=mport)
+    image = tmp_path / "m.dcm"
+    source = phantom_file(image, True, 8)
+    subprocess.run([require_tool("/usr/bin/storescu"), "-aet", "HOSPITAL", "-aec", "CXR-GRADCAM", "127.0.0.1",
+                    str(worker.port), str(image)], check=True, capture_output=True, timeout=60)
+    wait_for(lambda: len(pacs.files()) >= 2, 120, "results")
+    wait_for(lambda: metric(http(mport, "/metrics")[1], "cxr_objects_sent_total") >= 2, 30, "sent metric")
+    code, text = http(mport, "/metrics")
+    assert code == 200
+    assert metric(text, "cxr_instances_received_total") == 1
+    assert metric(text, "cxr_instances_processed_total") == 1
+    assert metric(text, "cxr_predicted_probability_count") == 1
+    assert metric(text, 'cxr_stage_seconds_count{stage="infer"}') == 1
+    assert 'cxr_model_info{' in text and 'version="test-1"' in text
+    assert metric(text, "cxr_queue_depth") == 0 and metric(text, "cxr_outbox_depth") == 0
+    assert http(mport, "/healthz")[0] == 200
+    code, body = http(mport, "/readyz")
+    assert code == 200 and json.loads(body)["ready"] is True
+    pacs.stop()
+    code, body = http(mport, "/readyz")  # echo_cache_s = 30 s: still counted as reachable
+    assert code == 200
+    events = audit(worker)
+    kinds = [(e["EventIdentification"]["EventID"]["code"], e["EventIdentification"]["EventActionCode"]) for e in events]
+    assert ("110100", "E") in kinds  # application start
+    received = [e for e in events if e["EventIdentification"]["EventActionCode"] == "C"]
+    assert received[0]["ParticipantObjectIdentification"][0]["SOPInstanceUID"] == source.SOPInstanceUID
+    assert received[0]["ActiveParticipant"][0]["UserID"] == "HOSPITAL"
+    assert sum(e["EventIdentification"]["EventActionCode"] == "R" for e in events) == 2  # SC and SR sent
+    assert "Canary" not in json.dumps(events) and "CANARY-7731" not in json.dumps(events)
+    assert worker.stop() == 0
+    stop = audit(worker)[-1]["EventIdentification"]
+    assert stop["EventTypeCode"]["code"] == "110121"  # application stop
+
+
+def test_readiness_fails_when_the_destination_is_down(make_worker: Any) -> None:
+    mport = free_port()
+    worker = make_worker([f"PACS@127.0.0.1:{free_port()}"], metrics_port=mport)
+    code, body = http(mport, "/readyz")
+    assert code == 503
+    checks = json.loads(body)["checks"]
+    assert checks["model_loaded"] and checks["spool_writable"]
+    assert not [v for k, v in checks.items() if k.startswith("destination")][0]
+    assert worker.stop() == 0

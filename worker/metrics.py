@@ -1,0 +1,96 @@
+"""Prometheus metrics, and /healthz and /readyz, on one small HTTP endpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("receive", "decode", "infer", "build", "send")
+
+
+class Metrics:
+    """Every metric the worker exports, in its own registry."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.received = Counter("cxr_instances_received", "Instances stored into the spool", registry=r)
+        self.skipped = Counter("cxr_instances_skipped", "Instances acknowledged but not eligible", registry=r)
+        self.processed = Counter("cxr_instances_processed", "Instances answered with SC and SR", registry=r)
+        self.failed = Counter("cxr_instances_failed", "Instances quarantined", registry=r)
+        self.duplicates = Counter("cxr_instances_duplicate", "Instances already processed", registry=r)
+        self.sent = Counter("cxr_objects_sent", "Result objects delivered", ["destination"], registry=r)
+        self.send_failures = Counter("cxr_send_failures", "Failed delivery attempts", ["destination"], registry=r)
+        self.dead_letters = Counter("cxr_dead_letters", "Result objects given up on", registry=r)
+        self.refused = Counter("cxr_c_store_refused", "C-STORE answered with a failure status", ["status"],
+                               registry=r)
+        self.rejected = Counter("cxr_associations_rejected", "Associations refused", ["reason"], registry=r)
+        self.queue_depth = Gauge("cxr_queue_depth", "Instances waiting for processing", registry=r)
+        self.outbox_depth = Gauge("cxr_outbox_depth", "Result objects waiting to be sent", registry=r)
+        self.stage_seconds = Histogram("cxr_stage_seconds", "Latency per pipeline stage", ["stage"], registry=r,
+                                       buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.probability = Histogram("cxr_predicted_probability", "Distribution of predicted probabilities",
+                                     registry=r, buckets=tuple(round(0.1 * i, 1) for i in range(1, 11)))
+        self.model = Info("cxr_model", "The loaded model", registry=r)
+
+    def exposition(self) -> bytes:
+        return bytes(generate_latest(self.registry))
+
+
+class HealthServer:
+    """``/metrics``, ``/healthz`` (alive) and ``/readyz`` (ready to take studies)."""
+
+    def __init__(self, metrics: Metrics, bind: str, port: int,
+                 alive: Callable[[], bool], ready: Callable[[], dict[str, bool]]) -> None:
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                if self.path == "/metrics":
+                    outer.metrics_update()
+                    self._send(200, metrics.exposition(), CONTENT_TYPE_LATEST)
+                elif self.path == "/healthz":
+                    ok = alive()
+                    self._send(200 if ok else 503, json.dumps({"alive": ok}).encode(), "application/json")
+                elif self.path == "/readyz":
+                    checks = ready()
+                    ok = all(checks.values())
+                    body = json.dumps({"ready": ok, "checks": checks}).encode()
+                    self._send(200 if ok else 503, body, "application/json")
+                else:
+                    self._send(404, b"not found\n", "text/plain")
+
+            def _send(self, code: int, body: bytes, content_type: str) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                return  # scrapes every few seconds would flood the log
+
+        self.metrics_update: Callable[[], None] = lambda: None
+        self.server = ThreadingHTTPServer((bind, port), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, name="health", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    def start(self) -> None:
+        self.thread.start()
+        logger.info("metrics and health endpoint", extra={"port": self.port})
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
