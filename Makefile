@@ -5,8 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-SYSTEM_PACKAGES := dcmtk orthanc dicom3tools
-SYSTEM_TOOLS := /usr/bin/storescu /usr/bin/storescp /usr/bin/dciodvfy /usr/sbin/Orthanc
+SYSTEM_PACKAGES := dcmtk orthanc dicom3tools openssl systemd
+SYSTEM_TOOLS := /usr/bin/storescu /usr/bin/storescp /usr/bin/dciodvfy /usr/sbin/Orthanc /usr/bin/openssl /usr/bin/systemd-analyze
 
 .PHONY: demo test install-train install-dev system-deps lint clean
 
