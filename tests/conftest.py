@@ -114,7 +114,7 @@ def make_worker(tmp_path: Path, onnx_model: Path) -> Iterator[object]:
     started: list[WorkerProcess] = []
 
     def factory(destinations: list[str], extra: str = "", port: int | None = None,
-                metrics_port: int = 0) -> WorkerProcess:
+                metrics_port: int = 0, dicom_extra: str = "") -> WorkerProcess:
         port = port or free_port()
         spool = tmp_path / "spool"
         config = tmp_path / f"worker-{port}.toml"
@@ -124,6 +124,7 @@ def make_worker(tmp_path: Path, onnx_model: Path) -> Iterator[object]:
 ae_title = "CXR-GRADCAM"
 bind = "127.0.0.1"
 port = {port}
+{dicom_extra}
 [spool]
 dir = "{spool}"
 reserve_mb = 0

@@ -36,7 +36,14 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from worker.audit import NETWORK_ENTRY, NODE_AUTHENTICATION, AuditTrail
 from worker.config import Settings
 from worker.metrics import Metrics
-from worker.security import AllowList, GuardedAE, GuardedServer, server_context
+from worker.security import (
+    AllowList,
+    GuardedAE,
+    GuardedServer,
+    TransportLimits,
+    install_transport_limits,
+    server_context,
+)
 from worker.spool import Spool
 
 logger = logging.getLogger(__name__)
@@ -92,6 +99,8 @@ class Receiver:
         try:
             if self.spool.free_mb() < self.settings.spool.reserve_mb:
                 status, detail = OUT_OF_RESOURCES, "spool below reserve"
+            elif event.dataset_path.stat().st_size > self.settings.dicom.max_dataset_mb * 2**20:
+                status, detail = CANNOT_UNDERSTAND, f"data set over {self.settings.dicom.max_dataset_mb} MB"
             else:
                 self.spool.accept(event.dataset_path)
         except OSError as exc:
@@ -131,7 +140,9 @@ class Receiver:
         d = self.settings.dicom
         ae = GuardedAE(ae_title=d.ae_title)
         ae.allow = self.allow
-        ae.maximum_associations = d.max_associations
+        # The precise limits (total and per peer) are applied at accept by GuardedServer;
+        # pynetdicom's own count includes finished threads, so it is only a backstop here.
+        ae.maximum_associations = 4 * d.max_associations
         ae.maximum_pdu_size = d.max_pdu
         ae.acse_timeout = d.acse_timeout
         ae.dimse_timeout = d.dimse_timeout
@@ -156,6 +167,8 @@ class Receiver:
         server.allow = self.allow
         server.on_refused = lambda kind, address, detail: self._refused(kind, address, detail)
         server.handshake_timeout = d.acse_timeout
+        server.max_associations = d.max_associations
+        server.max_per_peer = d.max_associations_per_peer
         thread = threading.Thread(target=server.serve_forever, name=f"scp-{port}", daemon=True)
         thread.start()
         ae._servers.append(server)
@@ -169,7 +182,14 @@ class Receiver:
         tempfile.tempdir = str(self.spool.incoming)
         _config.STORE_RECV_CHUNKED_DATASET = True
         _config.LOG_HANDLER_LEVEL = "none"
-        sec = self.settings.security
+        sec, d = self.settings.security, self.settings.dicom
+        install_transport_limits(TransportLimits(
+            # A peer must keep P-DATA within the max PDU we announce; an A-ASSOCIATE-RQ is
+            # far below 64 KiB. Anything declaring more is refused before it is buffered.
+            max_pdu_bytes=max(d.max_pdu, 65536) + 6 if d.max_pdu else 0,
+            pdu_deadline_s=d.pdu_deadline_s,
+            association_deadline_s=d.association_deadline_s,
+        ))
         if not self.allow:
             logger.warning("no allow-list: every calling AE title is accepted ([security] allowed)")
         ae = self.make_ae()

@@ -16,6 +16,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -111,6 +112,8 @@ class GuardedServer(ThreadedAssociationServer):
     on_refused: Callable[[str, str, str], None] = staticmethod(lambda kind, address, detail: None)
     allow: AllowList = AllowList([])
     handshake_timeout: float = 10.0
+    max_associations: int = 10
+    max_per_peer: int = 4
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None
@@ -120,11 +123,22 @@ class GuardedServer(ThreadedAssociationServer):
         return client, address
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Refuse at accept, before any PDU: unlisted addresses, and peers over the limits."""
         address = str(client_address[0])
-        if self.allow.address_allowed(address):
-            return True
-        self.on_refused("address", address, "no allow-list entry covers this address")
-        return False
+        if not self.allow.address_allowed(address):
+            self.on_refused("address", address, "no allow-list entry covers this address")
+            return False
+        # pynetdicom's threads outlive their associations for a while: count the open ones.
+        active = [a for a in self.active_associations
+                  if a.is_alive() and not (a.is_released or a.is_aborted or a.is_rejected)]
+        if len(active) >= self.max_associations:
+            self.on_refused("limit", address, f"{len(active)} associations open (limit {self.max_associations})")
+            return False
+        mine = sum(str(a.requestor.address) == address for a in active)
+        if mine >= self.max_per_peer:
+            self.on_refused("limit", address, f"{mine} associations open from this peer (limit {self.max_per_peer})")
+            return False
+        return True
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         if isinstance(request, ssl.SSLSocket):
@@ -137,3 +151,73 @@ class GuardedServer(ThreadedAssociationServer):
                 self.shutdown_request(request)
                 return
         super().process_request_thread(request, client_address)
+
+
+@dataclass(frozen=True)
+class TransportLimits:
+    """Limits on what one peer can make the acceptor hold.
+
+    pynetdicom applies its network timeout to each recv() and buffers whatever PDU
+    length the peer declares, so a peer declaring a huge PDU and trickling one byte a
+    second holds an association slot indefinitely. These limits bound that.
+    """
+
+    max_pdu_bytes: int  # 0: no cap
+    pdu_deadline_s: float
+    association_deadline_s: float
+
+
+_limits: TransportLimits | None = None
+_original_recv: Callable[..., bytearray] | None = None
+
+
+def _guarded_recv(self: Any, nr_bytes: int) -> bytearray:
+    """AssociationSocket.recv with a PDU size cap and absolute deadlines (acceptor side)."""
+    assert _original_recv is not None
+    limits = _limits
+    assoc = getattr(self, "_assoc", None)
+    if limits is None or assoc is None or not assoc.is_acceptor:
+        return _original_recv(self, nr_bytes)
+    now = time.monotonic()
+    opened = getattr(self, "_cxr_opened", None)
+    if opened is None:
+        opened = self._cxr_opened = now
+    sock = self.socket
+    if sock is None:
+        return bytearray()
+    if limits.max_pdu_bytes and nr_bytes > limits.max_pdu_bytes:
+        _cut(sock)
+        raise OSError(f"declared PDU length {nr_bytes} exceeds the cap of {limits.max_pdu_bytes} bytes")
+    deadline = min(now + limits.pdu_deadline_s, opened + limits.association_deadline_s)
+    data = bytearray()
+    while len(data) < nr_bytes:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            _cut(sock)
+            raise TimeoutError("PDU or association deadline passed")
+        sock.settimeout(min(remaining, assoc.network_timeout or remaining))
+        chunk = sock.recv(min(65536, nr_bytes - len(data)))
+        if not chunk:
+            break
+        data.extend(chunk)
+    return data
+
+
+def _cut(sock: socket.socket) -> None:
+    """Close the connection now: pynetdicom's state machine does not close the socket
+    on a transport error before an association is established (AA-5 only stops ARTIM)."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def install_transport_limits(limits: TransportLimits) -> None:
+    """Install the limits on pynetdicom's acceptor sockets (process-wide, once)."""
+    global _limits, _original_recv
+    from pynetdicom.transport import AssociationSocket
+
+    _limits = limits
+    if _original_recv is None:
+        _original_recv = AssociationSocket.recv
+        AssociationSocket.recv = _guarded_recv  # type: ignore[method-assign]

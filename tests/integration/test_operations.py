@@ -7,6 +7,8 @@ import json
 import socket
 import ssl
 import subprocess
+import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -186,4 +188,63 @@ def test_readiness_fails_when_the_destination_is_down(make_worker: Any) -> None:
     checks = json.loads(body)["checks"]
     assert checks["model_loaded"] and checks["spool_writable"]
     assert not [v for k, v in checks.items() if k.startswith("destination")][0]
+    assert worker.stop() == 0
+
+
+class Trickler:
+    """A hostile peer: declares a PDU of ``length`` bytes, then sends one byte a second."""
+
+    def __init__(self, port: int, source: str, length: int) -> None:
+        self.sock = socket.socket()
+        self.sock.bind((source, 0))
+        self.sock.connect(("127.0.0.1", port))
+        self.sock.sendall(bytes([0x01, 0x00]) + length.to_bytes(4, "big"))
+        self.closed_after: float | None = None
+        self.started = time.monotonic()
+        self.thread = threading.Thread(target=self._trickle, daemon=True)
+        self.thread.start()
+
+    def _trickle(self) -> None:
+        try:
+            for _ in range(60):
+                self.sock.sendall(b"\x00")
+                time.sleep(1.0)
+        except OSError:
+            self.closed_after = time.monotonic() - self.started
+        finally:
+            self.sock.close()
+
+
+@pytest.mark.parametrize("declared", [64 * 2**20, 1000], ids=["64MiB-declared", "slow-small-pdu"])
+def test_trickling_peers_cannot_hold_the_service(make_worker: Any, pacs: Any, tmp_path: Path, declared: int) -> None:
+    worker = make_worker([f"PACS@127.0.0.1:{pacs.port}"],
+                         dicom_extra="max_associations = 3\nmax_associations_per_peer = 2\npdu_deadline_s = 3.0\n")
+    attackers = [Trickler(worker.port, f"127.0.0.{i}", declared) for i in (2, 3)]
+    image = tmp_path / "real.dcm"
+    phantom_file(image, False, 12)
+    started = time.monotonic()
+    out = subprocess.run([require_tool("/usr/bin/storescu"), "-aet", "HOSPITAL", "-aec", "CXR-GRADCAM",
+                          "127.0.0.1", str(worker.port), str(image)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert time.monotonic() - started < 15
+    wait_for(lambda: all(a.closed_after is not None for a in attackers), 20, "the tricklers to be cut off")
+    # The client notices a closed socket on its second send after the close (1 byte a second).
+    limit = 3.0 if declared > 2**20 else 3.0 + 3.0  # cap: at once; slow PDU: the 3 s deadline
+    assert all(a.closed_after is not None and a.closed_after <= limit for a in attackers), \
+        [a.closed_after for a in attackers]
+    wait_for(lambda: len(pacs.files()) >= 2, 120, "results for the real sender")
+    assert worker.stop() == 0
+
+
+def test_per_peer_association_limit(make_worker: Any, pacs: Any) -> None:
+    worker = make_worker([f"PACS@127.0.0.1:{pacs.port}"], dicom_extra="max_associations_per_peer = 2\n"
+                         "pdu_deadline_s = 20.0\n")
+    held = [Trickler(worker.port, "127.0.0.5", 1000) for _ in range(2)]
+    time.sleep(0.5)
+    third = Trickler(worker.port, "127.0.0.5", 1000)
+    wait_for(lambda: third.closed_after is not None, 10, "the third association from one peer to be refused")
+    assert all(h.closed_after is None for h in held)
+    assert echoscu(worker.port).returncode == 0  # another peer is unaffected
+    wait_for(lambda: any("limit" in a["EventIdentification"].get("EventOutcomeDescription", "")
+                         for a in alerts(worker)), 10, "a security alert for the limit")
     assert worker.stop() == 0
