@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import socket
@@ -206,10 +207,8 @@ def _guarded_recv(self: Any, nr_bytes: int) -> bytearray:
 def _cut(sock: socket.socket) -> None:
     """Close the connection now: pynetdicom's state machine does not close the socket
     on a transport error before an association is established (AA-5 only stops ARTIM)."""
-    try:
+    with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
 
 
 def install_transport_limits(limits: TransportLimits) -> None:
