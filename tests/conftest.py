@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,7 +101,15 @@ class WorkerProcess:
     def stop(self, sig: int = signal.SIGTERM) -> int:
         assert self.proc is not None
         self.proc.send_signal(sig)
-        code = self.proc.wait(60)
+        try:
+            code = self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGUSR1)  # faulthandler: thread stacks into the log
+            time.sleep(1)
+            self.proc.kill()
+            self.proc.wait(10)
+            tail = "\n".join(self.log_lines()[-60:])
+            raise AssertionError(f"worker did not stop within 60 s after signal {sig}; log tail:\n{tail}") from None
         self.proc = None
         self._log.close()
         return code

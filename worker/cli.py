@@ -121,7 +121,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if status == 0 else 1
         if args.command == "process":
             return _process(args, settings)
+        import faulthandler
+        import signal
+
         from worker.pipeline import Service
+
+        # `kill -USR1 <pid>` prints every thread's stack (frames only, no data) to stderr.
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
 
         if not settings.send.destinations:
             logger.warning("no destinations configured: results stay in the outbox")

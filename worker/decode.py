@@ -8,12 +8,14 @@ through the worker give the same tensor.
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 import cv2
 import numpy as np
 from pydicom import Dataset
 from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
+from pydicom.uid import UID
 
 from worker.errors import DecodeError, UnsupportedInput
 
@@ -56,8 +58,38 @@ def check_pixel_module(ds: Dataset, *, max_pixels: int) -> None:
         raise UnsupportedInput(f"{rows}x{cols} pixels is over the limit of {max_pixels}")
 
 
+def compressed_frame_size(ds: Dataset) -> tuple[int, int] | None:
+    """(rows, columns) that a JPEG or JPEG 2000 frame's own header claims, if it can be read.
+
+    A codec allocates what its codestream declares, not what Rows/Columns say, so a
+    crafted header could claim 65535 x 65535 pixels behind a small Rows/Columns.
+    """
+    if not ds.file_meta.get("TransferSyntaxUID", UID("1.2.840.10008.1.2")).is_compressed:
+        return None
+    from pydicom.encaps import generate_frames
+    from pydicom.pixels.utils import _get_jpg_parameters
+
+    try:
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    except Exception as exc:
+        raise DecodeError(f"encapsulated pixel data cannot be read: {type(exc).__name__}: {exc}") from None
+    head = bytes(frame[:4096])
+    siz = head.find(b"\xff\x51")
+    if head.startswith(b"\xff\x4f") and siz >= 0 and len(head) >= siz + 22:
+        x, y, x0, y0 = struct.unpack(">IIII", head[siz + 6 : siz + 22])  # ISO 15444-1 A.5.1
+        return int(y) - int(y0), int(x) - int(x0)
+    params = _get_jpg_parameters(head + bytes(frame[4096:65536]))
+    if "height" in params and "width" in params:
+        return int(params["height"]), int(params["width"])
+    return None
+
+
 def read_pixels(ds: Dataset) -> np.ndarray[Any, Any]:
     """Decode the stored values of a single-frame grayscale image."""
+    claimed = compressed_frame_size(ds)
+    if claimed is not None and claimed != (ds.Rows, ds.Columns):
+        raise DecodeError(f"compressed frame claims {claimed[0]}x{claimed[1]} pixels but Rows/Columns are "
+                          f"{ds.Rows}x{ds.Columns}")
     try:
         arr = ds.pixel_array
     except Exception as exc:  # pydicom raises many types for broken pixel data

@@ -113,11 +113,16 @@ class Processor:
         Raises:
             DecodeError, UnsupportedInput: the instance belongs in quarantine.
         """
-        ds = read_dataset(path)
-        reason = ineligible_reason(ds, self.settings.select)
-        if reason is not None:
-            return reason
-        unit = dataset_to_unit_image(ds, max_pixels=self.settings.select.max_pixels)
+        try:
+            ds = read_dataset(path)
+            reason = ineligible_reason(ds, self.settings.select)
+            if reason is not None:
+                return reason
+            unit = dataset_to_unit_image(ds, max_pixels=self.settings.select.max_pixels)
+        except WorkerError:
+            raise
+        except (Exception, RecursionError) as exc:  # a malformed file can break any reader
+            raise DecodeError(f"{type(exc).__name__}: {exc}") from None
         model_input = resize_for_model(unit, self.model.info.input_size)[..., None]
         return Decoded(path, ds, unit, model_input)
 

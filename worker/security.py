@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import select
 import socket
 import ssl
 import threading
@@ -113,6 +114,10 @@ class GuardedServer(ThreadedAssociationServer):
     on_refused: Callable[[str, str, str], None] = staticmethod(lambda kind, address, detail: None)
     allow: AllowList = AllowList([])
     handshake_timeout: float = 10.0
+    # The service's own stop() waits for established associations (with a grace period);
+    # socketserver must not also block on every request thread, idle ones included.
+    daemon_threads = True
+    block_on_close = False
     max_associations: int = 10
     max_per_peer: int = 4
 
@@ -129,9 +134,10 @@ class GuardedServer(ThreadedAssociationServer):
         if not self.allow.address_allowed(address):
             self.on_refused("address", address, "no allow-list entry covers this address")
             return False
-        # pynetdicom's threads outlive their associations for a while: count the open ones.
+        # pynetdicom's threads outlive their associations (after an invalid PDU it waits
+        # for ARTIM even when the peer has gone): count only those with a live transport.
         active = [a for a in self.active_associations
-                  if a.is_alive() and not (a.is_released or a.is_aborted or a.is_rejected)]
+                  if a.is_alive() and not (a.is_released or a.is_aborted or a.is_rejected) and _connected(a)]
         if len(active) >= self.max_associations:
             self.on_refused("limit", address, f"{len(active)} associations open (limit {self.max_associations})")
             return False
@@ -202,6 +208,24 @@ def _guarded_recv(self: Any, nr_bytes: int) -> bytearray:
             break
         data.extend(chunk)
     return data
+
+
+def _connected(assoc: Any) -> bool:
+    """Whether the peer of an association still holds its connection; if it has gone,
+    shut our side down so the association ends now rather than at its timeout."""
+    raw = getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
+    if raw is None or raw.fileno() < 0:
+        return False
+    if isinstance(raw, ssl.SSLSocket):
+        return True  # no MSG_PEEK through TLS; its deadlines still apply
+    try:
+        readable, _, _ = select.select([raw], [], [], 0)
+        if readable and not raw.recv(1, socket.MSG_PEEK):
+            _cut(raw)
+            return False
+    except (OSError, ValueError, ssl.SSLError):
+        return False
+    return True
 
 
 def _cut(sock: socket.socket) -> None:
