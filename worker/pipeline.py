@@ -354,7 +354,10 @@ class Service:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: done.set())
         self.start()
-        done.wait()
+        # Poll: a signal that lands while the main thread blocks in an untimed lock wait
+        # is not always handled until the wait ends (seen as a stop that never came).
+        while not done.wait(0.5):
+            pass
         logger.info("stopping")
         self.stop()
         logger.info("stopped")

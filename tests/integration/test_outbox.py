@@ -114,3 +114,37 @@ def test_retries_end_in_dead_letter_after_the_horizon(tmp_path: Path) -> None:
     assert outbox.depth() == 0
     [dead] = list(outbox.spool.dead.glob("*.json"))
     assert "retries exhausted after 2 attempts" in json.loads(dead.read_text())["last_error"]
+
+
+@pytest.mark.parametrize("fault", [["--abort-after"], ["--abort-during"], ["--sleep-during", "4"]],
+                         ids=["aborting-after", "aborting-during", "stalling-past-dimse-timeout"])
+def test_faulty_pacs_is_retried_and_delivered_once_back(tmp_path: Path, fault: list[str]) -> None:
+    import subprocess
+
+    import pydicom
+
+    from tests.helpers import require_tool, wait_port
+
+    port = free_port()
+    outbox = make_outbox(tmp_path, port)
+    outbox.settings = outbox.settings.model_copy(update={"dimse_timeout": 1.5})
+    uid = queue_one(outbox)
+    faulty = subprocess.Popen([require_tool("/usr/bin/storescp"), *fault, "-od", str(tmp_path), str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        t0 = time.time()
+        assert outbox.send_due(now=t0) == 0
+        [state] = states(outbox)
+        assert state["attempts"] == 1 and not list(outbox.spool.dead.iterdir()), state
+    finally:
+        faulty.kill()
+        faulty.wait(10)
+    pacs = Storescp(port, tmp_path / "pacs")
+    pacs.start()
+    try:
+        assert outbox.send_due(now=t0 + 10) == 1
+        [received] = pacs.files()
+        assert pydicom.dcmread(received).SOPInstanceUID == uid
+    finally:
+        pacs.stop()

@@ -1,0 +1,108 @@
+"""Faults for real: a full spool disk, SIGTERM in the middle of a burst, kill -9 while
+results are being exported to a slow PACS."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Storescp
+from tests.helpers import free_port, require_tool, wait_for
+from tests.integration.test_serve_dcmtk import phantom_file, read_all
+
+pytestmark = pytest.mark.integration
+
+
+def storescu_cmd(port: int, files: list[Path]) -> list[str]:
+    return [require_tool("/usr/bin/storescu"), "-aet", "HOSPITAL", "-aec", "CXR-GRADCAM", "127.0.0.1", str(port),
+            *map(str, files)]
+
+
+def logged(worker: Any, message: str) -> list[dict[str, Any]]:
+    out = []
+    for line in worker.log_lines():
+        if line.startswith("{"):
+            record = json.loads(line)
+            if record.get("message", "").startswith(message):
+                out.append(record)
+    return out
+
+
+def test_spool_below_reserve_answers_out_of_resources(make_worker: Any, pacs: Any, tmp_path: Path) -> None:
+    worker = make_worker([f"PACS@127.0.0.1:{pacs.port}"], extra="")
+    worker.stop()
+    # Restart with a reserve larger than any disk: every C-STORE must be refused.
+    config = worker.config.read_text().replace("reserve_mb = 0", "reserve_mb = 1000000000")
+    worker.config.write_text(config)
+    worker.start()
+    image = tmp_path / "x.dcm"
+    phantom_file(image, True, 1)
+    out = subprocess.run(storescu_cmd(worker.port, [image])[:1] + ["-v"] + storescu_cmd(worker.port, [image])[1:],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert "refused: outofresources" in (out.stdout + out.stderr).lower(), out.stdout + out.stderr
+    assert not any((worker.spool / "queue").iterdir())
+    assert not any((worker.spool / "incoming").iterdir())
+    assert logged(worker, "refused instance")
+    assert worker.stop() == 0
+
+
+def test_sigterm_mid_burst_finishes_cleanly_and_loses_nothing(make_worker: Any, pacs: Any, tmp_path: Path) -> None:
+    dest = [f"PACS@127.0.0.1:{pacs.port}"]
+    worker = make_worker(dest)
+    folder = tmp_path / "burst"
+    folder.mkdir()
+    for i in range(30):
+        phantom_file(folder / f"{i:02d}.dcm", bool(i % 2), 200 + i)
+    sender = subprocess.Popen(storescu_cmd(worker.port, sorted(folder.iterdir())), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    wait_for(lambda: len(logged(worker, "received")) >= 3, 60, "the burst to start")
+    started = time.monotonic()
+    assert worker.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - started < 45  # within the grace period
+    sender.wait(60)
+    # After the stop, new associations are refused.
+    late = subprocess.run(storescu_cmd(worker.port, [folder / "00.dcm"]), capture_output=True, timeout=60)
+    assert late.returncode != 0
+    acknowledged = {r["sop_instance_uid"] for r in logged(worker, "received")}
+    assert acknowledged
+    worker = make_worker(dest, port=worker.port)
+    wait_for(lambda: {str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID) for ds in read_all(pacs.files())
+                      if "SourceImageSequence" in ds} >= acknowledged, 180, "every acknowledged instance answered")
+    assert worker.stop() == 0
+
+
+def test_kill_9_during_export_delivers_one_sc_and_one_sr(make_worker: Any, tmp_path: Path) -> None:
+    port = free_port()
+    slow = subprocess.Popen([require_tool("/usr/bin/storescp"), "--sleep-during", "3", "-uf", "-od",
+                             str(tmp_path / "slow"), str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    (tmp_path / "slow").mkdir()
+    dest = [f"PACS@127.0.0.1:{port}"]
+    worker = make_worker(dest)
+    image = tmp_path / "e.dcm"
+    source = phantom_file(image, True, 77)
+    subprocess.run(storescu_cmd(worker.port, [image]), check=True, capture_output=True, timeout=60)
+    wait_for(lambda: bool(logged(worker, "processed")), 60, "processing")
+    time.sleep(1.0)  # the first C-STORE to the slow PACS is under way
+    worker.stop(signal.SIGKILL)
+    slow.kill()
+    slow.wait(10)
+    pacs = Storescp(port, tmp_path / "pacs")
+    pacs.start()
+    try:
+        worker = make_worker(dest, port=worker.port)
+        wait_for(lambda: not any((worker.spool / "outbox").glob("*/*.dcm")), 120, "the outbox to drain")
+        received = read_all(pacs.files()) + read_all(sorted((tmp_path / "slow").iterdir()))
+        uids = {str(ds.SOPInstanceUID) for ds in received}
+        assert len(uids) == 2  # one SC and one SR, whatever was re-sent
+        assert {ds.Modality for ds in received} >= {"SR"}
+        assert all(str(ds.StudyInstanceUID) == source.StudyInstanceUID for ds in received)
+        assert worker.stop() == 0
+    finally:
+        pacs.stop()
