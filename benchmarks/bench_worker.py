@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 import subprocess
 import sys
 import tempfile
@@ -128,6 +129,7 @@ def bench_service(full: Path, work: Path, images: int, senders: tuple[int, ...])
     """cxr-worker serve + a receiving SCP; C-STORE of the real CR from N threads."""
     import pydicom
     from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
     from pynetdicom import AE
 
     from tests.helpers import free_port, wait_port
@@ -156,7 +158,7 @@ def bench_service(full: Path, work: Path, images: int, senders: tuple[int, ...])
                 assoc = ae.associate("127.0.0.1", wport, ae_title="CXR-GRADCAM")
                 for i in range(images // n_senders):
                     ds = src.copy()
-                    ds.SOPInstanceUID = f"{src.SOPInstanceUID}.{n_senders}{k}{i}"
+                    ds.SOPInstanceUID = generate_uid()
                     t = time.perf_counter()
                     assoc.send_c_store(ds)
                     store_times.append(time.perf_counter() - t)
@@ -186,6 +188,7 @@ def bench_service(full: Path, work: Path, images: int, senders: tuple[int, ...])
 
 
 def main() -> None:
+    warnings.filterwarnings("ignore")  # highdicom's note on RG1's one-word referring physician
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--quick", action="store_true", help="fewer repetitions")
     args = p.parse_args()
