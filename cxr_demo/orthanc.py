@@ -19,20 +19,8 @@ from typing import Any
 
 ORTHANC = "/usr/sbin/Orthanc"
 
-ROUTE_LUA = """
--- Route each newly stable study's radiographs to the AI worker, once per series.
-routed = {}
-function OnStableStudy(studyId, tags, metadata)
-  local series = ParseJson(RestApiGet('/studies/' .. studyId .. '/series'))
-  for i, s in pairs(series) do
-    local modality = s['MainDicomTags']['Modality']
-    if (modality == 'CR' or modality == 'DX') and routed[s['ID']] == nil then
-      routed[s['ID']] = true
-      RestApiPost('/modalities/worker/store', s['ID'])
-    end
-  end
-end
-"""
+#: The Lua routing hook, shared with deploy/docker-compose.yml.
+ROUTE_LUA = (Path(__file__).parent / "route.lua").read_text()
 
 
 def find_orthanc() -> str | None:

@@ -25,7 +25,7 @@ from worker.audit import AuditTrail
 from worker.config import Destination, SendSection
 from worker.errors import SendError
 from worker.metrics import Metrics
-from worker.spool import Spool, fsync_dir, key
+from worker.spool import Spool, fsync, key
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class Outbox:
             os.replace(part, folder / f"{name}.dcm")
             state = OutboxState(str(dest), sop_instance_uid, next_attempt=time.time())
             (folder / f"{name}.json").write_text(json.dumps(asdict(state)))
-            fsync_dir(folder)
+            fsync(folder)
 
     def depth(self) -> int:
         return sum(1 for _ in self.spool.outbox.glob("*/*.dcm"))

@@ -22,16 +22,8 @@ from pathlib import Path
 FOLDERS = ("incoming", "queue", "work", "quarantine", "outbox", "dead", "done")
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: Path) -> None:
+def fsync(path: Path) -> None:
+    """Flush a file's data, or make a rename inside a folder durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -74,7 +66,7 @@ class Spool:
             os.replace(p, self.queue / p.name)
             requeued += 1
         if requeued:
-            fsync_dir(self.queue)
+            fsync(self.queue)
         return swept, requeued
 
     def free_mb(self) -> float:
@@ -90,14 +82,14 @@ class Spool:
         name = f"{uuid.uuid4().hex}.dcm"
         target = self.queue / name
         try:
-            fsync_file(source)
+            fsync(source)
             os.replace(source, target)
         except OSError:
             part = self.incoming / f"{name}.part"
             shutil.copyfile(source, part)
-            fsync_file(part)
+            fsync(part)
             os.replace(part, target)
-        fsync_dir(self.queue)
+        fsync(self.queue)
         return target
 
     def claim(self, limit: int) -> list[Path]:
