@@ -50,8 +50,23 @@ class RedactWarnings(logging.Filter):
         return True
 
 
+class WithholdDatasetText(logging.Filter):
+    """pydicom and highdicom log warnings that quote attribute values ("Invalid value for
+    VR DA: '...'", a one-word referring physician): keep level and source, drop the text."""
+
+    PREFIXES = ("pydicom", "highdicom")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.split(".")[0] in self.PREFIXES:
+            record.msg = f"{record.name}: message withheld (may quote dataset values)"
+            record.args = ()
+            record.exc_info = None
+        return True
+
+
 def configure(level: str = "INFO", fmt: str = "json") -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(WithholdDatasetText())
     handler.setFormatter(
         JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )

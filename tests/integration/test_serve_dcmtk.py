@@ -65,6 +65,8 @@ def phantom_file(path: Path, positive: bool, seed: int, **kw: Any) -> Dataset:
     image, _ = make_phantom(np.random.default_rng(seed), 128, positive)
     ds = cr_dataset(image, patient_name=CANARY_NAME, patient_id=CANARY_ID, **kw)
     ds.PatientBirthDate = CANARY_BIRTH
+    # highdicom warns about a one-component person name, quoting it.
+    ds.ReferringPhysicianName = "Zebedee"
     ds.save_as(path, enforce_file_format=True)
     return ds
 
