@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import warnings
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
