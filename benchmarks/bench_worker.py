@@ -156,7 +156,7 @@ def bench_service(full: Path, work: Path, images: int, senders: tuple[int, ...])
                 ae = AE(ae_title=f"BENCH{k}")
                 ae.add_requested_context(src.SOPClassUID, src.file_meta.TransferSyntaxUID)
                 assoc = ae.associate("127.0.0.1", wport, ae_title="CXR-GRADCAM")
-                for i in range(images // n_senders):
+                for _ in range(images // n_senders):
                     ds = src.copy()
                     ds.SOPInstanceUID = generate_uid()
                     t = time.perf_counter()
