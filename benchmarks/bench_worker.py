@@ -176,8 +176,11 @@ def bench_service(full: Path, work: Path, images: int, senders: tuple[int, ...])
                 time.sleep(0.2)
             elapsed = time.perf_counter() - t0
             done = len(list(received.glob("*.dcm"))) // 2
+            status = Path(f"/proc/{worker.pid}/status").read_text()
+            peak_mib = int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("VmHWM"))) / 1024
             out[f"senders_{n_senders}"] = {"images": total, "delivered": done, "seconds": elapsed,
-                                           "images_per_s": done / elapsed, "receive": summary(store_times)}
+                                           "images_per_s": done / elapsed, "receive": summary(store_times),
+                                           "worker_peak_rss_mib": peak_mib}
         finally:
             worker.terminate()
             recv.terminate()
@@ -206,7 +209,8 @@ def main() -> None:
         rows.append((f"stage {k} (RG1 1955x1841)", f"p50 {v['p50_ms']:.1f} ms  p95 {v['p95_ms']:.1f} ms"))
     for k, v in service.items():
         rows.append((f"end to end, {k.replace('_', ' ')}", f"{v['images_per_s']:.2f} images/s "
-                     f"({v['delivered']}/{v['images']}), receive p50 {v['receive']['p50_ms']:.0f} ms"))
+                     f"({v['delivered']}/{v['images']}), receive p50 {v['receive']['p50_ms']:.0f} ms, "
+                     f"worker peak RSS {v['worker_peak_rss_mib']:.0f} MiB"))
     for k, v in inference.items():
         if isinstance(v, dict):
             rows.append((k, f"{v['ms_per_image']:.1f} ms/image (p50 {v['p50_ms']:.1f}, p95 {v['p95_ms']:.1f} ms)"))

@@ -106,3 +106,52 @@ def test_kill_9_during_export_delivers_one_sc_and_one_sr(make_worker: Any, tmp_p
         assert worker.stop() == 0
     finally:
         pacs.stop()
+
+
+def test_kill_9_during_an_association_loses_only_the_unacknowledged(make_worker: Any, pacs: Any,
+                                                                      tmp_path: Path) -> None:
+    from pydicom import dcmread
+    from pynetdicom import AE
+
+    dest = [f"PACS@127.0.0.1:{pacs.port}"]
+    worker = make_worker(dest)
+    sources = [phantom_file(tmp_path / f"{i}.dcm", bool(i % 2), 300 + i) for i in range(4)]
+    sender = AE(ae_title="HOSPITAL")
+    sender.add_requested_context(sources[0].SOPClassUID, sources[0].file_meta.TransferSyntaxUID)
+    assoc = sender.associate("127.0.0.1", worker.port, ae_title="CXR-GRADCAM")
+    assert assoc.is_established
+    for ds in sources[:3]:
+        assert assoc.send_c_store(dcmread(tmp_path / f"{sources.index(ds)}.dcm")).Status == 0
+    worker.stop(signal.SIGKILL)  # the association is still open
+    try:  # the sender sees the failure: no response, or the association already gone
+        status = assoc.send_c_store(dcmread(tmp_path / "3.dcm"))
+        assert "Status" not in status or status.Status != 0
+    except RuntimeError:
+        assert not assoc.is_established
+    assoc.abort()
+    worker = make_worker(dest, port=worker.port)
+    acknowledged = {ds.SOPInstanceUID for ds in sources[:3]}
+    wait_for(lambda: {str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID) for ds in read_all(pacs.files())
+                      if "SourceImageSequence" in ds} >= acknowledged, 180, "every acknowledged instance answered")
+    assert not any((worker.spool / "incoming").iterdir())  # partial temp files swept at start
+    assert not any((worker.spool / "quarantine").iterdir())  # no partial file was processed
+    assert worker.stop() == 0
+
+
+def test_dataset_values_never_become_paths(make_worker: Any, pacs: Any, tmp_path: Path) -> None:
+    import re
+
+    worker = make_worker([f"PACS@127.0.0.1:{pacs.port}"])
+    evil = tmp_path / "evil.dcm"
+    ds = phantom_file(evil, True, 5)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "../../../../../../tmp/cxr-evil"
+    ds.SeriesInstanceUID = "../../outbox/x"
+    ds.save_as(evil, enforce_file_format=True)
+    subprocess.run(storescu_cmd(worker.port, [evil]), capture_output=True, timeout=60)
+    wait_for(lambda: bool(logged(worker, "processed") or logged(worker, "quarantined")), 60, "an outcome")
+    assert not Path("/tmp/cxr-evil").exists()
+    safe = re.compile(r"^[0-9a-f]{32}(\.dcm|\.json|\.reason|-[0-9a-f]{32}\.(dcm|json))?$|^[0-9a-f]{32}$")
+    for path in worker.spool.rglob("*"):
+        if path.is_file():
+            assert safe.match(path.name), path
+    assert worker.stop() == 0

@@ -69,3 +69,14 @@ def test_resnet50_takes_grayscale_and_matches_tape() -> None:
     ref_prob, ref_cam = gradcam_tape(model, "conv5_block3_out", images)
     np.testing.assert_allclose(prob.numpy(), ref_prob, atol=1e-5)
     np.testing.assert_allclose(cam.numpy(), ref_cam, atol=1e-4 * max(ref_cam.max(), 1e-12))
+
+
+def test_weights_from_a_local_file_are_loaded(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The air-gapped path: ``--weights PATH`` loads a notop ResNet-50 weights file."""
+    source = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(64, 64, 3))
+    kernel = source.get_layer("conv1_conv").kernel
+    kernel.assign(np.random.default_rng(3).normal(size=kernel.shape).astype("float32"))
+    path = tmp_path / "resnet50_notop.weights.h5"
+    source.save_weights(path)
+    model = build_model(ModelSection(image_size=64, weights=str(path)))
+    np.testing.assert_array_equal(model.get_layer("conv1_conv").kernel.numpy(), kernel.numpy())
