@@ -59,6 +59,7 @@ class DicomSection(_Section):
     pdu_deadline_s: float = Field(60.0, gt=0, description="absolute time to receive one PDU")
     association_deadline_s: float = Field(3600.0, gt=0, description="absolute lifetime of an association")
     max_dataset_mb: int = Field(512, ge=1, description="larger data sets are refused")
+    shutdown_grace_s: float = Field(30.0, ge=0, description="SIGTERM: time for open associations to finish")
     acse_timeout: float = Field(30.0, gt=0)
     dimse_timeout: float = Field(60.0, gt=0)
     network_timeout: float = Field(60.0, gt=0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import signal
 import threading
 import time
@@ -315,6 +316,8 @@ class Service:
 
     # -- life cycle --------------------------------------------------------------
     def start(self) -> None:
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            logger.warning("running as root: run the worker as an unprivileged user (see deploy/)")
         swept, requeued = self.spool.recover()
         if swept or requeued:
             logger.warning("recovered spool", extra={"partial_files_removed": swept, "requeued": requeued})
@@ -333,8 +336,9 @@ class Service:
         self.receiver.start()
         self.wake.set()
 
-    def stop(self, grace_s: float = 30.0) -> None:
+    def stop(self, grace_s: float | None = None) -> None:
         """Refuse new associations, let those in progress finish, then stop the threads."""
+        grace_s = self.settings.dicom.shutdown_grace_s if grace_s is None else grace_s
         self.receiver.stop()
         deadline = time.monotonic() + grace_s
         while self.receiver.busy() and time.monotonic() < deadline:

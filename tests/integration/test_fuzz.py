@@ -218,3 +218,29 @@ def test_malformed_pdus_never_take_the_service_down(make_worker: Any, pacs: Any,
                     str(image)], check=True, capture_output=True, timeout=60)
     wait_for(lambda: len(pacs.files()) >= 2, 120, "results after the fuzzing")
     assert worker.stop() == 0
+
+
+def test_sop_class_not_matching_the_presentation_context(make_worker: Any, pacs: Any, tmp_path: Path) -> None:
+    """A C-STORE under the CR context whose data set says MR: acknowledged, skipped, no crash."""
+    from pynetdicom import AE, _config
+
+    worker = make_worker([f"PACS@127.0.0.1:{pacs.port}"])
+    ds = pydicom.dcmread(io.BytesIO(SEEDS["plain"]))
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4"  # MR Image Storage, inside the data set only
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # the file meta still says CR
+    path = tmp_path / "mismatch.dcm"
+    ds.save_as(path, enforce_file_format=False)
+    assert pydicom.dcmread(path).file_meta.MediaStorageSOPClassUID != pydicom.dcmread(path).SOPClassUID
+    sender = AE(ae_title="FUZZ")
+    sender.add_requested_context(ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = sender.associate("127.0.0.1", worker.port, ae_title="CXR-GRADCAM")
+    _config.STORE_SEND_CHUNKED_DATASET = True  # send the file as is: the context comes from its file meta
+    try:
+        status = assoc.send_c_store(path)
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = False
+        assoc.release()
+    assert status.Status == 0
+    wait_for(lambda: "SOP class 1.2.840.10008.5.1.4.1.1.4" in "\n".join(worker.log_lines()), 30, "the skip")
+    assert worker.proc.poll() is None
+    assert worker.stop() == 0

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import free_port, require_tool, wait_for
+from tests.helpers import free_port, require_tool, wait_for, wait_port
 from tests.integration.test_serve_dcmtk import phantom_file
 
 pytestmark = pytest.mark.integration
@@ -248,3 +248,30 @@ def test_per_peer_association_limit(make_worker: Any, pacs: Any) -> None:
     wait_for(lambda: any("limit" in a["EventIdentification"].get("EventOutcomeDescription", "")
                          for a in alerts(worker)), 10, "a security alert for the limit")
     assert worker.stop() == 0
+
+
+def test_outgoing_c_store_over_tls(make_worker: Any, pki: Path, tmp_path: Path) -> None:
+    """The PACS is DCMTK storescp speaking TLS; the worker verifies it against the CA."""
+    port = free_port()
+    out = tmp_path / "tls-pacs"
+    out.mkdir()
+    pacs = subprocess.Popen([require_tool("/usr/bin/storescp"), "+tls", str(pki / "server.key"),
+                             str(pki / "server.crt"), "+cf", str(pki / "ca.crt"), "-od", str(out), str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        worker = make_worker([f"PACS@127.0.0.1:{port}"], extra=f"""[security]
+send_tls = true
+tls_cert = "{pki / 'client.crt'}"
+tls_key = "{pki / 'client.key'}"
+tls_ca = "{pki / 'ca.crt'}"
+""")
+        image = tmp_path / "o.dcm"
+        phantom_file(image, False, 4)
+        subprocess.run([require_tool("/usr/bin/storescu"), "-aec", "CXR-GRADCAM", "127.0.0.1", str(worker.port),
+                        str(image)], check=True, capture_output=True, timeout=60)
+        wait_for(lambda: len(list(out.iterdir())) >= 2, 120, "results delivered over TLS")
+        assert worker.stop() == 0
+    finally:
+        pacs.terminate()
+        pacs.wait(10)
