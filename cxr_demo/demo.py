@@ -190,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"Browse the study in Orthanc: {pacs.url}/app/explorer.html")
         if args.keep_running:
             console.print("serving; Ctrl-C stops")
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
             signal.sigwait({signal.SIGINT, signal.SIGTERM})
         return 0
     except KeyboardInterrupt:
