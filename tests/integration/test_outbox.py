@@ -148,3 +148,24 @@ def test_faulty_pacs_is_retried_and_delivered_once_back(tmp_path: Path, fault: l
         assert pydicom.dcmread(received).SOPInstanceUID == uid
     finally:
         pacs.stop()
+
+
+def test_permanent_association_rejection_goes_to_dead_letter(tmp_path: Path) -> None:
+    """A pynetdicom PACS that does not know our AE title rejects permanently (PS3.8 9.3.4)."""
+    from pynetdicom import AE, AllStoragePresentationContexts
+
+    scp = AE(ae_title="PACS")
+    scp.supported_contexts = AllStoragePresentationContexts
+    scp.require_calling_aet = ["SOMEBODY-ELSE"]
+    port = free_port()
+    server = scp.start_server(("127.0.0.1", port), block=False)
+    try:
+        outbox = make_outbox(tmp_path, port)
+        queue_one(outbox)
+        assert outbox.send_due() == 0
+        assert outbox.depth() == 0
+        [dead] = list(outbox.spool.dead.glob("*.json"))
+        assert "rejected (permanent)" in json.loads(dead.read_text())["last_error"]
+        assert outbox.metrics.dead_letters._value.get() == 1
+    finally:
+        server.shutdown()

@@ -247,4 +247,7 @@ def test_kill_9_then_restart_loses_nothing(make_worker: Any, pacs: Any, tmp_path
     referenced = {str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID) for ds in received
                   if "SourceImageSequence" in ds}
     assert referenced == {ds.SOPInstanceUID for ds in sources}
+    # Processed exactly once across the kill and the restart (one log file for both runs).
+    processed = [r["sop_instance_uid"] for r in log_records(worker) if r.get("message") == "processed"]
+    assert sorted(processed) == sorted(ds.SOPInstanceUID for ds in sources)
     assert worker.stop() == 0
