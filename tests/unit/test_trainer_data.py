@@ -170,3 +170,26 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
     assert out.returncode == 1 and "train.learning_rate" in out.stderr and "Traceback" not in out.stderr
     out = cli("fit", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "r2"), "--weights", str(tmp_path / "no.h5"))
     assert out.returncode == 1 and "weights file not found" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_nih_boxes_become_regions_at_the_model_size(tmp_path: Path) -> None:
+    import cv2
+    import numpy as np
+
+    from trainer.data import Box, Record
+    from trainer.evaluate import centre_prior, localisation, region_mask
+
+    image = tmp_path / "00000001_000.png"
+    cv2.imwrite(str(image), np.zeros((1024, 1024), np.uint8))
+    record = Record(path=str(image), label=1, patient_id="1", view="PA", image_id=image.name)
+    region = region_mask(record, [Box(image.name, "Pneumonia", 512, 256, 256, 512)], 64)
+    assert region is not None and region.shape == (64, 64)
+    ys, xs = np.nonzero(region)
+    assert (xs.min(), xs.max(), ys.min(), ys.max()) == (32, 47, 16, 47)
+    cam = np.zeros((2, 2), np.float32)
+    cam[0, 1] = 1.0  # hottest cell: top right, centre (16, 48)
+    hit, energy = localisation(cam, region)
+    assert hit and 0 < energy < 1
+    assert not localisation(np.zeros((2, 2), np.float32), region)[0]
+    prior_hit, _ = localisation(centre_prior(64), region)
+    assert prior_hit  # the centre (31.5, 31.5) is within 15 * 64 / 224 px of the box
