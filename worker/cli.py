@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         faulthandler.register(signal.SIGUSR1, all_threads=True)
 
         if not settings.send.destinations:
-            logger.warning("no destinations configured: results stay in the outbox")
+            raise ConfigError("no destination: results would have nowhere to go; pass --destination AET@HOST:PORT, "
+                              "set [send] destinations, or CXR_SEND__DESTINATIONS")
         Service(settings, _load_model(settings)).run_forever()
         return 0
     except ValueError as exc:  # Destination.parse

@@ -151,6 +151,8 @@ class SecuritySection(_Section):
         wants_tls = self.tls_port is not None or self.tls_only or self.send_tls
         if wants_tls and (self.tls_cert is None or self.tls_key is None):
             raise ValueError("TLS needs tls_cert and tls_key")
+        if self.send_tls and self.tls_ca is None:
+            raise ValueError("send_tls needs tls_ca: the PACS certificate is verified against it, not the system CAs")
         if self.tls_require_client_cert and self.tls_ca is None:
             raise ValueError("tls_require_client_cert needs tls_ca (the CA that signs client certificates)")
         for name in ("tls_cert", "tls_key", "tls_ca"):

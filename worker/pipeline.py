@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -81,6 +82,15 @@ def encode(ds: Dataset) -> bytes:
     buffer = io.BytesIO()
     dcmwrite(buffer, ds, enforce_file_format=True)
     return buffer.getvalue()
+
+
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+
+def withhold_values(text: str) -> str:
+    """Replace quoted substrings: library exceptions quote attribute values (a birth date
+    in 'Unable to convert ... to DA'), which must not reach the log."""
+    return _QUOTED.sub("<value withheld>", text)
 
 
 def uid_of(ds: Dataset | None) -> str:
@@ -233,8 +243,13 @@ class Service:
             if isinstance(result, WorkerError):
                 self._quarantine(item.path, item.ds, result)
                 continue
-            for obj in (result.sc, result.sr):
-                self.outbox.put(key(str(obj.SOPInstanceUID)), encode(obj), str(obj.SOPInstanceUID))
+            try:
+                encoded = [(obj, encode(obj)) for obj in (result.sc, result.sr)]
+            except Exception as exc:  # an output pydicom cannot write belongs in quarantine
+                self._quarantine(item.path, item.ds, WorkerError(f"cannot encode outputs: {type(exc).__name__}"))
+                continue
+            for obj, data in encoded:
+                self.outbox.put(key(str(obj.SOPInstanceUID)), data, str(obj.SOPInstanceUID))
             self.spool.mark_done(key(result.sop_instance_uid, version))
             item.path.unlink()
             self.metrics.processed.inc()
@@ -256,21 +271,26 @@ class Service:
                 ds = None
         uid = uid_of(ds)
         reason = f"{type(exc).__name__}: {exc}"
-        self.spool.quarantine(path, f"{uid}\t{reason}")
+        self.spool.quarantine(path, f"{uid}\t{reason}")  # the full text stays beside the data
         self.metrics.failed.inc()
-        logger.error("quarantined: %s", reason, extra={"sop_instance_uid": uid})
+        logger.error("quarantined: %s", withhold_values(reason), extra={"sop_instance_uid": uid})
 
     def _process_loop(self) -> None:
         while not self.stopping.is_set():
-            claimed = self._claim_batch()
-            if not claimed:
-                self.wake.wait(1.0)
-                self.wake.clear()
-                continue
+            claimed: list[Path] = []
             try:
+                claimed = self._claim_batch()
+                if not claimed:
+                    self.wake.wait(1.0)
+                    self.wake.clear()
+                    continue
                 self.process_claimed(claimed)
             except Exception:
-                logger.exception("processing loop error; continuing")
+                logger.exception("processing loop error; unfinished instances requeued")
+                for path in claimed:  # whatever is still claimed goes back, nothing is stranded
+                    if path.exists():
+                        os.replace(path, self.spool.queue / path.name)
+                time.sleep(1.0)
 
     # -- sending -----------------------------------------------------------------
     def _send_loop(self) -> None:
@@ -284,7 +304,8 @@ class Service:
 
     # -- health --------------------------------------------------------------------
     def alive(self) -> bool:
-        return not self.stopping.is_set() and all(t.is_alive() for t in self.threads)
+        return (not self.stopping.is_set() and all(t.is_alive() for t in self.threads)
+                and self.receiver.listening())
 
     def ready(self) -> dict[str, bool]:
         """Readiness: model loaded, spool writable, disk above reserve, destinations answer C-ECHO."""

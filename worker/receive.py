@@ -83,6 +83,7 @@ class Receiver:
         self.audit = audit
         self.allow = AllowList(settings.security.allowed)
         self.servers: list[Any] = []
+        self.threads: list[threading.Thread] = []
         self._stopped: list[Any] = []
 
     def handle_echo(self, event: evt.Event) -> int:
@@ -134,7 +135,10 @@ class Receiver:
         logger.warning("association refused: %s", detail, extra={"reason": kind, "peer": address, "calling_ae": ae})
         if self.audit is not None:
             code = NODE_AUTHENTICATION if kind == "tls" else NETWORK_ENTRY
-            self.audit.security_alert(code, ae, address, detail)
+            try:
+                self.audit.security_alert(code, ae, address, detail)
+            except OSError:  # called from the accept loop: it must not die of a full disk
+                logger.error("audit trail not writable")
 
     def make_ae(self) -> GuardedAE:
         d = self.settings.dicom
@@ -171,6 +175,7 @@ class Receiver:
         server.max_per_peer = d.max_associations_per_peer
         thread = threading.Thread(target=server.serve_forever, name=f"scp-{port}", daemon=True)
         thread.start()
+        self.threads.append(thread)
         ae._servers.append(server)
         self.servers.append(server)
         logger.info("listening", extra={"ae_title": d.ae_title, "bind": d.bind, "port": port, "tls": tls})
@@ -198,6 +203,10 @@ class Receiver:
         if sec.tls_port is not None or sec.tls_only:
             self._serve(ae, sec.tls_port or self.settings.dicom.port, tls=True)
 
+    def listening(self) -> bool:
+        """Whether every listener's accept loop is still running."""
+        return bool(self.threads) and all(t.is_alive() for t in self.threads)
+
     def busy(self) -> bool:
         """Whether an association is still in progress on any listener."""
         return any(a.is_established for server in self._stopped for a in server.active_associations)
@@ -208,3 +217,4 @@ class Receiver:
         for server in self.servers:
             server.shutdown()
         self.servers = []
+        self.threads = []

@@ -118,6 +118,11 @@ class GuardedServer(ThreadedAssociationServer):
     # socketserver must not also block on every request thread, idle ones included.
     daemon_threads = True
     block_on_close = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._lock = threading.Lock()
+        self._handshaking: dict[str, int] = {}
+        super().__init__(*args, **kwargs)
     max_associations: int = 10
     max_per_peer: int = 4
 
@@ -141,7 +146,10 @@ class GuardedServer(ThreadedAssociationServer):
         if len(active) >= self.max_associations:
             self.on_refused("limit", address, f"{len(active)} associations open (limit {self.max_associations})")
             return False
-        mine = sum(str(a.requestor.address) == address for a in active)
+        # Connections still in their TLS handshake are not associations yet: count them too.
+        with self._lock:
+            handshaking = self._handshaking.get(address, 0)
+        mine = sum(str(a.requestor.address) == address for a in active) + handshaking
         if mine >= self.max_per_peer:
             self.on_refused("limit", address, f"{mine} associations open from this peer (limit {self.max_per_peer})")
             return False
@@ -149,14 +157,22 @@ class GuardedServer(ThreadedAssociationServer):
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         if isinstance(request, ssl.SSLSocket):
+            address = str(client_address[0])
+            with self._lock:
+                self._handshaking[address] = self._handshaking.get(address, 0) + 1
             try:
                 request.settimeout(self.handshake_timeout)
                 request.do_handshake()
             except (ssl.SSLError, OSError) as exc:
-                self.on_refused("tls", str(client_address[0]), f"TLS handshake failed: {type(exc).__name__}: "
-                                f"{getattr(exc, 'reason', None) or exc}")
-                self.shutdown_request(request)
+                try:
+                    self.on_refused("tls", address, f"TLS handshake failed: {type(exc).__name__}: "
+                                    f"{getattr(exc, 'reason', None) or exc}")
+                finally:
+                    self.shutdown_request(request)
                 return
+            finally:
+                with self._lock:
+                    self._handshaking[address] -= 1
         super().process_request_thread(request, client_address)
 
 

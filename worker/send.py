@@ -16,6 +16,7 @@ import ssl
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pynetdicom import AE, evt
@@ -59,14 +60,23 @@ def store(dest: Destination, paths: list[Path], settings: SendSection, calling_a
     """C-STORE ``paths`` to ``dest`` over one association.
 
     Returns:
-        One entry per path: None when stored, else the SendError.
+        One entry per path: None when stored, else the SendError. A file that cannot be
+        read, or whose SOP class the PACS did not accept, fails alone and permanently.
     """
-    datasets = [dcmread(p) for p in paths]
+    datasets: list[Any] = []
+    for p in paths:
+        try:
+            datasets.append(dcmread(p))
+        except Exception as exc:
+            datasets.append(SendError(f"{dest}: unreadable result file ({type(exc).__name__})", permanent=True))
+    readable = [ds for ds in datasets if not isinstance(ds, SendError)]
+    if not readable:
+        return list(datasets)
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = settings.acse_timeout
     ae.dimse_timeout = settings.dimse_timeout
     ae.network_timeout = settings.network_timeout
-    for sop_class, syntax in {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets}:
+    for sop_class, syntax in {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in readable}:
         ae.add_requested_context(sop_class, syntax)
     answer: dict[str, int] = {}
 
@@ -82,14 +92,22 @@ def store(dest: Destination, paths: list[Path], settings: SendSection, calling_a
         permanent = answer.get("result") == REJECTED_PERMANENT
         why = ("rejected (permanent)" if permanent else "rejected (transient)") if "result" in answer and \
             answer["result"] else "aborted" if assoc.is_aborted else "no association"
-        return [SendError(f"{dest}: association {why}", permanent=permanent)] * len(paths)
+        return [ds if isinstance(ds, SendError) else SendError(f"{dest}: association {why}", permanent=permanent)
+                for ds in datasets]
     results: list[SendError | None] = []
     try:
         for ds in datasets:
+            if isinstance(ds, SendError):
+                results.append(ds)
+                continue
             if not assoc.is_established:
                 results.append(SendError(f"{dest}: association lost"))
                 continue
-            status = assoc.send_c_store(ds)
+            try:
+                status = assoc.send_c_store(ds)
+            except ValueError:  # the PACS accepted no presentation context for this SOP class
+                results.append(SendError(f"{dest}: SOP class {ds.SOPClassUID} not accepted", permanent=True))
+                continue
             code = int(status.Status) if "Status" in status else None
             if code is None:
                 results.append(SendError(f"{dest}: no response (timeout or abort)"))
@@ -145,10 +163,19 @@ class Outbox:
             folder.mkdir(exist_ok=True)
             part = folder / f"{name}.part"
             part.write_bytes(data)
+            fsync(part)
             os.replace(part, folder / f"{name}.dcm")
-            state = OutboxState(str(dest), sop_instance_uid, next_attempt=time.time())
-            (folder / f"{name}.json").write_text(json.dumps(asdict(state)))
+            self._write_state(folder / f"{name}.json", OutboxState(str(dest), sop_instance_uid,
+                                                                   next_attempt=time.time()))
             fsync(folder)
+
+    @staticmethod
+    def _write_state(path: Path, state: OutboxState) -> None:
+        """Write a state file atomically (temp, fsync, rename)."""
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(asdict(state)))
+        fsync(tmp)
+        os.replace(tmp, path)
 
     def depth(self) -> int:
         return sum(1 for _ in self.spool.outbox.glob("*/*.dcm"))
@@ -160,7 +187,11 @@ class Outbox:
                 try:
                     state = OutboxState(**json.loads(state_file.read_text()))
                 except (OSError, ValueError, TypeError):
-                    continue
+                    # A state file we cannot read must not leave its result unsent and unseen.
+                    logger.error("unreadable outbox state: result re-queued with a fresh state",
+                                 extra={"destination": str(self.destinations[dkey])})
+                    state = OutboxState(str(self.destinations[dkey]), "unknown", next_attempt=now)
+                    self._write_state(state_file, state)
                 if state.next_attempt <= now and state_file.with_suffix(".dcm").is_file():
                     out.setdefault(dkey, []).append((state_file.with_suffix(".dcm"), state))
         return out
@@ -169,7 +200,7 @@ class Outbox:
         state.last_error = why
         target = self.spool.dead / f"{path.parent.name}-{path.name}"
         os.replace(path, target)
-        target.with_suffix(".json").write_text(json.dumps(asdict(state)))
+        self._write_state(target.with_suffix(".json"), state)
         path.with_suffix(".json").unlink(missing_ok=True)
         self.metrics.dead_letters.inc()
         logger.error("dead letter: %s", why, extra={"sop_instance_uid": state.sop_instance_uid,
@@ -189,8 +220,11 @@ class Outbox:
                 results = [SendError(f"{dest}: {type(exc).__name__}: {exc}")] * len(items)
             for (path, state), err in zip(items, results, strict=True):
                 if self.audit is not None:
-                    self.audit.instance_sent(state.sop_instance_uid, str(dest), self.calling_ae,
-                                             0 if err is None else 4, "" if err is None else str(err))
+                    try:
+                        self.audit.instance_sent(state.sop_instance_uid, str(dest), self.calling_ae,
+                                                 0 if err is None else 4, "" if err is None else str(err))
+                    except OSError:
+                        logger.error("audit trail not writable")
                 if err is None:
                     path.unlink(missing_ok=True)
                     path.with_suffix(".json").unlink(missing_ok=True)
@@ -208,10 +242,10 @@ class Outbox:
                 elif now - state.first_attempt > self.settings.retry_horizon_h * 3600:
                     self._dead(path, state, f"retries exhausted after {state.attempts} attempts: {err}")
                 else:
-                    delay = min(self.settings.retry_initial_s * 2 ** (state.attempts - 1),
+                    delay = min(self.settings.retry_initial_s * 2 ** min(state.attempts - 1, 32),
                                 self.settings.retry_max_interval_s)
                     state.next_attempt = now + delay
-                    path.with_suffix(".json").write_text(json.dumps(asdict(state)))
+                    self._write_state(path.with_suffix(".json"), state)
                     logger.warning("send failed, retrying in %.0f s: %s", delay, err,
                                    extra={"sop_instance_uid": state.sop_instance_uid,
                                           "destination": str(dest), "attempts": state.attempts})

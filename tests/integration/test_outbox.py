@@ -169,3 +169,40 @@ def test_permanent_association_rejection_goes_to_dead_letter(tmp_path: Path) -> 
         assert outbox.metrics.dead_letters._value.get() == 1
     finally:
         server.shutdown()
+
+
+def test_a_sop_class_the_pacs_refuses_fails_alone(tmp_path: Path) -> None:
+    """A PACS that takes Secondary Captures but not SRs: the SC is delivered, the SR goes to
+    dead letter at once, and neither blocks the other."""
+    import pydicom
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import SecondaryCaptureImageStorage  # type: ignore[attr-defined]
+
+    stored: list[str] = []
+    scp = AE(ae_title="PACS")
+    scp.add_supported_context(SecondaryCaptureImageStorage)
+    port = free_port()
+
+    def on_store(event: evt.Event) -> int:
+        stored.append(str(event.request.AffectedSOPInstanceUID))
+        return 0
+
+    server = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        outbox = make_outbox(tmp_path, port)
+        sr = pydicom.Dataset()
+        sr.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.34"
+        sr.SOPInstanceUID = "1.2.3.4.5"
+        sr.file_meta = pydicom.dataset.FileMetaDataset()
+        sr.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+        sc = cr_dataset(np.full((64, 64), 100, np.uint8))
+        sc.SOPClassUID = SecondaryCaptureImageStorage
+        outbox.put("a-sr", encode(sr), "1.2.3.4.5")
+        outbox.put("b-sc", encode(sc), str(sc.SOPInstanceUID))
+        assert outbox.send_due() == 1
+        assert stored == [str(sc.SOPInstanceUID)]
+        [dead] = list(outbox.spool.dead.glob("*.json"))
+        assert "not accepted" in json.loads(dead.read_text())["last_error"]
+        assert outbox.depth() == 0
+    finally:
+        server.shutdown()

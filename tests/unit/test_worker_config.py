@@ -59,9 +59,12 @@ def test_cli_reports_bad_config_in_one_line(tmp_path: Path) -> None:
     assert out.returncode == 1
     assert "Traceback" not in out.stderr
     assert "dicom.port" in out.stderr and "CXR_DICOM__PORT" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "worker.cli", "serve", "--model", str(tmp_path / "none.onnx"),
+                          "--destination", "PACS@127.0.0.1:104"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 1 and "model file not found" in out.stderr and "Traceback" not in out.stderr
     out = subprocess.run([sys.executable, "-m", "worker.cli", "serve", "--model", str(tmp_path / "none.onnx")],
                          capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert out.returncode == 1 and "model file not found" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 1 and "no destination" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_selection_takes_chest_pa_and_skips_the_rest() -> None:
