@@ -36,6 +36,7 @@ class TrainSection(_Section):
     cache: bool = True
     mixed_precision: Literal["auto", "on", "off"] = "auto"
     seed: int = 0
+    deterministic: bool = False
 
 
 class AugmentSection(_Section):

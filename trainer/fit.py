@@ -156,6 +156,9 @@ def fit(data: Path, run: Path, cfg: TrainConfig, *, verbose: int | None = None) 
     if cfg.train.mixed_precision == "on" or (cfg.train.mixed_precision == "auto" and gpus):
         keras.mixed_precision.set_global_policy("mixed_float16")
     keras.utils.set_random_seed(cfg.train.seed)
+    if cfg.train.deterministic:
+        # Same data, seed and machine give the same model (slower on GPU; cheap on CPU).
+        tf.config.experimental.enable_op_determinism()
     with _strategy().scope():
         if resuming:
             model = keras.models.load_model(ckpt / "last.keras")

@@ -27,12 +27,15 @@ def cxr_train(*args: str) -> dict:
 
 def test_phantom_run_learns_localises_and_exports(tmp_path: Path) -> None:
     data, run, model = tmp_path / "data", tmp_path / "run", tmp_path / "model.onnx"
-    cxr_train("phantoms", "--out", str(data), "--n", "300", "--size", "128", "--seed", "4")
-    cxr_train("fit", "--data", str(data), "--out", str(run), "--config", str(ROOT / "config" / "demo-train.toml"))
+    # 160 px gives a 5x5 Grad-CAM grid whose fourth row lies in the lower lung zones, where
+    # the phantoms' opacities are; at 128 px the bottom row's centres fall below the lungs.
+    cxr_train("phantoms", "--out", str(data), "--n", "300", "--size", "160", "--seed", "4")
+    cxr_train("fit", "--data", str(data), "--out", str(run), "--config", str(ROOT / "config" / "demo-train.toml"),
+              "--image-size", "160")
     for name in ("model.keras", "config.json", "data_summary.json", "history.csv", "training-curves.png"):
         assert (run / name).is_file(), name
     info = json.loads((run / "config.json").read_text())
-    assert info["versions"]["tensorflow"] and info["config"]["model"]["image_size"] == 128
+    assert info["versions"]["tensorflow"] and info["config"]["model"]["image_size"] == 160
 
     val = cxr_train("evaluate", "--run", str(run), "--split", "val")
     assert val["metrics"]["auc"] >= 0.9, val
@@ -53,15 +56,15 @@ def test_phantom_run_learns_localises_and_exports(tmp_path: Path) -> None:
 
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     meta = session.get_modelmeta().custom_metadata_map
-    assert meta["input_size"] == "128" and meta["feature_layer"] == "conv5_block3_out"
+    assert meta["input_size"] == "160" and meta["feature_layer"] == "conv5_block3_out"
     assert float(meta["threshold"]) == pytest.approx(metrics["threshold"], abs=1e-6)
     assert len(meta["weights_sha256"]) == 64
     assert "synthetic" in meta["intended_use"]
     assert json.loads(meta["test_metrics"])["metrics"]["auc"] == pytest.approx(metrics["metrics"]["auc"])
     assert json.loads(meta["training_data"])["synthetic"] is True
-    images = np.random.default_rng(0).random((3, 128, 128, 1), dtype=np.float32)
+    images = np.random.default_rng(0).random((3, 160, 160, 1), dtype=np.float32)
     prob, cam = session.run(["probability", "gradcam"], {"image": images})
-    assert prob.shape == (3, 1) and cam.shape == (3, 4, 4) and (cam >= 0).all()
+    assert prob.shape == (3, 1) and cam.shape == (3, 5, 5) and (cam >= 0).all()
 
 
 def test_failed_verification_writes_no_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
