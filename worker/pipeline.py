@@ -56,6 +56,17 @@ class Decoded:
     model_input: np.ndarray[Any, Any]
 
 
+class Skipped(str):
+    """Why an instance is not eligible (the text), with its SOP Instance UID for the log."""
+
+    sop_instance_uid: str
+
+    def __new__(cls, reason: str, sop_instance_uid: str) -> Skipped:
+        obj = super().__new__(cls, reason)
+        obj.sop_instance_uid = sop_instance_uid
+        return obj
+
+
 @dataclass
 class Result:
     """What the worker answered for one instance."""
@@ -115,7 +126,7 @@ class Processor:
             institution_name=o.institution_name,
         )
 
-    def decode(self, path: Path) -> Decoded | str:
+    def decode(self, path: Path) -> Decoded | Skipped:
         """Read, select and decode one file.
 
         Returns:
@@ -128,7 +139,7 @@ class Processor:
             ds = read_dataset(path)
             reason = ineligible_reason(ds, self.settings.select)
             if reason is not None:
-                return reason
+                return Skipped(reason, uid_of(ds))
             unit = dataset_to_unit_image(ds, max_pixels=self.settings.select.max_pixels)
         except WorkerError:
             raise
@@ -214,10 +225,9 @@ class Service:
             except Exception as exc:  # a broken file must never stop the queue
                 self._quarantine(path, None, DecodeError(f"{type(exc).__name__}: {exc}"))
                 continue
-            if isinstance(decoded, str):
-                ds = read_dataset(path)
+            if isinstance(decoded, Skipped):
                 self.metrics.skipped.inc()
-                logger.info("skipped: %s", decoded, extra={"sop_instance_uid": uid_of(ds)})
+                logger.info("skipped: %s", decoded, extra={"sop_instance_uid": decoded.sop_instance_uid})
                 path.unlink()
                 continue
             marker = key(uid_of(decoded.ds), version)
