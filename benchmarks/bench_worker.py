@@ -100,8 +100,9 @@ def bench_stages(full: Path, repeat: int) -> dict[str, Any]:
     import pydicom
     from pydicom.data import get_testdata_file
 
+    from cxr_contract.pixels import resize_for_model
     from worker.config import Settings
-    from worker.decode import dataset_to_unit_image, resize_for_model
+    from worker.decode import dataset_to_unit_image
     from worker.model import OnnxModel
     from worker.pipeline import Processor
 

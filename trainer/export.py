@@ -18,6 +18,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from cxr_contract.model import (
+    GRADCAM_OUTPUT,
+    INPUT_NAME,
+    LABELS,
+    PROBABILITY_OUTPUT,
+    RESEARCH_USE,
+    SYNTHETIC_USE,
+    Meta,
+)
 from trainer import __version__
 from trainer.data import load_dataset
 from trainer.errors import ExportError, TrainerError
@@ -28,8 +37,6 @@ from trainer.model import gradcam_forward, gradcam_tape
 OPSET = 17
 PROB_TOL = 1e-4
 CAM_REL_TOL = 1e-4
-SYNTHETIC_USE = "demo model trained on synthetic phantoms - not for clinical use"
-RESEARCH_USE = "research use only - not a medical device"
 
 
 def weights_sha256(model: keras.Model) -> str:
@@ -46,12 +53,12 @@ def to_onnx(model: keras.Model, feature_layer: str, size: int) -> Any:
     import tf2onnx
 
     forward = gradcam_forward(model, feature_layer)
-    spec = (tf.TensorSpec([None, size, size, 1], tf.float32, name="image"),)
+    spec = (tf.TensorSpec([None, size, size, 1], tf.float32, name=INPUT_NAME),)
 
     @tf.function(input_signature=spec)
     def serve(image: tf.Tensor) -> dict[str, tf.Tensor]:
         prob, cam = forward(image)
-        return {"probability": prob, "gradcam": cam}
+        return {PROBABILITY_OUTPUT: prob, GRADCAM_OUTPUT: cam}
 
     try:
         proto, _ = tf2onnx.convert.from_function(serve, input_signature=spec, opset=OPSET)
@@ -65,7 +72,7 @@ def verify(proto: Any, model: keras.Model, feature_layer: str, images: np.ndarra
     import onnxruntime as ort
 
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    prob, cam = session.run(["probability", "gradcam"], {"image": images.astype(np.float32)})
+    prob, cam = session.run([PROBABILITY_OUTPUT, GRADCAM_OUTPUT], {INPUT_NAME: images.astype(np.float32)})
     ref_prob, ref_cam = gradcam_tape(model, feature_layer, images)
     prob_err = float(np.abs(prob - ref_prob).max())
     scale = np.maximum(ref_cam.reshape(len(images), -1).max(axis=1), 1e-12)[:, None, None]
@@ -112,28 +119,29 @@ def export(run: Path, out: Path, *, threshold: float | None = None, version: str
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     created = info.get("created", datetime.now(UTC).isoformat())
     meta = {
-        "name": cfg.model.name,
-        "version": version or f"{__version__}+{created[:19].replace('-', '').replace(':', '')}",
-        "input_size": str(size),
-        "labels": json.dumps(["No Finding", "Pneumonia"]),
-        "threshold": f"{threshold:.6f}",
-        "feature_layer": layer,
-        "training_data": json.dumps(summary, separators=(",", ":")),
-        "test_metrics": json.dumps({k: metrics[k] for k in ("split", "n", "metrics", "ci95", "localisation")}
-                                   if metrics else {}, separators=(",", ":")),
-        "weights_sha256": weights_sha256(model),
-        "intended_use": SYNTHETIC_USE if summary.get("synthetic") else RESEARCH_USE,
-        "gradcam": "ReLU(sum_k alpha_k A_k), alpha_k = mean_ij d(logit)/dA_ijk; raw, not normalised",
-        "exported": datetime.now(UTC).isoformat(timespec="seconds"),
-        "tensorflow": tf.__version__,
-        "git_commit": info.get("versions", {}).get("git_commit", "unknown"),
+        Meta.NAME: cfg.model.name,
+        Meta.VERSION: version or f"{__version__}+{created[:19].replace('-', '').replace(':', '')}",
+        Meta.INPUT_SIZE: str(size),
+        Meta.LABELS: json.dumps(list(LABELS)),
+        Meta.THRESHOLD: f"{threshold:.6f}",
+        Meta.FEATURE_LAYER: layer,
+        Meta.TRAINING_DATA: json.dumps(summary, separators=(",", ":")),
+        Meta.TEST_METRICS: json.dumps({k: metrics[k] for k in ("split", "n", "metrics", "ci95", "localisation")}
+                                      if metrics else {}, separators=(",", ":")),
+        Meta.WEIGHTS_SHA256: weights_sha256(model),
+        Meta.INTENDED_USE: SYNTHETIC_USE if summary.get("synthetic") else RESEARCH_USE,
+        Meta.GRADCAM: "ReLU(sum_k alpha_k A_k), alpha_k = mean_ij d(logit)/dA_ijk; raw, not normalised",
+        Meta.EXPORTED: datetime.now(UTC).isoformat(timespec="seconds"),
+        Meta.TENSORFLOW: tf.__version__,
+        Meta.GIT_COMMIT: info.get("versions", {}).get("git_commit", "unknown"),
     }
     onnx.helper.set_model_props(proto, meta)
-    proto.doc_string = f"{cfg.model.name}: pneumonia probability and Grad-CAM at {layer}. {meta['intended_use']}"
+    proto.doc_string = f"{cfg.model.name}: pneumonia probability and Grad-CAM at {layer}. {meta[Meta.INTENDED_USE]}"
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".onnx.tmp")
     with os.fdopen(fd, "wb") as f:
         f.write(proto.SerializeToString())
     os.replace(tmp, out)
-    return {"model": str(out), "metadata": {k: meta[k] for k in ("name", "version", "threshold", "input_size")},
+    kept = (Meta.NAME, Meta.VERSION, Meta.THRESHOLD, Meta.INPUT_SIZE)
+    return {"model": str(out), "metadata": {k: meta[k] for k in kept},
             "verification": check}

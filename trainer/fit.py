@@ -10,23 +10,30 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import cv2
 import keras
 import numpy as np
 import tensorflow as tf
 
+from cxr_contract.pixels import resize_for_model, to_unit_range
 from trainer.config import TrainConfig
 from trainer.data import Record, load_dataset, require_split
 from trainer.errors import DataError, TrainerError
 from trainer.model import build_model
-from worker.decode import png_to_model_input
 
 RUN_CONFIG = "config.json"
 MODEL_FILE = "model.keras"
 
 
 def load_image(path: str, size: int) -> np.ndarray[Any, Any]:
-    """Decode one training image exactly as the worker will see it."""
-    return png_to_model_input(path, size)
+    """An 8/16-bit grayscale PNG -> ``[size, size, 1]`` float32, exactly as the worker
+    brings a DICOM image to the model (the shared steps of :mod:`cxr_contract.pixels`)."""
+    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise DataError(f"{path}: not a readable image")
+    if img.ndim == 3:
+        img = cv2.cvtColor(img[..., :3], cv2.COLOR_BGR2GRAY)
+    return resize_for_model(to_unit_range(img), size)[..., None]
 
 
 def make_dataset(

@@ -21,8 +21,8 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import PYDICOM_ROOT_UID, ExplicitVRLittleEndian, generate_uid
 
+from cxr_contract.model import ModelInfo
 from worker.errors import UnsupportedInput, WorkerError
-from worker.model import ModelInfo
 
 #: The model reads one frontal view, so the procedure is a single-view chest radiograph.
 CHEST_XR_SINGLE_VIEW = Code("36554-4", "LN", "XR Chest Single view")

@@ -1,9 +1,9 @@
 """Pixel steps from a stored image to the model's input tensor.
 
 Every step is a pure function ``(arr, ds) -> arr`` or ``arr -> arr``, as in
-:mod:`pydicom.pixels.processing`. The trainer imports :func:`to_unit_range` and
-:func:`resize_for_model` from here so that a PNG through the trainer and a DICOM
-through the worker give the same tensor.
+:mod:`pydicom.pixels.processing`. The last steps (:func:`~cxr_contract.pixels.to_unit_range`,
+:func:`~cxr_contract.pixels.resize_for_model`) are shared with the trainer's PNG path, so a
+PNG through the trainer and a DICOM through the worker give the same tensor.
 """
 
 from __future__ import annotations
@@ -11,17 +11,13 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-import cv2
 import numpy as np
 from pydicom import Dataset
 from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 from pydicom.uid import UID
 
+from cxr_contract.pixels import resize_for_model, to_unit_range
 from worker.errors import DecodeError, UnsupportedInput
-
-#: Interpolation used to bring any image to the model's S x S input: area
-#: averaging is the anti-aliased choice when shrinking a 2-3k radiograph.
-MODEL_INTERPOLATION = cv2.INTER_AREA
 
 SUPPORTED_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2")
 
@@ -126,31 +122,11 @@ def apply_voi(arr: np.ndarray[Any, Any], ds: Dataset) -> np.ndarray[Any, Any]:
     return arr.astype(np.float64)
 
 
-def to_unit_range(arr: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-    """Linearly map the image's own value range onto [0, 1] (float32).
-
-    A constant image maps to zeros. Shared by the trainer's PNG path and the
-    worker's DICOM path.
-    """
-    arr = np.asarray(arr, dtype=np.float64)
-    lo, hi = float(arr.min()), float(arr.max())
-    if hi <= lo:
-        return np.zeros(arr.shape, dtype=np.float32)
-    return ((arr - lo) / (hi - lo)).astype(np.float32)
-
-
 def invert_monochrome1(arr: np.ndarray[Any, Any], ds: Dataset) -> np.ndarray[Any, Any]:
     """MONOCHROME1 shows low values bright; flip a [0, 1] image so bone is bright."""
     if ds.get("PhotometricInterpretation") == "MONOCHROME1":
         return (1.0 - arr).astype(np.float32)
     return arr
-
-
-def resize_for_model(arr: np.ndarray[Any, Any], size: int) -> np.ndarray[Any, Any]:
-    """Resize a [0, 1] float image to ``size x size`` with the trainer's interpolation."""
-    return cv2.resize(
-        np.asarray(arr, dtype=np.float32), (size, size), interpolation=MODEL_INTERPOLATION
-    )
 
 
 def dataset_to_unit_image(ds: Dataset, *, max_pixels: int = 50_000_000) -> np.ndarray[Any, Any]:
@@ -171,12 +147,3 @@ def dataset_to_model_input(ds: Dataset, size: int, *, max_pixels: int = 50_000_0
     """The model input ``[size, size, 1]`` float32 for one dataset."""
     return resize_for_model(dataset_to_unit_image(ds, max_pixels=max_pixels), size)[..., None]
 
-
-def png_to_model_input(path: str, size: int) -> np.ndarray[Any, Any]:
-    """The trainer's path: an 8/16-bit grayscale PNG -> ``[size, size, 1]`` float32."""
-    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise DecodeError(f"{path}: not a readable image")
-    if img.ndim == 3:
-        img = cv2.cvtColor(img[..., :3], cv2.COLOR_BGR2GRAY)
-    return resize_for_model(to_unit_range(img), size)[..., None]

@@ -1,73 +1,24 @@
-"""The model contract shared with the trainer, and the ONNX Runtime session.
-
-ONNX input ``image`` float32 ``[N, S, S, 1]``, grayscale in [0, 1]; outputs
-``probability`` ``[N, 1]`` and ``gradcam`` ``[N, h, w]`` >= 0 (raw, not
-normalised). ``metadata_props`` carry the keys in :data:`REQUIRED_METADATA`.
-"""
+"""The ONNX Runtime session that answers for a model following :mod:`cxr_contract.model`."""
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cxr_contract.model import (
+    GRADCAM_OUTPUT,
+    INPUT_NAME,
+    PROBABILITY_OUTPUT,
+    ContractError,
+    ModelInfo,
+)
 from worker.errors import ModelError
 
 logger = logging.getLogger(__name__)
-
-INPUT_NAME = "image"
-PROBABILITY_OUTPUT = "probability"
-GRADCAM_OUTPUT = "gradcam"
-REQUIRED_METADATA = ("name", "version", "input_size", "threshold", "weights_sha256")
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the worker needs to know about a model, read from its metadata."""
-
-    name: str
-    version: str
-    input_size: int
-    threshold: float
-    weights_sha256: str
-    labels: list[str] = field(default_factory=lambda: ["No Finding", "Pneumonia"])
-    feature_layer: str = ""
-    intended_use: str = ""
-    extra: dict[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def from_metadata(cls, meta: dict[str, str], source: str) -> ModelInfo:
-        missing = [k for k in REQUIRED_METADATA if k not in meta]
-        if missing:
-            raise ModelError(f"{source}: metadata_props lack {', '.join(missing)}")
-        try:
-            size = int(meta["input_size"])
-            threshold = float(meta["threshold"])
-        except ValueError:
-            raise ModelError(
-                f"{source}: input_size={meta['input_size']!r} / threshold={meta['threshold']!r} "
-                "are not numbers"
-            ) from None
-        if size < 32 or not 0.0 <= threshold <= 1.0:
-            raise ModelError(f"{source}: input_size={size} or threshold={threshold} out of range")
-        labels = json.loads(meta["labels"]) if "labels" in meta else ["No Finding", "Pneumonia"]
-        known = set(REQUIRED_METADATA) | {"labels", "feature_layer", "intended_use"}
-        return cls(
-            name=meta["name"],
-            version=meta["version"],
-            input_size=size,
-            threshold=threshold,
-            weights_sha256=meta["weights_sha256"],
-            labels=list(labels),
-            feature_layer=meta.get("feature_layer", ""),
-            intended_use=meta.get("intended_use", ""),
-            extra={k: v for k, v in meta.items() if k not in known},
-        )
-
 
 @dataclass(frozen=True)
 class Prediction:
@@ -117,7 +68,10 @@ class OnnxModel:
                 f"{GRADCAM_OUTPUT!r}; received inputs={sorted(inputs)} outputs={sorted(outputs)}"
             )
         meta = dict(self.session.get_modelmeta().custom_metadata_map)
-        self.info = ModelInfo.from_metadata(meta, str(path))
+        try:
+            self.info = ModelInfo.from_metadata(meta, str(path))
+        except ContractError as exc:
+            raise ModelError(str(exc)) from None
         self.providers = self.session.get_providers()
         self.path = path
 

@@ -23,6 +23,7 @@ from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.filewriter import dcmwrite
 
+from cxr_contract.pixels import resize_for_model
 from worker.audit import AuditTrail
 from worker.build import (
     BuildSettings,
@@ -33,7 +34,7 @@ from worker.build import (
     render_heatmap_overlay,
 )
 from worker.config import Settings
-from worker.decode import dataset_to_unit_image, resize_for_model
+from worker.decode import dataset_to_unit_image
 from worker.errors import DecodeError, UnsupportedInput, WorkerError
 from worker.metrics import HealthServer, Metrics
 from worker.model import OnnxModel
@@ -162,7 +163,7 @@ class Processor:
                     item.unit_image, pred.gradcam, probability=pred.probability,
                     threshold=info.threshold, model_name=info.name, model_version=info.version,
                     opacity=self.build_settings.opacity,
-                    notice=info.intended_use if "synthetic" in info.intended_use else "",
+                    notice=info.intended_use if info.synthetic else "",
                 )
                 sc = build_secondary_capture(item.ds, rgb, uids, info, self.build_settings)
                 sr = build_report(item.ds, sc, pred.probability, info, uids, self.build_settings)

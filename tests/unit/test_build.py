@@ -14,6 +14,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import UID, ComputedRadiographyImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from cxr_contract.model import ModelInfo
 from tests.helpers import dciodvfy_errors
 from worker.build import (
     BuildSettings,
@@ -25,7 +26,6 @@ from worker.build import (
 )
 from worker.decode import dataset_to_unit_image
 from worker.errors import UnsupportedInput
-from worker.model import ModelInfo
 
 MODEL = ModelInfo(
     name="test-model", version="1.2.3", input_size=64, threshold=0.5, weights_sha256="ab" * 32

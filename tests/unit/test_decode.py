@@ -11,14 +11,11 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
+from cxr_contract.pixels import to_unit_range
 from trainer.dicom_phantoms import cr_dataset
+from trainer.fit import load_image
 from trainer.phantoms import make_phantom
-from worker.decode import (
-    dataset_to_model_input,
-    dataset_to_unit_image,
-    png_to_model_input,
-    to_unit_range,
-)
+from worker.decode import dataset_to_model_input, dataset_to_unit_image
 from worker.errors import DecodeError, UnsupportedInput
 
 
@@ -37,7 +34,7 @@ def test_png_and_dicom_of_the_same_pixels_give_the_same_tensor(tmp_path: Path, p
     ds.PixelData = phantom.tobytes()
     path = tmp_path / "p.dcm"
     ds.save_as(path, enforce_file_format=True)
-    from_png = png_to_model_input(str(png), 64)
+    from_png = load_image(str(png), 64)
     from_dicom = dataset_to_model_input(pydicom.dcmread(path), 64)
     assert from_png.shape == from_dicom.shape == (64, 64, 1)
     assert from_png.dtype == from_dicom.dtype == np.float32
