@@ -16,8 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import free_port, require_tool, wait_for, wait_port
-from tests.integration.test_serve_dcmtk import phantom_file
+from tests.helpers import free_port, phantom_file, require_tool, wait_for, wait_port
 
 pytestmark = pytest.mark.integration
 

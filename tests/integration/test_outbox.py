@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import Storescp
-from tests.helpers import free_port
+from tests.helpers import Storescp, free_port
 from trainer.dicom_phantoms import cr_dataset
 from worker.config import SendSection
 from worker.pipeline import encode

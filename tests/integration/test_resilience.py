@@ -12,9 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Storescp
-from tests.helpers import free_port, require_tool, wait_for
-from tests.integration.test_serve_dcmtk import phantom_file, read_all
+from tests.helpers import Storescp, free_port, phantom_file, read_all, require_tool, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -72,6 +72,7 @@ def test_configmap_is_a_valid_worker_config(tmp_path: Path) -> None:
     assert settings.metrics.bind == "0.0.0.0" and settings.security.allowed
 
 
+@pytest.mark.tool
 @pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cuda"])
 def test_dockerfiles_lint_clean_and_run_as_non_root(dockerfile: str) -> None:
     hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or require_tool("hadolint")
@@ -84,6 +85,7 @@ def test_dockerfiles_lint_clean_and_run_as_non_root(dockerfile: str) -> None:
     assert installs and not any("[train]" in line or "tensorflow" in line.lower() for line in installs)
 
 
+@pytest.mark.tool
 def test_systemd_unit_verifies(tmp_path: Path) -> None:
     tool = require_tool("/usr/bin/systemd-analyze")
     unit = (DEPLOY / "systemd" / "cxr-gradcam-worker.service").read_text()
