@@ -59,6 +59,19 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval:
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def connections_to(port: int) -> int:
+    """TCP connections established to local ``port`` (Linux ``/proc/net/tcp``): shows that a
+    peer's association is open without a timed guess."""
+    count = 0
+    for table in (Path("/proc/net/tcp"), Path("/proc/net/tcp6")):
+        if not table.exists():
+            continue
+        for line in table.read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            count += state == "01" and int(local.rsplit(":", 1)[1], 16) == port  # 01: ESTABLISHED
+    return count
+
+
 def wait_port(port: int, timeout: float = 30.0) -> None:
     def is_open() -> bool:
         with socket.socket() as s:
