@@ -77,7 +77,10 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             "model": {"image_size": args.image_size, "weights": args.weights},
             "train": {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.learning_rate},
         })
-        from trainer.fit import fit  # TensorFlow: imported once the config is known to be good
+        from trainer.data import load_dataset
+
+        load_dataset(args.data)  # a missing data folder or split file is named before TensorFlow loads
+        from trainer.fit import fit
 
         return fit(args.data, args.out, cfg)
     if args.command == "evaluate":
