@@ -270,7 +270,9 @@ def get_settings(path: Path | None = None, flags: dict[str, dict[str, Any]] | No
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
         env = "CXR_" + "__".join(str(p) for p in err["loc"][:2]).upper()
-        source = path or "flags/environment"
+        section, key = ([str(p) for p in err["loc"]] + ["", ""])[:2]
+        source = (f"environment {env}" if env in {k.upper() for k in os.environ}
+                  else "flags" if key in given.get(section, {}) else path or "settings")
         raise ConfigError(
             f"{source}: {where}: {err['msg']} (received {err.get('input')!r}; environment {env})"
         ) from None

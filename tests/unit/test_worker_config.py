@@ -77,6 +77,12 @@ def test_config_errors_name_key_value_and_variable(tmp_path: Path, monkeypatch: 
     assert "CXR_SEND__DESTINATIONS" in message
     with pytest.raises(ConfigError, match="config file not found"):
         get_settings(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match=r"^flags: dicom.port: .*received 0"):
+        get_settings(cfg, {"dicom": {"port": 0}})
+    monkeypatch.setenv("CXR_DICOM__PORT", "99999")
+    with pytest.raises(ConfigError, match=r"^environment CXR_DICOM__PORT: dicom.port: .*received '99999'"):
+        get_settings(cfg)
+    monkeypatch.delenv("CXR_DICOM__PORT")
     monkeypatch.setenv("CXR_SEND__DESTINATIONS", "PACS@h:104")  # not JSON
     with pytest.raises(ConfigError) as err:
         get_settings()
