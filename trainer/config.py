@@ -70,6 +70,8 @@ class TrainConfig(_Section):
 def shipped_configs() -> dict[str, Traversable]:
     """The configs that come with the package, by name (file name without ``.toml``)."""
     folder = resources.files("trainer") / "defaults"
+    if not folder.is_dir():  # an install without its package data: named in _find's error
+        return {}
     return {f.name.removesuffix(".toml"): f for f in folder.iterdir() if f.name.endswith(".toml")}
 
 
