@@ -1,6 +1,7 @@
 # Two commands on a fresh Debian/Ubuntu machine with Python 3.11+:
 #   make demo   install, build a demo model if none is configured, run the worker with a PACS
 #   make test   install with all extras and test tools, then ruff, mypy and the whole suite
+#   make test-unit   the quick loop: every test not marked integration (pytest -m "not integration")
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,7 +9,7 @@ PIP := $(PY) -m pip
 SYSTEM_PACKAGES := dcmtk orthanc dicom3tools openssl systemd
 SYSTEM_TOOLS := /usr/bin/storescu /usr/bin/storescp /usr/bin/dciodvfy /usr/sbin/Orthanc /usr/bin/openssl /usr/bin/systemd-analyze
 
-.PHONY: demo test install-train install-dev system-deps lint clean
+.PHONY: demo test test-unit install-train install-dev system-deps lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +18,12 @@ $(PY):
 install-train: $(PY)
 	$(PIP) install --quiet -e '.[train]' pydicom-data
 
-install-dev: $(PY)
+install-dev: $(VENV)/.dev-installed
+
+# Editable install: code changes need no reinstall, only a changed pyproject.toml does.
+$(VENV)/.dev-installed: pyproject.toml | $(PY)
 	$(PIP) install --quiet -e '.[dev]'
+	touch $@
 
 # As root, install the Debian packages the tests and the demo use; otherwise say exactly what to run.
 system-deps:
@@ -34,11 +39,16 @@ system-deps:
 	fi
 
 lint: install-dev
-	$(VENV)/bin/ruff check worker trainer cxr_demo tests benchmarks
+	$(VENV)/bin/ruff check cxr_contract worker trainer cxr_demo tests benchmarks
 	$(VENV)/bin/mypy
 
 test: system-deps install-dev lint
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# Unit tests only (the few that call dciodvfy, hadolint or systemd-analyze are marked `tool`:
+# add PYTEST_ARGS='-m "not integration and not tool"' to skip them as well).
+test-unit: install-dev
+	$(PY) -m pytest -q -p no:cacheprovider -m "not integration" $(PYTEST_ARGS)
 
 demo: install-train
 	@if [ "$$(id -u)" = 0 ] && [ ! -x /usr/sbin/Orthanc ]; then $(MAKE) --no-print-directory system-deps; fi

@@ -47,7 +47,7 @@ def build_demo_model(work: Path, console: Any) -> Path:
     if not (data / "test.csv").is_file():
         write_phantoms(data, 400, size=128, seed=4)
     if not (run / "model.keras").is_file():
-        fit(data, run, load_config(ROOT / "config" / "demo-train.toml"), verbose=1)
+        fit(data, run, load_config("demo-train"), verbose=1)
     if not (run / "metrics.json").is_file():
         metrics = evaluate(run)
         console.print(f"phantom test AUC {metrics['metrics']['auc']:.3f}, "
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
 
     from cxr_demo.orthanc import OrthancPACS, find_orthanc
-    from worker.config import get_settings
+    from worker.config import default_config, get_settings
 
     p = argparse.ArgumentParser(prog="cxr-demo", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--work", type=Path, default=ROOT / "var" / "demo")
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    settings = get_settings(ROOT / "config" / "worker.toml")
+    settings = get_settings(default_config())
     model = args.model or settings.model.path or build_demo_model(work / "model", console)
 
     orthanc_bin = find_orthanc()
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"PACS: built-in receiving SCP on port {scp_port} (Orthanc is not installed)")
         log = open(work / "worker.log", "ab")  # noqa: SIM115
         worker = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "serve", "--config", str(ROOT / "config" / "worker.toml"),
+            [sys.executable, "-m", "worker.cli", "serve", "--config", str(default_config()),
              "--model", str(model), "--spool", str(work / "spool"), "--destination", destination],
             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         procs.append(worker)

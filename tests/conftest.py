@@ -14,10 +14,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_port, require_tool, wait_port
+from tests.helpers import Storescp, free_port, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/integration is marked ``integration``, so that
+    ``pytest -m "not integration"`` (``make test-unit``) cannot pick up a slow test by omission."""
+    integration = ROOT / "tests" / "integration"
+    for item in items:
+        if item.path.is_relative_to(integration):
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session")
@@ -42,33 +51,6 @@ def onnx_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     fit(base / "data", base / "run", cfg, verbose=0)
     export(base / "run", base / "model.onnx", threshold=0.5, version="test-1")
     return base / "model.onnx"
-
-
-@dataclass
-class Storescp:
-    """DCMTK storescp standing in for the PACS: every received object is a file."""
-
-    port: int
-    out: Path
-    ae_title: str = "PACS"
-    proc: subprocess.Popen[bytes] | None = None
-
-    def files(self) -> list[Path]:
-        return sorted(p for p in self.out.iterdir() if p.is_file())
-
-    def start(self) -> None:
-        tool = require_tool("/usr/bin/storescp")
-        self.out.mkdir(parents=True, exist_ok=True)
-        # -uf: unique file names, so a duplicate delivery shows up as a second file.
-        self.proc = subprocess.Popen([tool, "-aet", self.ae_title, "-od", str(self.out), "-uf", "+xa",
-                                      str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(self.port)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
 
 
 @pytest.fixture

@@ -33,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("fit", help="fine-tune ResNet-50; resumes an interrupted run")
     s.add_argument("--data", type=Path, required=True)
     s.add_argument("--out", type=Path, required=True, help="run folder")
-    s.add_argument("--config", type=Path, default=None, help="TOML (default: config/train.toml)")
+    s.add_argument("--config", default=None,
+                   help="TOML file, or a shipped config: train (the default, the paper's recipe) or demo-train")
     s.add_argument("--epochs", type=int)
     s.add_argument("--image-size", type=int)
     s.add_argument("--batch-size", type=int)
@@ -71,12 +72,16 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if args.command == "fit":
         from trainer.config import load_config
-        from trainer.fit import fit
 
         cfg = load_config(args.config, {
             "model": {"image_size": args.image_size, "weights": args.weights},
             "train": {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.learning_rate},
         })
+        from trainer.data import load_dataset
+
+        load_dataset(args.data)  # a missing data folder or split file is named before TensorFlow loads
+        from trainer.fit import fit
+
         return fit(args.data, args.out, cfg)
     if args.command == "evaluate":
         from trainer.evaluate import evaluate

@@ -1,8 +1,15 @@
-"""Training configuration: ``config/train.toml`` validated by pydantic, flags on top."""
+"""Training configuration: a TOML file validated by pydantic, flags on top.
+
+The shipped configs (``train.toml``, the paper's recipe, and ``demo-train.toml``) are
+package data, read with :mod:`importlib.resources`, so an installed trainer has them;
+``config/`` in the repository holds the same files for people to read and copy.
+"""
 
 from __future__ import annotations
 
 import tomllib
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -10,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from trainer.errors import ConfigError
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "train.toml"
+#: Name of the shipped config that ``cxr-train fit`` reads without ``--config``.
+DEFAULT_CONFIG = "train"
 
 
 class _Section(BaseModel):
@@ -59,21 +67,41 @@ class TrainConfig(_Section):
     evaluate: EvaluateSection = EvaluateSection()
 
 
-def load_config(path: Path | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> TrainConfig:
-    """Read a TOML config (the shipped defaults when ``path`` is None) and apply overrides.
+def shipped_configs() -> dict[str, Traversable]:
+    """The configs that come with the package, by name (file name without ``.toml``)."""
+    folder = resources.files("trainer") / "defaults"
+    if not folder.is_dir():  # an install without its package data: named in _find's error
+        return {}
+    return {f.name.removesuffix(".toml"): f for f in folder.iterdir() if f.name.endswith(".toml")}
+
+
+def _find(name: str | Path) -> Traversable | Path:
+    """A file, else a shipped config by name; never silently nothing."""
+    if Path(name).is_file():
+        return Path(name)
+    shipped = shipped_configs()
+    if str(name) in shipped:
+        return shipped[str(name)]
+    raise ConfigError(f"config not found: {name} (neither a file nor a shipped config: "
+                      f"{', '.join(sorted(shipped)) or 'none installed'})")
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> TrainConfig:
+    """Read a TOML config and apply overrides.
+
+    Args:
+        path: A file, or the name of a shipped config ("train", "demo-train");
+            the shipped "train" when None.
+        overrides: Values by section; None means "not given".
 
     Raises:
-        ConfigError: naming the file and the first bad key and value.
+        ConfigError: the config is missing, or naming the file and the first bad key and value.
     """
-    source = path or DEFAULT_CONFIG
-    data: dict[str, Any] = {}
-    if path is not None or source.is_file():
-        try:
-            data = tomllib.loads(Path(source).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {source}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    source = _find(DEFAULT_CONFIG if path is None else path)
+    try:
+        data: dict[str, Any] = tomllib.loads(source.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
     for section, values in (overrides or {}).items():
         data.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
     try:

@@ -314,7 +314,8 @@ def prepare(
         f"{','.join(sorted(wanted_views))}; the paper's {PAPER_PER_CLASS} per class cannot be "
         f"drawn from this release, so all {len(positives)} are used with {neg_ratio:g} "
         f"{NEGATIVE_FINDING} image(s) per positive.",
-        "Split 70/15/15 by patient, stratified by whether a patient has a positive image.",
+        f"Split {'/'.join(f'{100 * f:.3g}' for f in fractions)} (train/val/test) by patient, "
+        "stratified by whether a patient has a positive image.",
     ]
     summary = summarize(splits, notes)
     summary.update({"source": str(labels), "seed": seed, "neg_ratio": neg_ratio, "synthetic": False})

@@ -29,7 +29,7 @@ from cxr_contract.model import (
 )
 from trainer import __version__
 from trainer.data import load_dataset
-from trainer.errors import ExportError, TrainerError
+from trainer.errors import DataError, ExportError, TrainerError
 from trainer.evaluate import load_run
 from trainer.fit import load_image
 from trainer.model import gradcam_forward, gradcam_tape
@@ -87,12 +87,17 @@ def verify(proto: Any, model: keras.Model, feature_layer: str, images: np.ndarra
 
 
 def sample_images(info: dict[str, Any], size: int, n: int = 8, seed: int = 0) -> np.ndarray[Any, Any]:
-    """Up to ``n`` real images from the run's test split, else seeded noise."""
+    """Up to ``n`` real images from the run's test split, else seeded noise.
+
+    Raises:
+        DataError: a test image cannot be read (named); only a run whose data folder is
+            not on this machine is verified on noise.
+    """
     try:
         records = load_dataset(Path(info["data"])).splits["test"][:n]
-        images = [load_image(r.path, size) for r in records]
-    except TrainerError:
-        images = []
+    except DataError:
+        records = []
+    images = [load_image(r.path, size) for r in records]
     rng = np.random.default_rng(seed)
     while len(images) < 2:
         images.append(rng.random((size, size, 1), dtype=np.float32))
@@ -113,8 +118,9 @@ def export(run: Path, out: Path, *, threshold: float | None = None, version: str
     if not 0.0 <= threshold <= 1.0:
         raise TrainerError(f"threshold must be in [0, 1]. Received: threshold={threshold}")
     size, layer = cfg.model.image_size, cfg.model.feature_layer
+    samples = sample_images(info, size)  # before the slow conversion: a bad image fails fast
     proto = to_onnx(model, layer, size)
-    check = verify(proto, model, layer, sample_images(info, size))
+    check = verify(proto, model, layer, samples)
     summary_path = run / "data_summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     created = info.get("created", datetime.now(UTC).isoformat())

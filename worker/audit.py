@@ -15,6 +15,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from worker.codes import AuditOutcome
+
 # PS3.15 A.5.3 / DCM codes: (code, meaning)
 INSTANCES_TRANSFERRED = ("110104", "DICOM Instances Transferred")
 SECURITY_ALERT = ("110113", "Security Alert")
@@ -24,7 +26,6 @@ APPLICATION_STOP = ("110121", "Application Stop")
 NODE_AUTHENTICATION = ("110126", "Node Authentication")
 NETWORK_ENTRY = ("110108", "Network Entry")  # A-ASSOCIATE refused
 
-SUCCESS, MINOR_FAILURE, SERIOUS_FAILURE = 0, 4, 8
 
 
 class AuditTrail:
@@ -67,7 +68,7 @@ class AuditTrail:
         return {"UserID": ae, "NetworkAccessPointID": address, "UserIsRequestor": requestor}
 
     def application(self, start: bool) -> None:
-        self._write(APPLICATION_ACTIVITY, "E", SUCCESS,
+        self._write(APPLICATION_ACTIVITY, "E", AuditOutcome.SUCCESS,
                     [{"UserID": self.source["AuditSourceID"], "UserIsRequestor": False}],
                     type_code=APPLICATION_START if start else APPLICATION_STOP)
 
@@ -86,5 +87,5 @@ class AuditTrail:
                       "SOPInstanceUID": sop_instance}], detail=detail)
 
     def security_alert(self, kind: tuple[str, str], ae: str, address: str, detail: str) -> None:
-        self._write(SECURITY_ALERT, "E", MINOR_FAILURE, [self._node(ae, address, True)], type_code=kind,
+        self._write(SECURITY_ALERT, "E", AuditOutcome.MINOR_FAILURE, [self._node(ae, address, True)], type_code=kind,
                     detail=detail)

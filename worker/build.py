@@ -22,6 +22,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import PYDICOM_ROOT_UID, ExplicitVRLittleEndian, generate_uid
 
 from cxr_contract.model import ModelInfo
+from worker.config import OutputSection
 from worker.errors import UnsupportedInput, WorkerError
 
 #: The model reads one frontal view, so the procedure is a single-view chest radiograph.
@@ -49,18 +50,8 @@ class OutputUIDs:
     sr_instance: str
 
 
-@dataclass(frozen=True)
-class BuildSettings:
-    """Site choices for the output objects."""
-
-    manufacturer: str = "cxr-gradcam"
-    sc_series_number: int = 9001
-    sc_series_description: str = "AI Grad-CAM Pneumonia"
-    sr_series_number: int = 9002
-    sr_series_description: str = "AI Pneumonia Report"
-    opacity: float = 0.4
-    uid_prefix: str | None = None
-    institution_name: str | None = None
+#: Site choices for the output objects: the ``[output]`` section of the config itself.
+BuildSettings = OutputSection
 
 
 def decision(probability: float, threshold: float) -> bool:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from worker.codes import SUCCESS
 from worker.config import Destination, Settings, get_settings
 from worker.errors import ConfigError, WorkerError
 
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
             status = echo(Destination.parse(args.destination), settings.dicom.ae_title, args.timeout)
             print(f"C-ECHO {args.destination}: status 0x{status:04X}")
-            return 0 if status == 0 else 1
+            return 0 if status == SUCCESS else 1
         if args.command == "process":
             return _process(args, settings)
         import faulthandler

@@ -7,13 +7,22 @@ are refused at start-up with the key, the value and the reason.
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
+from contextvars import ContextVar
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    TomlConfigSettingsSource,
+)
 
 from worker.errors import ConfigError
 
@@ -37,6 +46,9 @@ class Destination(_Section):
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
+
+    # Validated here, not only in parse(): a TOML inline table {ae_title = ...} skips parse().
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
 
     @classmethod
     def parse(cls, text: str) -> Destination:
@@ -206,41 +218,63 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Environment first: an operator's override beats the file and the flags.
-        return (env_settings, init_settings)
+        # Highest first: an operator's environment beats the flags (the init arguments),
+        # and both beat the TOML file; pydantic-settings merges the sections key by key.
+        return (env_settings, init_settings, TomlConfigSettingsSource(settings_cls, toml_file=_toml_file.get()))
 
 
-def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in top.items():
-        if value is None:
-            continue
-        out[key] = _merge(out.get(key, {}), value) if isinstance(value, dict) else value
-    return out
+#: The TOML file of the Settings being built; a context variable because
+#: settings_customise_sources is a class method and takes no per-call argument.
+_toml_file: ContextVar[Path | None] = ContextVar("cxr_worker_toml_file", default=None)
 
 
-def get_settings(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
-    """Read the TOML file (when given), lay the flags on top, then the environment.
+def default_config() -> Path:
+    """The shipped ``worker.toml`` (every key with its default), from the installed package.
+
+    A path, so that it can be handed to ``cxr-worker serve --config``: pip installs
+    packages as plain folders.
+    """
+    return Path(str(resources.files("worker") / "defaults" / "worker.toml"))
+
+
+def _env_parse_error(exc: SettingsError) -> str:
+    """Name the variables behind pydantic-settings' "error parsing value for field <section>"."""
+    m = re.search(r'field "(\w+)"', str(exc))
+    prefix = f"CXR_{m[1] if m else ''}__".upper()
+    culprits = ", ".join(f"{k}={v!r}" for k, v in sorted(os.environ.items()) if k.upper().startswith(prefix))
+    return f"environment: {culprits or exc}: not valid JSON (lists are JSON, e.g. '[\"PACS@10.0.0.5:104\"]')"
+
+
+def get_settings(path: Path | None = None, flags: dict[str, dict[str, Any]] | None = None) -> Settings:
+    """Build the settings from the environment, the flags and the TOML file.
+
+    Args:
+        path: The TOML file; without one, the defaults above (which ``default_config()`` states).
+        flags: Command-line values by section; None means "flag not given".
 
     Raises:
-        ConfigError: one line naming the key, the bad value and why.
+        ConfigError: one line naming the key, the bad value and its environment variable.
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    data = _merge(data, overrides or {})
+    if path is not None and not Path(path).is_file():
+        raise ConfigError(f"config file not found: {path}")
+    given: dict[str, Any] = {section: {k: v for k, v in values.items() if v is not None}
+                             for section, values in (flags or {}).items()}
+    token = _toml_file.set(Path(path) if path is not None else None)
     try:
-        return Settings(**data)
+        return Settings(**given)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except SettingsError as exc:  # an environment value that is not JSON where a list is expected
+        raise ConfigError(_env_parse_error(exc)) from None
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
         env = "CXR_" + "__".join(str(p) for p in err["loc"][:2]).upper()
-        source = path or "flags/environment"
+        section, key = ([str(p) for p in err["loc"]] + ["", ""])[:2]
+        source = (f"environment {env}" if env in {k.upper() for k in os.environ}
+                  else "flags" if key in given.get(section, {}) else path or "settings")
         raise ConfigError(
             f"{source}: {where}: {err['msg']} (received {err.get('input')!r}; environment {env})"
         ) from None
+    finally:
+        _toml_file.reset(token)

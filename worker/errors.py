@@ -2,7 +2,15 @@
 
 
 class WorkerError(Exception):
-    """Base class of every error the worker raises on purpose."""
+    """Base class of every error the worker raises on purpose.
+
+    The message is folded into one line: library errors quoted in it (pydicom lists one line
+    per pixel-data plugin) would otherwise break the one-line CLI error, log record and
+    quarantine reason.
+    """
+
+    def __init__(self, message: object = "", *args: object) -> None:
+        super().__init__(" ".join(str(message).split()), *args)
 
 
 class ConfigError(WorkerError):

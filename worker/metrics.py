@@ -14,8 +14,6 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("receive", "decode", "infer", "build", "send")
-
 
 class Metrics:
     """Every metric the worker exports, in its own registry."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,27 @@ from cxr_contract.model import (
 from worker.errors import ModelError
 
 logger = logging.getLogger(__name__)
+
+#: ONNX Runtime's default logger severity (2, WARNING). It has no getter, so this is
+#: what a quieted probe restores.
+ORT_DEFAULT_SEVERITY = 2
+_ORT_FATAL = 4
+
+
+@contextmanager
+def quiet_provider_probe(ort: Any) -> Iterator[None]:
+    """Hide ONNX Runtime's own log while a session probes its execution providers.
+
+    onnxruntime-gpu lists CUDA even where its libraries are missing, and logs the failed
+    load as an error although it falls back to the CPU (we log the providers in use).
+    The default logger is process-wide, so it is restored as soon as the probe ends.
+    """
+    ort.set_default_logger_severity(_ORT_FATAL)
+    try:
+        yield
+    finally:
+        ort.set_default_logger_severity(ORT_DEFAULT_SEVERITY)
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -51,13 +74,11 @@ class OnnxModel:
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
-        # onnxruntime-gpu lists CUDA even where its libraries are missing; keep its
-        # failed-load message out of the log (we log the providers actually used).
-        ort.set_default_logger_severity(4)
         try:
-            self.session = ort.InferenceSession(
-                str(path), options, providers=choose_providers(ort.get_available_providers(), providers)
-            )
+            with quiet_provider_probe(ort):
+                self.session = ort.InferenceSession(
+                    str(path), options, providers=choose_providers(ort.get_available_providers(), providers)
+                )
         except Exception as exc:
             raise ModelError(f"{path}: ONNX Runtime cannot load it: {exc}") from None
         inputs = {i.name: i for i in self.session.get_inputs()}

@@ -115,17 +115,7 @@ class Processor:
     def __init__(self, settings: Settings, model: OnnxModel) -> None:
         self.settings = settings
         self.model = model
-        o = settings.output
-        self.build_settings = BuildSettings(
-            manufacturer=o.manufacturer,
-            sc_series_number=o.sc_series_number,
-            sc_series_description=o.sc_series_description,
-            sr_series_number=o.sr_series_number,
-            sr_series_description=o.sr_series_description,
-            opacity=o.opacity,
-            uid_prefix=o.uid_prefix,
-            institution_name=o.institution_name,
-        )
+        self.build_settings: BuildSettings = settings.output
 
     def decode(self, path: Path) -> Decoded | Skipped:
         """Read, select and decode one file.

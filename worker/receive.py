@@ -34,6 +34,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from worker.audit import NETWORK_ENTRY, NODE_AUTHENTICATION, AuditTrail
+from worker.codes import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, AuditOutcome
 from worker.config import Settings
 from worker.metrics import Metrics
 from worker.security import (
@@ -47,11 +48,6 @@ from worker.security import (
 from worker.spool import Spool
 
 logger = logging.getLogger(__name__)
-
-# DIMSE statuses (PS3.4 Annex B.2.3, PS3.7 C.4.2), named once.
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700
-CANNOT_UNDERSTAND = 0xC000
 
 #: Transfer syntaxes we accept: uncompressed, RLE, JPEG, JPEG-LS, JPEG 2000.
 ACCEPTED_TRANSFER_SYNTAXES = [
@@ -111,8 +107,9 @@ class Receiver:
         extra = {"sop_instance_uid": uid, "calling_ae": calling, "peer": address}
         if self.audit is not None:
             try:
+                outcome = AuditOutcome.SUCCESS if status == SUCCESS else AuditOutcome.SERIOUS_FAILURE
                 self.audit.instance_received(sop_class, uid, calling, address, self.settings.dicom.ae_title,
-                                             0 if status == SUCCESS else 8, detail)
+                                             outcome, detail)
             except OSError:
                 logger.exception("audit trail not writable")
         if status != SUCCESS:

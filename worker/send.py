@@ -23,18 +23,13 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from worker.audit import AuditTrail
+from worker.codes import REJECTED_PERMANENT, AuditOutcome, is_permanent, stored
 from worker.config import Destination, SendSection
 from worker.errors import SendError
 from worker.metrics import Metrics
 from worker.spool import Spool, fsync, key
 
 logger = logging.getLogger(__name__)
-
-#: Statuses after which a resend cannot succeed (PS3.4 B.2.3, PS3.7 C).
-PERMANENT_STATUS_CLASSES = (0xA900, 0xC000)
-SOP_CLASS_NOT_SUPPORTED = 0x0122
-#: A-ASSOCIATE-RJ result (PS3.8 9.3.4): 1 rejected-permanent, 2 rejected-transient.
-REJECTED_PERMANENT = 0x01
 
 
 @dataclass
@@ -49,10 +44,6 @@ class OutboxState:
 
 def destination_key(dest: Destination) -> str:
     return key(str(dest))
-
-
-def is_permanent(status: int) -> bool:
-    return status == SOP_CLASS_NOT_SUPPORTED or (status & 0xFF00) == 0xA900 or (status & 0xF000) == 0xC000
 
 
 def store(dest: Destination, paths: list[Path], settings: SendSection, calling_ae: str,
@@ -111,7 +102,7 @@ def store(dest: Destination, paths: list[Path], settings: SendSection, calling_a
             code = int(status.Status) if "Status" in status else None
             if code is None:
                 results.append(SendError(f"{dest}: no response (timeout or abort)"))
-            elif code in (0x0000, 0xB000, 0xB007, 0xB006):
+            elif stored(code):
                 results.append(None)
             else:
                 results.append(SendError(f"{dest}: status 0x{code:04X}", permanent=is_permanent(code)))
@@ -222,7 +213,8 @@ class Outbox:
                 if self.audit is not None:
                     try:
                         self.audit.instance_sent(state.sop_instance_uid, str(dest), self.calling_ae,
-                                                 0 if err is None else 4, "" if err is None else str(err))
+                                                 AuditOutcome.SUCCESS if err is None else AuditOutcome.MINOR_FAILURE,
+                                                 "" if err is None else str(err))
                     except OSError:
                         logger.error("audit trail not writable")
                 if err is None:

@@ -13,8 +13,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from tests.helpers import require_tool, wait_for
-from tests.integration.test_serve_dcmtk import phantom_file
+from tests.helpers import phantom_file, require_tool, wait_for
 
 pytestmark = pytest.mark.integration
 SENDERS, PER_SENDER, REAL_EVERY = 8, 25, 8

@@ -14,8 +14,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from cxr_demo.orthanc import OrthancPACS
-from tests.helpers import free_port, require_tool, wait_for
-from tests.integration.test_serve_dcmtk import sr_finding, storescu
+from tests.helpers import free_port, require_tool, sr_finding, storescu, wait_for
 
 pytestmark = pytest.mark.integration
 

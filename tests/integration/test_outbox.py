@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import Storescp
-from tests.helpers import free_port
+from tests.helpers import Storescp, free_port
 from trainer.dicom_phantoms import cr_dataset
 from worker.config import SendSection
 from worker.pipeline import encode
@@ -204,5 +203,30 @@ def test_a_sop_class_the_pacs_refuses_fails_alone(tmp_path: Path) -> None:
         [dead] = list(outbox.spool.dead.glob("*.json"))
         assert "not accepted" in json.loads(dead.read_text())["last_error"]
         assert outbox.depth() == 0
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize("status", [0xB000, 0xB006, 0xB007, 0x0107])
+def test_a_warning_status_counts_as_delivered(tmp_path: Path, status: int) -> None:
+    """PS3.4 B.2.3: the PACS kept the instance (coerced, elements discarded, ...): no resend."""
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    calls: list[int] = []
+    scp = AE(ae_title="PACS")
+    scp.supported_contexts = AllStoragePresentationContexts
+    port = free_port()
+
+    def on_store(event: evt.Event) -> int:
+        calls.append(status)
+        return status
+
+    server = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        outbox = make_outbox(tmp_path, port)
+        queue_one(outbox)
+        assert outbox.send_due() == 1
+        assert outbox.depth() == 0 and calls == [status]
+        assert not list(outbox.spool.dead.iterdir())
     finally:
         server.shutdown()

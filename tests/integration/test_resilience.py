@@ -6,15 +6,12 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import Storescp
-from tests.helpers import free_port, require_tool, wait_for
-from tests.integration.test_serve_dcmtk import phantom_file, read_all
+from tests.helpers import Storescp, connections_to, free_port, phantom_file, read_all, require_tool, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -63,9 +60,8 @@ def test_sigterm_mid_burst_finishes_cleanly_and_loses_nothing(make_worker: Any, 
     sender = subprocess.Popen(storescu_cmd(worker.port, sorted(folder.iterdir())), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     wait_for(lambda: len(logged(worker, "received")) >= 3, 60, "the burst to start")
-    started = time.monotonic()
+    # stop() allows 60 s, then dumps the worker's threads; exit code 0 means it finished cleanly.
     assert worker.stop(signal.SIGTERM) == 0
-    assert time.monotonic() - started < 45  # within the grace period
     sender.wait(60)
     # After the stop, new associations are refused.
     late = subprocess.run(storescu_cmd(worker.port, [folder / "00.dcm"]), capture_output=True, timeout=60)
@@ -89,7 +85,7 @@ def test_kill_9_during_export_delivers_one_sc_and_one_sr(make_worker: Any, tmp_p
     source = phantom_file(image, True, 77)
     subprocess.run(storescu_cmd(worker.port, [image]), check=True, capture_output=True, timeout=60)
     wait_for(lambda: bool(logged(worker, "processed")), 60, "processing")
-    time.sleep(1.0)  # the first C-STORE to the slow PACS is under way
+    wait_for(lambda: connections_to(port) > 0, 60, "the worker's association to the slow PACS")
     worker.stop(signal.SIGKILL)
     slow.kill()
     slow.wait(10)

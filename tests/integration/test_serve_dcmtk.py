@@ -6,71 +6,28 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pydicom
 import pytest
 from pydicom import Dataset
 from pydicom.data import get_testdata_file
 
-from tests.helpers import dciodvfy_errors, require_tool, wait_for
-from trainer.dicom_phantoms import cr_dataset
-from trainer.phantoms import make_phantom
+from tests.helpers import (
+    CANARY_BIRTH,
+    CANARY_ID,
+    CANARY_NAME,
+    dciodvfy_errors,
+    phantom_file,
+    read_all,
+    sr_finding,
+    storescu,
+    wait_for,
+    walk,
+)
 
 pytestmark = pytest.mark.integration
-CANARY_NAME = "Canary^Zebedee"
-CANARY_ID = "CANARY-7731"
-CANARY_BIRTH = "19010203"
-
-
-def storescu(port: int, files: list[Path], check: bool = True, *options: str) -> subprocess.CompletedProcess[str]:
-    """DCMTK storescu as the hospital's sender; options pick the proposed syntaxes."""
-    tool = require_tool("/usr/bin/storescu")
-    cmd = [tool, *options, "-aet", "HOSPITAL", "-aec", "CXR-GRADCAM", "127.0.0.1", str(port), *map(str, files)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    if check:
-        assert out.returncode == 0, out.stdout + out.stderr
-    return out
-
-
-def read_all(files: list[Path]) -> list[Dataset]:
-    return [pydicom.dcmread(p) for p in files]
-
-
-def walk(items: Any) -> list[Dataset]:
-    out = []
-    for item in items:
-        out.append(item)
-        if "ContentSequence" in item:
-            out += walk(item.ContentSequence)
-    return out
-
-
-def sr_finding(sr: Dataset) -> tuple[str, float]:
-    """(Present/Absent, probability) read back from the SR's content tree."""
-    presence, probability = "", float("nan")
-    for item in walk(sr.ContentSequence):
-        name = item.ConceptNameCodeSequence[0].CodeValue if "ConceptNameCodeSequence" in item else ""
-        if name == "233604007" and item.ValueType == "CODE":
-            presence = item.ConceptCodeSequence[0].CodeMeaning
-        if item.ValueType == "NUM" and name == "PNEUMONIA-PROB":
-            probability = float(item.MeasuredValueSequence[0].NumericValue)
-    return presence, probability
-
-
-def phantom_file(path: Path, positive: bool, seed: int, **kw: Any) -> Dataset:
-    image, _ = make_phantom(np.random.default_rng(seed), 128, positive)
-    ds = cr_dataset(image, patient_name=CANARY_NAME, patient_id=CANARY_ID, **kw)
-    ds.PatientBirthDate = CANARY_BIRTH
-    # highdicom warns about a one-component person name, quoting it.
-    ds.ReferringPhysicianName = "Zebedee"
-    ds.save_as(path, enforce_file_format=True)
-    return ds
-
-
 def log_records(worker: Any) -> list[dict[str, Any]]:
     out = []
     for line in worker.log_lines():

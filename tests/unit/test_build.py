@@ -115,6 +115,7 @@ def code_of(item: Dataset, sequence: str) -> str:
     return str(item[sequence][0].CodeValue) if sequence in item else ""
 
 
+@pytest.mark.tool
 @pytest.mark.parametrize("which", ["sc", "sr"])
 def test_dciodvfy_reports_no_errors(built: tuple[Dataset, float, Path, Path], which: str) -> None:
     _, _, sc_path, sr_path = built

@@ -72,6 +72,7 @@ def test_configmap_is_a_valid_worker_config(tmp_path: Path) -> None:
     assert settings.metrics.bind == "0.0.0.0" and settings.security.allowed
 
 
+@pytest.mark.tool
 @pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cuda"])
 def test_dockerfiles_lint_clean_and_run_as_non_root(dockerfile: str) -> None:
     hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or require_tool("hadolint")
@@ -84,6 +85,19 @@ def test_dockerfiles_lint_clean_and_run_as_non_root(dockerfile: str) -> None:
     assert installs and not any("[train]" in line or "tensorflow" in line.lower() for line in installs)
 
 
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cuda"])
+def test_dockerfiles_copy_every_package_the_wheel_needs(dockerfile: str) -> None:
+    """The image installs a wheel built from the copied folders: a package left out (and the
+    configs it carries as package data) would be missing from the image."""
+    import tomllib
+
+    project = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())
+    packages = {p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]}
+    copied = {line.split()[1] for line in (DEPLOY / dockerfile).read_text().splitlines() if line.startswith("COPY ")}
+    assert packages <= copied, sorted(packages - copied)
+
+
+@pytest.mark.tool
 def test_systemd_unit_verifies(tmp_path: Path) -> None:
     tool = require_tool("/usr/bin/systemd-analyze")
     unit = (DEPLOY / "systemd" / "cxr-gradcam-worker.service").read_text()

@@ -62,6 +62,13 @@ def test_prepare_splits_the_real_labels_by_patient(release: Path, tmp_path: Path
     assert set(summary["splits"]["test"]["sex"]) == {"M", "F"}
 
 
+def test_prepare_notes_the_fractions_it_used(release: Path, tmp_path: Path) -> None:
+    assert "Split 70/15/15 (train/val/test) by patient" in prepare(LABELS, release, tmp_path / "a")["notes"][1]
+    summary = prepare(LABELS, release, tmp_path / "b", fractions=(0.8, 0.1, 0.1))
+    assert "Split 80/10/10 (train/val/test) by patient" in summary["notes"][1]
+    assert summary["splits"]["train"]["images"] > 0.75 * sum(s["images"] for s in summary["splits"].values())
+
+
 def test_prepare_is_reproducible_with_the_same_seed(release: Path, tmp_path: Path) -> None:
     prepare(LABELS, release, tmp_path / "a", seed=5)
     prepare(LABELS, release, tmp_path / "b", seed=5)

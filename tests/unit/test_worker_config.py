@@ -10,7 +10,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from worker.config import Settings, get_settings
+from worker.config import Settings, default_config, get_settings
 from worker.errors import ConfigError
 from worker.selection import ineligible_reason
 
@@ -18,7 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def test_shipped_worker_toml_states_the_defaults() -> None:
-    assert get_settings(ROOT / "config" / "worker.toml") == Settings()
+    assert get_settings(default_config()) == Settings() == get_settings()
+    assert default_config().read_bytes() == (ROOT / "config" / "worker.toml").read_bytes(), \
+        "config/worker.toml and worker/defaults/worker.toml differ: edit both"
 
 
 def test_precedence_environment_then_flags_then_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -35,8 +37,21 @@ def test_precedence_environment_then_flags_then_file(tmp_path: Path, monkeypatch
     assert [str(d) for d in s.send.destinations] == ["B@host:104", "C@10.1.1.1:11112"]
 
 
+def test_flags_not_given_leave_the_file_alone_and_sections_merge(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "w.toml"
+    cfg.write_text('[dicom]\nmax_pdu = 0\n[send]\nretry_initial_s = 1.5\n')
+    monkeypatch.setenv("CXR_SEND__DIMSE_TIMEOUT", "7")
+    s = get_settings(cfg, {"dicom": {"port": 3000, "bind": None}, "send": {"destinations": ["A@h:1"]}})
+    assert (s.dicom.max_pdu, s.dicom.port, s.dicom.bind) == (0, 3000, "0.0.0.0")
+    assert (s.send.retry_initial_s, s.send.dimse_timeout) == (1.5, 7.0)
+    assert [str(d) for d in s.send.destinations] == ["A@h:1"]
+
+
 @pytest.mark.parametrize("toml, match", [
     ("[dicom]\nport = 70000\n", "dicom.port"),
+    ('[send]\ndestinations = [{ae_title = "BAD\\\\AE", host = "h", port = 104}]\n', "send.destinations.0.ae_title"),
+    ('[send]\ndestinations = [{ae_title = "", host = "h", port = 104}]\n', "not a valid AE title"),
     ('[dicom]\nae_title = "MUCH-TOO-LONG-AE-TITLE"\n', "AE title"),
     ('[send]\ndestinations = ["nohost"]\n', "AET@HOST:PORT"),
     ("[output]\nopacity = 1.5\n", "output.opacity"),
@@ -49,6 +64,29 @@ def test_bad_values_are_refused_with_the_key(tmp_path: Path, toml: str, match: s
     cfg.write_text(toml)
     with pytest.raises(ConfigError, match=match):
         get_settings(cfg)
+
+
+def test_config_errors_name_key_value_and_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "w.toml"
+    cfg.write_text('[send]\ndestinations = [{ae_title = "MUCH-TOO-LONG-AE-TITLE", host = "h", port = 104}]\n')
+    with pytest.raises(ConfigError) as err:
+        get_settings(cfg)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "send.destinations.0.ae_title" in message and "MUCH-TOO-LONG-AE-TITLE" in message
+    assert "CXR_SEND__DESTINATIONS" in message
+    with pytest.raises(ConfigError, match="config file not found"):
+        get_settings(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match=r"^flags: dicom.port: .*received 0"):
+        get_settings(cfg, {"dicom": {"port": 0}})
+    monkeypatch.setenv("CXR_DICOM__PORT", "99999")
+    with pytest.raises(ConfigError, match=r"^environment CXR_DICOM__PORT: dicom.port: .*received '99999'"):
+        get_settings(cfg)
+    monkeypatch.delenv("CXR_DICOM__PORT")
+    monkeypatch.setenv("CXR_SEND__DESTINATIONS", "PACS@h:104")  # not JSON
+    with pytest.raises(ConfigError) as err:
+        get_settings()
+    assert "\n" not in str(err.value) and "CXR_SEND__DESTINATIONS='PACS@h:104'" in str(err.value)
 
 
 def test_cli_reports_bad_config_in_one_line(tmp_path: Path) -> None:

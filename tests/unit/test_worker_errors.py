@@ -1,0 +1,30 @@
+"""Worker errors are one line, even when the library error they quote is not."""
+
+from __future__ import annotations
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.encaps import encapsulate, generate_frames
+
+from worker.decode import read_pixels
+from worker.errors import DecodeError, SendError
+
+
+def test_a_broken_jpeg2000_frame_is_one_line_naming_the_decoders() -> None:
+    ds = pydicom.dcmread(get_testdata_file("RG1_J2KR.dcm"))
+    frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    cod = frame.find(b"\xff\x52")  # the coding-style segment, after a valid SIZ
+    frame[cod + 4 : cod + 14] = b"\xff" * 10
+    ds.PixelData = encapsulate([bytes(frame)])
+    with pytest.raises(DecodeError) as err:
+        read_pixels(ds)
+    message = str(err.value)
+    assert message.startswith("pixel data cannot be decoded")
+    assert "\n" not in message and "  " not in message
+    assert "pylibjpeg" in message  # the folded library text is kept, not dropped
+
+
+def test_subclasses_keep_their_fields() -> None:
+    err = SendError("PACS@h:104:\n status 0xA900", permanent=True)
+    assert str(err) == "PACS@h:104: status 0xA900" and err.permanent

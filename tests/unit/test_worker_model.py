@@ -1,0 +1,45 @@
+"""The worker's ONNX Runtime session: loading quiets ONNX Runtime only while it probes providers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+PROBE_THEN_LOAD = """
+import sys
+import onnxruntime as ort
+from worker.errors import ModelError
+from worker.model import OnnxModel
+try:
+    OnnxModel(sys.argv[1], providers="auto")
+except ModelError as exc:  # the probe ran; this tiny model is not a pneumonia model
+    print("refused:", exc)
+ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+"""
+
+
+def test_loading_a_model_leaves_onnx_runtime_logging_on(tmp_path: Path) -> None:
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    # ONNX Runtime warns (default logger, WARNING) about an initializer that no node uses.
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor("unused", TensorProto.FLOAT, [1], [0.0])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "tiny.onnx")
+    out = subprocess.run([sys.executable, "-c", PROBE_THEN_LOAD, str(tmp_path / "tiny.onnx")],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "refused:" in out.stdout and "expected input" in out.stdout
+    # Once per session: the worker's own load is quiet, the later session is heard.
+    assert out.stderr.count("Removing initializer 'unused'") == 1, out.stderr
+    # onnxruntime-gpu without CUDA libraries logs a failed CUDA load during the probe: hidden.
+    assert "CUDAExecutionProvider" not in out.stderr, out.stderr
