@@ -58,7 +58,9 @@ class DicomSection(_Section):
     max_associations_per_peer: int = Field(4, ge=1)
     pdu_deadline_s: float = Field(60.0, gt=0, description="absolute time to receive one PDU")
     association_deadline_s: float = Field(3600.0, gt=0, description="absolute lifetime of an association")
-    max_dataset_mb: int = Field(512, ge=1, description="larger data sets are refused")
+    max_dataset_mb: int = Field(512, ge=1, description="larger data sets (inflated, for deflate) are refused")
+    max_buffer_kb: int = Field(1024, ge=64, description="a command set, or a data set that cannot be streamed "
+                                                        "to disk, larger than this aborts the association")
     shutdown_grace_s: float = Field(30.0, ge=0, description="SIGTERM: time for open associations to finish")
     acse_timeout: float = Field(30.0, gt=0)
     dimse_timeout: float = Field(60.0, gt=0)
