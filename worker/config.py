@@ -90,7 +90,9 @@ class SelectSection(_Section):
     allow_missing_view_position: bool = True
     excluded_image_types: list[str] = ["LOCALIZER"]
     min_size: int = Field(256, ge=1, description="shorter side, pixels")
-    max_pixels: int = Field(50_000_000, ge=1, description="Rows x Columns above this are refused")
+    # 5000 x 5000: a 43 x 43 cm detector at 86 um, above any chest radiograph; memory per
+    # image grows with it (see the README's limits).
+    max_pixels: int = Field(25_000_000, ge=1, description="Rows x Columns above this are refused")
 
 
 class OutputSection(_Section):
@@ -101,6 +103,7 @@ class OutputSection(_Section):
     sr_series_number: int = Field(9002, ge=0)
     sr_series_description: str = Field("AI Pneumonia Report", max_length=64)
     opacity: float = Field(0.4, ge=0.0, le=1.0)
+    sc_max_dimension: int = Field(2048, ge=256, description="the SC is shrunk so no side exceeds this")
     uid_prefix: str | None = Field(None, pattern=r"^[0-9]+(\.[0-9]+)*\.$", max_length=40)
 
 

@@ -156,6 +156,12 @@ class Receiver:
         self.threads: list[threading.Thread] = []
         self._stopped: list[Any] = []
 
+    def room_for_a_data_set(self) -> bool:
+        """Whether the spool can take the largest data set we accept and stay above its
+        reserve: what readiness must report, or a ready worker answers C-STORE with A700."""
+        s = self.settings
+        return self.spool.free_mb() - s.dicom.max_dataset_mb >= s.spool.reserve_mb
+
     def handle_echo(self, event: evt.Event) -> int:
         return SUCCESS
 

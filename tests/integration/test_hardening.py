@@ -20,12 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
 import pytest
 from pydicom import Dataset
 from pydicom.uid import (
     ComputedRadiographyImageStorage,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
     generate_uid,
 )
 from pynetdicom import AE, _config
@@ -67,6 +70,8 @@ def associate(port: int, source: str = "127.0.0.1", calling: str = "HOSTILE") ->
     ae.add_requested_context(Verification)
     ae.add_requested_context(ComputedRadiographyImageStorage, [ExplicitVRLittleEndian])
     ae.add_requested_context(ComputedRadiographyImageStorage, [DeflatedExplicitVRLittleEndian])
+    ae.add_requested_context(ComputedRadiographyImageStorage, [JPEG2000Lossless])
+    ae.add_requested_context(ComputedRadiographyImageStorage, [JPEGBaseline8Bit])
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
     return ae.associate("127.0.0.1", port, ae_title="CXR-GRADCAM", bind_address=(source, 0))
 
@@ -307,3 +312,95 @@ def test_tls_handshake_bookkeeping_forgets_each_address(tmp_path: Path) -> None:
         server.shutdown()
         server.server_close()
         thread.join(10)
+
+
+def jp2_claiming(rows: int, cols: int) -> bytes:
+    """A JPEG 2000 frame in JP2 boxes (a 512 x 512 image) whose ihdr box and SIZ marker
+    both claim ``rows`` x ``cols`` (ISO 15444-1 I.5.3.1, A.5.1)."""
+    import openjpeg
+
+    data = bytearray(openjpeg.encode(np.zeros((512, 512), np.uint16), bits_stored=12, codec_format=1))
+    ihdr = data.find(b"ihdr") + 4
+    data[ihdr : ihdr + 8] = struct.pack(">II", rows, cols)
+    siz = data.find(b"\xff\x51")
+    data[siz + 6 : siz + 14] = struct.pack(">II", cols, rows)
+    return bytes(data)
+
+
+def jpeg_with_late_sof(rows: int, cols: int) -> bytes:
+    """A baseline JPEG (a 64 x 64 image) whose SOF0, claiming ``rows`` x ``cols``, follows
+    66 KB of APP1 segments (ISO 10918-1 B.2.2)."""
+    import cv2
+
+    ok, encoded = cv2.imencode(".jpg", np.full((64, 64), 128, np.uint8))
+    assert ok
+    data = bytearray(encoded.tobytes())
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", rows, cols)
+    app = b"".join(b"\xff\xe1" + struct.pack(">H", 33_002) + b"\0" * 33_000 for _ in range(2))
+    return bytes(data[:2] + app + data[2:])
+
+
+def encapsulated(frame: bytes, syntax: str, rows: int, cols: int, bits: int) -> Dataset:
+    from pydicom.encaps import encapsulate
+
+    ds = image_dataset()
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.Rows, ds.Columns = rows, cols
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = (8, 8, 7) if bits == 8 else (16, 12, 11)
+    ds.PixelData = encapsulate([frame])
+    ds["PixelData"].VR = "OB"
+    ds.LossyImageCompression = "01" if syntax == JPEGBaseline8Bit else "00"
+    return ds
+
+
+def quarantine_reasons(worker: Any) -> str:
+    return "\n".join(p.read_text() for p in (worker.spool / "quarantine").glob("*.reason"))
+
+
+BOMBS = {
+    "JP2 boxes claiming 4096 x 4096 behind 512 x 512": lambda: encapsulated(
+        jp2_claiming(4096, 4096), JPEG2000Lossless, 512, 512, 16),
+    "JPEG whose SOF, claiming 4096 x 4096, follows 64 KB of APP segments": lambda: encapsulated(
+        jpeg_with_late_sof(4096, 4096), JPEGBaseline8Bit, 64, 64, 8),
+}
+
+
+@pytest.mark.parametrize("case", BOMBS)
+def test_frames_claiming_another_size_are_quarantined_before_decoding(make_worker: Any, tmp_path: Path,
+                                                                      case: str) -> None:
+    worker = make_worker(NOWHERE)
+    path = tmp_path / "bomb.dcm"
+    BOMBS[case]().save_as(path, enforce_file_format=True)
+    assert store(worker.port, path).Status == 0
+    wait_for(lambda: "4096x4096" in quarantine_reasons(worker), 60, "the frame to be quarantined")
+    assert "compressed frame claims 4096x4096 pixels" in quarantine_reasons(worker)
+    assert worker.stop() == 0
+
+
+def test_large_radiographs_stay_within_memory_and_give_a_bounded_sc(make_worker: Any, pacs: Any,
+                                                                    tmp_path: Path) -> None:
+    """The largest detector we accept (4300 x 4300, JPEG 2000) is answered with an SC no
+    side of which exceeds sc_max_dimension; a 7071 x 7071 one is over max_pixels."""
+    worker = make_worker([f"PACS@127.0.0.1:{pacs.port}"], metrics_port=free_port())
+    warm = rss_kb(worker.proc.pid)
+    yy, xx = np.mgrid[0:4300, 0:4300]
+    ds = cr_dataset(((yy + xx) % 4096).astype(np.uint16))
+    ds.ImagerPixelSpacing = [0.1, 0.1]
+    ds.compress(JPEG2000Lossless)
+    big = tmp_path / "big.dcm"
+    ds.save_as(big, enforce_file_format=True)
+    del ds, yy, xx
+    assert store(worker.port, big).Status == 0
+    wait_for(lambda: len(pacs.files()) >= 2, 300, "the results of the 4300 x 4300 image")
+    grown_mb = (rss_kb(worker.proc.pid, "VmHWM") - warm) / 1024
+    print(f"4300 x 4300 JPEG 2000: worker peak RSS {grown_mb:.0f} MB above warm")
+    assert grown_mb < 1536
+    sc = next(d for d in map(pydicom.dcmread, pacs.files()) if d.Modality == "OT" or "PixelData" in d)
+    assert max(sc.Rows, sc.Columns) == 2048
+    assert abs(float(sc.PixelSpacing[0]) - 0.1 * 4300 / 2048) < 1e-3
+    huge = encapsulated(jp2_claiming(7071, 7071), JPEG2000Lossless, 7071, 7071, 16)
+    huge.save_as(tmp_path / "huge.dcm", enforce_file_format=True)
+    assert store(worker.port, tmp_path / "huge.dcm").Status == 0
+    wait_for(lambda: "over the limit of 25000000" in quarantine_reasons(worker), 60, "the 7071 x 7071 refusal")
+    assert worker.stop() == 0
