@@ -24,18 +24,29 @@ import pydicom
 import pytest
 from pydicom import Dataset
 from pydicom.uid import (
-    ComputedRadiographyImageStorage,
     DeflatedExplicitVRLittleEndian,
-    ExplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     generate_uid,
 )
-from pynetdicom import AE, _config
-from pynetdicom.dsutils import encode
+from pynetdicom import _config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from tests.helpers import free_port, require_tool, wait_for
+from tests.helpers import (
+    CR_CX,
+    VERIFICATION_CX,
+    associate,
+    c_store_rq,
+    command,
+    free_port,
+    jp2_claiming,
+    p_data,
+    raw,
+    require_tool,
+    rss_kb,
+    send_fragments,
+    wait_for,
+)
 from trainer.dicom_phantoms import cr_dataset
 from trainer.phantoms import make_phantom
 
@@ -43,15 +54,7 @@ pytestmark = pytest.mark.integration
 
 #: A destination nobody listens on: results stay in the outbox, which these tests do not look at.
 NOWHERE = [f"PACS@127.0.0.1:{free_port()}"]
-VERIFICATION_CX, CR_CX = 1, 3  # context IDs in the order requested below
 FRAGMENT = 200_000
-
-
-def rss_kb(pid: int, field: str = "VmRSS") -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise AssertionError(f"{field} not in /proc/{pid}/status")
 
 
 def metric(worker: Any, name: str) -> float:
@@ -65,62 +68,9 @@ def audit_details(worker: Any) -> list[str]:
     return [r["EventIdentification"].get("EventOutcomeDescription", "") for r in records]
 
 
-def associate(port: int, source: str = "127.0.0.1", calling: str = "HOSTILE") -> Any:
-    ae = AE(ae_title=calling)
-    ae.add_requested_context(Verification)
-    ae.add_requested_context(ComputedRadiographyImageStorage, [ExplicitVRLittleEndian])
-    ae.add_requested_context(ComputedRadiographyImageStorage, [DeflatedExplicitVRLittleEndian])
-    ae.add_requested_context(ComputedRadiographyImageStorage, [JPEG2000Lossless])
-    ae.add_requested_context(ComputedRadiographyImageStorage, [JPEGBaseline8Bit])
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-    return ae.associate("127.0.0.1", port, ae_title="CXR-GRADCAM", bind_address=(source, 0))
-
-
-def raw(assoc: Any) -> socket.socket:
-    """The established association's socket: the tests write P-DATA-TF PDUs on it themselves."""
-    return assoc.dul.socket.socket  # type: ignore[no-any-return]
-
-
-def p_data(context_id: int, control: int, payload: bytes) -> bytes:
-    """One P-DATA-TF PDU with one PDV (PS3.8 9.3.5); control bit 0: command, bit 1: last."""
-    pdv = struct.pack(">LBB", len(payload) + 2, context_id, control) + payload
-    return struct.pack(">BBL", 0x04, 0, len(pdv)) + pdv
-
-
-def command(field: int, sop_class: str, data_set: bool, **extra: Any) -> bytes:
-    """A DIMSE command set, Implicit VR Little Endian with its group length (PS3.7 E)."""
-    ds = Dataset()
-    ds.AffectedSOPClassUID = sop_class
-    ds.CommandField = field
-    ds.MessageID = 1
-    ds.CommandDataSetType = 0x0000 if data_set else 0x0101
-    for k, v in extra.items():
-        setattr(ds, k, v)
-    body = encode(ds, True, True)
-    assert body is not None
-    return struct.pack("<HHII", 0, 0, 4, len(body)) + body
-
-
-def c_store_rq(uid: str) -> bytes:
-    return p_data(CR_CX, 0x03, command(0x0001, ComputedRadiographyImageStorage, True,
-                                       AffectedSOPInstanceUID=uid, Priority=0))
-
-
 def image_dataset(seed: int = 1) -> Dataset:
     image, _ = make_phantom(np.random.default_rng(seed), 64, True)
     return cr_dataset(image)
-
-
-def send_fragments(sock: socket.socket, pdu: bytes, total: int, stop: Any = lambda: False) -> int:
-    """Send ``pdu`` until ``total`` bytes went out, the worker closes, or ``stop()``; returns bytes sent."""
-    sent = 0
-    try:
-        while sent < total and not stop():
-            sock.sendall(pdu)
-            sent += len(pdu)
-    except OSError:
-        pass
-    return sent
 
 
 def aborted(assoc: Any) -> bool:
@@ -312,19 +262,6 @@ def test_tls_handshake_bookkeeping_forgets_each_address(tmp_path: Path) -> None:
         server.shutdown()
         server.server_close()
         thread.join(10)
-
-
-def jp2_claiming(rows: int, cols: int) -> bytes:
-    """A JPEG 2000 frame in JP2 boxes (a 512 x 512 image) whose ihdr box and SIZ marker
-    both claim ``rows`` x ``cols`` (ISO 15444-1 I.5.3.1, A.5.1)."""
-    import openjpeg
-
-    data = bytearray(openjpeg.encode(np.zeros((512, 512), np.uint16), bits_stored=12, codec_format=1))
-    ihdr = data.find(b"ihdr") + 4
-    data[ihdr : ihdr + 8] = struct.pack(">II", rows, cols)
-    siz = data.find(b"\xff\x51")
-    data[siz + 6 : siz + 14] = struct.pack(">II", cols, rows)
-    return bytes(data)
 
 
 def jpeg_with_late_sof(rows: int, cols: int) -> bytes:
