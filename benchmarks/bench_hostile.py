@@ -101,13 +101,15 @@ def deflate_bomb(path: Path, inflated: int) -> None:
     """A CR file in Deflated Explicit VR Little Endian whose private OB element of zeros
     inflates to ``inflated`` bytes; written a chunk at a time (about 1 MB on disk)."""
     from pydicom.filewriter import write_file_meta_info
-    from pydicom.uid import DeflatedExplicitVRLittleEndian
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
     from pynetdicom.dsutils import encode
 
     from trainer.dicom_phantoms import cr_dataset
 
     ds = cr_dataset(np.zeros((64, 64), np.uint16))
     ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
     before, after = ds[:0x00090000], ds[0x00090000:]  # the private group goes between
     deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
     with open(path, "wb") as f:
