@@ -130,7 +130,8 @@ def inflate(path: Path, limit: int) -> Path:
                 out.write(piece)
                 if inflater.eof:
                     break
-            out.write(inflater.flush())
+            if not inflater.eof:
+                raise Refused(CANNOT_UNDERSTAND, "deflated data set ends inside its deflate stream")
     except zlib.error as exc:
         target.unlink(missing_ok=True)
         raise Refused(CANNOT_UNDERSTAND, f"deflated data set cannot be inflated: {exc}") from None
