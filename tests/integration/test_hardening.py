@@ -341,3 +341,21 @@ def test_large_radiographs_stay_within_memory_and_give_a_bounded_sc(make_worker:
     assert store(worker.port, tmp_path / "huge.dcm").Status == 0
     wait_for(lambda: "over the limit of 25000000" in quarantine_reasons(worker), 60, "the 7071 x 7071 refusal")
     assert worker.stop() == 0
+
+
+def test_readiness_needs_room_for_one_data_set_above_the_reserve(make_worker: Any, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ready must mean that a C-STORE of any allowed size is taken: with less than
+    reserve_mb + max_dataset_mb free, /readyz says not ready (it said ready while every
+    C-STORE got A700)."""
+    import shutil
+    import urllib.error
+
+    free_mb = shutil.disk_usage(tmp_path).free // 2**20
+    monkeypatch.setenv("CXR_SPOOL__RESERVE_MB", str(free_mb - 256))  # the environment beats the file
+    worker = make_worker(NOWHERE, metrics_port=free_port(), dicom_extra="max_dataset_mb = 512\n")
+    with pytest.raises(urllib.error.HTTPError) as answer:
+        urllib.request.urlopen(f"http://127.0.0.1:{worker.metrics_port}/readyz", timeout=10)
+    assert answer.value.code == 503
+    assert json.loads(answer.value.read())["checks"]["disk_above_reserve"] is False
+    assert worker.stop() == 0
