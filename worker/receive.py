@@ -261,7 +261,8 @@ class Receiver:
             self.metrics.aborted.inc()
         else:
             self.metrics.rejected.labels(kind).inc()
-        logger.warning("association refused: %s", detail, extra={"reason": kind, "peer": address, "calling_ae": ae})
+        logger.warning("association %s: %s", "aborted" if kind == "aborted" else "refused", detail,
+                       extra={"reason": kind, "peer": address, "calling_ae": ae})
         if self.audit is not None:
             code = NODE_AUTHENTICATION if kind == "tls" else NETWORK_ENTRY
             try:
