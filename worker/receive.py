@@ -180,6 +180,7 @@ class Receiver:
             raise Refused(CANNOT_UNDERSTAND, f"data set over {d.max_dataset_mb} MB")
         if not UID(uid).is_valid:
             raise Refused(CANNOT_UNDERSTAND, "Affected SOP Instance UID is not a valid UID")
+        received = path
         if read_file_meta_info(path).get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
             path = inflate(path, limit)
         try:
@@ -189,6 +190,8 @@ class Receiver:
         except Exception:
             bad = None  # unreadable: acknowledged, and the processor quarantines it with the reason
         if bad:
+            if path != received:
+                path.unlink(missing_ok=True)  # our inflated copy; pynetdicom removes its own file
             raise Refused(CANNOT_UNDERSTAND, bad)
         return path
 

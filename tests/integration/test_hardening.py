@@ -147,17 +147,21 @@ def test_deflate_bomb_is_refused_by_its_inflated_size(make_worker: Any, tmp_path
     assert worker.stop() == 0
 
 
+@pytest.mark.parametrize("deflated", [False, True], ids=["plain", "deflated"])
 @pytest.mark.parametrize("bad", ["1.2.840.10008.\x01.5", "../../etc/passwd", "1." + "2" * 70])
-def test_invalid_uids_are_refused_at_receive(make_worker: Any, tmp_path: Path, bad: str) -> None:
+def test_invalid_uids_are_refused_at_receive(make_worker: Any, tmp_path: Path, bad: str, deflated: bool) -> None:
     worker = make_worker(NOWHERE)
     ds = image_dataset()
     ds.StudyInstanceUID = bad
+    if deflated:
+        ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     path = tmp_path / "bad-uid.dcm"
     ds.save_as(path, enforce_file_format=True)
     status = store(worker.port, path)
     assert status.Status == 0xC000
     assert "StudyInstanceUID is not a valid UID" in status.get("ErrorComment", "")
     assert not list((worker.spool / "queue").iterdir())
+    assert not list((worker.spool / "incoming").iterdir())
     assert bad not in (worker.config.parent / "audit.jsonl").read_text()
     assert worker.stop() == 0
 
