@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import time
 from collections.abc import Callable
@@ -19,6 +20,16 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom import Dataset
+from pydicom.uid import (
+    ComputedRadiographyImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+)
+from pynetdicom import AE
+from pynetdicom.dsutils import encode
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from trainer.dicom_phantoms import cr_dataset
 from trainer.phantoms import make_phantom
@@ -155,3 +166,82 @@ def phantom_file(path: Path, positive: bool, seed: int, **kw: Any) -> Dataset:
     ds.ReferringPhysicianName = "Zebedee"
     ds.save_as(path, enforce_file_format=True)
     return ds
+# -- a hostile peer (issue 9): raw P-DATA on a real association, memory of a process ------
+#: Presentation context IDs of the contexts :func:`associate` requests, in its order.
+VERIFICATION_CX, CR_CX = 1, 3
+
+
+def rss_kb(pid: int, field: str = "VmRSS") -> int:
+    """A process's resident memory from /proc (VmHWM: its peak so far), in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"{field} not in /proc/{pid}/status")
+
+
+def associate(port: int, source: str = "127.0.0.1", calling: str = "HOSTILE") -> Any:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(ComputedRadiographyImageStorage, [ExplicitVRLittleEndian])
+    ae.add_requested_context(ComputedRadiographyImageStorage, [DeflatedExplicitVRLittleEndian])
+    ae.add_requested_context(ComputedRadiographyImageStorage, [JPEG2000Lossless])
+    ae.add_requested_context(ComputedRadiographyImageStorage, [JPEGBaseline8Bit])
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    return ae.associate("127.0.0.1", port, ae_title="CXR-GRADCAM", bind_address=(source, 0))
+
+
+def raw(assoc: Any) -> socket.socket:
+    """The established association's socket: the tests write P-DATA-TF PDUs on it themselves."""
+    return assoc.dul.socket.socket  # type: ignore[no-any-return]
+
+
+def p_data(context_id: int, control: int, payload: bytes) -> bytes:
+    """One P-DATA-TF PDU with one PDV (PS3.8 9.3.5); control bit 0: command, bit 1: last."""
+    pdv = struct.pack(">LBB", len(payload) + 2, context_id, control) + payload
+    return struct.pack(">BBL", 0x04, 0, len(pdv)) + pdv
+
+
+def command(field: int, sop_class: str, data_set: bool, **extra: Any) -> bytes:
+    """A DIMSE command set, Implicit VR Little Endian with its group length (PS3.7 E)."""
+    ds = Dataset()
+    ds.AffectedSOPClassUID = sop_class
+    ds.CommandField = field
+    ds.MessageID = 1
+    ds.CommandDataSetType = 0x0000 if data_set else 0x0101
+    for k, v in extra.items():
+        setattr(ds, k, v)
+    body = encode(ds, True, True)
+    assert body is not None
+    return struct.pack("<HHII", 0, 0, 4, len(body)) + body
+
+
+def c_store_rq(uid: str) -> bytes:
+    return p_data(CR_CX, 0x03, command(0x0001, ComputedRadiographyImageStorage, True,
+                                       AffectedSOPInstanceUID=uid, Priority=0))
+
+
+def send_fragments(sock: socket.socket, pdu: bytes, total: int, stop: Any = lambda: False) -> int:
+    """Send ``pdu`` until ``total`` bytes went out, the worker closes, or ``stop()``; returns bytes sent."""
+    sent = 0
+    try:
+        while sent < total and not stop():
+            sock.sendall(pdu)
+            sent += len(pdu)
+    except OSError:
+        pass
+    return sent
+
+
+def jp2_claiming(rows: int, cols: int) -> bytes:
+    """A JPEG 2000 frame in JP2 boxes (a 512 x 512 image) whose ihdr box and SIZ marker
+    both claim ``rows`` x ``cols`` (ISO 15444-1 I.5.3.1, A.5.1)."""
+    import openjpeg
+
+    data = bytearray(openjpeg.encode(np.zeros((512, 512), np.uint16), bits_stored=12, codec_format=1))
+    ihdr = data.find(b"ihdr") + 4
+    data[ihdr : ihdr + 8] = struct.pack(">II", rows, cols)
+    siz = data.find(b"\xff\x51")
+    data[siz + 6 : siz + 14] = struct.pack(">II", cols, rows)
+    return bytes(data)
+
+

@@ -222,11 +222,18 @@ def build_secondary_capture(
         uids, model, settings: Output UIDs, the model that made the map, site choices.
     """
     rows, cols = int(source.Rows), int(source.Columns)
-    if rgb.dtype != np.uint8 or rgb.shape != (rows, cols, 3):
+    # The overlay may be the source shrunk to a bounded size (decode.fit_dimension): the
+    # same aspect to the rounding of a pixel per side; the pixel spacing grows to match.
+    height, width = (rgb.shape[0], rgb.shape[1]) if rgb.ndim == 3 else (0, 0)
+    shrunk = 0 < max(height, width) < max(rows, cols) and abs(rows * width - cols * height) <= max(rows, cols)
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3 or not ((height, width) == (rows, cols) or shrunk):
         raise UnsupportedInput(
-            f"overlay must be uint8 [{rows}, {cols}, 3] like the source. "
+            f"overlay must be uint8 [{rows}, {cols}, 3] like the source, or that shrunk. "
             f"Received: dtype={rgb.dtype}, shape={rgb.shape}"
         )
+    spacing = _pixel_spacing(source)
+    if spacing is not None and shrunk:
+        spacing = (spacing[0] * rows / height, spacing[1] * cols / width)
     orientation = _patient_orientation(source)
     laterality = str(source.get("Laterality") or "")
     sc = hd.sc.SCImage.from_ref_dataset(
@@ -236,7 +243,7 @@ def build_secondary_capture(
         sop_instance_uid=uids.sc_instance, instance_number=1, manufacturer=settings.manufacturer,
         series_description=settings.sc_series_description,
         institution_name=settings.institution_name,
-        pixel_spacing=_pixel_spacing(source),  # type: ignore[arg-type]  # hd hints int
+        pixel_spacing=spacing,  # type: ignore[arg-type]  # hd hints int
         laterality=laterality if laterality in ("R", "L") else None,
         # highdicom requires a value and knows single letters only; the real value
         # (possibly compound, or empty when unknown) is written back below.

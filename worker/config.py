@@ -70,7 +70,9 @@ class DicomSection(_Section):
     max_associations_per_peer: int = Field(4, ge=1)
     pdu_deadline_s: float = Field(60.0, gt=0, description="absolute time to receive one PDU")
     association_deadline_s: float = Field(3600.0, gt=0, description="absolute lifetime of an association")
-    max_dataset_mb: int = Field(512, ge=1, description="larger data sets are refused")
+    max_dataset_mb: int = Field(512, ge=1, description="larger data sets (inflated, for deflate) are refused")
+    max_buffer_kb: int = Field(1024, ge=64, description="a command set, or a data set that cannot be streamed "
+                                                        "to disk, larger than this aborts the association")
     shutdown_grace_s: float = Field(30.0, ge=0, description="SIGTERM: time for open associations to finish")
     acse_timeout: float = Field(30.0, gt=0)
     dimse_timeout: float = Field(60.0, gt=0)
@@ -100,7 +102,9 @@ class SelectSection(_Section):
     allow_missing_view_position: bool = True
     excluded_image_types: list[str] = ["LOCALIZER"]
     min_size: int = Field(256, ge=1, description="shorter side, pixels")
-    max_pixels: int = Field(50_000_000, ge=1, description="Rows x Columns above this are refused")
+    # 5000 x 5000: a 43 x 43 cm detector at 86 um, above any chest radiograph; memory per
+    # image grows with it (see the README's limits).
+    max_pixels: int = Field(25_000_000, ge=1, description="Rows x Columns above this are refused")
 
 
 class OutputSection(_Section):
@@ -111,6 +115,7 @@ class OutputSection(_Section):
     sr_series_number: int = Field(9002, ge=0)
     sr_series_description: str = Field("AI Pneumonia Report", max_length=64)
     opacity: float = Field(0.4, ge=0.0, le=1.0)
+    sc_max_dimension: int = Field(2048, ge=256, description="the SC is shrunk so no side exceeds this")
     uid_prefix: str | None = Field(None, pattern=r"^[0-9]+(\.[0-9]+)*\.$", max_length=40)
 
 

@@ -8,18 +8,29 @@ PNG through the trainer and a DICOM through the worker give the same tensor.
 
 from __future__ import annotations
 
-import struct
 from typing import Any
 
+import cv2
 import numpy as np
 from pydicom import Dataset
+from pydicom.pixels import get_decoder
 from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
-from pydicom.uid import UID
+from pydicom.uid import (
+    UID,
+    ImplicitVRLittleEndian,
+    JPEG2000TransferSyntaxes,
+    JPEGLSTransferSyntaxes,
+    JPEGTransferSyntaxes,
+)
 
 from cxr_contract.pixels import resize_for_model, to_unit_range
 from worker.errors import DecodeError, UnsupportedInput
 
 SUPPORTED_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2")
+
+#: 5000 x 5000: a 43 x 43 cm detector at 86 um, above every chest radiograph we know of
+#: (4300 x 4300 at 100 um is the largest common flat panel).
+MAX_PIXELS = 25_000_000
 
 
 def check_pixel_module(ds: Dataset, *, max_pixels: int) -> None:
@@ -54,45 +65,88 @@ def check_pixel_module(ds: Dataset, *, max_pixels: int) -> None:
         raise UnsupportedInput(f"{rows}x{cols} pixels is over the limit of {max_pixels}")
 
 
-def compressed_frame_size(ds: Dataset) -> tuple[int, int] | None:
-    """(rows, columns) that a JPEG or JPEG 2000 frame's own header claims, if it can be read.
-
-    A codec allocates what its codestream declares, not what Rows/Columns say, so a
-    crafted header could claim 65535 x 65535 pixels behind a small Rows/Columns.
-    """
-    if not ds.file_meta.get("TransferSyntaxUID", UID("1.2.840.10008.1.2")).is_compressed:
-        return None
+def _first_frame(ds: Dataset) -> bytes:
     from pydicom.encaps import generate_frames
-    from pydicom.pixels.utils import _get_jpg_parameters
 
     try:
-        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+        return next(generate_frames(ds.PixelData, number_of_frames=1))
     except Exception as exc:
         raise DecodeError(f"encapsulated pixel data cannot be read: {type(exc).__name__}: {exc}") from None
-    head = bytes(frame[:4096])
-    siz = head.find(b"\xff\x51")
-    if head.startswith(b"\xff\x4f") and siz >= 0 and len(head) >= siz + 22:
-        x, y, x0, y0 = struct.unpack(">IIII", head[siz + 6 : siz + 22])  # ISO 15444-1 A.5.1
-        return int(y) - int(y0), int(x) - int(x0)
-    params = _get_jpg_parameters(head + bytes(frame[4096:65536]))
-    if "height" in params and "width" in params:
-        return int(params["height"]), int(params["width"])
-    return None
+
+
+def compressed_frame_size(ds: Dataset) -> tuple[int, int] | None:
+    """(rows, columns) that a JPEG, JPEG-LS or JPEG 2000 frame's own header claims.
+
+    A codec allocates what its codestream declares, not what Rows/Columns say, so a
+    crafted header could claim 20000 x 20000 pixels behind Rows/Columns of 512. The
+    codec libraries' own header parsers read it (the whole frame: a JPEG may put its
+    SOF after any number of APP segments; a JPEG 2000 frame may come in JP2 boxes).
+    None for syntaxes whose frames declare no size (uncompressed, RLE).
+
+    Raises:
+        DecodeError: the frame's header cannot be read.
+    """
+    syntax = UID(ds.file_meta.get("TransferSyntaxUID", ImplicitVRLittleEndian))
+    if syntax in JPEG2000TransferSyntaxes:
+        import openjpeg
+
+        parse: Any = openjpeg.get_parameters
+    elif syntax in JPEGTransferSyntaxes or syntax in JPEGLSTransferSyntaxes:
+        import libjpeg
+
+        parse = libjpeg.get_parameters
+    else:
+        return None
+    frame = _first_frame(ds)
+    try:
+        params = parse(frame)
+        return int(params["rows"]), int(params["columns"])
+    except Exception as exc:  # the libraries raise RuntimeError, or KeyError for odd streams
+        raise DecodeError(f"compressed frame header cannot be read: {type(exc).__name__}: {exc}") from None
 
 
 def read_pixels(ds: Dataset) -> np.ndarray[Any, Any]:
-    """Decode the stored values of a single-frame grayscale image."""
+    """Decode the stored values of a single-frame grayscale image, after checking that
+    a compressed frame declares the size that Rows/Columns do.
+
+    Every syntax decodes at full size: pylibjpeg-openjpeg 2.x exposes no reduction
+    level, so a JPEG 2000 frame cannot be decoded at a lower resolution here; memory
+    per image is bounded by ``max_pixels`` instead.
+    """
     claimed = compressed_frame_size(ds)
-    if claimed is not None and claimed != (ds.Rows, ds.Columns):
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    if claimed is not None and claimed != (rows, cols):
         raise DecodeError(f"compressed frame claims {claimed[0]}x{claimed[1]} pixels but Rows/Columns are "
-                          f"{ds.Rows}x{ds.Columns}")
+                          f"{rows}x{cols}")
     try:
-        arr = ds.pixel_array
+        # The decoder, not ds.pixel_array: that caches the full array on the dataset, which
+        # the batch keeps until its outputs are built.
+        arr, _ = get_decoder(ds.file_meta.TransferSyntaxUID).as_array(ds, index=0)
     except Exception as exc:  # pydicom raises many types for broken pixel data
         raise DecodeError(f"pixel data cannot be decoded: {exc}") from None
-    if arr.ndim != 2 or arr.shape != (ds.Rows, ds.Columns):
-        raise DecodeError(f"decoded pixel array has shape {arr.shape}, expected ({ds.Rows}, {ds.Columns})")
+    if arr.ndim != 2 or arr.shape != (rows, cols):
+        raise DecodeError(f"decoded pixel array has shape {arr.shape}, expected ({rows}, {cols})")
     return arr
+
+
+def fit_dimension(arr: np.ndarray[Any, Any], max_dimension: int | None) -> np.ndarray[Any, Any]:
+    """Shrink (area average) so that neither side exceeds ``max_dimension``; the Secondary
+    Capture is built at this size, so it stays bounded whatever the source's size."""
+    if not max_dimension or max(arr.shape) <= max_dimension:
+        return arr
+    scale = max_dimension / max(arr.shape)
+    size = (max(1, round(arr.shape[1] * scale)), max(1, round(arr.shape[0] * scale)))
+    return np.asarray(cv2.resize(arr, size, interpolation=cv2.INTER_AREA))
+
+
+def held_pixels(ds: Dataset, max_dimension: int | None) -> int:
+    """Pixels one decoded image holds in a batch (its unit image after :func:`fit_dimension`):
+    what a batcher should sum to size a batch by pixels rather than by count."""
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if max_dimension and max(rows, cols) > max_dimension:
+        scale = max_dimension / max(rows, cols)
+        rows, cols = round(rows * scale), round(cols * scale)
+    return rows * cols
 
 
 def mask_padding(arr: np.ndarray[Any, Any], ds: Dataset) -> np.ndarray[Any, Any]:
@@ -129,8 +183,10 @@ def invert_monochrome1(arr: np.ndarray[Any, Any], ds: Dataset) -> np.ndarray[Any
     return arr
 
 
-def dataset_to_unit_image(ds: Dataset, *, max_pixels: int = 50_000_000) -> np.ndarray[Any, Any]:
-    """Stored pixels -> display-ready grayscale in [0, 1] at the source's resolution."""
+def dataset_to_unit_image(ds: Dataset, *, max_pixels: int = MAX_PIXELS,
+                          max_dimension: int | None = None) -> np.ndarray[Any, Any]:
+    """Stored pixels -> display-ready grayscale in [0, 1], at the source's resolution or,
+    with ``max_dimension``, shrunk so that neither side exceeds it."""
     check_pixel_module(ds, max_pixels=max_pixels)
     arr = read_pixels(ds)
     arr = mask_padding(arr, ds)
@@ -140,10 +196,10 @@ def dataset_to_unit_image(ds: Dataset, *, max_pixels: int = 50_000_000) -> np.nd
         raise DecodeError(f"modality LUT / rescale cannot be applied: {exc}") from None
     arr = apply_voi(arr, ds)
     arr = to_unit_range(arr)
-    return invert_monochrome1(arr, ds)
+    return fit_dimension(invert_monochrome1(arr, ds), max_dimension)
 
 
-def dataset_to_model_input(ds: Dataset, size: int, *, max_pixels: int = 50_000_000) -> np.ndarray[Any, Any]:
+def dataset_to_model_input(ds: Dataset, size: int, *, max_pixels: int = MAX_PIXELS) -> np.ndarray[Any, Any]:
     """The model input ``[size, size, 1]`` float32 for one dataset."""
     return resize_for_model(dataset_to_unit_image(ds, max_pixels=max_pixels), size)[..., None]
 

@@ -31,6 +31,10 @@ class Metrics:
         self.refused = Counter("cxr_c_store_refused", "C-STORE answered with a failure status", ["status"],
                                registry=r)
         self.rejected = Counter("cxr_associations_rejected", "Associations refused", ["reason"], registry=r)
+        self.aborted = Counter("cxr_associations_aborted", "Associations aborted for breaking a limit", registry=r)
+        self.partial_removed = Counter("cxr_partial_receives_removed",
+                                       "Data sets received in part, removed when their association ended",
+                                       registry=r)
         self.queue_depth = Gauge("cxr_queue_depth", "Instances waiting for processing", registry=r)
         self.outbox_depth = Gauge("cxr_outbox_depth", "Result objects waiting to be sent", registry=r)
         self.stage_seconds = Histogram("cxr_stage_seconds", "Latency per pipeline stage", ["stage"], registry=r,
@@ -51,6 +55,9 @@ class HealthServer:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
+            # Each connection holds a thread: one that sends nothing is closed after this long.
+            timeout = 5.0
+
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
                 if self.path == "/metrics":
                     outer.metrics_update()

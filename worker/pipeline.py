@@ -40,7 +40,7 @@ from worker.metrics import HealthServer, Metrics
 from worker.model import OnnxModel
 from worker.receive import Receiver
 from worker.security import client_context
-from worker.selection import ineligible_reason
+from worker.selection import ineligible_reason, invalid_uid
 from worker.send import Outbox, echo
 from worker.spool import Spool, key
 
@@ -128,10 +128,14 @@ class Processor:
         """
         try:
             ds = read_dataset(path)
+            bad_uid = invalid_uid(ds)  # receive refuses these; a file given to `process` may have one
+            if bad_uid:
+                raise UnsupportedInput(bad_uid)
             reason = ineligible_reason(ds, self.settings.select)
             if reason is not None:
                 return Skipped(reason, uid_of(ds))
-            unit = dataset_to_unit_image(ds, max_pixels=self.settings.select.max_pixels)
+            unit = dataset_to_unit_image(ds, max_pixels=self.settings.select.max_pixels,
+                                         max_dimension=self.settings.output.sc_max_dimension)
         except WorkerError:
             raise
         except (Exception, RecursionError) as exc:  # a malformed file can break any reader
@@ -318,7 +322,7 @@ class Service:
             checks["spool_writable"] = True
         except OSError:
             checks["spool_writable"] = False
-        checks["disk_above_reserve"] = self.spool.free_mb() >= self.settings.spool.reserve_mb
+        checks["disk_above_reserve"] = self.receiver.room_for_a_data_set()
         now = time.monotonic()
         for dest in self.settings.send.destinations:
             name = str(dest)

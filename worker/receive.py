@@ -8,14 +8,20 @@ fsynced and renamed into ``queue/``.
 from __future__ import annotations
 
 import logging
-import tempfile
+import struct
 import threading
 import time
+import zlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, cast
 
+from pydicom import Dataset, dcmread
+from pydicom.filereader import read_file_meta_info
+from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
     JPEG2000,
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -33,6 +39,7 @@ from pynetdicom import _config, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from worker import compat
 from worker.audit import NETWORK_ENTRY, NODE_AUTHENTICATION, AuditTrail
 from worker.codes import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, AuditOutcome
 from worker.config import Settings
@@ -42,9 +49,10 @@ from worker.security import (
     GuardedAE,
     GuardedServer,
     TransportLimits,
-    install_transport_limits,
+    install_acceptor_guards,
     server_context,
 )
+from worker.selection import invalid_uid
 from worker.spool import Spool
 
 logger = logging.getLogger(__name__)
@@ -67,6 +75,69 @@ ACCEPTED_TRANSFER_SYNTAXES = [
 ]
 
 
+class Refused(Exception):
+    """An instance refused at receive: its status and the reason the peer is told."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def _meta_end(path: Path) -> int:
+    """Offset of the data set after the File Meta Information (its group length, PS3.10 7.1)."""
+    with open(path, "rb") as f:
+        f.seek(132)
+        head = f.read(12)
+    if len(head) < 12 or head[:8] != b"\x02\x00\x00\x00UL\x04\x00":
+        raise Refused(CANNOT_UNDERSTAND, "file meta without its group length")
+    return 144 + int(struct.unpack("<I", head[8:12])[0])
+
+
+def inflate(path: Path, limit: int) -> Path:
+    """Rewrite a Deflated Explicit VR Little Endian file beside itself as Explicit VR Little
+    Endian, refusing it as soon as the inflated data set passes ``limit`` bytes.
+
+    A deflate stream inflates up to ~1000x: pydicom would inflate it whole, in memory,
+    when the instance is processed. Here memory stays at one chunk.
+    """
+    start = _meta_end(path)
+    meta = read_file_meta_info(path)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    target = path.with_name(path.name + ".inflated")
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total, chunk = 0, 1 << 20
+    try:
+        with open(path, "rb") as src, open(target, "wb") as out:
+            out.write(b"\x00" * 128 + b"DICM")
+            write_file_meta_info(out, meta, enforce_standard=True)  # type: ignore[arg-type]  # any binary file
+            src.seek(start)
+            pending = b""
+            while True:
+                if not pending:
+                    pending = src.read(chunk)
+                    if not pending:
+                        break
+                piece = inflater.decompress(pending, chunk)
+                pending = inflater.unconsumed_tail
+                total += len(piece)
+                if total > limit:
+                    raise Refused(CANNOT_UNDERSTAND, f"inflated data set over {limit >> 20} MB")
+                out.write(piece)
+                if inflater.eof:
+                    break
+            if not inflater.eof:
+                raise Refused(CANNOT_UNDERSTAND, "deflated data set ends inside its deflate stream")
+    except zlib.error as exc:
+        target.unlink(missing_ok=True)
+        raise Refused(CANNOT_UNDERSTAND, f"deflated data set cannot be inflated: {exc}") from None
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+    path.unlink(missing_ok=True)
+    return target
+
+
 class Receiver:
     """The SCP side: accepts, spools, acknowledges; nothing else."""
 
@@ -82,10 +153,45 @@ class Receiver:
         self.threads: list[threading.Thread] = []
         self._stopped: list[Any] = []
 
+    def room_for_a_data_set(self) -> bool:
+        """Whether the spool can take the largest data set we accept and stay above its
+        reserve: what readiness must report, or a ready worker answers C-STORE with A700."""
+        s = self.settings
+        return self.spool.free_mb() - s.dicom.max_dataset_mb >= s.spool.reserve_mb
+
     def handle_echo(self, event: evt.Event) -> int:
         return SUCCESS
 
-    def handle_store(self, event: evt.Event) -> int:
+    def _check(self, path: Path, uid: str) -> Path:
+        """The file to spool, after the checks that need the whole data set.
+
+        Raises:
+            Refused: with the status and the reason for the peer.
+        """
+        d = self.settings.dicom
+        limit = d.max_dataset_mb * 2**20
+        if self.spool.free_mb() < self.settings.spool.reserve_mb:
+            raise Refused(OUT_OF_RESOURCES, "spool below reserve")
+        if path.stat().st_size > limit:
+            raise Refused(CANNOT_UNDERSTAND, f"data set over {d.max_dataset_mb} MB")
+        if not UID(uid).is_valid:
+            raise Refused(CANNOT_UNDERSTAND, "Affected SOP Instance UID is not a valid UID")
+        received = path
+        if read_file_meta_info(path).get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+            path = inflate(path, limit)
+        try:
+            # Header only, large values left on disk: this must not cost what the data set does.
+            header = dcmread(path, stop_before_pixels=True, defer_size=1024)
+            bad = invalid_uid(header)
+        except Exception:
+            bad = None  # unreadable: acknowledged, and the processor quarantines it with the reason
+        if bad:
+            if path != received:
+                path.unlink(missing_ok=True)  # our inflated copy; pynetdicom removes its own file
+            raise Refused(CANNOT_UNDERSTAND, bad)
+        return path
+
+    def handle_store(self, event: evt.Event) -> int | Dataset:
         """Spool one instance; return a named status, never raise."""
         started = time.perf_counter()
         uid = str(getattr(event.request, "AffectedSOPInstanceUID", ""))
@@ -93,34 +199,57 @@ class Receiver:
         calling = event.assoc.requestor.ae_title
         address = str(event.assoc.requestor.address)
         status, detail = SUCCESS, ""
+        path: Path | None = None
         try:
-            if self.spool.free_mb() < self.settings.spool.reserve_mb:
-                status, detail = OUT_OF_RESOURCES, "spool below reserve"
-            elif event.dataset_path.stat().st_size > self.settings.dicom.max_dataset_mb * 2**20:
-                status, detail = CANNOT_UNDERSTAND, f"data set over {self.settings.dicom.max_dataset_mb} MB"
-            else:
-                self.spool.accept(event.dataset_path)
+            path = self._check(event.dataset_path, uid)
+            self.spool.accept(path)
+        except Refused as exc:
+            status, detail = exc.status, exc.detail
         except OSError as exc:
             status, detail = OUT_OF_RESOURCES, f"cannot spool: {type(exc).__name__}"
         except Exception as exc:  # the handler must answer, whatever happened
             status, detail = CANNOT_UNDERSTAND, f"cannot understand: {type(exc).__name__}"
-        extra = {"sop_instance_uid": uid, "calling_ae": calling, "peer": address}
+        if status != SUCCESS and path is not None and path != event.dataset_path:
+            path.unlink(missing_ok=True)  # our inflated copy; pynetdicom removes its own file
+        shown = uid if UID(uid).is_valid else "invalid"
+        extra = {"sop_instance_uid": shown, "calling_ae": calling, "peer": address}
         if self.audit is not None:
             try:
                 outcome = AuditOutcome.SUCCESS if status == SUCCESS else AuditOutcome.SERIOUS_FAILURE
-                self.audit.instance_received(sop_class, uid, calling, address, self.settings.dicom.ae_title,
+                self.audit.instance_received(sop_class, shown, calling, address, self.settings.dicom.ae_title,
                                              outcome, detail)
             except OSError:
                 logger.exception("audit trail not writable")
         if status != SUCCESS:
             self.metrics.refused.labels(f"0x{status:04X}").inc()
             logger.error("refused instance: %s", detail, extra={**extra, "status": f"0x{status:04X}"})
-            return status
+            answer = Dataset()
+            answer.Status = status
+            answer.ErrorComment = detail[:64]  # LO: the peer's log shows why
+            return answer
         self.metrics.received.inc()
         self.metrics.stage_seconds.labels("receive").observe(time.perf_counter() - started)
         logger.info("received", extra=extra)
         self.on_stored()
         return SUCCESS
+
+    def handle_closed(self, event: evt.Event) -> None:
+        """The association ended: remove a data set it left half received, and end an
+        acceptor thread still waiting for a request from a peer that has gone."""
+        assoc = event.assoc
+        partial = getattr(assoc, "_cxr_partial", None)
+        if partial is not None and Path(partial).exists():
+            Path(partial).unlink(missing_ok=True)
+            assoc._cxr_partial = None  # type: ignore[attr-defined]
+            self.metrics.partial_removed.inc()
+            logger.warning("removed a data set received in part", extra={"peer": str(assoc.requestor.address)})
+        if event.event is evt.EVT_CONN_CLOSE and compat.dul_state(assoc) in ("Sta2", "Sta13"):
+            compat.end_before_request(assoc)
+
+    def handle_aborted_by_us(self, assoc: Any, reason: str) -> None:
+        """An association aborted because it broke a limit (called from its DUL thread)."""
+        self._refused("aborted", str(assoc.requestor.address), f"association aborted: {reason}",
+                      assoc.requestor.ae_title or "")
 
     def handle_rejected(self, event: evt.Event) -> None:
         """An association refused by the allow-list (or the association limit)."""
@@ -128,8 +257,12 @@ class Receiver:
                       "A-ASSOCIATE-RJ", event.assoc.requestor.ae_title)
 
     def _refused(self, kind: str, address: str, detail: str, ae: str = "") -> None:
-        self.metrics.rejected.labels(kind).inc()
-        logger.warning("association refused: %s", detail, extra={"reason": kind, "peer": address, "calling_ae": ae})
+        if kind == "aborted":
+            self.metrics.aborted.inc()
+        else:
+            self.metrics.rejected.labels(kind).inc()
+        logger.warning("association %s: %s", "aborted" if kind == "aborted" else "refused", detail,
+                       extra={"reason": kind, "peer": address, "calling_ae": ae})
         if self.audit is not None:
             code = NODE_AUTHENTICATION if kind == "tls" else NETWORK_ENTRY
             try:
@@ -141,6 +274,17 @@ class Receiver:
         d = self.settings.dicom
         ae = GuardedAE(ae_title=d.ae_title)
         ae.allow = self.allow
+        ae.limits = TransportLimits(
+            # A peer must keep P-DATA within the max PDU we announce; an A-ASSOCIATE-RQ is
+            # far below 64 KiB. Anything declaring more is refused before it is buffered.
+            # With max_pdu 0 (unlimited) one PDU may still not exceed one data set.
+            max_pdu_bytes=max(d.max_pdu, 65536) + 6 if d.max_pdu else d.max_dataset_mb * 2**20 + 6,
+            pdu_deadline_s=d.pdu_deadline_s,
+            association_deadline_s=d.association_deadline_s,
+            max_buffer_bytes=d.max_buffer_kb * 1024,
+            max_dataset_bytes=d.max_dataset_mb * 2**20,
+        )
+        ae.on_abort = self.handle_aborted_by_us
         # The precise limits (total and per peer) are applied at accept by GuardedServer;
         # pynetdicom's own count includes finished threads, so it is only a backstop here.
         ae.maximum_associations = 4 * d.max_associations
@@ -162,7 +306,8 @@ class Receiver:
             (d.bind, port),
             ssl_context=server_context(sec) if tls else None,
             evt_handlers=[(evt.EVT_C_ECHO, self.handle_echo), (evt.EVT_C_STORE, self.handle_store),
-                          (evt.EVT_REJECTED, self.handle_rejected)],
+                          (evt.EVT_REJECTED, self.handle_rejected), (evt.EVT_CONN_CLOSE, self.handle_closed),
+                          (evt.EVT_ABORTED, self.handle_closed), (evt.EVT_RELEASED, self.handle_closed)],
             server_class=GuardedServer,
         ))
         server.allow = self.allow
@@ -173,25 +318,18 @@ class Receiver:
         thread = threading.Thread(target=server.serve_forever, name=f"scp-{port}", daemon=True)
         thread.start()
         self.threads.append(thread)
-        ae._servers.append(server)
+        compat.register_server(ae, server)
         self.servers.append(server)
         logger.info("listening", extra={"ae_title": d.ae_title, "bind": d.bind, "port": port, "tls": tls})
 
     def start(self) -> None:
         """Start serving in background threads: plain and/or TLS listeners."""
-        # pynetdicom writes chunked datasets with NamedTemporaryFile in the default
-        # temp dir: put that inside the spool so accept() is a same-disk rename.
-        tempfile.tempdir = str(self.spool.incoming)
+        # C-STORE data sets stream into the spool, so accept() is a same-disk rename.
+        compat.chunk_files_in(self.spool.incoming)
         _config.STORE_RECV_CHUNKED_DATASET = True
         _config.LOG_HANDLER_LEVEL = "none"
-        sec, d = self.settings.security, self.settings.dicom
-        install_transport_limits(TransportLimits(
-            # A peer must keep P-DATA within the max PDU we announce; an A-ASSOCIATE-RQ is
-            # far below 64 KiB. Anything declaring more is refused before it is buffered.
-            max_pdu_bytes=max(d.max_pdu, 65536) + 6 if d.max_pdu else 0,
-            pdu_deadline_s=d.pdu_deadline_s,
-            association_deadline_s=d.association_deadline_s,
-        ))
+        sec = self.settings.security
+        install_acceptor_guards()
         if not self.allow:
             logger.warning("no allow-list: every calling AE title is accepted ([security] allowed)")
         ae = self.make_ae()

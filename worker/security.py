@@ -27,6 +27,7 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.transport import ThreadedAssociationServer
 
+from worker import compat
 from worker.config import SecuritySection
 
 logger = logging.getLogger(__name__)
@@ -95,6 +96,8 @@ class GuardedAE(AE):
     being negotiated (pynetdicom negotiates inside the Association's own thread)."""
 
     allow: AllowList = AllowList([])
+    limits: TransportLimits | None = None
+    on_abort: Callable[[Any, str], None] = staticmethod(lambda assoc, reason: None)
 
     @property  # type: ignore[override]
     def require_calling_aet(self) -> list[str]:
@@ -172,7 +175,10 @@ class GuardedServer(ThreadedAssociationServer):
                 return
             finally:
                 with self._lock:
-                    self._handshaking[address] -= 1
+                    # Drop the entry at zero: every address that ever connected would stay otherwise.
+                    left = self._handshaking.pop(address) - 1
+                    if left:
+                        self._handshaking[address] = left
         super().process_request_thread(request, client_address)
 
 
@@ -181,55 +187,105 @@ class TransportLimits:
     """Limits on what one peer can make the acceptor hold.
 
     pynetdicom applies its network timeout to each recv() and buffers whatever PDU
-    length the peer declares, so a peer declaring a huge PDU and trickling one byte a
-    second holds an association slot indefinitely. These limits bound that.
+    length the peer declares, and it assembles every DIMSE message in memory except a
+    C-STORE data set: a peer declaring a huge PDU, trickling one byte a second, or
+    sending fragments that never complete a message would hold memory or a slot
+    without end. These limits bound that.
     """
 
     max_pdu_bytes: int  # 0: no cap
     pdu_deadline_s: float
     association_deadline_s: float
+    max_buffer_bytes: int = 1 << 20  # command set, and any data set that is not streamed to disk
+    max_dataset_bytes: int = 512 << 20  # a streamed C-STORE data set; beyond it, the rest is not written
 
 
-_limits: TransportLimits | None = None
-_original_recv: Callable[..., bytearray] | None = None
+def _limits_of(assoc: Any) -> TransportLimits | None:
+    """The limits of an acceptor of a GuardedAE; None leaves pynetdicom as it is (our SCU side)."""
+    if assoc is None or not getattr(assoc, "is_acceptor", False) or not isinstance(assoc.ae, GuardedAE):
+        return None
+    return assoc.ae.limits
 
 
-def _guarded_recv(self: Any, nr_bytes: int) -> bytearray:
+def _guarded_recv(sock: Any, assoc: Any, nr_bytes: int, original: Callable[[int], bytearray]) -> bytearray:
     """AssociationSocket.recv with a PDU size cap and absolute deadlines (acceptor side)."""
-    assert _original_recv is not None
-    limits = _limits
-    assoc = getattr(self, "_assoc", None)
-    if limits is None or assoc is None or not assoc.is_acceptor:
-        return _original_recv(self, nr_bytes)
-    now = time.monotonic()
-    opened = getattr(self, "_cxr_opened", None)
-    if opened is None:
-        opened = self._cxr_opened = now
-    sock = self.socket
-    if sock is None:
+    limits = _limits_of(assoc)
+    if limits is None:
+        return original(nr_bytes)
+    raw = sock.socket
+    if raw is None:
         return bytearray()
+    if getattr(assoc, "_cxr_abort", "") and compat.dul_state(assoc) == "Sta13":
+        # Our A-ABORT has gone out: whatever else the peer sends is not read, the connection ends now.
+        _cut(raw)
+        raise OSError(f"association aborted: {assoc._cxr_abort}")
+    now = time.monotonic()
+    opened = getattr(sock, "_cxr_opened", None)
+    if opened is None:
+        opened = sock._cxr_opened = now
     if limits.max_pdu_bytes and nr_bytes > limits.max_pdu_bytes:
-        _cut(sock)
+        _cut(raw)
         raise OSError(f"declared PDU length {nr_bytes} exceeds the cap of {limits.max_pdu_bytes} bytes")
     deadline = min(now + limits.pdu_deadline_s, opened + limits.association_deadline_s)
     data = bytearray()
     while len(data) < nr_bytes:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            _cut(sock)
+            _cut(raw)
             raise TimeoutError("PDU or association deadline passed")
-        sock.settimeout(min(remaining, assoc.network_timeout or remaining))
-        chunk = sock.recv(min(65536, nr_bytes - len(data)))
+        raw.settimeout(min(remaining, assoc.network_timeout or remaining))
+        chunk = raw.recv(min(65536, nr_bytes - len(data)))
         if not chunk:
             break
         data.extend(chunk)
     return data
 
 
+def _guarded_receive(dimse: Any, primitive: Any, original: Callable[[Any], None]) -> None:
+    """DIMSEServiceProvider.receive_primitive within the limits (acceptor side).
+
+    * command fragments, and data fragments that pynetdicom would hold in memory (any
+      data set but a C-STORE's, or data before its command), beyond ``max_buffer_bytes``:
+      the association is aborted (A-ABORT), audited and counted;
+    * a C-STORE data set beyond ``max_dataset_bytes``: the rest of it is read but not
+      written, and the C-STORE handler answers it with a failure status.
+    """
+    assoc = dimse.assoc
+    limits = _limits_of(assoc)
+    if limits is None:
+        return original(primitive)
+    if getattr(assoc, "_cxr_abort", ""):
+        return None  # aborting: nothing more is assembled
+    held = compat.pending(dimse)
+    items = list(primitive.presentation_data_value_list)
+    command = sum(len(d) - 1 for _, d in items if d and d[0] & 1)
+    data = sum(len(d) - 1 for _, d in items if d and not d[0] & 1)
+    reason = ""
+    if held.command_bytes + command > limits.max_buffer_bytes:
+        reason = f"command set over {limits.max_buffer_bytes} bytes without its last fragment"
+    elif held.file is None and held.memory_bytes + data > limits.max_buffer_bytes:
+        reason = (f"{held.memory_bytes + data} bytes of a data set that is not a C-STORE's "
+                  f"(limit {limits.max_buffer_bytes})")
+    if reason:
+        assoc._cxr_abort = reason
+        compat.drop_pending(dimse)
+        if held.file is not None:
+            held.file.unlink(missing_ok=True)
+        compat.abort_as_invalid(assoc)
+        assoc.ae.on_abort(assoc, reason)
+        return None
+    if held.file is not None and held.file_bytes > limits.max_dataset_bytes:
+        # Keep each fragment's control byte, so the message still ends where the peer ends it.
+        primitive.presentation_data_value_list = [[cx, d[:1] if d and not d[0] & 1 else d] for cx, d in items]
+    original(primitive)
+    assoc._cxr_partial = compat.pending(dimse).file  # None once the message is complete
+    return None
+
+
 def _connected(assoc: Any) -> bool:
     """Whether the peer of an association still holds its connection; if it has gone,
     shut our side down so the association ends now rather than at its timeout."""
-    raw = getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
+    raw = compat.raw_socket(assoc)
     if raw is None or raw.fileno() < 0:
         return False
     if isinstance(raw, ssl.SSLSocket):
@@ -251,12 +307,6 @@ def _cut(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RDWR)
 
 
-def install_transport_limits(limits: TransportLimits) -> None:
-    """Install the limits on pynetdicom's acceptor sockets (process-wide, once)."""
-    global _limits, _original_recv
-    from pynetdicom.transport import AssociationSocket
-
-    _limits = limits
-    if _original_recv is None:
-        _original_recv = AssociationSocket.recv
-        AssociationSocket.recv = _guarded_recv  # type: ignore[method-assign]
+def install_acceptor_guards() -> None:
+    """Route pynetdicom's reads and DIMSE assembly through the guards above (once)."""
+    compat.install_acceptor_guards(_guarded_recv, _guarded_receive)

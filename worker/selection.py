@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pydicom import Dataset
 from pydicom.uid import (
+    UID,
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForPresentation,
     DigitalXRayImageStorageForProcessing,
@@ -21,6 +22,22 @@ RADIOGRAPH_SOP_CLASSES = (
     DigitalXRayImageStorageForPresentation,
     DigitalXRayImageStorageForProcessing,
 )
+
+
+#: UIDs that the outputs copy or reference: an invalid one would make an invalid SC or SR.
+COPIED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID")
+
+
+def invalid_uid(ds: Dataset) -> str | None:
+    """Which copied UID is not a valid UID (PS3.5 9.1: digits and dots, at most 64), or None.
+
+    The value itself is not quoted: it may hold control characters or a path.
+    """
+    for keyword in COPIED_UIDS:
+        value = ds.get(keyword)
+        if value is not None and not UID(str(value)).is_valid:
+            return f"{keyword} is not a valid UID ({len(str(value))} characters)"
+    return None
 
 
 def ineligible_reason(ds: Dataset, rules: SelectSection) -> str | None:

@@ -91,7 +91,7 @@ tls_key = "{pki / 'server.key'}"
 tls_ca = "{pki / 'ca.crt'}"
 tls_require_client_cert = true
 """)
-    wait_for(lambda: socket.create_connection(("127.0.0.1", tls_port), 2) is not None, 30, "TLS port")
+    wait_port(tls_port)  # the TLS listener starts just after the plain one
     good = ("+tls", str(pki / "client.key"), str(pki / "client.crt"), "+cf", str(pki / "ca.crt"))
     assert echoscu(tls_port, *good).returncode == 0
     assert echoscu(tls_port).returncode != 0  # plain to the TLS port
