@@ -33,7 +33,7 @@ from pynetdicom import _config, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from worker.audit import NETWORK_ENTRY, NODE_AUTHENTICATION, AuditTrail
+from worker.audit import NETWORK_ENTRY, NODE_AUTHENTICATION, AuditTrail, study_uid_of
 from worker.config import Settings
 from worker.metrics import Metrics
 from worker.security import (
@@ -96,14 +96,14 @@ class Receiver:
         sop_class = str(getattr(event.request, "AffectedSOPClassUID", ""))
         calling = event.assoc.requestor.ae_title
         address = str(event.assoc.requestor.address)
-        status, detail = SUCCESS, ""
+        status, detail, study_uid = SUCCESS, "", ""
         try:
             if self.spool.free_mb() < self.settings.spool.reserve_mb:
                 status, detail = OUT_OF_RESOURCES, "spool below reserve"
             elif event.dataset_path.stat().st_size > self.settings.dicom.max_dataset_mb * 2**20:
                 status, detail = CANNOT_UNDERSTAND, f"data set over {self.settings.dicom.max_dataset_mb} MB"
             else:
-                self.spool.accept(event.dataset_path)
+                study_uid = study_uid_of(self.spool.accept(event.dataset_path))
         except OSError as exc:
             status, detail = OUT_OF_RESOURCES, f"cannot spool: {type(exc).__name__}"
         except Exception as exc:  # the handler must answer, whatever happened
@@ -112,7 +112,7 @@ class Receiver:
         if self.audit is not None:
             try:
                 self.audit.instance_received(sop_class, uid, calling, address, self.settings.dicom.ae_title,
-                                             0 if status == SUCCESS else 8, detail)
+                                             0 if status == SUCCESS else 8, detail, study_uid=study_uid)
             except OSError:
                 logger.exception("audit trail not writable")
         if status != SUCCESS:

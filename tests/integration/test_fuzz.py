@@ -25,7 +25,7 @@ from trainer.phantoms import make_phantom
 from worker.config import Settings
 from worker.errors import WorkerError
 from worker.model import OnnxModel
-from worker.pipeline import Processor
+from worker.pipeline import Processor, Skipped
 
 pytestmark = pytest.mark.integration
 
@@ -55,7 +55,7 @@ def check(processor: Processor, path: Path) -> str:
         out = processor.decode(path)
     except WorkerError as exc:
         return f"refused: {type(exc).__name__}"
-    return "skipped" if isinstance(out, str) else "decoded"
+    return "skipped" if isinstance(out, Skipped) else "decoded"
 
 
 def nested_sequences(depth: int) -> bytes:
