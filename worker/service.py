@@ -158,7 +158,7 @@ class Service:
             if self.spool.crashes_of(claimed[0]):
                 break  # a suspect is processed alone
             time.sleep(0.02)
-            claimed += self.spool.claim(m.batch_size - len(claimed))
+            claimed += self.spool.claim(m.batch_size - len(claimed), suspects=False)
         return claimed
 
     def _process_loop(self) -> None:

@@ -68,6 +68,9 @@ class Spool:
         self._claimed: set[str] = set(os.listdir(self.work))
         self._crashes: dict[str, int] = {}
         for name in os.listdir(self.crashes):
+            if name.endswith(".tmp"):  # a count being written when the worker died: the old one stands
+                (self.crashes / name).unlink(missing_ok=True)
+                continue
             try:
                 self._crashes[name] = int((self.crashes / name).read_text() or 0)
             except (OSError, ValueError):
@@ -147,17 +150,20 @@ class Spool:
         return target
 
     # -- process --------------------------------------------------------------------
-    def claim(self, limit: int) -> list[Path]:
+    def claim(self, limit: int, *, suspects: bool = True) -> list[Path]:
         """Move up to ``limit`` queued files (oldest first) into work/.
 
         An instance that was in work/ during a crash (a suspect) is claimed alone, so
         that a poison pill cannot take the instances batched with it down again.
+
+        Args:
+            suspects: False when topping up a batch already claimed: stop at a suspect.
         """
         claimed: list[Path] = []
         with self._lock:
             while self._queued and len(claimed) < limit:
                 name = self._queued[0]
-                if name in self._crashes and claimed:
+                if name in self._crashes and (claimed or not suspects):
                     break  # a suspect waits for a batch of its own
                 self._queued.popleft()
                 try:

@@ -59,9 +59,15 @@ def records(worker: Any, message: str) -> list[dict[str, Any]]:
 
 def referenced(files: list[Path]) -> set[str]:
     """The input SOP Instance UIDs that the received Secondary Captures answer."""
-    datasets = [pydicom.dcmread(p) for p in files]
-    return {str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID) for ds in datasets
-            if "SourceImageSequence" in ds}
+    out = set()
+    for p in files:
+        try:
+            ds = pydicom.dcmread(p)
+        except (pydicom.errors.InvalidDicomError, EOFError, OSError):
+            continue  # storescp is still writing it: read on the next poll
+        if "SourceImageSequence" in ds:
+            out.add(str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID))
+    return out
 
 
 # -- poison pill ---------------------------------------------------------------------------
