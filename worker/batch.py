@@ -48,11 +48,12 @@ class BatchHandler:
                 caller backs off before the next batch.
         """
         pending = list(claimed)
-        stage = "decode"
+        stage = "output"
         try:
-            if self.spool.free_mb() < self.output_reserve_mb:
+            if self.spool.free_mb() < self.output_reserve_mb:  # no work that could not be written
                 raise InfrastructureError(f"spool below reserve ({self.spool.free_mb():.0f} MB free, "
                                           f"outputs need {self.output_reserve_mb:.0f} MB)")
+            stage = "decode"
             ready = self._decode_all(claimed, pending)
             if not ready:
                 return
@@ -102,8 +103,8 @@ class BatchHandler:
             started = time.perf_counter()
             try:
                 decoded = self.processor.decode(path)
-            except Exception as exc:  # decode reports a bad file as DecodeError; anything else too
-                self._failed([path], None, exc, "decode", input_stage=True)
+            except Exception as exc:  # decode reports a bad file as DecodeError; out of memory is not one
+                self._failed([path], None, exc, "decode")
                 pending.remove(path)
                 continue
             if isinstance(decoded, Skipped):
@@ -142,10 +143,9 @@ class BatchHandler:
             "sc_sop_instance_uid": str(result.sc.SOPInstanceUID),
             "sr_sop_instance_uid": str(result.sr.SOPInstanceUID)})
 
-    def _failed(self, paths: list[Path], ds: Dataset | None, exc: Exception, stage: str,
-                input_stage: bool = False) -> None:
+    def _failed(self, paths: list[Path], ds: Dataset | None, exc: Exception, stage: str) -> None:
         """Quarantine for a bad input or a bug; an infrastructure fault re-raises (requeue)."""
-        kind = Fault.INPUT if input_stage else fault_of(exc)
+        kind = fault_of(exc)
         if kind is Fault.INFRASTRUCTURE:
             raise exc
         reason = f"{type(exc).__name__}: {exc}"

@@ -136,7 +136,7 @@ class Processor:
             if reason is not None:
                 return Skipped(reason, uid_of(ds))
             unit = dataset_to_unit_image(ds, max_pixels=self.settings.select.max_pixels)
-        except WorkerError:
+        except (WorkerError, MemoryError):  # out of memory: the machine's limit, sorted by the caller
             raise
         except (Exception, RecursionError) as exc:  # a malformed file can break any reader
             raise DecodeError(f"{type(exc).__name__}: {exc}") from None
