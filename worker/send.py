@@ -316,19 +316,27 @@ class Outbox:
                     self._reschedule(dkey, path, state)  # still due: the next round tries it
                     continue
                 self._audit(state, str(dest), err)
-                if err is None:
-                    path.unlink(missing_ok=True)
-                    path.with_suffix(".json").unlink(missing_ok=True)
-                    with self._lock:
-                        self._states[dkey].pop(path.stem, None)
-                    delivered += 1
-                    self.metrics.sent.labels(str(dest)).inc()
-                    logger.info("sent", extra={"sop_instance_uid": state.sop_instance_uid,
-                                               "destination": str(dest)})
-                    continue
-                self._failed(dkey, path, state, err, now)
+                try:
+                    if err is None:
+                        self._delivered(dkey, path, state)
+                        delivered += 1
+                    else:
+                        self._failed(dkey, path, state, err, now)
+                except OSError as exc:  # a full or failing disk: keep the item scheduled, retry later
+                    logger.error("outbox not writable: %s", type(exc).__name__,
+                                 extra={"sop_instance_uid": state.sop_instance_uid})
+                    self._reschedule(dkey, path, state)
             self.metrics.stage_seconds.labels("send").observe((time.perf_counter() - started) / max(1, len(items)))
         return delivered
+
+    def _delivered(self, dkey: str, path: Path, state: OutboxState) -> None:
+        path.unlink(missing_ok=True)
+        path.with_suffix(".json").unlink(missing_ok=True)
+        with self._lock:
+            self._states[dkey].pop(path.stem, None)
+        dest = self.destinations[dkey]
+        self.metrics.sent.labels(str(dest)).inc()
+        logger.info("sent", extra={"sop_instance_uid": state.sop_instance_uid, "destination": str(dest)})
 
     def _failed(self, dkey: str, path: Path, state: OutboxState, err: SendError, now: float) -> None:
         dest = self.destinations[dkey]
