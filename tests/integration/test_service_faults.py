@@ -265,3 +265,19 @@ def test_a_bug_in_our_code_is_not_called_bad_input(tmp_path: Path) -> None:
         pydicom.dcmread(io.BytesIO(b"not DICOM at all"))
     assert fault_of(bad.value) is Fault.INPUT
     assert fault_of(OSError(28, "No space left on device")) is Fault.INFRASTRUCTURE
+
+
+def test_readiness_reports_a_model_that_answered_a_test_inference(onnx_model: Path, tmp_path: Path) -> None:
+    from worker.errors import ModelError
+    from worker.service import Service
+
+    settings = Settings(spool={"dir": tmp_path / "spool"}, audit={"path": tmp_path / "audit.jsonl"},
+                        metrics={"port": 0}, send={"destinations": ["PACS@127.0.0.1:1"]})
+    model = OnnxModel(onnx_model, providers="cpu")
+    service = Service(settings, model)
+    assert service.ready()["model_answered"] is False  # loaded is not enough
+    service._warm_up()
+    assert service.ready()["model_answered"] is True
+    model.info = dataclasses.replace(model.info, input_size=model.info.input_size // 2)
+    with pytest.raises(ModelError, match="does not answer a test input"):
+        Service(settings, model)._warm_up()
