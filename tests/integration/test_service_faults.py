@@ -23,7 +23,7 @@ from tests.helpers import free_port, require_tool, wait_for
 from trainer.dicom_phantoms import cr_dataset
 from trainer.phantoms import make_phantom
 from worker.batch import BatchHandler
-from worker.config import Settings
+from worker.config import SendSection, Settings
 from worker.errors import InfrastructureError
 from worker.faults import Fault, fault_of
 from worker.metrics import Metrics
@@ -226,6 +226,18 @@ def test_full_disk_while_writing_outputs_backs_off_and_resumes(make_worker: Any,
     wait_for(lambda: not any((small_spool / "outbox").glob("*/*.dcm")), 30, "the outbox to drain")
     assert not partial_files(small_spool)
     assert worker.stop() == 0
+
+
+def test_a_result_that_does_not_fit_leaves_no_partial_file(small_spool: Path) -> None:
+    outbox = Outbox(Spool(small_spool), SendSection(destinations=["PACS@127.0.0.1:1"]), "CXR-GRADCAM")
+    filler = fill_disk(small_spool)
+    with pytest.raises(OSError):
+        outbox.put("a" * 32, b"\0" * 2**20, "1.2.3")
+    assert not partial_files(small_spool)
+    assert not list((small_spool / "outbox").glob("*/*")) and outbox.depth() == 0
+    filler.unlink()
+    outbox.put("a" * 32, b"\0" * 2**20, "1.2.3")  # space is back: the same call succeeds
+    assert outbox.depth() == 1
 
 
 # -- ONNX Runtime error ---------------------------------------------------------------------
