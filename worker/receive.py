@@ -103,7 +103,8 @@ class Receiver:
             elif event.dataset_path.stat().st_size > self.settings.dicom.max_dataset_mb * 2**20:
                 status, detail = CANNOT_UNDERSTAND, f"data set over {self.settings.dicom.max_dataset_mb} MB"
             else:
-                study_uid = study_uid_of(self.spool.accept(event.dataset_path))
+                study_uid = study_uid_of(event.dataset_path)  # for the audit record, before it is queued
+                self.spool.accept(event.dataset_path)
         except OSError as exc:
             status, detail = OUT_OF_RESOURCES, f"cannot spool: {type(exc).__name__}"
         except Exception as exc:  # the handler must answer, whatever happened
