@@ -3,6 +3,12 @@
 Events: DICOM Instances Transferred (received / sent), Security Alert (rejected
 associations, TLS failures), Application Activity (start / stop). Participant
 objects carry UIDs only; no patient name, ID or birth date is ever written.
+
+As PS3.15 A.5.3.2 requires, the participant object of a transfer is the study:
+ParticipantObjectIDTypeCode (110180, DCM, "Study Instance UID"), ParticipantObjectID the
+Study Instance UID, and the SOP Class and SOP Instance UIDs in its
+ParticipantObjectDescription. DCMR has no ID type code for a SOP Instance UID (110181 is
+"SOP Class UID").
 """
 
 from __future__ import annotations
@@ -26,6 +32,39 @@ APPLICATION_STOP = ("110121", "Application Stop")
 NODE_AUTHENTICATION = ("110126", "Node Authentication")
 NETWORK_ENTRY = ("110108", "Network Entry")  # A-ASSOCIATE refused
 
+STUDY_INSTANCE_UID = ("110180", "Study Instance UID")
+
+
+def study_object(study_uid: str, sop_class: str, sop_instance: str) -> dict[str, Any]:
+    """The Participant Object of a transfer (PS3.15 A.5.3.2): the study, its instance inside."""
+    return {
+        "ParticipantObjectTypeCode": 2,  # system object
+        "ParticipantObjectTypeCodeRole": 3,  # report
+        "ParticipantObjectIDTypeCode": {"code": STUDY_INSTANCE_UID[0], "scheme": "DCM",
+                                        "meaning": STUDY_INSTANCE_UID[1]},
+        "ParticipantObjectID": study_uid,
+        "ParticipantObjectDescription": {"SOPClass": [{"UID": sop_class, "NumberOfInstances": 1,
+                                                       "Instance": [{"UID": sop_instance}]}]},
+    }
+
+
+def study_uid_of(path: Path) -> str:
+    """The Study Instance UID in a received file's header, "" when it cannot be read cheaply.
+
+    A deflated data set is not inflated here (that is the processing stage's job, under
+    its limits); its study stays unnamed in the receive record.
+    """
+    from pydicom import dcmread
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    try:
+        meta = dcmread(path, stop_before_pixels=True, specific_tags=["TransferSyntaxUID"])
+        if meta.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+            return ""
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"], defer_size=1024)
+        return str(ds.get("StudyInstanceUID", ""))
+    except Exception:  # a receive record must be written whatever the file holds
+        return ""
 
 
 class AuditTrail:
@@ -73,18 +112,16 @@ class AuditTrail:
                     type_code=APPLICATION_START if start else APPLICATION_STOP)
 
     def instance_received(self, sop_class: str, sop_instance: str, calling_ae: str, address: str,
-                          called_ae: str, outcome: int, detail: str = "") -> None:
+                          called_ae: str, outcome: int, detail: str = "", study_uid: str = "") -> None:
         self._write(INSTANCES_TRANSFERRED, "C", outcome,
                     [self._node(calling_ae, address, True), self._node(called_ae, "local", False)],
-                    [{"ParticipantObjectTypeCode": 2, "ParticipantObjectIDTypeCode": "110180",
-                      "SOPClass": sop_class, "SOPInstanceUID": sop_instance}], detail=detail)
+                    [study_object(study_uid, sop_class, sop_instance)], detail=detail)
 
-    def instance_sent(self, sop_instance: str, destination: str, calling_ae: str, outcome: int,
-                      detail: str = "") -> None:
+    def instance_sent(self, sop_class: str, sop_instance: str, study_uid: str, destination: str,
+                      calling_ae: str, outcome: int, detail: str = "") -> None:
         self._write(INSTANCES_TRANSFERRED, "R", outcome,
                     [self._node(calling_ae, "local", True), self._node(destination, destination, False)],
-                    [{"ParticipantObjectTypeCode": 2, "ParticipantObjectIDTypeCode": "110180",
-                      "SOPInstanceUID": sop_instance}], detail=detail)
+                    [study_object(study_uid, sop_class, sop_instance)], detail=detail)
 
     def security_alert(self, kind: tuple[str, str], ae: str, address: str, detail: str) -> None:
         self._write(SECURITY_ALERT, "E", AuditOutcome.MINOR_FAILURE, [self._node(ae, address, True)], type_code=kind,

@@ -82,17 +82,17 @@ def _expand(inputs: list[Path]) -> list[Path]:
 def _process(args: argparse.Namespace, settings: Settings) -> int:
     import cv2
 
-    from worker.pipeline import Processor, encode, process_files
+    from worker.pipeline import Processor, Skipped, encode, process_files
 
     processor = Processor(settings, _load_model(settings))
     args.out.mkdir(parents=True, exist_ok=True)
     failures = 0
     rows = []
-    for path, result in process_files(_expand(args.inputs), processor):
+    for path, result in process_files(_expand(args.inputs), processor):  # one batch in memory at a time
         if isinstance(result, WorkerError):
             failures += 1
             print(f"{path}: error: {result}", file=sys.stderr)
-        elif isinstance(result, str):
+        elif isinstance(result, Skipped):
             print(f"{path}: skipped: {result}", file=sys.stderr)
         else:
             stem = path.stem
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         import faulthandler
         import signal
 
-        from worker.pipeline import Service
+        from worker.service import Service
 
         # `kill -USR1 <pid>` prints every thread's stack (frames only, no data) to stderr.
         faulthandler.register(signal.SIGUSR1, all_threads=True)

@@ -83,7 +83,12 @@ class DicomSection(_Section):
 
 class SpoolSection(_Section):
     dir: Path = Path("var/spool")
-    reserve_mb: int = Field(512, ge=0, description="C-STORE answers out-of-resources below this")
+    reserve_mb: int = Field(512, ge=0, description="C-STORE answers out-of-resources below this; outputs "
+                            "are not written below half of it")
+    max_crashes: int = Field(3, ge=0, description="an instance the worker died on this many times is "
+                             "quarantined; 0 = never")
+    done_retention_days: float = Field(30.0, gt=0, description="done/ markers (duplicate detection) are "
+                                       "pruned after this age")
 
 
 class ModelSection(_Section):
@@ -184,7 +189,8 @@ class MetricsSection(_Section):
 
     port: int = Field(9108, ge=0, le=65535, description="0 switches the HTTP endpoint off")
     bind: str = "127.0.0.1"
-    echo_cache_s: float = Field(30.0, ge=0, description="how long a C-ECHO of a destination counts for /readyz")
+    echo_cache_s: float = Field(30.0, ge=0, description="interval of the background C-ECHO of each destination "
+                                "(cxr_destination_up, /healthz); never part of /readyz")
 
 
 class AuditSection(_Section):

@@ -25,13 +25,18 @@ class DecodeError(WorkerError):
     """A dataset or its pixel data cannot be read."""
 
 
+class InfrastructureError(WorkerError):
+    """The runtime, the disk or a peer failed; the input is fine and is retried later."""
+
+
 class ModelError(WorkerError):
     """The ONNX model is missing or does not follow the model contract."""
 
 
 class SendError(WorkerError):
-    """A C-STORE to a destination failed."""
+    """A C-STORE to a destination failed (``attempted``: False when it was never tried)."""
 
-    def __init__(self, message: str, *, permanent: bool = False) -> None:
+    def __init__(self, message: str, *, permanent: bool = False, attempted: bool = True) -> None:
         super().__init__(message)
         self.permanent = permanent
+        self.attempted = attempted

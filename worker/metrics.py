@@ -35,6 +35,17 @@ class Metrics:
         self.partial_removed = Counter("cxr_partial_receives_removed",
                                        "Data sets received in part, removed when their association ended",
                                        registry=r)
+        self.internal_errors = Counter("cxr_internal_errors", "Bugs in the worker's code (logged with a traceback)",
+                                       ["stage"], registry=r)
+        self.infrastructure_errors = Counter("cxr_infrastructure_errors",
+                                             "Runtime, disk or peer failures; the batch was requeued",
+                                             ["stage"], registry=r)
+        self.poisoned = Counter("cxr_instances_poisoned", "Instances quarantined after the worker died on them",
+                                registry=r)
+        self.destination_up = Gauge("cxr_destination_up", "1 when the destination answered the last C-ECHO",
+                                    ["destination"], registry=r)
+        self.processing_paused = Gauge("cxr_processing_paused", "1 while processing backs off after an "
+                                       "infrastructure fault", registry=r)
         self.queue_depth = Gauge("cxr_queue_depth", "Instances waiting for processing", registry=r)
         self.outbox_depth = Gauge("cxr_outbox_depth", "Result objects waiting to be sent", registry=r)
         self.stage_seconds = Histogram("cxr_stage_seconds", "Latency per pipeline stage", ["stage"], registry=r,
@@ -51,7 +62,8 @@ class HealthServer:
     """``/metrics``, ``/healthz`` (alive) and ``/readyz`` (ready to take studies)."""
 
     def __init__(self, metrics: Metrics, bind: str, port: int,
-                 alive: Callable[[], bool], ready: Callable[[], dict[str, bool]]) -> None:
+                 alive: Callable[[], bool], ready: Callable[[], dict[str, bool]],
+                 detail: Callable[[], dict[str, Any]] = dict) -> None:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -63,8 +75,9 @@ class HealthServer:
                     outer.metrics_update()
                     self._send(200, metrics.exposition(), CONTENT_TYPE_LATEST)
                 elif self.path == "/healthz":
-                    ok = alive()
-                    self._send(200 if ok else 503, json.dumps({"alive": ok}).encode(), "application/json")
+                    ok = alive()  # detail (e.g. the destinations) informs; only liveness sets the code
+                    body = json.dumps({"alive": ok, **detail()}).encode()
+                    self._send(200 if ok else 503, body, "application/json")
                 elif self.path == "/readyz":
                     checks = ready()
                     ok = all(checks.values())

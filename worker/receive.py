@@ -40,7 +40,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from worker import compat
-from worker.audit import NETWORK_ENTRY, NODE_AUTHENTICATION, AuditTrail
+from worker.audit import NETWORK_ENTRY, NODE_AUTHENTICATION, AuditTrail, study_uid_of
 from worker.codes import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, AuditOutcome
 from worker.config import Settings
 from worker.metrics import Metrics
@@ -198,10 +198,11 @@ class Receiver:
         sop_class = str(getattr(event.request, "AffectedSOPClassUID", ""))
         calling = event.assoc.requestor.ae_title
         address = str(event.assoc.requestor.address)
-        status, detail = SUCCESS, ""
+        status, detail, study_uid = SUCCESS, "", ""
         path: Path | None = None
         try:
             path = self._check(event.dataset_path, uid)
+            study_uid = study_uid_of(path)  # for the audit record, before it is queued
             self.spool.accept(path)
         except Refused as exc:
             status, detail = exc.status, exc.detail
@@ -217,7 +218,7 @@ class Receiver:
             try:
                 outcome = AuditOutcome.SUCCESS if status == SUCCESS else AuditOutcome.SERIOUS_FAILURE
                 self.audit.instance_received(sop_class, shown, calling, address, self.settings.dicom.ae_title,
-                                             outcome, detail)
+                                             outcome, detail, study_uid=study_uid)
             except OSError:
                 logger.exception("audit trail not writable")
         if status != SUCCESS:

@@ -3,18 +3,27 @@
 Each result is a ``.dcm`` file in ``outbox/<destination key>/`` beside a ``.json``
 state (destination, attempts, first and next attempt). Transient failures (no
 association, abort, timeout, 0xA7xx out of resources) are retried with backoff
-until ``retry_horizon_h``; permanent ones (association rejected permanently,
-0xA9xx, 0xCxxx, 0x0122) go to ``dead/`` at once. The state survives restarts.
+until ``retry_horizon_h``, counted from the object's first real attempt; permanent
+ones (association rejected permanently, 0xA9xx, 0xCxxx, 0x0122) go to ``dead/`` at
+once. The state survives restarts; in memory it is an index (a heap by next attempt per
+destination), so a round reads no state file.
+
+One stuck object must not hold up the others: in a round the objects never tried go
+first and the ones that failed before go last, and when an association is lost mid-round
+only the object in flight is charged; the objects after it were never attempted.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
 import logging
 import os
 import ssl
+import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +49,15 @@ class OutboxState:
     first_attempt: float = 0.0
     next_attempt: float = 0.0
     last_error: str = ""
+    study_instance_uid: str = ""
+    sop_class_uid: str = ""
+
+    @classmethod
+    def from_json(cls, text: str) -> OutboxState:
+        """Read a state file; keys of a newer or older version are ignored or defaulted."""
+        raw = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
 
 
 def destination_key(dest: Destination) -> str:
@@ -91,8 +109,8 @@ def store(dest: Destination, paths: list[Path], settings: SendSection, calling_a
             if isinstance(ds, SendError):
                 results.append(ds)
                 continue
-            if not assoc.is_established:
-                results.append(SendError(f"{dest}: association lost"))
+            if not assoc.is_established:  # lost with an earlier object: this one was never tried
+                results.append(SendError(f"{dest}: association lost before this object", attempted=False))
                 continue
             try:
                 status = assoc.send_c_store(ds)
@@ -131,7 +149,7 @@ def echo(dest: Destination, calling_ae: str, timeout: float = 10.0, tls: ssl.SSL
 
 
 class Outbox:
-    """Results waiting to be delivered, one folder per destination."""
+    """Results waiting to be delivered, one folder per destination, indexed in memory."""
 
     def __init__(self, spool: Spool, settings: SendSection, calling_ae: str, *, tls: ssl.SSLContext | None = None,
                  metrics: Metrics | None = None, audit: AuditTrail | None = None) -> None:
@@ -142,104 +160,209 @@ class Outbox:
         self.metrics = metrics or Metrics()
         self.audit = audit
         self.destinations = {destination_key(d): d for d in settings.destinations}
+        self._lock = threading.Lock()
+        self._states: dict[str, dict[str, OutboxState]] = {k: {} for k in self.destinations}
+        self._due: dict[str, list[tuple[float, int, str]]] = {k: [] for k in self.destinations}
+        self._seq = itertools.count()
+        self.partial_files_removed = self._load()
 
-    def put(self, name: str, data: bytes, sop_instance_uid: str) -> None:
+    # -- index ------------------------------------------------------------------------
+    def _load(self) -> int:
+        """Read every state once, at start; remove what a crash or a full disk left half-written.
+
+        A ``.dcm`` without its ``.json`` was never complete: its input is not marked done
+        and will be processed again, so the file can go.
+        """
+        removed = 0
+        now = time.time()
+        for dkey, dest in self.destinations.items():
+            folder = self.spool.outbox / dkey
+            if not folder.is_dir():
+                continue
+            names = os.listdir(folder)
+            present = set(names)
+            for name in names:
+                path = folder / name
+                stem, _, ext = name.partition(".")
+                if ext in ("part", "json.tmp") or (ext == "dcm" and f"{stem}.json" not in present) or \
+                        (ext == "json" and f"{stem}.dcm" not in present):
+                    path.unlink(missing_ok=True)
+                    removed += 1
+                    continue
+                if ext != "json":
+                    continue
+                try:
+                    state = OutboxState.from_json(path.read_text())
+                except (OSError, ValueError, TypeError):
+                    # A state file we cannot read must not leave its result unsent and unseen.
+                    logger.error("unreadable outbox state: result re-queued with a fresh state",
+                                 extra={"destination": str(dest)})
+                    state = OutboxState(str(dest), "unknown", next_attempt=now)
+                    self._write_state(path, state)
+                self._index(dkey, stem, state)
+        return removed
+
+    def _index(self, dkey: str, name: str, state: OutboxState) -> None:
+        self._states[dkey][name] = state
+        heapq.heappush(self._due[dkey], (state.next_attempt, next(self._seq), name))
+
+    def depth(self) -> int:
+        with self._lock:
+            return sum(len(s) for s in self._states.values())
+
+    def due(self, now: float, batch: int = 32) -> dict[str, list[tuple[Path, OutboxState]]]:
+        """Up to ``batch`` due items per destination: never-tried first, then by next attempt."""
+        out: dict[str, list[tuple[Path, OutboxState]]] = {}
+        with self._lock:
+            for dkey, heap in self._due.items():
+                picked: list[tuple[str, OutboxState]] = []
+                while heap and heap[0][0] <= now and len(picked) < batch:
+                    when, _, name = heapq.heappop(heap)
+                    state = self._states[dkey].get(name)
+                    if state is None or state.next_attempt != when or any(n == name for n, _ in picked):
+                        continue  # an entry left behind by a reschedule or a delivery
+                    picked.append((name, state))
+                if picked:
+                    picked.sort(key=lambda item: (item[1].attempts, item[1].next_attempt))
+                    folder = self.spool.outbox / dkey
+                    out[dkey] = [(folder / f"{name}.dcm", state) for name, state in picked]
+        return out
+
+    # -- write ------------------------------------------------------------------------
+    def put(self, name: str, data: bytes, sop_instance_uid: str, *, study_instance_uid: str = "",
+            sop_class_uid: str = "") -> None:
         """Queue one encoded result for every destination, durably.
 
         ``name`` is derived from the deterministic output UID, so a re-run after a
         crash overwrites rather than duplicates.
+
+        Raises:
+            OSError: the disk is full or failing; nothing half-written is left behind.
         """
+        written: list[tuple[str, OutboxState]] = []
         for dkey, dest in self.destinations.items():
             folder = self.spool.outbox / dkey
-            folder.mkdir(exist_ok=True)
             part = folder / f"{name}.part"
-            part.write_bytes(data)
-            fsync(part)
-            os.replace(part, folder / f"{name}.dcm")
-            self._write_state(folder / f"{name}.json", OutboxState(str(dest), sop_instance_uid,
-                                                                   next_attempt=time.time()))
-            fsync(folder)
+            state = OutboxState(str(dest), sop_instance_uid, next_attempt=time.time(),
+                                study_instance_uid=study_instance_uid, sop_class_uid=sop_class_uid)
+            try:
+                folder.mkdir(exist_ok=True)
+                part.write_bytes(data)
+                fsync(part)
+                os.replace(part, folder / f"{name}.dcm")
+                self._write_state(folder / f"{name}.json", state)
+                fsync(folder)
+            except OSError:
+                part.unlink(missing_ok=True)
+                (folder / f"{name}.json.tmp").unlink(missing_ok=True)
+                if not (folder / f"{name}.json").exists():
+                    (folder / f"{name}.dcm").unlink(missing_ok=True)
+                raise
+            written.append((dkey, state))
+        with self._lock:
+            for dkey, state in written:
+                self._index(dkey, name, state)
 
     @staticmethod
     def _write_state(path: Path, state: OutboxState) -> None:
         """Write a state file atomically (temp, fsync, rename)."""
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(asdict(state)))
-        fsync(tmp)
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps(asdict(state)))
+            fsync(tmp)
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
 
-    def depth(self) -> int:
-        return sum(1 for _ in self.spool.outbox.glob("*/*.dcm"))
-
-    def due(self, now: float) -> dict[str, list[tuple[Path, OutboxState]]]:
-        out: dict[str, list[tuple[Path, OutboxState]]] = {}
-        for dkey in self.destinations:
-            for state_file in sorted((self.spool.outbox / dkey).glob("*.json")):
-                try:
-                    state = OutboxState(**json.loads(state_file.read_text()))
-                except (OSError, ValueError, TypeError):
-                    # A state file we cannot read must not leave its result unsent and unseen.
-                    logger.error("unreadable outbox state: result re-queued with a fresh state",
-                                 extra={"destination": str(self.destinations[dkey])})
-                    state = OutboxState(str(self.destinations[dkey]), "unknown", next_attempt=now)
-                    self._write_state(state_file, state)
-                if state.next_attempt <= now and state_file.with_suffix(".dcm").is_file():
-                    out.setdefault(dkey, []).append((state_file.with_suffix(".dcm"), state))
-        return out
-
-    def _dead(self, path: Path, state: OutboxState, why: str) -> None:
+    # -- send -------------------------------------------------------------------------
+    def _dead(self, dkey: str, path: Path, state: OutboxState, why: str) -> None:
         state.last_error = why
         target = self.spool.dead / f"{path.parent.name}-{path.name}"
         os.replace(path, target)
         self._write_state(target.with_suffix(".json"), state)
         path.with_suffix(".json").unlink(missing_ok=True)
+        with self._lock:
+            self._states[dkey].pop(path.stem, None)
         self.metrics.dead_letters.inc()
         logger.error("dead letter: %s", why, extra={"sop_instance_uid": state.sop_instance_uid,
                                                      "destination": state.destination})
 
+    def _reschedule(self, dkey: str, path: Path, state: OutboxState) -> None:
+        with self._lock:
+            if path.stem in self._states[dkey]:
+                heapq.heappush(self._due[dkey], (state.next_attempt, next(self._seq), path.stem))
+
     def send_due(self, now: float | None = None, batch: int = 32) -> int:
-        """Try every due item once; returns how many were delivered."""
+        """Try every due item once (up to ``batch`` per destination); returns how many were delivered."""
         now = time.time() if now is None else now
         delivered = 0
-        for dkey, items in self.due(now).items():
+        for dkey, items in self.due(now, batch).items():
             dest = self.destinations[dkey]
-            items = items[:batch]
             started = time.perf_counter()
             try:
                 results = store(dest, [p for p, _ in items], self.settings, self.calling_ae, self.tls)
             except Exception as exc:  # unreadable file, socket error: retry later
                 results = [SendError(f"{dest}: {type(exc).__name__}: {exc}")] * len(items)
             for (path, state), err in zip(items, results, strict=True):
-                if self.audit is not None:
-                    try:
-                        self.audit.instance_sent(state.sop_instance_uid, str(dest), self.calling_ae,
-                                                 AuditOutcome.SUCCESS if err is None else AuditOutcome.MINOR_FAILURE,
-                                                 "" if err is None else str(err))
-                    except OSError:
-                        logger.error("audit trail not writable")
-                if err is None:
-                    path.unlink(missing_ok=True)
-                    path.with_suffix(".json").unlink(missing_ok=True)
-                    delivered += 1
-                    self.metrics.sent.labels(str(dest)).inc()
-                    logger.info("sent", extra={"sop_instance_uid": state.sop_instance_uid,
-                                               "destination": str(dest)})
+                if err is not None and not err.attempted:
+                    self._reschedule(dkey, path, state)  # still due: the next round tries it
                     continue
-                self.metrics.send_failures.labels(str(dest)).inc()
-                state.attempts += 1
-                state.first_attempt = state.first_attempt or now
-                state.last_error = str(err)
-                if err.permanent:
-                    self._dead(path, state, f"permanent failure: {err}")
-                elif now - state.first_attempt > self.settings.retry_horizon_h * 3600:
-                    self._dead(path, state, f"retries exhausted after {state.attempts} attempts: {err}")
-                else:
-                    delay = min(self.settings.retry_initial_s * 2 ** min(state.attempts - 1, 32),
-                                self.settings.retry_max_interval_s)
-                    state.next_attempt = now + delay
-                    self._write_state(path.with_suffix(".json"), state)
-                    logger.warning("send failed, retrying in %.0f s: %s", delay, err,
-                                   extra={"sop_instance_uid": state.sop_instance_uid,
-                                          "destination": str(dest), "attempts": state.attempts})
+                self._audit(state, str(dest), err)
+                try:
+                    if err is None:
+                        self._delivered(dkey, path, state)
+                        delivered += 1
+                    else:
+                        self._failed(dkey, path, state, err, now)
+                except OSError as exc:  # a full or failing disk: keep the item scheduled, retry later
+                    logger.error("outbox not writable: %s", type(exc).__name__,
+                                 extra={"sop_instance_uid": state.sop_instance_uid})
+                    self._reschedule(dkey, path, state)
             self.metrics.stage_seconds.labels("send").observe((time.perf_counter() - started) / max(1, len(items)))
         return delivered
+
+    def _delivered(self, dkey: str, path: Path, state: OutboxState) -> None:
+        path.unlink(missing_ok=True)
+        path.with_suffix(".json").unlink(missing_ok=True)
+        with self._lock:
+            self._states[dkey].pop(path.stem, None)
+        dest = self.destinations[dkey]
+        self.metrics.sent.labels(str(dest)).inc()
+        logger.info("sent", extra={"sop_instance_uid": state.sop_instance_uid, "destination": str(dest)})
+
+    def _failed(self, dkey: str, path: Path, state: OutboxState, err: SendError, now: float) -> None:
+        dest = self.destinations[dkey]
+        self.metrics.send_failures.labels(str(dest)).inc()
+        state.attempts += 1
+        state.first_attempt = state.first_attempt or now
+        state.last_error = str(err)
+        if err.permanent:
+            self._dead(dkey, path, state, f"permanent failure: {err}")
+            return
+        if now - state.first_attempt > self.settings.retry_horizon_h * 3600:
+            self._dead(dkey, path, state, f"retries exhausted after {state.attempts} attempts: {err}")
+            return
+        delay = min(self.settings.retry_initial_s * 2 ** min(state.attempts - 1, 32),
+                    self.settings.retry_max_interval_s)
+        state.next_attempt = now + delay
+        self._reschedule(dkey, path, state)
+        try:
+            self._write_state(path.with_suffix(".json"), state)
+        except OSError as exc:  # the index holds the schedule; a restart starts it afresh
+            logger.error("cannot write outbox state: %s", type(exc).__name__,
+                         extra={"sop_instance_uid": state.sop_instance_uid})
+        logger.warning("send failed, retrying in %.0f s: %s", delay, err,
+                       extra={"sop_instance_uid": state.sop_instance_uid,
+                              "destination": str(dest), "attempts": state.attempts})
+
+    def _audit(self, state: OutboxState, destination: str, err: SendError | None) -> None:
+        if self.audit is None:
+            return
+        try:
+            self.audit.instance_sent(state.sop_class_uid, state.sop_instance_uid, state.study_instance_uid,
+                                     destination, self.calling_ae,
+                                     AuditOutcome.SUCCESS if err is None else AuditOutcome.MINOR_FAILURE,
+                                     "" if err is None else str(err))
+        except OSError:
+            logger.error("audit trail not writable")

@@ -63,7 +63,7 @@ def check(processor: Processor, path: Path) -> str:
         assert out.model_input.shape == (size, size, 1), out.model_input.shape
         assert np.isfinite(out.model_input).all() and 0.0 <= out.model_input.min() <= out.model_input.max() <= 1.0
         return "decoded"
-    reason = str(getattr(out, "reason", out))  # Skipped: the reason an instance is not eligible
+    reason = out.reason  # Skipped: why the instance is not eligible
     assert reason.strip(), "skipped without a reason"
     return "skipped"
 

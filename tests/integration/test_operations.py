@@ -163,14 +163,25 @@ def test_metrics_health_readiness_and_audit(make_worker: Any, pacs: Any, tmp_pat
     assert http(mport, "/healthz")[0] == 200
     code, body = http(mport, "/readyz")
     assert code == 200 and json.loads(body)["ready"] is True
+    assert set(json.loads(body)["checks"]) == {"model_answered", "spool_writable", "disk_above_reserve",
+                                               "threads_alive"}
+    assert metric(text, f'cxr_destination_up{{destination="PACS@127.0.0.1:{pacs.port}"}}') == 1
     pacs.stop()
-    code, body = http(mport, "/readyz")  # echo_cache_s = 30 s: still counted as reachable
+    code, body = http(mport, "/readyz")  # the PACS is not part of readiness: the outbox keeps results
     assert code == 200
     events = audit(worker)
     kinds = [(e["EventIdentification"]["EventID"]["code"], e["EventIdentification"]["EventActionCode"]) for e in events]
     assert ("110100", "E") in kinds  # application start
     received = [e for e in events if e["EventIdentification"]["EventActionCode"] == "C"]
-    assert received[0]["ParticipantObjectIdentification"][0]["SOPInstanceUID"] == source.SOPInstanceUID
+    # PS3.15 A.5.3.2: the participant object is the study; the instance is described inside it.
+    study = received[0]["ParticipantObjectIdentification"][0]
+    assert study["ParticipantObjectIDTypeCode"]["code"] == "110180"
+    assert study["ParticipantObjectID"] == source.StudyInstanceUID
+    [sop_class] = study["ParticipantObjectDescription"]["SOPClass"]
+    assert sop_class["UID"] == source.SOPClassUID and sop_class["Instance"] == [{"UID": source.SOPInstanceUID}]
+    sent = [e["ParticipantObjectIdentification"][0] for e in events
+            if e["EventIdentification"]["EventActionCode"] == "R"]
+    assert {o["ParticipantObjectID"] for o in sent} == {source.StudyInstanceUID}  # SC and SR join the study
     assert received[0]["ActiveParticipant"][0]["UserID"] == "HOSPITAL"
     assert sum(e["EventIdentification"]["EventActionCode"] == "R" for e in events) == 2  # SC and SR sent
     assert "Canary" not in json.dumps(events) and "CANARY-7731" not in json.dumps(events)
@@ -179,14 +190,21 @@ def test_metrics_health_readiness_and_audit(make_worker: Any, pacs: Any, tmp_pat
     assert stop["EventTypeCode"]["code"] == "110121"  # application stop
 
 
-def test_readiness_fails_when_the_destination_is_down(make_worker: Any) -> None:
+def test_readiness_does_not_depend_on_the_destination(make_worker: Any) -> None:
+    """A PACS that is down is reported in /healthz and cxr_destination_up, never in /readyz:
+    the worker still accepts and processes (the outbox keeps the results), and the probe
+    must not wait on a network peer."""
     mport = free_port()
-    worker = make_worker([f"PACS@127.0.0.1:{free_port()}"], metrics_port=mport)
+    dest = f"PACS@127.0.0.1:{free_port()}"
+    worker = make_worker([dest], metrics_port=mport)
     code, body = http(mport, "/readyz")
-    assert code == 503
-    checks = json.loads(body)["checks"]
-    assert checks["model_loaded"] and checks["spool_writable"]
-    assert not [v for k, v in checks.items() if k.startswith("destination")][0]
+    assert code == 200, body
+    assert all(json.loads(body)["checks"].values())
+    wait_for(lambda: dest in json.loads(http(mport, "/healthz")[1]).get("destinations", {}), 30,
+             "the background C-ECHO")
+    code, body = http(mport, "/healthz")
+    assert code == 200 and json.loads(body)["destinations"][dest]["up"] is False
+    assert metric(http(mport, "/metrics")[1], f'cxr_destination_up{{destination="{dest}"}}') == 0
     assert worker.stop() == 0
 
 

@@ -1,0 +1,169 @@
+"""How a batch is processed: the claimed files in, an outcome for each out.
+
+Each claimed instance ends in exactly one place: answered (SC and SR in the outbox, a
+done/ marker), skipped, a duplicate, quarantined, or back in the queue. Failures are
+sorted once, in :meth:`BatchHandler.handle`, by :func:`worker.faults.fault_of`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from pydicom import Dataset, dcmread
+
+from worker.errors import InfrastructureError
+from worker.faults import Fault, fault_of
+from worker.metrics import Metrics
+from worker.pipeline import Decoded, Processor, Result, Skipped, encode, uid_of, withhold_values
+from worker.send import Outbox
+from worker.spool import Spool, key
+
+logger = logging.getLogger(__name__)
+
+
+class BatchHandler:
+    """Decode, infer, build and queue the outputs of one claimed batch."""
+
+    def __init__(self, processor: Processor, spool: Spool, outbox: Outbox, metrics: Metrics,
+                 output_reserve_mb: float, max_crashes: int = 3, on_output: Callable[[], None] = lambda: None) -> None:
+        self.processor = processor
+        self.max_crashes = max_crashes  # 0 = never give up on an instance the worker died on
+        self.on_output = on_output  # wakes the sending thread
+        self.spool = spool
+        self.outbox = outbox
+        self.metrics = metrics
+        #: outputs are not written below this much free space (half the receive reserve:
+        #: the queue still drains, and frees space, while receiving is refused)
+        self.output_reserve_mb = output_reserve_mb
+        self.model_answered = False  # set by each run of the model: readiness reads it
+
+    def handle(self, claimed: list[Path]) -> None:
+        """Give every claimed file an outcome.
+
+        Raises:
+            InfrastructureError: the files still pending went back to the queue; the
+                caller backs off before the next batch.
+        """
+        pending = list(claimed)
+        stage = "output"
+        try:
+            if self.spool.free_mb() < self.output_reserve_mb:  # no work that could not be written
+                raise InfrastructureError(f"spool below reserve ({self.spool.free_mb():.0f} MB free, "
+                                          f"outputs need {self.output_reserve_mb:.0f} MB)")
+            stage = "decode"
+            ready = self._decode_all(claimed, pending)
+            if not ready:
+                return
+            stage = "infer"
+            started = time.perf_counter()
+            results = self.processor.infer_and_build(ready)
+            self.model_answered = True
+            per_image = (time.perf_counter() - started) / len(ready)
+            stage = "output"
+            for item, result in zip(ready, results, strict=True):
+                try:
+                    if isinstance(result, Result):
+                        self._answer(item, result, per_image)
+                    else:
+                        self._failed([item.path], item.ds, result, "build")
+                except Exception as exc:
+                    if fault_of(exc) is Fault.INFRASTRUCTURE:
+                        raise  # this item and the rest go back to the queue
+                    self._failed([item.path], item.ds, exc, stage)
+                pending.remove(item.path)
+        except Exception as exc:
+            if fault_of(exc) is not Fault.INFRASTRUCTURE:
+                self._failed(pending, None, exc, stage)
+                return
+            if stage == "infer":
+                self.model_answered = False
+            # Out of memory may be this input's doing: count it like a crash, so that the
+            # instance is tried alone next and quarantined after spool.max_crashes.
+            self.spool.requeue(pending, suspect=isinstance(exc, MemoryError))
+            self.metrics.infrastructure_errors.labels(stage).inc()
+            raise InfrastructureError(f"{stage}: {type(exc).__name__}: {exc}") from exc
+        finally:
+            self.on_output()
+
+    def _decode_all(self, claimed: list[Path], pending: list[Path]) -> list[Decoded]:
+        version = self.processor.model.info.version
+        ready: list[Decoded] = []
+        in_batch: set[str] = set()
+        for path in claimed:
+            crashes = self.spool.crashes_of(path)
+            if self.max_crashes and crashes >= self.max_crashes:
+                self.metrics.poisoned.inc()
+                self.quarantine(path, None, f"the worker stopped {crashes} times while processing this instance "
+                                "(out of memory or a crash); not retried")
+                pending.remove(path)
+                continue
+            started = time.perf_counter()
+            try:
+                decoded = self.processor.decode(path)
+            except Exception as exc:  # decode reports a bad file as DecodeError; out of memory is not one
+                self._failed([path], None, exc, "decode")
+                pending.remove(path)
+                continue
+            if isinstance(decoded, Skipped):
+                self.metrics.skipped.inc()
+                logger.info("skipped: %s", decoded, extra={"sop_instance_uid": decoded.sop_instance_uid})
+                self.spool.finish(path)
+                pending.remove(path)
+                continue
+            marker = key(uid_of(decoded.ds), version)
+            if marker in in_batch or self.spool.is_done(marker):
+                self.metrics.duplicates.inc()
+                logger.info("duplicate: already processed", extra={"sop_instance_uid": uid_of(decoded.ds)})
+                self.spool.finish(path)
+                pending.remove(path)
+                continue
+            in_batch.add(marker)
+            ready.append(decoded)
+            self.metrics.stage_seconds.labels("decode").observe(time.perf_counter() - started)
+        return ready
+
+    def _answer(self, item: Decoded, result: Result, per_image: float) -> None:
+        """Queue the SC and SR for sending, then mark the input done and drop it."""
+        for obj in (result.sc, result.sr):
+            self.outbox.put(key(str(obj.SOPInstanceUID)), encode(obj), str(obj.SOPInstanceUID),
+                            study_instance_uid=str(obj.get("StudyInstanceUID", "")),
+                            sop_class_uid=str(obj.SOPClassUID))
+        self.spool.mark_done(key(result.sop_instance_uid, self.processor.model.info.version))
+        self.spool.finish(item.path)
+        self.metrics.processed.inc()
+        self.metrics.probability.observe(result.probability)
+        self.metrics.stage_seconds.labels("infer").observe(result.infer_seconds)
+        self.metrics.stage_seconds.labels("build").observe(max(0.0, per_image - result.infer_seconds))
+        logger.info("processed", extra={
+            "sop_instance_uid": result.sop_instance_uid, "probability": round(result.probability, 4),
+            "decision": "positive" if result.positive else "negative",
+            "sc_sop_instance_uid": str(result.sc.SOPInstanceUID),
+            "sr_sop_instance_uid": str(result.sr.SOPInstanceUID)})
+
+    def _failed(self, paths: list[Path], ds: Dataset | None, exc: Exception, stage: str) -> None:
+        """Quarantine for a bad input or a bug; an infrastructure fault re-raises (requeue)."""
+        kind = fault_of(exc)
+        if kind is Fault.INFRASTRUCTURE:
+            raise exc
+        reason = f"{type(exc).__name__}: {exc}"
+        if kind is Fault.BUG:
+            self.metrics.internal_errors.labels(stage).inc()
+            logger.error("internal error in %s: %s", stage, withhold_values(reason), exc_info=exc)
+            reason = f"internal error in {stage} (a bug, not a bad input): {reason}"
+        for path in paths:
+            self.quarantine(path, ds if len(paths) == 1 else None, reason, count_failed=kind is Fault.INPUT)
+
+    def quarantine(self, path: Path, ds: Dataset | None, reason: str, count_failed: bool = True) -> None:
+        if ds is None:
+            try:
+                ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+            except Exception:
+                ds = None
+        uid = uid_of(ds)
+        self.spool.quarantine(path, f"{uid}\t{reason}")  # the full text stays beside the data
+        if count_failed:
+            self.metrics.failed.inc()
+        logger.error("quarantined: %s", withhold_values(reason), extra={"sop_instance_uid": uid})

@@ -1,0 +1,211 @@
+"""``cxr-worker serve``: the life cycle of the service and its threads.
+
+    receive (listener threads) -> spool -> ``process`` thread -> outbox -> ``send`` thread
+
+* How a batch is processed: :class:`worker.batch.BatchHandler`.
+* When the service is ready: :func:`worker.health.readiness`.
+* How it starts and stops: :meth:`Service.start`, :meth:`Service.stop`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from worker.audit import AuditTrail
+from worker.batch import BatchHandler
+from worker.config import Settings
+from worker.errors import InfrastructureError, ModelError
+from worker.health import DestinationMonitor, all_alive, readiness
+from worker.metrics import HealthServer, Metrics
+from worker.model import OnnxModel
+from worker.pipeline import Processor
+from worker.receive import Receiver
+from worker.security import client_context
+from worker.send import Outbox
+from worker.spool import Spool
+
+logger = logging.getLogger(__name__)
+
+#: After an infrastructure fault the processing thread waits this long, doubling up to the cap.
+BACKOFF_INITIAL_S, BACKOFF_MAX_S = 1.0, 30.0
+PRUNE_EVERY_S = 3600.0
+
+
+class Service:
+    """The receiver, a processing thread, a sending thread and a destination monitor."""
+
+    def __init__(self, settings: Settings, model: OnnxModel) -> None:
+        self.settings = settings
+        self.spool = Spool(settings.spool.dir)
+        self.processor = Processor(settings, model)
+        self.metrics = Metrics()
+        self.metrics.model.info({"name": model.info.name, "version": model.info.version,
+                                 "input_size": str(model.info.input_size), "threshold": str(model.info.threshold),
+                                 "providers": ",".join(model.providers)})
+        self.audit = AuditTrail(settings.audit.path, settings.dicom.ae_title)
+        tls = client_context(settings.security) if settings.security.send_tls else None
+        self.outbox = Outbox(self.spool, settings.send, settings.dicom.ae_title, tls=tls,
+                             metrics=self.metrics, audit=self.audit)
+        self.wake = threading.Event()
+        self.wake_sender = threading.Event()
+        self.stopping = threading.Event()
+        self.handler = BatchHandler(self.processor, self.spool, self.outbox, self.metrics,
+                                    output_reserve_mb=settings.spool.reserve_mb / 2,
+                                    max_crashes=settings.spool.max_crashes, on_output=self.wake_sender.set)
+        self.receiver = Receiver(settings, self.spool, self.wake.set, self.metrics, self.audit)
+        self.monitor = DestinationMonitor(settings.send.destinations, settings.dicom.ae_title, self.metrics,
+                                          settings.metrics.echo_cache_s, tls=tls)
+        self.threads: list[threading.Thread] = []
+        self.health: HealthServer | None = None
+
+    # -- start and stop -----------------------------------------------------------------
+    def start(self) -> None:
+        """Recover the spool, prove the model answers, then start the threads and listeners.
+
+        Raises:
+            ModelError: the model does not answer a test input.
+        """
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            logger.warning("running as root: run the worker as an unprivileged user (see deploy/)")
+        self._recover()
+        self._warm_up()
+        self.audit.application(start=True)
+        self.threads = [
+            threading.Thread(target=self._process_loop, name="process", daemon=True),
+            threading.Thread(target=self._send_loop, name="send", daemon=True),
+        ]
+        for t in self.threads:
+            t.start()
+        self.monitor.start()
+        m = self.settings.metrics
+        if m.port:
+            self.health = HealthServer(self.metrics, m.bind, m.port, self.alive, self.ready, self.monitor.detail)
+            self.health.metrics_update = self._update_gauges
+            self.health.start()
+        self.receiver.start()
+        self.wake.set()
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Refuse new associations, let those in progress finish, then stop the threads.
+
+        A batch still in work/ when the grace period ends counts as a crash at the next
+        start (see ``spool.max_crashes``).
+        """
+        grace_s = self.settings.dicom.shutdown_grace_s if grace_s is None else grace_s
+        self.receiver.stop()
+        deadline = time.monotonic() + grace_s
+        while self.receiver.busy() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.stopping.set()
+        self.monitor.stop()
+        self.wake.set()
+        self.wake_sender.set()
+        for t in self.threads:
+            t.join(timeout=max(0.1, deadline - time.monotonic()))
+        if self.health is not None:
+            self.health.stop()
+        self.audit.application(start=False)
+
+    def run_forever(self) -> None:
+        """Serve until SIGTERM or SIGINT, then stop cleanly."""
+        done = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: done.set())
+        self.start()
+        # Poll: a signal that lands while the main thread blocks in an untimed lock wait
+        # is not always handled until the wait ends (seen as a stop that never came).
+        while not done.wait(0.5):
+            pass
+        logger.info("stopping")
+        self.stop()
+        logger.info("stopped")
+
+    def _recover(self) -> None:
+        """Requeue what a crash left in work/ (the batch handler quarantines a poison pill)."""
+        swept, requeued = self.spool.recover()  # each requeued instance counts a crash
+        partial = self.outbox.partial_files_removed
+        if swept or requeued or partial:
+            logger.warning("recovered spool", extra={"partial_files_removed": swept + partial, "requeued": requeued})
+        self._prune_done()
+
+    def _warm_up(self) -> None:
+        """One inference on a blank image: readiness then reports a model that answered."""
+        size = self.processor.model.info.input_size
+        try:
+            self.processor.model.predict(np.zeros((1, size, size, 1), np.float32))
+        except Exception as exc:
+            raise ModelError(f"the model does not answer a test input: {type(exc).__name__}: {exc}") from None
+        self.handler.model_answered = True
+
+    def _prune_done(self) -> None:
+        removed = self.spool.prune_done(self.settings.spool.done_retention_days * 86400)
+        if removed:
+            logger.info("pruned done markers", extra={"removed": removed})
+
+    # -- threads ------------------------------------------------------------------------
+    def _claim_batch(self) -> list[Path]:
+        m = self.settings.model
+        claimed = self.spool.claim(m.batch_size)
+        deadline = time.monotonic() + m.batch_wait_ms / 1000
+        while claimed and len(claimed) < m.batch_size and time.monotonic() < deadline:
+            if self.spool.crashes_of(claimed[0]):
+                break  # a suspect is processed alone
+            time.sleep(0.02)
+            claimed += self.spool.claim(m.batch_size - len(claimed), suspects=False)
+        return claimed
+
+    def _process_loop(self) -> None:
+        backoff = 0.0
+        next_prune = time.monotonic() + PRUNE_EVERY_S
+        while not self.stopping.is_set():
+            if time.monotonic() >= next_prune:
+                self._prune_done()
+                next_prune = time.monotonic() + PRUNE_EVERY_S
+            claimed = self._claim_batch()
+            if not claimed:
+                self.wake.wait(1.0)
+                self.wake.clear()
+                continue
+            try:
+                self.handler.handle(claimed)
+                backoff = 0.0
+                self.metrics.processing_paused.set(0)
+            except InfrastructureError as exc:
+                backoff = min(max(2 * backoff, BACKOFF_INITIAL_S), BACKOFF_MAX_S)
+                self.metrics.processing_paused.set(1)
+                logger.warning("processing paused for %.0f s, batch requeued: %s", backoff, exc)
+                self.stopping.wait(backoff)
+            except Exception:  # a bug in the handler itself: the batch must not be stranded
+                logger.exception("internal error in the processing loop; batch requeued")
+                self.metrics.internal_errors.labels("batch").inc()
+                self.spool.requeue(claimed)
+                self.stopping.wait(BACKOFF_INITIAL_S)
+
+    def _send_loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self.outbox.send_due()
+            except Exception:  # a bug, or a disk error writing a state: logged, the loop goes on
+                logger.exception("internal error in the sending loop; continuing")
+                self.metrics.internal_errors.labels("send").inc()
+            self.wake_sender.wait(1.0)
+            self.wake_sender.clear()
+
+    # -- health -------------------------------------------------------------------------
+    def alive(self) -> bool:
+        return not self.stopping.is_set() and all_alive(self.threads, self.receiver.listening)
+
+    def ready(self) -> dict[str, bool]:
+        return readiness(self.spool, self.receiver.room_for_a_data_set(), self.handler.model_answered, self.alive())
+
+    def _update_gauges(self) -> None:
+        self.metrics.queue_depth.set(self.spool.depth())
+        self.metrics.outbox_depth.set(self.outbox.depth())
+
