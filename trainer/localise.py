@@ -70,12 +70,15 @@ def iou(heatmap: Array, region: Array, level: float = IOU_LEVEL) -> float:
     return float(np.sum(mask & region) / union) if union else 0.0
 
 
-def scores(heatmap: Array, region: Array, tolerances: dict[str, float]) -> dict[str, float]:
-    """Every localisation score of one map: ``pointing_game_<name>`` per tolerance, energy, IoU."""
-    out = {f"pointing_game_{name}": pointing_hit(heatmap, region, t) for name, t in tolerances.items()}
-    out["energy_in_region"] = energy_in_region(heatmap, region)
-    out["iou"] = iou(heatmap, region)
-    return out
+def scores(heatmap: Array, region: Array, tolerance: float = POINTING_TOLERANCE) -> dict[str, float]:
+    """Every localisation score of one map: pointing game at ``tolerance`` and at zero
+    tolerance (the peak inside the region), energy in region, IoU."""
+    return {
+        "pointing_game": pointing_hit(heatmap, region, tolerance),
+        "pointing_game_zero_tolerance": pointing_hit(heatmap, region, 0.0),
+        "energy_in_region": energy_in_region(heatmap, region),
+        "iou": iou(heatmap, region),
+    }
 
 
 def centre_prior(size: int) -> Array:

@@ -198,10 +198,10 @@ def subgroup_aucs(y: Array, score: Array, patient_ids: Sequence[str], attributes
     pids = np.asarray(patient_ids, dtype=object)
     out: dict[str, dict[str, Any]] = {}
     for name, values in attributes.items():
-        values = np.asarray(values, dtype=object)
+        column = np.asarray(values, dtype=object)
         out[name] = {}
-        for v in sorted({str(x) for x in values if x}):
-            sel = values == v
+        for v in sorted({str(x) for x in column if x}):
+            sel = column == v
             out[name][v] = auc_with_ci(y[sel], score[sel], list(pids[sel]), n, seed)
     return out
 

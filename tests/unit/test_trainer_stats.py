@@ -132,5 +132,5 @@ def test_energy_iou_and_priors() -> None:
     prior = localise.data_prior([region, side])
     assert prior is not None and prior[10, 10] == 1.0 and prior[40, 10] == 0.5 and prior[10, 40] == 0.0
     assert localise.data_prior([]) is None
-    s = localise.scores(region.astype(float), region, {"tol": 0.03, "zero": 0.0})
-    assert set(s) == {"pointing_game_tol", "pointing_game_zero", "energy_in_region", "iou"}
+    s = localise.scores(region.astype(float), region)
+    assert s == {"pointing_game": 1.0, "pointing_game_zero_tolerance": 1.0, "energy_in_region": 1.0, "iou": 1.0}
