@@ -63,7 +63,11 @@ class LogitModel:
         if not dense or dense[-1].units != 1:
             raise TrainerError(f"model {model.name!r}: the last Dense layer must have one unit (the pneumonia logit)")
         last = dense[-1]
-        self.features = keras.Model(model.inputs, last.input)
+        features = keras.Model(model.inputs, last.input)
+        # Traced once for any batch size: an eager call of a functional model runs layer by
+        # layer in Python, and predict() retraces per call.
+        self.features = tf.function(lambda x: features(x, training=False), reduce_retracing=True,
+                                    input_signature=[tf.TensorSpec([None, *model.inputs[0].shape[1:]], tf.float32)])
         self.kernel = np.asarray(keras.ops.convert_to_numpy(last.kernel), np.float64)
         self.bias = np.asarray(keras.ops.convert_to_numpy(last.bias), np.float64) if last.use_bias else 0.0
 
@@ -74,14 +78,13 @@ class LogitModel:
         """Logits of ``[N, S, S, 1]`` images."""
         if len(images) == 0:
             return np.zeros(0)
-        return np.concatenate([self._affine(self.features(tf.convert_to_tensor(images[i : i + batch]),
-                                                          training=False))
+        return np.concatenate([self._affine(self.features(tf.convert_to_tensor(images[i : i + batch], tf.float32)))
                                for i in range(0, len(images), batch)])
 
     def of_records(self, records: list[Record], cfg: TrainConfig) -> Array:
         """Logits of a split, in record order."""
-        ds = make_dataset(records, cfg, training=False, cache=False).map(lambda x, _y: x)
-        return self._affine(self.features.predict(ds, verbose=0))
+        ds = make_dataset(records, cfg, training=False, cache=False)
+        return np.concatenate([self._affine(self.features(x)) for x, _y in ds])
 
 
 def predict(model: keras.Model, records: list[Record], cfg: TrainConfig) -> Array:

@@ -157,7 +157,7 @@ def _rsna_like_release(tmp_path: Path, n_per_class: int) -> tuple[Path, Path]:
         ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = pydicom.uid.ComputedRadiographyImageStorage
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
         ds.PatientID, ds.Modality, ds.ViewPosition = pid, "CR", ("AP", "PA")[k % 2]
-        ds.PatientSex, ds.PatientAge = ("M", "F")[k % 3 == 0], str(20 + k)
+        ds.PatientSex, ds.PatientAge = ("M", "F")[k % 3 == 0], f"{20 + k:03d}Y"
         ds.Rows = ds.Columns = 1024
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated = ds.BitsStored = 8
