@@ -208,6 +208,9 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
     assert out.returncode == 1 and "train.learning_rate" in out.stderr and "Traceback" not in out.stderr
     out = cli("fit", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "r2"), "--weights", str(tmp_path / "no.h5"))
     assert out.returncode == 1 and "weights file not found" in out.stderr and "Traceback" not in out.stderr
+    out = cli("evaluate", "--run", str(tmp_path / "r"), "--pointing-tolerance", "15")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "--pointing-tolerance is a fraction of the image side, received 15.0" in out.stderr
 
 
 def test_nih_boxes_become_regions_at_the_model_size(tmp_path: Path) -> None:
