@@ -16,13 +16,17 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cxr-train", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("prepare", help="patient-level splits from the NIH ChestX-ray14 label file")
-    s.add_argument("--labels", type=Path, required=True, help="Data_Entry_2017.csv (or .csv.gz)")
-    s.add_argument("--images", type=Path, required=True, help="folder holding the release's PNGs (any depth)")
+    s = sub.add_parser("prepare", help="patient-level splits from the NIH ChestX-ray14 or RSNA label file")
+    s.add_argument("--labels", type=Path, required=True,
+                   help="NIH Data_Entry_2017.csv or RSNA stage_2_train_labels.csv (or .csv.gz); told apart by header")
+    s.add_argument("--images", type=Path, required=True,
+                   help="folder holding the release's PNGs (NIH) or <patientId>.dcm files (RSNA), any depth")
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--neg-ratio", type=float, default=1.0, help="No Finding images per Pneumonia image")
     s.add_argument("--views", default="PA,AP", help="comma-separated View Position values")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--match-view", action="store_true",
+                   help="draw negatives with the positives' AP/PA mix, so the view alone predicts nothing")
 
     s = sub.add_parser("phantoms", help="synthetic chest phantoms with opacity masks (not patient data)")
     s.add_argument("--out", type=Path, required=True)
@@ -44,7 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("evaluate", help="metrics with 95%% CIs, figures, heatmap localisation")
     s.add_argument("--run", type=Path, required=True)
     s.add_argument("--split", default="test", choices=("val", "test"))
-    s.add_argument("--boxes", type=Path, default=None, help="NIH BBox_List_2017.csv for expert regions")
+    s.add_argument("--boxes", type=Path, default=None,
+                   help="expert regions: NIH BBox_List_2017.csv or RSNA stage_2_train_labels.csv")
+    s.add_argument("--pointing-tolerance", type=float, default=None,
+                   help="pointing-game tolerance as a fraction of the image side (default 15/448, Zhang et al.)")
 
     s = sub.add_parser("export", help="verified ONNX model with probability and gradcam outputs")
     s.add_argument("--run", type=Path, required=True)
@@ -59,7 +66,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         from trainer.data import prepare
 
         summary = prepare(args.labels, args.images, args.out, neg_ratio=args.neg_ratio,
-                          views=args.views.split(","), seed=args.seed)
+                          views=args.views.split(","), seed=args.seed, match_view=args.match_view)
         for note in summary["notes"]:
             print(note)
         return {k: {"images": v["images"], "patients": v["patients"]} for k, v in summary["splits"].items()}
@@ -85,10 +92,14 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         return fit(args.data, args.out, cfg)
     if args.command == "evaluate":
         from trainer.evaluate import evaluate
+        from trainer.localise import POINTING_TOLERANCE
 
-        r = evaluate(args.run, args.split, args.boxes)
-        return {"threshold": r["threshold"], "metrics": r["metrics"], "ci95": r["ci95"],
-                "localisation": r["localisation"]}
+        tolerance = POINTING_TOLERANCE if args.pointing_tolerance is None else args.pointing_tolerance
+        r = evaluate(args.run, args.split, args.boxes, pointing_tolerance=tolerance)
+        loc = {k: v for k, v in r["localisation"].items() if k != "methods"}
+        return {"threshold": r["threshold"], "calibration": r["calibration"], "metrics": r["metrics"],
+                "ci95": r["ci95"], "calibration_quality": r["calibration_quality"],
+                "faithfulness": r["faithfulness"], "localisation": loc}
     from trainer.export import export
 
     return export(args.run, args.out, threshold=args.threshold, version=args.model_version)

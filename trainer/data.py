@@ -1,9 +1,11 @@
 """Split files shared by every trainer command.
 
 A data folder holds ``train.csv``, ``val.csv``, ``test.csv`` (columns
-:data:`SPLIT_COLUMNS`), ``summary.json`` and optionally ``boxes.csv`` in the NIH
-``BBox_List_2017.csv`` format. ``prepare`` writes one from the real label file;
-``phantoms`` writes one from synthetic images.
+:data:`SPLIT_COLUMNS`), ``summary.json``, optionally ``boxes.csv`` in the NIH
+``BBox_List_2017.csv`` format and ``hard_negatives.csv`` (same columns: images of test-split
+patients with other findings and no pneumonia, scored by ``evaluate`` as a harder negative
+set). ``prepare`` writes one from the real label file (NIH ChestX-ray14 or RSNA, see
+:mod:`trainer.rsna`); ``phantoms`` writes one from synthetic images.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from typing import Any
 from trainer.errors import DataError
 
 SPLITS = ("train", "val", "test")
-SPLIT_COLUMNS = ("path", "label", "patient_id", "view", "image_id", "age", "sex", "mask")
+SPLIT_COLUMNS = ("path", "label", "patient_id", "view", "image_id", "age", "sex", "mask", "findings")
+HARD_NEGATIVES = "hard_negatives"
 POSITIVE_FINDING = "Pneumonia"
 NEGATIVE_FINDING = "No Finding"
 #: Number of Pneumonia images in the ChestX-ray14 release the paper drew "5,000 per class" from.
@@ -43,6 +46,8 @@ class Record:
     age: str = ""
     sex: str = ""
     mask: str = ""
+    #: The label file's findings, "|"-separated (NIH "Finding Labels"); "" when unknown.
+    findings: str = ""
 
     def row(self) -> dict[str, Any]:
         return {c: getattr(self, c) for c in SPLIT_COLUMNS}
@@ -67,6 +72,8 @@ class Dataset:
     root: Path
     splits: dict[str, list[Record]]
     boxes: dict[str, list[Box]] = field(default_factory=dict)
+    #: Test-split patients' images with other findings and no pneumonia (may be empty).
+    hard_negatives: list[Record] = field(default_factory=list)
 
 
 def open_text(path: Path) -> io.TextIOBase:
@@ -108,6 +115,8 @@ def summarize(splits: dict[str, list[Record]], notes: Iterable[str] = ()) -> dic
     """Images and patients per split and class, views, and age and sex spread."""
     out: dict[str, Any] = {"splits": {}, "notes": list(notes)}
     for name, records in splits.items():
+        by_view = {v: dict(Counter(str(r.label) for r in records if r.view == v))
+                   for v in sorted({r.view for r in records})}
         ages = [float(r.age) for r in records if r.age.replace(".", "", 1).isdigit()]
         out["splits"][name] = {
             "images": len(records),
@@ -120,6 +129,7 @@ def summarize(splits: dict[str, list[Record]], notes: Iterable[str] = ()) -> dic
                 for c in (0, 1)
             },
             "views": dict(Counter(r.view for r in records)),
+            "views_by_class": by_view,
             "sex": dict(Counter(r.sex for r in records if r.sex)),
             "age": (
                 {
@@ -139,14 +149,18 @@ def write_split_folder(
     splits: dict[str, list[Record]],
     summary: dict[str, Any],
     boxes: Sequence[Box] = (),
+    hard_negatives: Sequence[Record] = (),
 ) -> None:
-    """Write the split CSVs, summary.json and (when given) boxes.csv."""
+    """Write the split CSVs, summary.json and (when given) boxes.csv and hard_negatives.csv."""
     out.mkdir(parents=True, exist_ok=True)
-    for name in SPLITS:
+    tables = {name: splits[name] for name in SPLITS}
+    if hard_negatives:
+        tables[HARD_NEGATIVES] = list(hard_negatives)
+    for name, records in tables.items():
         with open(out / f"{name}.csv", "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=SPLIT_COLUMNS)
             writer.writeheader()
-            writer.writerows(r.row() for r in splits[name])
+            writer.writerows(r.row() for r in records)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     if boxes:
         with open(out / "boxes.csv", "w", newline="", encoding="utf-8") as f:
@@ -156,8 +170,17 @@ def write_split_folder(
                 box_writer.writerow([b.image_id, b.finding, b.x, b.y, b.w, b.h])
 
 
-def read_boxes(path: Path, finding: str = POSITIVE_FINDING) -> dict[str, list[Box]]:
-    """Read NIH ``BBox_List_2017.csv`` (or ours): image ID -> boxes of ``finding``."""
+#: Box labels that mark the positive class: NIH's "Pneumonia", RSNA's "Lung Opacity".
+BOX_FINDINGS = (POSITIVE_FINDING, "Lung Opacity")
+
+
+def read_boxes(path: Path, findings: Sequence[str] = BOX_FINDINGS) -> dict[str, list[Box]]:
+    """Read NIH ``BBox_List_2017.csv`` (or ours) or RSNA's ``stage_2_train_labels.csv``:
+    image ID -> boxes of the positive class."""
+    from trainer.rsna import is_rsna_labels, read_rsna_boxes
+
+    if is_rsna_labels(path):
+        return read_rsna_boxes(path)
     boxes: dict[str, list[Box]] = defaultdict(list)
     with open_text(path) as f:
         reader = csv.reader(f)
@@ -170,7 +193,7 @@ def read_boxes(path: Path, finding: str = POSITIVE_FINDING) -> dict[str, list[Bo
                 x, y, w, h = (float(v) for v in row[2:6])
             except (IndexError, ValueError):
                 raise DataError(f"{path}:{n}: not a box row (Image Index, Finding Label, x, y, w, h)") from None
-            if label == finding:
+            if label in findings:
                 boxes[image_id].append(Box(image_id, label, x, y, w, h))
     return dict(boxes)
 
@@ -185,31 +208,38 @@ def load_dataset(root: Path) -> Dataset:
         path = root / f"{name}.csv"
         if not path.is_file():
             raise DataError(f"{path} is missing: run 'cxr-train prepare' or 'cxr-train phantoms' first")
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            missing = {"path", "label", "patient_id"} - set(reader.fieldnames or ())
-            if missing:
-                raise DataError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
-            records = []
-            for n, row in enumerate(reader, start=2):
-                if row["label"] not in ("0", "1"):
-                    raise DataError(f"{path}:{n}: label must be 0 or 1, received {row['label']!r}")
-                p = row["path"]
-                records.append(
-                    Record(
-                        path=p if os.path.isabs(p) else str(root / p),
-                        label=int(row["label"]),
-                        patient_id=row["patient_id"],
-                        view=row.get("view", ""),
-                        image_id=row.get("image_id") or Path(p).name,
-                        age=row.get("age", ""),
-                        sex=row.get("sex", ""),
-                        mask=(str(root / row["mask"]) if row.get("mask") else ""),
-                    )
-                )
-        splits[name] = records
+        splits[name] = _read_records(root, path)
     boxes = read_boxes(root / "boxes.csv") if (root / "boxes.csv").is_file() else {}
-    return Dataset(root, splits, boxes)
+    hard = root / f"{HARD_NEGATIVES}.csv"
+    return Dataset(root, splits, boxes, _read_records(root, hard) if hard.is_file() else [])
+
+
+def _read_records(root: Path, path: Path) -> list[Record]:
+    """The records of one split CSV, paths resolved against the data folder."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = {"path", "label", "patient_id"} - set(reader.fieldnames or ())
+        if missing:
+            raise DataError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
+        records = []
+        for n, row in enumerate(reader, start=2):
+            if row["label"] not in ("0", "1"):
+                raise DataError(f"{path}:{n}: label must be 0 or 1, received {row['label']!r}")
+            p = row["path"]
+            records.append(
+                Record(
+                    path=p if os.path.isabs(p) else str(root / p),
+                    label=int(row["label"]),
+                    patient_id=row["patient_id"],
+                    view=row.get("view", ""),
+                    image_id=row.get("image_id") or Path(p).name,
+                    age=row.get("age", ""),
+                    sex=row.get("sex", ""),
+                    mask=(str(root / row["mask"]) if row.get("mask") else ""),
+                    findings=row.get("findings") or "",
+                )
+            )
+    return records
 
 
 def require_split(ds: Dataset, name: str, *, both_classes: bool = True) -> list[Record]:
@@ -241,11 +271,22 @@ def prepare(
     views: Sequence[str] = ("PA", "AP"),
     seed: int = 0,
     fractions: Sequence[float] = (0.7, 0.15, 0.15),
+    match_view: bool = False,
 ) -> dict[str, Any]:
-    """Build patient-level splits of Pneumonia vs No Finding from the NIH label file.
+    """Build patient-level splits of Pneumonia vs No Finding from the NIH label file, and a
+    hard-negative set (other findings, no pneumonia) from the test split's patients.
+
+    Args:
+        match_view: draw negatives with the positives' view mix (AP/PA) in each split, so
+            that the view, which alone scores AUC ~0.63 on this task, tells nothing.
 
     Returns the summary written to ``summary.json``.
     """
+    from trainer.rsna import is_rsna_labels, prepare_rsna
+
+    if is_rsna_labels(labels):
+        return prepare_rsna(labels, images, out, neg_ratio=neg_ratio, views=views, seed=seed,
+                            fractions=fractions, match_view=match_view)
     if neg_ratio <= 0:
         raise DataError(f"--neg-ratio must be positive, received {neg_ratio}")
     if not images.is_dir():
@@ -253,6 +294,7 @@ def prepare(
     wanted_views = {v.strip().upper() for v in views if v.strip()}
     positives: list[Record] = []
     negatives: list[Record] = []
+    others: list[Record] = []  # other findings, no pneumonia: the hard negatives' pool
     required = {"Image Index", "Finding Labels", "Patient ID", "View Position"}
     with open_text(labels) as f:
         reader = csv.DictReader(f)
@@ -264,9 +306,7 @@ def prepare(
             if view not in wanted_views:
                 continue
             findings = row["Finding Labels"].split("|")
-            label = 1 if POSITIVE_FINDING in findings else 0 if findings == [NEGATIVE_FINDING] else None
-            if label is None:
-                continue
+            label = 1 if POSITIVE_FINDING in findings else 0
             record = Record(
                 path=row["Image Index"],
                 label=label,
@@ -275,8 +315,9 @@ def prepare(
                 image_id=row["Image Index"],
                 age=row.get("Patient Age", ""),
                 sex=row.get("Patient Gender", ""),
+                findings=row["Finding Labels"],
             )
-            (positives if label else negatives).append(record)
+            (positives if label else negatives if findings == [NEGATIVE_FINDING] else others).append(record)
     if not positives:
         raise DataError(f"{labels}: no {POSITIVE_FINDING} images in views {sorted(wanted_views)}")
 
@@ -286,27 +327,28 @@ def prepare(
     for r in positives:
         patients[r.patient_id] = True
     assignment = split_by_patient(patients, fractions, seed)
+    # Patients with only other findings get a split too (it does not move anyone above), so
+    # that hard negatives come only from patients the model never trained on.
+    assignment.update(split_by_patient({r.patient_id: False for r in others if r.patient_id not in assignment},
+                                       fractions, seed + 2))
 
     rng = random.Random(seed + 1)
-    splits: dict[str, list[Record]] = {}
-    for name in SPLITS:
-        pos = [r for r in positives if assignment[r.patient_id] == name]
-        neg_pool = [r for r in negatives if assignment[r.patient_id] == name]
-        n_neg = min(len(neg_pool), round(len(pos) * neg_ratio))
-        splits[name] = pos + rng.sample(neg_pool, n_neg)
-        rng.shuffle(splits[name])
+    splits = draw_splits(positives, negatives, assignment, neg_ratio, rng, match_view=match_view)
+    test_pos = [r for r in splits["test"] if r.label == 1]
+    hard = draw_negatives(test_pos, [r for r in others if assignment[r.patient_id] == "test"], neg_ratio,
+                          random.Random(seed + 3), match_view=match_view)
 
     index = _index_images(images)
-    missing_files = [r.image_id for name in SPLITS for r in splits[name] if r.image_id not in index]
+    missing_files = [r.image_id for r in [*hard, *(r for name in SPLITS for r in splits[name])]
+                     if r.image_id not in index]
     if missing_files:
         raise DataError(
             f"{len(missing_files)} selected image(s) are not under {images}, e.g. "
             f"{', '.join(missing_files[:5])}: download the full release (see README) "
             "or check --images; nothing was written"
         )
-    for name in SPLITS:
-        for r in splits[name]:
-            r.path = str(index[r.image_id].resolve())
+    for r in [*hard, *(r for name in SPLITS for r in splits[name])]:
+        r.path = str(index[r.image_id].resolve())
 
     n_pos_patients = len({r.patient_id for r in positives})
     notes = [
@@ -316,8 +358,38 @@ def prepare(
         f"{NEGATIVE_FINDING} image(s) per positive.",
         f"Split {'/'.join(f'{100 * f:.3g}' for f in fractions)} (train/val/test) by patient, "
         "stratified by whether a patient has a positive image.",
+        f"{len(hard)} hard negatives (other findings, no {POSITIVE_FINDING}) from test-split patients "
+        "in hard_negatives.csv: evaluate scores the model against them as well.",
     ]
+    if match_view:
+        notes.append("Negatives drawn with the positives' view mix in each split (--match-view).")
     summary = summarize(splits, notes)
-    summary.update({"source": str(labels), "seed": seed, "neg_ratio": neg_ratio, "synthetic": False})
-    write_split_folder(out, splits, summary)
+    summary.update({"source": str(labels), "seed": seed, "neg_ratio": neg_ratio, "match_view": match_view,
+                    "synthetic": False, "positive_class": f"NIH Finding Labels contains {POSITIVE_FINDING!r}",
+                    HARD_NEGATIVES: summarize({"test": hard})["splits"]["test"]})
+    write_split_folder(out, splits, summary, hard_negatives=hard)
     return summary
+
+
+def draw_negatives(positives: Sequence[Record], pool: Sequence[Record], ratio: float, rng: random.Random,
+                   *, match_view: bool = False) -> list[Record]:
+    """``ratio`` negatives per positive from ``pool``; with ``match_view``, per view."""
+    if not match_view:
+        return rng.sample(list(pool), min(len(pool), round(len(positives) * ratio)))
+    drawn: list[Record] = []
+    for view, n_pos in sorted(Counter(r.view for r in positives).items()):
+        same = [r for r in pool if r.view == view]
+        drawn += rng.sample(same, min(len(same), round(n_pos * ratio)))
+    return drawn
+
+
+def draw_splits(positives: Sequence[Record], negatives: Sequence[Record], assignment: dict[str, str],
+                neg_ratio: float, rng: random.Random, *, match_view: bool = False) -> dict[str, list[Record]]:
+    """Every positive of each split with its drawn negatives, shuffled."""
+    splits: dict[str, list[Record]] = {}
+    for name in SPLITS:
+        pos = [r for r in positives if assignment[r.patient_id] == name]
+        neg_pool = [r for r in negatives if assignment[r.patient_id] == name]
+        splits[name] = pos + draw_negatives(pos, neg_pool, neg_ratio, rng, match_view=match_view)
+        rng.shuffle(splits[name])
+    return splits

@@ -26,9 +26,15 @@ MODEL_FILE = "model.keras"
 
 
 def load_image(path: str, size: int) -> np.ndarray[Any, Any]:
-    """An 8/16-bit grayscale PNG -> ``[size, size, 1]`` float32, exactly as the worker
+    """An 8/16-bit grayscale PNG (or an RSNA DICOM) -> ``[size, size, 1]`` float32, exactly as the worker
     brings a DICOM image to the model (the shared steps of :mod:`cxr_contract.pixels`)."""
-    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    img: np.ndarray[Any, Any] | None
+    if str(path).lower().endswith(".dcm"):  # RSNA's images (trainer.rsna)
+        from trainer.rsna import dicom_pixels
+
+        img = dicom_pixels(path)
+    else:
+        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if img is None:
         raise DataError(f"{path}: not a readable image")
     if img.ndim == 3:

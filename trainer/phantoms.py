@@ -6,7 +6,9 @@ heatmap localisation can be scored against exact ground truth.
 
 Each phantom has soft tissue, two lung fields, ribs, mediastinum and heart shadow,
 quantum-like noise and a random exposure. Positives carry one to three patchy
-opacities in the lungs, weighted towards the lower zones, some faint.
+opacities in the lungs, weighted towards the lower zones, some faint. A few extra
+negatives with an enlarged heart ("Cardiomegaly") form the hard-negative set, and every
+phantom carries synthetic view, sex and age values so that the subgroup code runs.
 """
 
 from __future__ import annotations
@@ -17,7 +19,16 @@ from typing import Any
 import cv2
 import numpy as np
 
-from trainer.data import SPLITS, Box, Record, split_by_patient, summarize, write_split_folder
+from trainer.data import (
+    NEGATIVE_FINDING,
+    POSITIVE_FINDING,
+    SPLITS,
+    Box,
+    Record,
+    split_by_patient,
+    summarize,
+    write_split_folder,
+)
 from trainer.errors import DataError
 
 
@@ -55,9 +66,10 @@ def _opacity(rng: np.random.Generator, s: int, lungs: np.ndarray[Any, Any]) -> n
 
 
 def make_phantom(
-    rng: np.random.Generator, size: int, positive: bool
+    rng: np.random.Generator, size: int, positive: bool, *, cardiomegaly: bool = False
 ) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
-    """One phantom.
+    """One phantom; ``cardiomegaly`` widens the heart shadow by half (a finding that is not
+    pneumonia, for hard negatives).
 
     Returns:
         (image uint8 [size, size], opacity mask bool [size, size]; all False when negative).
@@ -82,7 +94,8 @@ def make_phantom(
     att += 0.10 * cv2.GaussianBlur(ribs, (0, 0), max(0.6, s / 256)) * body
     # Mediastinum and heart shadow (heart bulges to the patient's left = image right).
     med = (np.abs(xx - 0.5) < 0.08) & (yy > 0.12) & (yy < 0.85)
-    heart = ((xx - 0.56) / rng.uniform(0.13, 0.17)) ** 2 + ((yy - 0.66) / 0.13) ** 2 < 1.0
+    heart_width = rng.uniform(0.13, 0.17) * (1.5 if cardiomegaly else 1.0)
+    heart = ((xx - 0.56) / heart_width) ** 2 + ((yy - 0.66) / 0.13) ** 2 < 1.0
     att += 0.30 * cv2.GaussianBlur((med | heart).astype(np.float32), (0, 0), s / 70)
     mask = np.zeros((s, s), bool)
     if positive:
@@ -133,6 +146,9 @@ def write_phantoms(
     rng.shuffle(labels)
     records: list[Record] = []
     boxes: list[Box] = []
+    # Synthetic view (40% AP, as bedside films are common) from its own generator, so that
+    # the images stay those of earlier versions for the same seed.
+    meta = np.random.default_rng([seed, 1])
     for i, label in enumerate(labels):
         image_id = f"phantom_{i:05d}.png"
         image, mask = make_phantom(rng, size, bool(label))
@@ -152,12 +168,25 @@ def write_phantoms(
                 age=str(int(rng.integers(18, 90))),
                 sex=str(rng.choice(["M", "F"])),
                 mask=mask_rel,
+                findings=POSITIVE_FINDING if label else NEGATIVE_FINDING,
             )
         )
+        records[-1].view = "AP" if meta.random() < 0.4 else "PA"
     assignment = split_by_patient({r.patient_id: bool(r.label) for r in records}, fractions, seed)
     splits = {name: [r for r in records if assignment[r.patient_id] == name] for name in SPLITS}
-    notes = [f"SYNTHETIC chest phantoms (seed {seed}, {size} px): not patient data, not for clinical use."]
+    hard: list[Record] = []
+    for i in range(max(2, round(n * fractions[2] * (1 - positive_fraction)))):
+        image_id = f"phantom_hard_{i:05d}.png"
+        image, _ = make_phantom(rng, size, False, cardiomegaly=True)
+        cv2.imwrite(str(out / "images" / image_id), image)
+        hard.append(Record(path=f"images/{image_id}", label=0, patient_id=f"H{i:05d}",
+                           view="AP" if meta.random() < 0.4 else "PA", image_id=image_id,
+                           age=str(int(meta.integers(18, 90))), sex=str(meta.choice(["M", "F"])),
+                           findings="Cardiomegaly"))
+    notes = [f"SYNTHETIC chest phantoms (seed {seed}, {size} px): not patient data, not for clinical use.",
+             f"{len(hard)} hard negatives (synthetic cardiomegaly, no opacity) in hard_negatives.csv."]
     summary = summarize(splits, notes)
-    summary.update({"source": "cxr-train phantoms", "seed": seed, "synthetic": True, "size": size})
-    write_split_folder(out, splits, summary, boxes)
+    summary.update({"source": "cxr-train phantoms", "seed": seed, "synthetic": True, "size": size,
+                    "hard_negatives": len(hard)})
+    write_split_folder(out, splits, summary, boxes, hard_negatives=hard)
     return summary

@@ -120,3 +120,111 @@ def test_interrupted_fit_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     epochs = [line.split(",")[0] for line in (run / "history.csv").read_text().splitlines()[1:]]
     assert epochs == ["0", "1"]
     assert (run / "model.keras").is_file()
+
+
+# --- evaluate: calibration, faithfulness, statistics, RSNA boxes (trust-eval) ------------------
+
+def _rsna_like_release(tmp_path: Path, n_per_class: int) -> tuple[Path, Path]:
+    """Real RSNA label rows (with their boxes) for some patientIds, and phantom pixels written as
+    the 1024-px MONOCHROME2 8-bit CR DICOMs the challenge ships under those IDs."""
+    import csv
+    import gzip
+
+    import cv2
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from trainer.phantoms import make_phantom
+
+    with gzip.open(ROOT / "tests" / "data" / "stage_2_train_labels.csv.gz", "rt", newline="") as f:
+        rows = list(csv.DictReader(f))
+    chosen = {t: list(dict.fromkeys(r["patientId"] for r in rows if r["Target"] == t))[:n_per_class] for t in "01"}
+    keep = set(chosen["0"]) | set(chosen["1"])
+    labels = tmp_path / "labels.csv"
+    with open(labels, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(r for r in rows if r["patientId"] in keep)
+    images = tmp_path / "stage_2_train_images"
+    images.mkdir()
+    rng = np.random.default_rng(7)
+    for k, pid in enumerate(sorted(keep)):
+        image, _ = make_phantom(rng, 256, pid in chosen["1"])
+        ds = pydicom.Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = pydicom.uid.ComputedRadiographyImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+        ds.PatientID, ds.Modality, ds.ViewPosition = pid, "CR", ("AP", "PA")[k % 2]
+        ds.PatientSex, ds.PatientAge = ("M", "F")[k % 3 == 0], f"{20 + k:03d}Y"
+        ds.Rows = ds.Columns = 1024
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated = ds.BitsStored = 8
+        ds.HighBit, ds.PixelRepresentation = 7, 0
+        ds.PixelData = cv2.resize(image, (1024, 1024), interpolation=cv2.INTER_LINEAR).tobytes()
+        ds.save_as(images / f"{pid}.dcm", enforce_file_format=True)
+    return labels, images
+
+
+def test_evaluate_on_rsna_dicoms_calibrates_and_reports_every_number_with_intervals(tmp_path: Path) -> None:
+    labels, images = _rsna_like_release(tmp_path, 20)
+    data, run = tmp_path / "data", tmp_path / "run"
+    prepared = cxr_train("prepare", "--labels", str(labels), "--images", str(images), "--out", str(data))
+    assert sum(v["images"] for v in prepared.values()) == 40
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text('[model]\nimage_size = 64\nweights = "none"\n[train]\nepochs = 2\nbatch_size = 8\n'
+                   "learning_rate = 1e-3\n[evaluate]\nbootstrap = 100\n")
+    cxr_train("fit", "--data", str(data), "--out", str(run), "--config", str(cfg))
+    out = cxr_train("evaluate", "--run", str(run), "--boxes", str(labels), "--pointing-tolerance", "0.05")
+    m = json.loads((run / "metrics.json").read_text())
+    assert out["calibration"] == m["calibration"]
+    cal = m["calibration"]
+    assert cal["method"] == "temperature" and cal["fitted_on"] == "val" and cal["temperature"] > 0
+    for metric in ("ece", "brier"):
+        for when in ("before", "after"):
+            entry = m["calibration_quality"][metric][when]
+            assert 0 <= entry["value"] <= 1 and len(entry["ci95"]) == 2, (metric, when)
+    # The stored threshold is a calibrated validation probability (Youden on sigmoid(z / T)).
+    from trainer.data import load_dataset
+    from trainer.evaluate import LogitModel, load_run
+    from trainer.stats import sigmoid
+
+    model, tcfg, _ = load_run(run)
+    z_val = LogitModel(model).of_records(load_dataset(data).splits["val"], tcfg)
+    assert np.min(np.abs(sigmoid(z_val / cal["temperature"]) - m["threshold"])) < 1e-6
+    assert m["bootstrap_unit"] == "patient" and m["patients"] == m["n"]  # RSNA: one image per patientId
+    loc = m["localisation"]
+    assert loc["n"] > 0 and loc["regions"] == "expert boxes" and loc["pointing_tolerance"] == 0.05
+    assert loc["data_prior_from"] > 0
+    for method in ("gradcam", "centre_prior", "uniform_prior", "data_prior"):
+        for key in ("pointing_game", "pointing_game_zero_tolerance", "energy_in_region", "iou"):
+            entry = loc["methods"][method][key]
+            assert entry["n"] == loc["n"] and 0 <= entry["value"] <= 1, (method, key)
+    faith = m["faithfulness"]
+    for method in ("gradcam", "random_map", "centre_prior"):
+        assert faith[method]["n"] == m["n"] and 0 <= faith[method]["fraction_high"] <= 1
+    curves = m["deletion_curves"]
+    assert curves["fractions"][0] == 0 and len(curves["mean_logit"]["morf"]) == len(curves["fractions"])
+    assert set(m["subgroups"]["auc"]["view"]) <= {"AP", "PA"} and "view_alone" in m["subgroups"]
+    for name in ("reliability.png", "morf-lerf.png", "roc.png", "gallery.png"):
+        assert (run / name).stat().st_size > 1000, name
+
+
+def test_evaluate_scores_the_hard_negatives(tmp_path: Path) -> None:
+    from trainer.config import load_config
+    from trainer.data import load_dataset
+    from trainer.evaluate import evaluate
+    from trainer.fit import fit
+    from trainer.phantoms import write_phantoms
+
+    write_phantoms(tmp_path / "d", 40, size=64, seed=2)
+    fit(tmp_path / "d", tmp_path / "r", load_config(None, {"model": {"image_size": 64, "weights": "none"},
+                                                           "train": {"epochs": 1, "batch_size": 8},
+                                                           "evaluate": {"bootstrap": 50}}), verbose=0)
+    result = evaluate(tmp_path / "r")
+    hard = result["hard_negatives"]
+    assert hard["n"] == len(load_dataset(tmp_path / "d").hard_negatives) >= 2
+    assert hard["findings"] == {"Cardiomegaly": hard["n"]}
+    assert 0 <= hard["specificity"]["value"] <= 1 and hard["auc_vs_positives"]["n"] == hard["n"] + result["positives"]
+    assert "hard_negatives" not in evaluate(tmp_path / "r", "val")  # test-split patients only

@@ -1,15 +1,20 @@
-"""prepare on the real NIH label file; phantoms; config and CLI errors."""
+"""prepare on the real NIH and RSNA label files; phantoms; config and CLI errors."""
 
 from __future__ import annotations
 
 import csv
 import gzip
+import io
+import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from trainer import stats
 from trainer.config import load_config
 from trainer.data import SPLITS, load_dataset, prepare, read_boxes, require_split
 from trainer.errors import ConfigError, DataError
@@ -26,14 +31,14 @@ def label_rows() -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Empty stand-ins for every Pneumonia and No Finding image, in the release's nested layout."""
+    """Empty stand-ins for every image of the release (hard negatives may be any of them), in
+    its nested layout; mknod is the cheapest way to create 112,120 empty files."""
     root = tmp_path_factory.mktemp("nih") / "images"
     for i, row in enumerate(label_rows()):
-        labels = row["Finding Labels"].split("|")
-        if "Pneumonia" in labels or labels == ["No Finding"]:
-            folder = root / f"images_{i // 10000:03d}" / "images"
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / row["Image Index"]).touch()
+        folder = root / f"images_{i // 10000:03d}" / "images"
+        if i % 10000 == 0:
+            folder.mkdir(parents=True)
+        os.mknod(folder / row["Image Index"])
     return root
 
 
@@ -60,6 +65,20 @@ def test_prepare_splits_the_real_labels_by_patient(release: Path, tmp_path: Path
     assert "5000 per class cannot be drawn" in summary["notes"][0].replace(",", "").replace("'s", "")
     assert summary["splits"]["train"]["age"]["quartiles"]
     assert set(summary["splits"]["test"]["sex"]) == {"M", "F"}
+    # View, sex, age and findings travel into the records that evaluate reads.
+    ds = load_dataset(tmp_path / "a")
+    truth = {r["Image Index"]: r for r in label_rows()}
+    for r in ds.splits["test"][:50]:
+        row = truth[r.image_id]
+        assert (r.view, r.sex, r.age, r.findings) == (row["View Position"], row["Patient Gender"],
+                                                    row["Patient Age"], row["Finding Labels"])
+    # The hard negatives: other findings, no pneumonia, from test patients only.
+    hard = ds.hard_negatives
+    n_test_pos = sum(r.label for r in ds.splits["test"])
+    assert len(hard) == n_test_pos and summary["hard_negatives"]["images"] == len(hard)
+    assert all(r.label == 0 and "Pneumonia" not in r.findings and r.findings != "No Finding" for r in hard)
+    assert not {r.patient_id for r in hard} & (patients["train"] | patients["val"])
+    assert all(Path(r.path).is_file() for r in hard)
 
 
 def test_prepare_notes_the_fractions_it_used(release: Path, tmp_path: Path) -> None:
@@ -68,6 +87,25 @@ def test_prepare_notes_the_fractions_it_used(release: Path, tmp_path: Path) -> N
     assert "Split 80/10/10 (train/val/test) by patient" in summary["notes"][1]
     assert summary["splits"]["train"]["images"] > 0.75 * sum(s["images"] for s in summary["splits"].values())
 
+
+def test_match_view_removes_the_view_shortcut(release: Path, tmp_path: Path) -> None:
+    """On the real labels the view alone scores AUC ~0.63; with --match-view, 0.5."""
+    prepare(LABELS, release, tmp_path / "plain", seed=3)
+    summary = prepare(LABELS, release, tmp_path / "matched", seed=3, match_view=True)
+    plain, matched = load_dataset(tmp_path / "plain"), load_dataset(tmp_path / "matched")
+    every = [r for n in SPLITS for r in plain.splits[n]]
+    assert 0.60 < stats.auc(np.array([r.label for r in every]), np.array([r.view == "AP" for r in every], float)) < 0.66
+    for name in SPLITS:
+        records = matched.splits[name]
+        for view in ("AP", "PA"):
+            assert (sum(r.view == view for r in records if r.label == 1)
+                    == sum(r.view == view for r in records if r.label == 0)), (name, view)
+        y = np.array([r.label for r in records])
+        assert stats.auc(y, np.array([r.view == "AP" for r in records], float)) == pytest.approx(0.5)
+    hard = matched.hard_negatives
+    test_pos = [r for r in matched.splits["test"] if r.label]
+    assert sum(r.view == "AP" for r in hard) == sum(r.view == "AP" for r in test_pos)
+    assert summary["match_view"] is True and any("--match-view" in n for n in summary["notes"])
 
 def test_prepare_is_reproducible_with_the_same_seed(release: Path, tmp_path: Path) -> None:
     prepare(LABELS, release, tmp_path / "a", seed=5)
@@ -177,14 +215,17 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
     assert out.returncode == 1 and "train.learning_rate" in out.stderr and "Traceback" not in out.stderr
     out = cli("fit", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "r2"), "--weights", str(tmp_path / "no.h5"))
     assert out.returncode == 1 and "weights file not found" in out.stderr and "Traceback" not in out.stderr
+    out = cli("evaluate", "--run", str(tmp_path / "r"), "--pointing-tolerance", "15")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "--pointing-tolerance is a fraction of the image side, received 15.0" in out.stderr
 
 
 def test_nih_boxes_become_regions_at_the_model_size(tmp_path: Path) -> None:
     import cv2
-    import numpy as np
 
     from trainer.data import Box, Record
-    from trainer.evaluate import centre_prior, localisation, region_mask
+    from trainer.evaluate import region_mask
+    from trainer.localise import centre_prior, scores
 
     image = tmp_path / "00000001_000.png"
     cv2.imwrite(str(image), np.zeros((1024, 1024), np.uint8))
@@ -194,9 +235,137 @@ def test_nih_boxes_become_regions_at_the_model_size(tmp_path: Path) -> None:
     ys, xs = np.nonzero(region)
     assert (xs.min(), xs.max(), ys.min(), ys.max()) == (32, 47, 16, 47)
     cam = np.zeros((2, 2), np.float32)
-    cam[0, 1] = 1.0  # hottest cell: top right, centre (16, 48)
-    hit, energy = localisation(cam, region)
-    assert hit and 0 < energy < 1
-    assert not localisation(np.zeros((2, 2), np.float32), region)[0]
-    prior_hit, _ = localisation(centre_prior(64), region)
-    assert prior_hit  # the centre (31.5, 31.5) is within 15 * 64 / 224 px of the box
+    cam[0, 1] = 1.0  # hottest cell: top right, centre (16, 48), 1 px right of the box
+    s = scores(cam, region)
+    assert s["pointing_game"] == 1.0 and s["pointing_game_zero_tolerance"] == 0.0
+    assert 0 < s["energy_in_region"] < 1 and 0 < s["iou"] < 1
+    assert scores(np.zeros((2, 2), np.float32), region)["pointing_game"] == 0.0
+    # The centre (31.5, 31.5) ties four pixels: two inside the box, two 1 px from it.
+    prior = scores(centre_prior(64), region)
+    assert prior["pointing_game"] == 1.0 and prior["pointing_game_zero_tolerance"] == 0.5
+
+RSNA_LABELS = DATA / "stage_2_train_labels.csv.gz"
+RSNA_HEADERS = DATA / "stage_2_train_images_dicom_headers.csv.gz"
+
+
+def rsna_dicom(patient_id: str, view: str, sex: str, age: str, pixels: np.ndarray | None = None) -> bytes:
+    """A CR image as the RSNA release ships it (its header values; pixels optional)."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    with warnings.catch_warnings():  # RSNA's PatientAge "51" is not the AS form "051Y"
+        warnings.simplefilter("ignore")
+        ds = pydicom.Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = pydicom.uid.ComputedRadiographyImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+        ds.PatientID, ds.PatientName, ds.Modality, ds.BodyPartExamined = patient_id, patient_id, "CR", "CHEST"
+        ds.ViewPosition, ds.PatientSex = view, sex
+        ds.add_new("PatientAge", "AS", age)  # RSNA writes "51", not "051Y"
+        ds.Rows = ds.Columns = 1024
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated = ds.BitsStored = 8
+        ds.HighBit, ds.PixelRepresentation = 7, 0
+        if pixels is not None:
+            ds.PixelData = pixels.astype(np.uint8).tobytes()
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def rsna_headers() -> dict[str, dict[str, str]]:
+    with gzip.open(RSNA_HEADERS, "rt", newline="") as f:
+        return {r["PatientID"]: r for r in csv.DictReader(f)}
+
+
+@pytest.fixture(scope="module")
+def rsna_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A header-only <patientId>.dcm for each of the 26,684 labelled images, with the real header
+    values (view, sex, age) of that image: one pydicom encoding, the values patched in bytes."""
+    root = tmp_path_factory.mktemp("rsna") / "stage_2_train_images"
+    root.mkdir()
+    slot = {"pid": "P" * 36, "view": "VV", "sex": "S", "age": "AAAA"}
+    template = rsna_dicom(slot["pid"], slot["view"], slot["sex"], slot["age"])
+    for pid, h in rsna_headers().items():
+        data = (template.replace(slot["pid"].encode(), pid.encode())
+                .replace(b"VV", h["ViewPosition"].encode()).replace(b"AAAA", h["PatientAge"].ljust(4).encode())
+                .replace(b"S ", h["PatientSex"].encode() + b" "))
+        (root / f"{pid}.dcm").write_bytes(data)
+    return root
+
+
+def test_rsna_prepare_splits_the_real_labels_with_boxes_and_headers(rsna_release: Path, tmp_path: Path) -> None:
+    summary = prepare(RSNA_LABELS, rsna_release, tmp_path / "r", seed=2)
+    ds = load_dataset(tmp_path / "r")
+    records = [r for n in SPLITS for r in ds.splits[n]]
+    positives = [r for r in records if r.label == 1]
+    assert len(positives) == 6012  # every Target 1 image, neg-ratio 1
+    assert len(records) == 2 * 6012
+    ids = {n: {r.patient_id for r in ds.splits[n]} for n in SPLITS}
+    assert not ids["train"] & ids["val"] and not ids["train"] & ids["test"] and not ids["val"] & ids["test"]
+    assert all(r.findings == "Lung Opacity" for r in positives)
+    # The header of each file, not the label file, gives view, sex and age.
+    truth = rsna_headers()
+    for r in records[:200]:
+        h = truth[r.patient_id]
+        assert (r.view, r.sex, r.age) == (h["ViewPosition"], h["PatientSex"], h["PatientAge"])
+        assert r.path.endswith(f"{r.patient_id}.dcm") and Path(r.path).is_file()
+    # Every box of every kept positive, in the data folder, readable as evaluate reads it.
+    assert sum(len(b) for b in ds.boxes.values()) == summary["boxes"] == 9555
+    assert set(ds.boxes) == {r.image_id for r in positives}
+    assert "different label from NIH" in summary["notes"][0] and summary["positive_class"].startswith("RSNA")
+    assert ds.hard_negatives == []
+    # The confound is in RSNA too: 78% of opacity images are AP, 36% of the others.
+    every_view = [r.view == "AP" for r in records]
+    assert 0.68 < stats.auc(np.array([r.label for r in records]), np.array(every_view, float)) < 0.74
+
+
+def test_rsna_boxes_are_read_from_the_label_file() -> None:
+    boxes = read_boxes(RSNA_LABELS)
+    assert len(boxes) == 6012 and sum(len(b) for b in boxes.values()) == 9555
+    b = boxes["00436515-870c-4b36-a041-de91049b9ab4"]
+    assert [(x.x, x.y, x.w, x.h) for x in b] == [(264.0, 152.0, 213.0, 379.0), (562.0, 152.0, 256.0, 453.0)]
+    assert b[0].finding == "Lung Opacity"
+
+
+def test_rsna_missing_images_and_bad_rows_are_one_error(rsna_release: Path, tmp_path: Path) -> None:
+    few = tmp_path / "few"
+    few.mkdir()
+    for p in sorted(rsna_release.iterdir())[:10]:
+        (few / p.name).write_bytes(p.read_bytes())
+    with pytest.raises(DataError, match=r"labelled image\(s\) are not under .* nothing was written"):
+        prepare(RSNA_LABELS, few, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    bad = tmp_path / "bad.csv"
+    bad.write_text("patientId,x,y,width,height,Target\nabc,1,2,3,4,1\nabc,,,,,0\n")
+    with pytest.raises(DataError, match="both Target 0 and 1"):
+        prepare(bad, few, tmp_path / "out")
+    bad.write_text("patientId,x,y,width,height,Target\nabc,,,,,1\n")
+    with pytest.raises(DataError, match=r"bad.csv:2: not an RSNA label row"):
+        read_boxes(bad)
+
+
+def test_rsna_dicom_pixels_and_boxes_reach_the_model_size(tmp_path: Path) -> None:
+    import cv2
+
+    from trainer.data import Box, Record
+    from trainer.evaluate import region_mask
+    from trainer.fit import load_image
+
+    pixels = (np.arange(1024 * 1024) % 251).reshape(1024, 1024).astype(np.uint8)
+    dcm = tmp_path / "00436515-870c-4b36-a041-de91049b9ab4.dcm"
+    dcm.write_bytes(rsna_dicom(dcm.stem, "PA", "F", "51", pixels))
+    png = tmp_path / "same.png"
+    cv2.imwrite(str(png), pixels)
+    assert np.array_equal(load_image(str(dcm), 64), load_image(str(png), 64))
+    record = Record(path=str(dcm), label=1, patient_id=dcm.stem, view="PA", image_id=dcm.stem)
+    region = region_mask(record, [Box(dcm.stem, "Lung Opacity", 512, 256, 256, 512)], 64)
+    assert region is not None
+    ys, xs = np.nonzero(region)
+    assert (xs.min(), xs.max(), ys.min(), ys.max()) == (32, 47, 16, 47)
+    broken = tmp_path / "broken.dcm"
+    broken.write_bytes(b"not dicom")
+    with pytest.raises(DataError, match="broken.dcm: not a readable DICOM image"):
+        load_image(str(broken), 64)
