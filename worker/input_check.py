@@ -1,0 +1,62 @@
+"""Cheap checks of the decoded image, before the model, for what a feature density misses.
+
+The model's out-of-distribution score measures how far an image's features lie from the
+training data; an image with almost no content (a blank or unexposed plate, a constant
+test image) or one that is mostly burnt out or black (a saturated exposure, a wrong
+window) can still land near the training features, because a CNN's pooled features of
+"nothing" are not necessarily far from those of a chest. Both are plain to see in the
+histogram of the display-ready image, so they are checked there. Pure functions of the
+[0, 1] image that :mod:`worker.decode` returns.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+#: Reasons an image is refused by these checks (also used as metric labels).
+UNIFORM = "uniform"
+CLIPPED = "clipped"
+
+#: Histogram bins over [0, 1]: 64 bins of 4 grey levels (of 256) each.
+BINS = 64
+#: Nearly uniform when one bin holds more than this fraction of the pixels. A radiograph's
+#: largest bin is its background or collimation: 2-40 % on the real CR chests and the
+#: phantoms we measured, so 90 % leaves a wide margin.
+MAX_DOMINANT_BIN = 0.90
+#: Clipped when more than this fraction of the pixels sits at black or white (within one
+#: grey level of 0 or 1). Percentile clipping (cxr_contract.pixels) clips 1 % by design and
+#: a window clips the air around the body (up to ~35 % on a tightly windowed CR); an image
+#: with more than half its pixels at the limits has lost its anatomy.
+MAX_CLIPPED_FRACTION = 0.50
+_GREY_LEVEL = 1.0 / 255.0
+
+
+def dominant_bin_fraction(unit_image: np.ndarray[Any, Any]) -> float:
+    """Fraction of the pixels in the fullest of :data:`BINS` histogram bins."""
+    counts, _ = np.histogram(np.clip(unit_image, 0.0, 1.0), bins=BINS, range=(0.0, 1.0))
+    return float(counts.max() / max(1, counts.sum()))
+
+
+def clipped_fraction(unit_image: np.ndarray[Any, Any]) -> float:
+    """Fraction of the pixels at black or white."""
+    arr = np.asarray(unit_image)
+    return float(np.mean((arr <= _GREY_LEVEL) | (arr >= 1.0 - _GREY_LEVEL)))
+
+
+def input_problem(unit_image: np.ndarray[Any, Any]) -> str | None:
+    """:data:`UNIFORM` or :data:`CLIPPED` when the image fails a check, else None."""
+    if unit_image.size == 0 or dominant_bin_fraction(unit_image) > MAX_DOMINANT_BIN:
+        return UNIFORM
+    if clipped_fraction(unit_image) > MAX_CLIPPED_FRACTION:
+        return CLIPPED
+    return None
+
+
+def describe(problem: str) -> str:
+    """The words an SC prints for a problem."""
+    return {
+        UNIFORM: "Input check: image nearly uniform (no anatomy)",
+        CLIPPED: "Input check: image mostly black or white (clipped)",
+    }.get(problem, f"Input check: {problem}")
