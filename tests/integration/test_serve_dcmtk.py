@@ -50,7 +50,7 @@ def walk(items: Any) -> list[Dataset]:
 
 
 def sr_finding(sr: Dataset) -> tuple[str, float]:
-    """(Present/Absent, probability) read back from the SR's content tree."""
+    """(Present/Absent/Indeterminate, probability or NaN) read back from the SR's content tree."""
     presence, probability = "", float("nan")
     for item in walk(sr.ContentSequence):
         name = item.ConceptNameCodeSequence[0].CodeValue if "ConceptNameCodeSequence" in item else ""
@@ -81,7 +81,11 @@ def log_records(worker: Any) -> list[dict[str, Any]]:
     return out
 
 
-def test_real_cr_chest_round_trip(make_worker: Any, pacs: Any, tmp_path: Path) -> None:
+def test_real_cr_chest_round_trip(make_worker: Any, pacs: Any, tmp_path: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # The phantom-trained model gates the real chest (tests/integration/test_trust.py); answered
+    # and flagged here, so that the decision and probability round trip can be checked.
+    monkeypatch.setenv("CXR_MODEL__OOD_ACTION", "flag")
     worker = make_worker([f"PACS@127.0.0.1:{pacs.port}"])
     names = ["RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG1_J2KI.dcm", "RG3_UNCR.dcm"]
     sources = {n: Path(get_testdata_file(n)) for n in names}
