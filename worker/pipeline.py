@@ -181,8 +181,11 @@ class Processor:
         answered = [i for i, g in enumerate(gates) if g is None or not self.withhold]
         faith: dict[int, float] = {}
         if self.faithfulness and answered:
-            scores = self.model.faithfulness(inputs[answered], [predictions[i].gradcam for i in answered])
-            faith = {i: v for i, v in zip(answered, scores, strict=True) if math.isfinite(v)}
+            try:
+                scores = self.model.faithfulness(inputs[answered], [predictions[i].gradcam for i in answered])
+                faith = {i: v for i, v in zip(answered, scores, strict=True) if math.isfinite(v)}
+            except Exception as exc:  # the answers stand without it; the SR then has no such measurement
+                logger.warning("heatmap faithfulness not computed: %s", type(exc).__name__)
         infer_seconds = (time.perf_counter() - started) / len(batch)
         out: list[Result | WorkerError] = []
         for i, (item, pred) in enumerate(zip(batch, predictions, strict=True)):
