@@ -122,6 +122,29 @@ def test_faithfulness_costs_one_extra_run_over_the_answered_images(
         assert all(r.faithfulness is None for r in answered)
 
 
+class FailingExtraRun(CountingSession):
+    """The real session, whose second run (the faithfulness run) fails as an out-of-memory would."""
+
+    def run(self, outputs: list[str], feeds: dict[str, np.ndarray]) -> Any:
+        if self.runs:
+            raise RuntimeError("injected failure of the faithfulness run")
+        return super().run(outputs, feeds)
+
+
+def test_a_failed_faithfulness_run_leaves_the_answers_standing(v2: OnnxModel, tmp_path: Path) -> None:
+    processor = Processor(settings(), v2)
+    files = inputs(tmp_path)
+    decoded = [processor.decode(tmp_path / f"{name}.dcm") for name in files]
+    failing = FailingExtraRun(v2.session)
+    v2.session = failing
+    try:
+        results = processor.infer_and_build([d for d in decoded if not isinstance(d, str)])
+    finally:
+        v2.session = failing.session
+    assert not any(isinstance(r, Exception) for r in results)
+    assert all(r.faithfulness is None for r in results if not isinstance(r, Exception))
+
+
 def v1_copy(source: Path, target: Path) -> Path:
     """The same network as a contract-v1 model: without logit, ood_score and the v2 metadata."""
     onnx = pytest.importorskip("onnx")
