@@ -6,10 +6,15 @@ Measures, on this machine and in one run:
   results to a receiving SCP);
 - end-to-end throughput with 1 and 4 concurrent senders;
 - the cost of the Grad-CAM output over plain inference (same weights, probability-only graph);
+- the cost of the out-of-distribution gate: the contract-v2 graph (``logit`` and ``ood_score``,
+  a class-conditional Mahalanobis distance with a shared 2048x2048 precision matrix on the
+  pooled conv5 features) against the v1 graph, same weights, same run;
+- the cost of the heatmap faithfulness: the one extra run over the 2N perturbed inputs
+  (and their imputation) against the v2 inference of the batch;
 - the alternatives a user would pick: Grad-CAM as the Keras example computes it (GradientTape)
   and, where torch is installed, pytorch-grad-cam on a torchvision ResNet-50 of the same shape.
 
-Usage: python benchmarks/bench_worker.py [--quick]
+Usage: python benchmarks/bench_worker.py [--quick] [--trust-only]
 """
 
 from __future__ import annotations
@@ -62,6 +67,80 @@ def export_models(work: Path) -> tuple[Path, Path, Any]:
     return paths[0], paths[1], model
 
 
+def add_ood_head(full: Path, target: Path) -> Path:
+    """The v1 graph plus what contract v2 adds: ``logit`` and ``ood_score``.
+
+    The gate is the cost shape of the Mahalanobis detector of Lee et al. (2018) that
+    ``cxr-train export`` fits: pooled conv5 features, a distance to each of two class means
+    under one shared precision matrix, the smaller of the two. The weights are random (only
+    the cost is measured), and the threshold is set so that every image is answered.
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    m = onnx.load(str(full))
+    g = m.graph
+    producer = {o: n for n in g.node for o in n.output}
+    logit_in = producer["probability"].input[0]
+    feat = next(o for n in g.node for o in n.output if "conv5_block3_out" in n.name and n.op_type == "Relu")
+    probe = onnx.ModelProto()
+    probe.CopyFrom(m)
+    probe.graph.output.append(helper.make_tensor_value_info(feat, TensorProto.FLOAT, None))
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    (shape,) = [a.shape for a in session.run([feat], {"image": np.zeros((1, SIZE, SIZE, 1), np.float32)})]
+    axes, channels = ([2, 3], shape[1]) if shape[1] > shape[-1] else ([1, 2], shape[-1])
+    rng = np.random.default_rng(0)
+    root = rng.standard_normal((channels, channels)).astype(np.float32) / channels
+    g.initializer.extend([
+        numpy_helper.from_array(root @ root.T, "ood_precision"),
+        numpy_helper.from_array(rng.standard_normal((2, 1, channels)).astype(np.float32), "ood_means"),
+    ])
+    g.node.extend([
+        helper.make_node("ReduceMean", [feat], ["ood_pooled"], axes=axes, keepdims=0),  # [N, C]
+        helper.make_node("Sub", ["ood_pooled", "ood_means"], ["ood_diff"]),  # [2, N, C]
+        helper.make_node("MatMul", ["ood_diff", "ood_precision"], ["ood_proj"]),
+        helper.make_node("Mul", ["ood_proj", "ood_diff"], ["ood_sq"]),
+        helper.make_node("ReduceSum", ["ood_sq", "ood_axis"], ["ood_dist"], keepdims=0),  # [2, N]
+        helper.make_node("ReduceMin", ["ood_dist"], ["ood_score"], axes=[0], keepdims=0),  # [N]
+        helper.make_node("Identity", [logit_in], ["logit"]),
+    ])
+    g.initializer.append(numpy_helper.from_array(np.array([2], np.int64), "ood_axis"))
+    g.output.extend([helper.make_tensor_value_info("logit", TensorProto.FLOAT, ["N", 1]),
+                     helper.make_tensor_value_info("ood_score", TensorProto.FLOAT, ["N"])])
+    props = {p.key: p.value for p in m.metadata_props}
+    props.update({"contract_version": "2", "ood_threshold": "1e30", "heatmap_scale": "1.0", "version": "bench-v2"})
+    del m.metadata_props[:]
+    onnx.helper.set_model_props(m, props)
+    onnx.save(m, str(target))
+    return target
+
+
+def bench_trust(full: Path, v2: Path, repeat: int) -> dict[str, Any]:
+    """Gate (v2 graph vs v1 graph) and faithfulness (one extra run of 2N) in the same process."""
+    from cxr_contract import faithfulness
+    from worker.model import OnnxModel
+
+    out: dict[str, Any] = {}
+    v1_model, v2_model = OnnxModel(full, providers="cpu"), OnnxModel(v2, providers="cpu")
+    for batch in (1, 8):
+        x = np.random.default_rng(1).random((batch, SIZE, SIZE, 1), dtype=np.float32)
+        t_v1 = timed(lambda x=x: v1_model.predict(x), repeat)
+        t_v2 = timed(lambda x=x: v2_model.predict(x), repeat)
+        cams = [p.gradcam for p in v2_model.predict(x)]
+        t_faith = timed(lambda x=x, cams=cams: v2_model.faithfulness(x, cams), repeat)
+        pairs = list(zip(x, cams, strict=True))
+        t_impute = timed(lambda pairs=pairs: [faithfulness.perturbed_inputs(a, c) for a, c in pairs], repeat)
+        per = 1000 / batch
+        out[f"v1_predict_b{batch}"] = {**summary(t_v1), "ms_per_image": per * np.median(t_v1)}
+        out[f"v2_predict_b{batch}"] = {**summary(t_v2), "ms_per_image": per * np.median(t_v2)}
+        out[f"gate_overhead_b{batch}_pct"] = 100 * (np.median(t_v2) / np.median(t_v1) - 1)
+        out[f"faithfulness_b{batch}"] = {**summary(t_faith), "ms_per_image": per * np.median(t_faith)}
+        out[f"faithfulness_imputation_b{batch}"] = {**summary(t_impute), "ms_per_image": per * np.median(t_impute)}
+        out[f"faithfulness_overhead_b{batch}_pct"] = 100 * np.median(t_faith) / np.median(t_v2)
+    return out
+
+
 def bench_inference(full: Path, plain: Path, model: Any, repeat: int) -> dict[str, Any]:
     import onnxruntime as ort
     import tensorflow as tf
@@ -96,7 +175,7 @@ def bench_inference(full: Path, plain: Path, model: Any, repeat: int) -> dict[st
     return out
 
 
-def bench_stages(full: Path, repeat: int) -> dict[str, Any]:
+def bench_stages(full: Path, repeat: int, *, faithfulness: bool = True) -> dict[str, Any]:
     import pydicom
     from pydicom.data import get_testdata_file
 
@@ -107,7 +186,7 @@ def bench_stages(full: Path, repeat: int) -> dict[str, Any]:
     from worker.pipeline import Processor
 
     path = Path(get_testdata_file("RG1_UNCR.dcm"))
-    settings = Settings()
+    settings = Settings(model={"faithfulness": faithfulness})
     processor = Processor(settings, OnnxModel(full, providers="cpu"))
     ds = pydicom.dcmread(path)
     unit = dataset_to_unit_image(ds)
@@ -195,16 +274,26 @@ def main() -> None:
     warnings.filterwarnings("ignore")  # highdicom's note on RG1's one-word referring physician
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--quick", action="store_true", help="fewer repetitions")
+    p.add_argument("--trust-only", action="store_true",
+                   help="only the gate and faithfulness costs (results/bench_worker_trust.json)")
     args = p.parse_args()
     repeat = 5 if args.quick else 20
+    inference: dict[str, Any] = {}
+    stages: dict[str, Any] = {}
+    service: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         t = time.perf_counter()
         full, plain, model = export_models(work)
+        v2 = add_ood_head(full, work / "v2.onnx")
         export_s = time.perf_counter() - t
-        inference = bench_inference(full, plain, model, repeat)
-        stages = bench_stages(full, repeat)
-        service = bench_service(full, work, 8 if args.quick else 16, (1, 4))
+        trust = bench_trust(full, v2, repeat)
+        if not args.trust_only:
+            inference = bench_inference(full, plain, model, repeat)
+            stages = bench_stages(v2, repeat)
+            stages_no_faith = bench_stages(v2, repeat, faithfulness=False)
+            stages["build_sc_sr_without_faithfulness"] = stages_no_faith["build_sc_sr"]
+            service = bench_service(v2, work, 8 if args.quick else 16, (1, 4))
     rows = [("export both models (s)", f"{export_s:.1f}")]
     for k, v in stages.items():
         rows.append((f"stage {k} (RG1 1955x1841)", f"p50 {v['p50_ms']:.1f} ms  p95 {v['p95_ms']:.1f} ms"))
@@ -212,15 +301,16 @@ def main() -> None:
         rows.append((f"end to end, {k.replace('_', ' ')}", f"{v['images_per_s']:.2f} images/s "
                      f"({v['delivered']}/{v['images']}), receive p50 {v['receive']['p50_ms']:.0f} ms, "
                      f"worker peak RSS {v['worker_peak_rss_mib']:.0f} MiB"))
-    for k, v in inference.items():
+    for k, v in [*inference.items(), *trust.items()]:
         if isinstance(v, dict):
             rows.append((k, f"{v['ms_per_image']:.1f} ms/image (p50 {v['p50_ms']:.1f}, p95 {v['p95_ms']:.1f} ms)"))
         elif isinstance(v, float):
             rows.append((k, f"{v:+.1f} %"))
         else:
             rows.append((k, str(v)))
-    report("bench_worker", rows, {"input_size": SIZE, "export_seconds": export_s, "stages": stages,
-                                  "service": service, "inference": inference})
+    report("bench_worker_trust" if args.trust_only else "bench_worker", rows,
+           {"input_size": SIZE, "export_seconds": export_s, "stages": stages, "service": service,
+            "inference": inference, "trust": trust})
 
 
 if __name__ == "__main__":

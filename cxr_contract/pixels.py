@@ -17,12 +17,28 @@ import numpy as np
 MODEL_INTERPOLATION = cv2.INTER_AREA
 
 
-def to_unit_range(arr: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+#: Percentiles that set the display range of an image that carries none (no VOI window,
+#: a PNG): the 0.5th and 99.5th, so a few outlier pixels (a marker, a dead detector line,
+#: a burnt-in label) cannot compress the anatomy into a few grey levels as min-max does.
+CLIP_PERCENTILES = (0.5, 99.5)
+
+
+def to_unit_range(arr: np.ndarray[Any, Any], *, clip: bool = True) -> np.ndarray[Any, Any]:
     """Linearly map the image's own value range onto [0, 1] (float32).
+
+    Args:
+        arr: A grayscale image.
+        clip: Take the range between :data:`CLIP_PERCENTILES` and clip outside it (an image
+            without a display range of its own); False: min-max, for an image a VOI window
+            already brought to its display range.
 
     A constant image maps to zeros.
     """
     arr = np.asarray(arr, dtype=np.float64)
+    if clip and arr.size:
+        lo, hi = (float(v) for v in np.percentile(arr, CLIP_PERCENTILES))
+        if hi > lo:
+            return ((np.clip(arr, lo, hi) - lo) / (hi - lo)).astype(np.float32)
     lo, hi = float(arr.min()), float(arr.max())
     if hi <= lo:
         return np.zeros(arr.shape, dtype=np.float32)

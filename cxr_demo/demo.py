@@ -182,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
             name = previews / f"{label.replace(' ', '-').replace('(', '').replace(')', '')}.png"
             if sc_png is not None:
                 name.write_bytes(sc_png)
-            table.add_row(label, f"{probability:.3f}", "pneumonia" if presence == "Present" else "no pneumonia",
+            verdict = {"Present": "pneumonia", "Absent": "no pneumonia"}.get(
+                presence, "withheld: outside the training distribution")  # SR finding Indeterminate
+            table.add_row(label, "-" if probability != probability else f"{probability:.3f}", verdict,
                           "SC + SR", f"{seconds:.1f}")
         console.print(table)
         console.print(f"PNG previews of the Secondary Captures: {previews}")

@@ -5,12 +5,15 @@ Test modules import helpers from here only, never from each other; fixtures live
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import struct
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,7 +150,7 @@ def walk(items: Any) -> list[Dataset]:
 
 
 def sr_finding(sr: Dataset) -> tuple[str, float]:
-    """(Present/Absent, probability) read back from the SR's content tree."""
+    """(Present/Absent/Indeterminate, probability or NaN) read back from the SR's content tree."""
     presence, probability = "", float("nan")
     for item in walk(sr.ContentSequence):
         name = item.ConceptNameCodeSequence[0].CodeValue if "ConceptNameCodeSequence" in item else ""
@@ -245,3 +248,25 @@ def jp2_claiming(rows: int, cols: int) -> bytes:
     return bytes(data)
 
 
+# -- reading a live worker: its HTTP endpoint and its JSON log ---------------------------
+def http(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def metric(text: str, name: str) -> float:
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name)]
+    return sum(values)
+
+
+def log_records(worker: Any) -> list[dict[str, Any]]:
+    out = []
+    for line in worker.log_lines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out

@@ -25,6 +25,7 @@ from worker.codes import AuditOutcome
 
 # PS3.15 A.5.3 / DCM codes: (code, meaning)
 INSTANCES_TRANSFERRED = ("110104", "DICOM Instances Transferred")
+INSTANCES_ACCESSED = ("110103", "DICOM Instances Accessed")
 SECURITY_ALERT = ("110113", "Security Alert")
 APPLICATION_ACTIVITY = ("110100", "Application Activity")
 APPLICATION_START = ("110120", "Application Start")
@@ -122,6 +123,15 @@ class AuditTrail:
         self._write(INSTANCES_TRANSFERRED, "R", outcome,
                     [self._node(calling_ae, "local", True), self._node(destination, destination, False)],
                     [study_object(study_uid, sop_class, sop_instance)], detail=detail)
+
+    def instance_gated(self, sop_class: str, sop_instance: str, study_uid: str, reason: str,
+                       withheld: bool) -> None:
+        """The model read an instance outside its training distribution (minor failure)."""
+        self._write(INSTANCES_ACCESSED, "R", AuditOutcome.MINOR_FAILURE,
+                    [{"UserID": self.source["AuditSourceID"], "UserIsRequestor": True}],
+                    [study_object(study_uid, sop_class, sop_instance)],
+                    detail=f"outside the model's training distribution ({reason}); "
+                           f"{'answer withheld' if withheld else 'answer flagged'}")
 
     def security_alert(self, kind: tuple[str, str], ae: str, address: str, detail: str) -> None:
         self._write(SECURITY_ALERT, "E", AuditOutcome.MINOR_FAILURE, [self._node(ae, address, True)], type_code=kind,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pydicom import Dataset, dcmread
 
+from worker.audit import AuditTrail
 from worker.errors import InfrastructureError
 from worker.faults import Fault, fault_of
 from worker.metrics import Metrics
@@ -28,8 +29,10 @@ class BatchHandler:
     """Decode, infer, build and queue the outputs of one claimed batch."""
 
     def __init__(self, processor: Processor, spool: Spool, outbox: Outbox, metrics: Metrics,
-                 output_reserve_mb: float, max_crashes: int = 3, on_output: Callable[[], None] = lambda: None) -> None:
+                 output_reserve_mb: float, max_crashes: int = 3, on_output: Callable[[], None] = lambda: None,
+                 audit: AuditTrail | None = None) -> None:
         self.processor = processor
+        self.audit = audit
         self.max_crashes = max_crashes  # 0 = never give up on an instance the worker died on
         self.on_output = on_output  # wakes the sending thread
         self.spool = spool
@@ -134,12 +137,22 @@ class BatchHandler:
         self.spool.mark_done(key(result.sop_instance_uid, self.processor.model.info.version))
         self.spool.finish(item.path)
         self.metrics.processed.inc()
+        if result.gate is not None:  # out of distribution: counted, and audited with what we did
+            self.metrics.gated.labels(result.gate).inc()
+            if self.audit is not None:
+                try:
+                    self.audit.instance_gated(str(item.ds.get("SOPClassUID", "")), result.sop_instance_uid,
+                                              str(item.ds.get("StudyInstanceUID", "")), result.gate,
+                                              result.withheld)
+                except OSError:
+                    logger.error("audit trail not writable")
         self.metrics.probability.observe(result.probability)
         self.metrics.stage_seconds.labels("infer").observe(result.infer_seconds)
         self.metrics.stage_seconds.labels("build").observe(max(0.0, per_image - result.infer_seconds))
         logger.info("processed", extra={
             "sop_instance_uid": result.sop_instance_uid, "probability": round(result.probability, 4),
-            "decision": "positive" if result.positive else "negative",
+            "decision": "withheld" if result.withheld else "positive" if result.positive else "negative",
+            "gate": result.gate, "ood_score": result.ood_score, "faithfulness": result.faithfulness,
             "sc_sop_instance_uid": str(result.sc.SOPInstanceUID),
             "sr_sop_instance_uid": str(result.sr.SOPInstanceUID)})
 

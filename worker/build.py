@@ -21,9 +21,12 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import PYDICOM_ROOT_UID, ExplicitVRLittleEndian, generate_uid
 
+from cxr_contract import faithfulness as faith
 from cxr_contract.model import ModelInfo
 from worker.config import OutputSection
 from worker.errors import UnsupportedInput, WorkerError
+from worker.input_check import CLIPPED, UNIFORM, describe
+from worker.model import GATE_OOD_SCORE
 
 #: The model reads one frontal view, so the procedure is a single-view chest radiograph.
 CHEST_XR_SINGLE_VIEW = Code("36554-4", "LN", "XR Chest Single view")
@@ -34,6 +37,26 @@ ABSENT = Code("2667000", "SCT", "Absent")
 #: definition (PS3.3 8.2) and is declared in the SR's Coding Scheme Identification Sequence.
 PRIVATE_SCHEME = "99CXR"
 PNEUMONIA_PROBABILITY = Code("PNEUMONIA-PROB", PRIVATE_SCHEME, "Probability of pneumonia")
+#: The finding's value when the model is not asked: SNOMED CT's qualifier "Indeterminate".
+INDETERMINATE = Code("82334004", "SCT", "Indeterminate")
+#: Whether the image is inside what the model was trained on. No standard concept exists for
+#: an algorithm's training distribution, so these are private (scheme 99CXR, see README);
+#: a viewer shows the value's meaning, which is the sentence itself.
+TRAINING_DISTRIBUTION = Code("OOD-STATUS", PRIVATE_SCHEME, "Relation to model's training distribution")
+OUTSIDE_DISTRIBUTION = Code("OOD-OUTSIDE", PRIVATE_SCHEME, "Outside the model's training distribution")
+WITHIN_DISTRIBUTION = Code("OOD-WITHIN", PRIVATE_SCHEME, "Within the model's training distribution")
+OOD_EVIDENCE = Code("OOD-REASON", PRIVATE_SCHEME, "Out-of-distribution evidence")
+OOD_REASONS = {
+    GATE_OOD_SCORE: Code("OOD-SCORE-HIGH", PRIVATE_SCHEME, "Feature density score above threshold"),
+    UNIFORM: Code("INPUT-UNIFORM", PRIVATE_SCHEME, "Image nearly uniform"),
+    CLIPPED: Code("INPUT-CLIPPED", PRIVATE_SCHEME, "Image mostly black or white"),
+}
+OOD_SCORE = Code("OOD-SCORE", PRIVATE_SCHEME, "Out-of-distribution score")
+OOD_THRESHOLD = Code("OOD-THRESHOLD", PRIVATE_SCHEME, "Out-of-distribution threshold")
+#: cxr_contract.faithfulness: logit drop for the heatmap's hottest cells minus that for random cells.
+HEATMAP_FAITHFULNESS = Code("HEATMAP-FAITH", PRIVATE_SCHEME, "Heatmap faithfulness")
+#: The first line of a withheld SC, and what the SR says in words.
+WITHHELD_TEXT = "Outside the model's training distribution - no result"
 
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 _BLACK = (0, 0, 0)
@@ -52,6 +75,44 @@ class OutputUIDs:
 
 #: Site choices for the output objects: the ``[output]`` section of the config itself.
 BuildSettings = OutputSection
+
+
+@dataclass(frozen=True)
+class Trust:
+    """How far to trust one answer: what the SC and SR say beside the probability.
+
+    Attributes:
+        ood_score: The model's out-of-distribution score (None: a v1 model has none).
+        gate: Why the image is outside the training distribution (``GATE_OOD_SCORE``,
+            ``input_check.UNIFORM`` or ``CLIPPED``), None when it is not.
+        withheld: The gate fired and the site withholds the answer (``model.ood_action``).
+        faithfulness: Heatmap faithfulness in logit units (None: not computed).
+    """
+
+    ood_score: float | None = None
+    gate: str | None = None
+    withheld: bool = False
+    faithfulness: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.gate is not None and self.gate not in OOD_REASONS:
+            raise WorkerError(f"unknown gate reason. Received: gate={self.gate!r}")
+        if self.withheld and self.gate is None:
+            raise WorkerError("an answer can only be withheld for a gate reason. Received: gate=None")
+        for name in ("ood_score", "faithfulness"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise WorkerError(f"{name} must be finite. Received: {name}={value!r}")
+
+    def gate_line(self, model: ModelInfo) -> str:
+        """Why the gate fired, in one line for the SC."""
+        if self.gate == GATE_OOD_SCORE and self.ood_score is not None and model.ood_threshold is not None:
+            return f"OOD score {self.ood_score:.3g} > threshold {model.ood_threshold:.3g}"
+        return describe(self.gate) if self.gate else ""
+
+
+def faithfulness_line(value: float) -> str:
+    return f"Heatmap faithfulness: {'high' if faith.is_high(value) else 'low'} ({value:+.2f})"
 
 
 def decision(probability: float, threshold: float) -> bool:
@@ -110,28 +171,43 @@ def _draw_text(rgb: np.ndarray[Any, Any], items: list[tuple[str, int, int]], sca
     rgb[...] = np.rint(out * (1.0 - ink) + 255.0 * ink).astype(np.uint8)
 
 
-def _burn_in(rgb: np.ndarray[Any, Any], lines: list[str]) -> None:
-    """Draw the text block (top left) and the heat colour bar (top right) in place."""
+def _burn_in(rgb: np.ndarray[Any, Any], lines: list[str], *, bar: bool = True) -> None:
+    """Draw the text block (top left) and, with ``bar``, the heat colour bar (top right) in place."""
     rows, cols = rgb.shape[:2]
     margin = max(2, round(min(rows, cols) * 0.015))
     bar_w, bar_h = max(3, round(cols * 0.025)), min(max(8, round(rows * 0.3)), rows - 2 * margin)
+    if not bar:
+        bar_w, bar_h = 0, 0
     # Text about 2.5 % of the image height, shrunk until the widest line and the bar labels
     # fit side by side; tiny images clip the text rather than fail.
     height_1 = cv2.getTextSize("Pg", _FONT, 1.0, 1)[0][1]
     width_1 = max(cv2.getTextSize(t, _FONT, 1.0, 1)[0][0] for t in lines)
     label_1 = cv2.getTextSize("high", _FONT, 1.0, 1)[0][0]
-    fit = (cols - bar_w - 4 * margin) / (width_1 + label_1)
+    fit = (cols - bar_w - 4 * margin) / (width_1 + (label_1 if bar else 0))
     scale = max(0.3, min(rows * 0.025 / height_1, fit))
     text_h, line_h = round(height_1 * scale), round(height_1 * scale * 1.7)
     items = [(t, margin, margin + text_h + i * line_h) for i, t in enumerate(lines)]
     x0, y0 = cols - margin - bar_w, margin
-    if x0 > 0 and bar_h >= 2:
+    if bar and x0 > 0 and bar_h >= 2:
         ramp = _jet(np.linspace(1.0, 0.0, bar_h, dtype=np.float32)[:, None])  # [bar_h, 1, 3]
         rgb[y0 : y0 + bar_h, x0 : x0 + bar_w] = ramp
         cv2.rectangle(rgb, (x0 - 1, y0 - 1), (x0 + bar_w, y0 + bar_h), _BLACK, 1)
         label_x = x0 - margin - round(label_1 * scale)
         items += [("high", label_x, y0 + text_h), ("low", label_x, y0 + bar_h)]
     _draw_text(rgb, items, scale)
+
+
+def _gray(unit_image: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    return np.clip(np.nan_to_num(np.asarray(unit_image, np.float32)), 0.0, 1.0) * 255.0
+
+
+def _check_image(unit_image: np.ndarray[Any, Any], gradcam: np.ndarray[Any, Any] | None = None) -> None:
+    shapes = unit_image.shape + (gradcam.shape if gradcam is not None else (1, 1))
+    if unit_image.ndim != 2 or (gradcam is not None and gradcam.ndim != 2) or 0 in shapes:
+        raise UnsupportedInput(
+            f"expected 2-D image and Grad-CAM map. Received: image shape={unit_image.shape}, "
+            f"gradcam shape={None if gradcam is None else gradcam.shape}"
+        )
 
 
 def render_heatmap_overlay(
@@ -144,6 +220,10 @@ def render_heatmap_overlay(
     model_version: str,
     opacity: float = 0.4,
     notice: str = "",
+    heatmap_scale: float | None = None,
+    paint_negative: bool = False,
+    faithfulness: float | None = None,
+    warning: list[str] | None = None,
 ) -> np.ndarray[Any, Any]:
     """Blend the Grad-CAM map over the image at the source resolution and burn in the result.
 
@@ -154,35 +234,74 @@ def render_heatmap_overlay(
         model_name, model_version: Burned in with the result.
         opacity: Colour weight where the map is hottest; cold areas stay grayscale.
         notice: An extra line, e.g. the model's intended use when it is a demo model.
+        heatmap_scale: The raw Grad-CAM value drawn as full colour, fixed per model
+            (``Meta.HEATMAP_SCALE``), so that a barely positive cell stays cold. None (a v1
+            model): each map is scaled by its own peak, and the SC says so.
+        paint_negative: Colour a negative decision's map too (and say what it shows); by
+            default a negative decision is drawn without colour.
+        faithfulness: Heatmap faithfulness, printed below the probability when a map is drawn.
+        warning: Lines printed first, e.g. that the image is outside the training distribution.
 
     Returns:
         uint8 RGB [Rows, Columns, 3].
     """
-    if unit_image.ndim != 2 or gradcam.ndim != 2 or 0 in unit_image.shape + gradcam.shape:
-        raise UnsupportedInput(
-            f"expected 2-D image and Grad-CAM map. Received: image shape={unit_image.shape}, "
-            f"gradcam shape={gradcam.shape}"
-        )
+    _check_image(unit_image, gradcam)
     if not 0.0 <= opacity <= 1.0:
         raise WorkerError(f"opacity must be in [0, 1]. Received: opacity={opacity!r}")
+    if heatmap_scale is not None and not (math.isfinite(heatmap_scale) and heatmap_scale > 0):
+        raise WorkerError(f"heatmap_scale must be > 0. Received: heatmap_scale={heatmap_scale!r}")
     _check_probability(probability, threshold)
     rows, cols = unit_image.shape
+    positive = decision(probability, threshold)
+    painted = positive or paint_negative
     cam = np.nan_to_num(np.asarray(gradcam, np.float32), nan=0.0, posinf=0.0).clip(min=0.0)
-    peak = float(cam.max())
-    heat = cam / peak if peak > 0 else np.zeros_like(cam)  # an all-zero map adds no colour
+    scale = heatmap_scale if heatmap_scale is not None else float(cam.max())
+    heat = cam / scale if scale > 0 and painted else np.zeros_like(cam)  # an all-zero map adds no colour
     heat = np.clip(cv2.resize(heat, (cols, rows), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
-    gray = np.clip(np.nan_to_num(np.asarray(unit_image, np.float32)), 0.0, 1.0) * 255.0
+    gray = _gray(unit_image)
     alpha = (opacity * heat)[..., None]
     blended = gray[..., None] * (1.0 - alpha) + _jet(heat).astype(np.float32) * alpha
     rgb = np.ascontiguousarray(np.rint(blended).astype(np.uint8))
-    verdict = "POSITIVE" if decision(probability, threshold) else "NEGATIVE"
+    lines = [*(warning or []), f"P(pneumonia) = {probability:.3f}"]
+    if painted and faithfulness is not None:
+        lines.append(faithfulness_line(faithfulness))
+    lines.append(f"Pneumonia: {'POSITIVE' if positive else 'NEGATIVE'} (threshold {threshold:.2f})")
+    if not painted:
+        lines.append("No heatmap for a negative decision")
+    else:
+        if not positive:
+            lines.append("Heatmap: evidence for pneumonia, below the threshold")
+        if heatmap_scale is None:
+            lines.append("Heatmap scaled to its own peak (model has no fixed scale)")
     _burn_in(rgb, [
-        f"P(pneumonia) = {probability:.3f}",
-        f"Pneumonia: {verdict} (threshold {threshold:.2f})",
+        *lines,
         f"Model: {model_name} {model_version}",
         "AI-generated - not for diagnostic use",
         *([notice] if notice else []),
-    ])
+    ], bar=painted)
+    return rgb
+
+
+def render_withheld(
+    unit_image: np.ndarray[Any, Any], *, reason: str, model_name: str, model_version: str, notice: str = "",
+) -> np.ndarray[Any, Any]:
+    """The source image in gray, without any heatmap, saying why there is no result.
+
+    Args:
+        unit_image: Display-ready grayscale [Rows, Columns] in [0, 1].
+        reason: One line, e.g. ``Trust.gate_line``.
+        model_name, model_version, notice: As for :func:`render_heatmap_overlay`.
+    """
+    _check_image(unit_image)
+    gray = np.rint(_gray(unit_image)).astype(np.uint8)
+    rgb = np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=2))
+    _burn_in(rgb, [
+        WITHHELD_TEXT,
+        *([reason] if reason else []),
+        f"Model: {model_name} {model_version}",
+        "AI-generated - not for diagnostic use",
+        *([notice] if notice else []),
+    ], bar=False)
     return rgb
 
 
@@ -212,14 +331,16 @@ def _patient_orientation(source: Dataset) -> list[str]:
 
 def build_secondary_capture(
     source: Dataset, rgb: np.ndarray[Any, Any], uids: OutputUIDs, model: ModelInfo,
-    settings: BuildSettings,
+    settings: BuildSettings, *, trust: Trust | None = None,
 ) -> hd.sc.SCImage:
     """The overlay as an RGB Secondary Capture in the source's study, referencing the source.
 
     Args:
         source: The image the overlay was computed on.
-        rgb: Output of :func:`render_heatmap_overlay`, uint8 [Rows, Columns, 3].
+        rgb: Output of :func:`render_heatmap_overlay` (or :func:`render_withheld` when
+            ``trust.withheld``), uint8 [Rows, Columns, 3].
         uids, model, settings: Output UIDs, the model that made the map, site choices.
+        trust: Gate and faithfulness of this answer; its derivation is described.
     """
     rows, cols = int(source.Rows), int(source.Columns)
     # The overlay may be the source shrunk to a bounded size (decode.fit_dimension): the
@@ -264,10 +385,16 @@ def build_secondary_capture(
         sc.LossyImageCompression = "01"
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.BurnedInAnnotation = "YES"
-    sc.DerivationDescription = (
-        f"Grad-CAM heatmap of {model.name} {model.version} (pneumonia) blended over the source "
-        "image; probability and decision burned in. AI-generated, not for diagnostic use."
-    )
+    if trust is not None and trust.withheld:
+        sc.DerivationDescription = (
+            f"Source image without a result: outside the training distribution of {model.name} "
+            f"{model.version} ({trust.gate_line(model)}); no heatmap. AI-generated, not for diagnostic use."
+        )
+    else:
+        sc.DerivationDescription = (
+            f"Grad-CAM heatmap of {model.name} {model.version} (pneumonia) blended over the source "
+            "image; probability and decision burned in. AI-generated, not for diagnostic use."
+        )
     reference = Dataset()
     reference.ReferencedSOPClassUID = source.SOPClassUID
     reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
@@ -280,9 +407,30 @@ def build_secondary_capture(
     return sc
 
 
+def _trust_content(model: ModelInfo, trust: Trust) -> tuple[list[hd.sr.QualitativeEvaluation],
+                                                             list[hd.sr.Measurement]]:
+    """The SR items that say how far to trust the answer (codes: README, conformance)."""
+    evaluations, measurements = [], []
+    if trust.gate is not None or model.has_ood_gate:
+        outside = trust.gate is not None
+        evaluations.append(hd.sr.QualitativeEvaluation(
+            name=TRAINING_DISTRIBUTION, value=OUTSIDE_DISTRIBUTION if outside else WITHIN_DISTRIBUTION))
+        if trust.gate is not None:
+            evaluations.append(hd.sr.QualitativeEvaluation(name=OOD_EVIDENCE, value=OOD_REASONS[trust.gate]))
+    if trust.ood_score is not None and model.ood_threshold is not None:
+        measurements += [
+            hd.sr.Measurement(name=OOD_SCORE, value=trust.ood_score, unit=codes.UCUM.NoUnits),
+            hd.sr.Measurement(name=OOD_THRESHOLD, value=model.ood_threshold, unit=codes.UCUM.NoUnits),
+        ]
+    if trust.faithfulness is not None and not trust.withheld:
+        measurements.append(hd.sr.Measurement(
+            name=HEATMAP_FAITHFULNESS, value=trust.faithfulness, unit=codes.UCUM.NoUnits))
+    return evaluations, measurements
+
+
 def build_report(
     source: Dataset, sc: Dataset, probability: float, model: ModelInfo, uids: OutputUIDs,
-    settings: BuildSettings,
+    settings: BuildSettings, *, trust: Trust | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """A TID 1500 Measurement Report: the probability, the decision and the model identity.
 
@@ -291,7 +439,10 @@ def build_report(
         sc: The overlay from :func:`build_secondary_capture`; evidence and Image Library.
         probability: Model output in [0, 1]; ``model.threshold`` makes the decision.
         model, uids, settings: The model, output UIDs, site choices.
+        trust: Out-of-distribution gate and heatmap faithfulness. When ``trust.withheld``
+            the finding is Indeterminate and no probability is reported.
     """
+    trust = trust or Trust()
     _check_probability(probability, model.threshold)
     if sc.StudyInstanceUID != source.StudyInstanceUID:
         raise WorkerError(
@@ -299,7 +450,11 @@ def build_report(
             f"and {source.StudyInstanceUID}"
         )
     prefix = settings.uid_prefix
-    presence = PRESENT if decision(probability, model.threshold) else ABSENT
+    presence = INDETERMINATE if trust.withheld else PRESENT if decision(probability, model.threshold) else ABSENT
+    evaluations, measurements = _trust_content(model, trust)
+    if not trust.withheld:
+        measurements.insert(0, hd.sr.Measurement(
+            name=PNEUMONIA_PROBABILITY, value=probability, unit=codes.UCUM.NoUnits))
     device = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -318,11 +473,9 @@ def build_report(
             version=model.version,
             parameters=[f"weights_sha256={model.weights_sha256}", f"threshold={model.threshold}"],
         ),
-        # Name = the finding, value = Present/Absent: one item a reader cannot misread.
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=PNEUMONIA, value=presence)],
-        measurements=[hd.sr.Measurement(
-            name=PNEUMONIA_PROBABILITY, value=probability, unit=codes.UCUM.NoUnits
-        )],
+        # Name = the finding, value = Present/Absent/Indeterminate: one item a reader cannot misread.
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=PNEUMONIA, value=presence), *evaluations],
+        measurements=measurements,
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
     )
     report = hd.sr.MeasurementReport(

@@ -101,7 +101,8 @@ def _process(args: argparse.Namespace, settings: Settings) -> int:
             if args.png:
                 cv2.imwrite(str(args.out / f"{stem}.sc.png"), cv2.cvtColor(result.rgb, cv2.COLOR_RGB2BGR))
             rows.append({"input": str(path), "probability": round(result.probability, 4),
-                         "decision": "positive" if result.positive else "negative",
+                         "decision": "withheld" if result.withheld else "positive" if result.positive else "negative",
+                         "gate": result.gate, "ood_score": result.ood_score, "faithfulness": result.faithfulness,
                          "sc": str(args.out / f"{stem}.sc.dcm"), "sr": str(args.out / f"{stem}.sr.dcm")})
     print(json.dumps(rows, indent=2))
     return 1 if failures else 0

@@ -97,6 +97,9 @@ class ModelSection(_Section):
     batch_size: int = Field(8, ge=1, le=256)
     batch_wait_ms: int = Field(200, ge=0)
     threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = its default")
+    ood_action: Literal["withhold", "flag"] = Field(
+        "withhold", description="an image outside the training distribution: no answer, or an answer labelled so")
+    faithfulness: bool = Field(True, description="score each heatmap with one extra batched model run")
 
 
 class SelectSection(_Section):
@@ -110,6 +113,7 @@ class SelectSection(_Section):
     # 5000 x 5000: a 43 x 43 cm detector at 86 um, above any chest radiograph; memory per
     # image grows with it (see the README's limits).
     max_pixels: int = Field(25_000_000, ge=1, description="Rows x Columns above this are refused")
+    skip_for_processing: bool = Field(True, description="skip DX For Processing (raw detector) images")
 
 
 class OutputSection(_Section):
@@ -121,6 +125,7 @@ class OutputSection(_Section):
     sr_series_description: str = Field("AI Pneumonia Report", max_length=64)
     opacity: float = Field(0.4, ge=0.0, le=1.0)
     sc_max_dimension: int = Field(2048, ge=256, description="the SC is shrunk so no side exceeds this")
+    heatmap_for_negative: bool = Field(False, description="paint the heatmap of a negative decision too")
     uid_prefix: str | None = Field(None, pattern=r"^[0-9]+(\.[0-9]+)*\.$", max_length=40)
 
 

@@ -165,15 +165,23 @@ def mask_padding(arr: np.ndarray[Any, Any], ds: Dataset) -> np.ndarray[Any, Any]
     return out
 
 
+def has_voi(ds: Dataset) -> bool:
+    return "VOILUTSequence" in ds or "WindowCenter" in ds
+
+
 def apply_voi(arr: np.ndarray[Any, Any], ds: Dataset) -> np.ndarray[Any, Any]:
-    """Apply the default VOI transform: the first VOI LUT, else the first window
-    (PS3.3 C.11.2.1.2: when several are given, the first is the default)."""
-    if "VOILUTSequence" in ds or "WindowCenter" in ds:
+    """Apply the default VOI transform (PS3.3 C.11.2.1.2: when several are given, the first
+    is the default) and map the result to [0, 1]: the first VOI LUT, else the first window,
+    min-max of its output; without either, the range between the percentiles
+    :data:`~cxr_contract.pixels.CLIP_PERCENTILES` (the step the trainer applies to a PNG),
+    so that one outlier pixel does not set the contrast."""
+    if has_voi(ds):
         try:
-            return np.asarray(apply_voi_lut(arr, ds, index=0, prefer_lut=True), dtype=np.float64)
+            windowed = np.asarray(apply_voi_lut(arr, ds, index=0, prefer_lut=True), dtype=np.float64)
         except Exception as exc:
             raise DecodeError(f"VOI LUT / window cannot be applied: {exc}") from None
-    return arr.astype(np.float64)
+        return to_unit_range(windowed, clip=False)
+    return to_unit_range(arr.astype(np.float64))
 
 
 def invert_monochrome1(arr: np.ndarray[Any, Any], ds: Dataset) -> np.ndarray[Any, Any]:
@@ -195,7 +203,6 @@ def dataset_to_unit_image(ds: Dataset, *, max_pixels: int = MAX_PIXELS,
     except Exception as exc:
         raise DecodeError(f"modality LUT / rescale cannot be applied: {exc}") from None
     arr = apply_voi(arr, ds)
-    arr = to_unit_range(arr)
     return fit_dimension(invert_monochrome1(arr, ds), max_dimension)
 
 

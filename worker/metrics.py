@@ -23,6 +23,8 @@ class Metrics:
         self.received = Counter("cxr_instances_received", "Instances stored into the spool", registry=r)
         self.skipped = Counter("cxr_instances_skipped", "Instances acknowledged but not eligible", registry=r)
         self.processed = Counter("cxr_instances_processed", "Instances answered with SC and SR", registry=r)
+        self.gated = Counter("cxr_instances_gated", "Instances outside the model's training distribution",
+                             ["reason"], registry=r)
         self.failed = Counter("cxr_instances_failed", "Instances quarantined", registry=r)
         self.duplicates = Counter("cxr_instances_duplicate", "Instances already processed", registry=r)
         self.sent = Counter("cxr_objects_sent", "Result objects delivered", ["destination"], registry=r)

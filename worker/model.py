@@ -11,12 +11,16 @@ from typing import Any
 
 import numpy as np
 
+from cxr_contract import faithfulness
 from cxr_contract.model import (
     GRADCAM_OUTPUT,
     INPUT_NAME,
+    LOGIT_OUTPUT,
+    OOD_SCORE_OUTPUT,
     PROBABILITY_OUTPUT,
     ContractError,
     ModelInfo,
+    required_outputs,
 )
 from worker.errors import ModelError
 
@@ -43,12 +47,27 @@ def quiet_provider_probe(ort: Any) -> Iterator[None]:
         ort.set_default_logger_severity(ORT_DEFAULT_SEVERITY)
 
 
+#: Why an image is gated when the model's own score says so (a metric label, too).
+GATE_OOD_SCORE = "ood_score"
+
+
 @dataclass(frozen=True)
 class Prediction:
-    """One image's answer: probability of pneumonia and raw Grad-CAM map."""
+    """One image's answer: probability of pneumonia and raw Grad-CAM map; a contract-v2
+    model adds the logit and the out-of-distribution score (None for a v1 model)."""
 
     probability: float
     gradcam: np.ndarray[Any, Any]
+    logit: float | None = None
+    ood_score: float | None = None
+
+
+def outside_distribution(prediction: Prediction, info: ModelInfo) -> bool:
+    """The model's gate: ``ood_score > ood_threshold`` (never for a v1 model, which has none).
+    A score that is not finite counts as outside: nothing can vouch for that input."""
+    if prediction.ood_score is None or info.ood_threshold is None:
+        return False
+    return not prediction.ood_score <= info.ood_threshold
 
 
 def choose_providers(available: list[str], preference: str = "auto") -> list[str]:
@@ -83,25 +102,67 @@ class OnnxModel:
             raise ModelError(f"{path}: ONNX Runtime cannot load it: {exc}") from None
         inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = {o.name for o in self.session.get_outputs()}
-        if INPUT_NAME not in inputs or not {PROBABILITY_OUTPUT, GRADCAM_OUTPUT} <= outputs:
-            raise ModelError(
-                f"{path}: expected input {INPUT_NAME!r} and outputs {PROBABILITY_OUTPUT!r}, "
-                f"{GRADCAM_OUTPUT!r}; received inputs={sorted(inputs)} outputs={sorted(outputs)}"
-            )
         meta = dict(self.session.get_modelmeta().custom_metadata_map)
         try:
             self.info = ModelInfo.from_metadata(meta, str(path))
         except ContractError as exc:
             raise ModelError(str(exc)) from None
+        required = required_outputs(self.info.contract_version)
+        if INPUT_NAME not in inputs or not set(required) <= outputs:
+            raise ModelError(
+                f"{path}: contract version {self.info.contract_version} expects input {INPUT_NAME!r} and "
+                f"outputs {', '.join(map(repr, required))}; received inputs={sorted(inputs)} "
+                f"outputs={sorted(outputs)}"
+            )
+        #: Outputs read on every run: the v2 ones only where the contract promises them.
+        self.outputs = list(required)
         self.providers = self.session.get_providers()
         self.path = path
+        if not self.info.has_ood_gate:
+            logger.warning("model has no out-of-distribution gate (contract version %d): every image that "
+                           "passes the input checks gets an answer, and no heatmap faithfulness is computed",
+                           self.info.contract_version)
 
-    def predict(self, batch: np.ndarray[Any, Any]) -> list[Prediction]:
-        """Run one batch ``[N, S, S, 1]`` and split it into per-image predictions."""
+    @property
+    def has_logit(self) -> bool:
+        """Whether heatmap faithfulness can be computed (it needs the unsaturated logit)."""
+        return LOGIT_OUTPUT in self.outputs
+
+    def _check(self, batch: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
         size = self.info.input_size
         if batch.ndim != 4 or batch.shape[1:] != (size, size, 1):
             raise ModelError(f"batch shape {batch.shape} does not match [N, {size}, {size}, 1]")
-        prob, cam = self.session.run(
-            [PROBABILITY_OUTPUT, GRADCAM_OUTPUT], {INPUT_NAME: batch.astype(np.float32, copy=False)}
-        )
-        return [Prediction(float(p[0]), c) for p, c in zip(prob, cam, strict=True)]
+        return batch.astype(np.float32, copy=False)
+
+    def predict(self, batch: np.ndarray[Any, Any]) -> list[Prediction]:
+        """Run one batch ``[N, S, S, 1]`` and split it into per-image predictions."""
+        got = dict(zip(self.outputs, self.session.run(self.outputs, {INPUT_NAME: self._check(batch)}),
+                       strict=True))
+        n = len(batch)
+        logits = got[LOGIT_OUTPUT].reshape(n) if LOGIT_OUTPUT in got else [None] * n
+        ood = got[OOD_SCORE_OUTPUT].reshape(n) if OOD_SCORE_OUTPUT in got else [None] * n
+        return [
+            Prediction(float(p[0]), c, None if lg is None else float(lg), None if o is None else float(o))
+            for p, c, lg, o in zip(got[PROBABILITY_OUTPUT], got[GRADCAM_OUTPUT], logits, ood, strict=True)
+        ]
+
+    def faithfulness(self, inputs: np.ndarray[Any, Any], gradcams: list[np.ndarray[Any, Any]]) -> list[float]:
+        """Heatmap faithfulness (:mod:`cxr_contract.faithfulness`) of each image, from ONE extra run
+        over the 2N perturbed inputs (hottest cells removed, as many random cells removed).
+
+        Raises:
+            ModelError: the model has no ``logit`` output (contract version 1).
+        """
+        if not self.has_logit:
+            raise ModelError("heatmap faithfulness needs the model's logit output (contract version 2)")
+        inputs = self._check(inputs)
+        if len(inputs) != len(gradcams):
+            raise ModelError(f"{len(inputs)} inputs but {len(gradcams)} Grad-CAM maps")
+        if not len(inputs):
+            return []
+        pairs = [faithfulness.perturbed_inputs(x, cam) for x, cam in zip(inputs, gradcams, strict=True)]
+        stacked = np.stack([hot for hot, _ in pairs] + [rand for _, rand in pairs]).astype(np.float32)
+        (logit,) = self.session.run([LOGIT_OUTPUT], {INPUT_NAME: stacked})
+        logit = logit.reshape(-1)
+        n = len(pairs)
+        return [faithfulness.score(float(logit[i]), float(logit[n + i])) for i in range(n)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import re
 import time
 from collections.abc import Iterable, Iterator
@@ -25,17 +26,20 @@ from pydicom.filewriter import dcmwrite
 from cxr_contract.pixels import resize_for_model
 from worker.build import (
     BuildSettings,
+    Trust,
     build_report,
     build_secondary_capture,
     decision,
     output_uids,
     render_heatmap_overlay,
+    render_withheld,
 )
 from worker.config import Settings
 from worker.decode import dataset_to_unit_image
 from worker.errors import DecodeError, UnsupportedInput, WorkerError
 from worker.faults import Fault, fault_of
-from worker.model import OnnxModel
+from worker.input_check import input_problem
+from worker.model import GATE_OOD_SCORE, OnnxModel, Prediction, outside_distribution
 from worker.selection import ineligible_reason, invalid_uid
 
 logger = logging.getLogger(__name__)
@@ -49,6 +53,8 @@ class Decoded:
     ds: Dataset
     unit_image: np.ndarray[Any, Any]
     model_input: np.ndarray[Any, Any]
+    #: What the input checks found (worker.input_check), None when it passed them.
+    input_problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,12 @@ class Result:
     unit_image: np.ndarray[Any, Any]
     rgb: np.ndarray[Any, Any]
     infer_seconds: float = 0.0
+    #: Why the image is outside the model's training distribution (metric label), None when inside.
+    gate: str | None = None
+    #: The gate fired and no answer was given (``model.ood_action = "withhold"``).
+    withheld: bool = False
+    ood_score: float | None = None
+    faithfulness: float | None = None
 
 
 def read_dataset(path: Path) -> Dataset:
@@ -110,6 +122,10 @@ class Processor:
         self.settings = settings
         self.model = model
         self.build_settings: BuildSettings = settings.output
+        o = settings.output
+        self.paint_negative = o.heatmap_for_negative
+        self.withhold = settings.model.ood_action == "withhold"
+        self.faithfulness = settings.model.faithfulness and model.has_logit
 
     def decode(self, path: Path) -> Decoded | Skipped:
         """Read, select and decode one file.
@@ -135,36 +151,69 @@ class Processor:
         except (Exception, RecursionError) as exc:  # a malformed file can break any reader
             raise DecodeError(f"{type(exc).__name__}: {exc}") from None
         model_input = resize_for_model(unit, self.model.info.input_size)[..., None]
-        return Decoded(path, ds, unit, model_input)
+        return Decoded(path, ds, unit, model_input, input_problem(unit))
+
+    def gate(self, item: Decoded, pred: Prediction) -> str | None:
+        """Why the image is outside the training distribution: the input checks first
+        (they catch what the feature density cannot), then the model's own score."""
+        if item.input_problem is not None:
+            return item.input_problem
+        return GATE_OOD_SCORE if outside_distribution(pred, self.model.info) else None
 
     def infer_and_build(self, batch: list[Decoded]) -> list[Result | Exception]:
-        """One ONNX Runtime run for the batch, then an SC and an SR per image.
+        """One ONNX Runtime run for the batch, at most one more for the heatmap faithfulness
+        of every answered image, then an SC and an SR per image.
 
-        A failure of the run raises (the whole batch shares it); a failure to build one
+        A failure of the first run raises (the whole batch shares it); a failure to build one
         image's outputs is returned in its place, to be sorted by :func:`worker.faults.fault_of`.
         """
         started = time.perf_counter()
-        predictions = self.model.predict(np.stack([d.model_input for d in batch]))
-        infer_seconds = (time.perf_counter() - started) / len(batch)
-        info = self.model.info
-        out: list[Result | Exception] = []
-        for item, pred in zip(batch, predictions, strict=True):
+        inputs = np.stack([d.model_input for d in batch])
+        predictions = self.model.predict(inputs)
+        gates = [self.gate(item, pred) for item, pred in zip(batch, predictions, strict=True)]
+        answered = [i for i, g in enumerate(gates) if g is None or not self.withhold]
+        faith: dict[int, float] = {}
+        if self.faithfulness and answered:
             try:
-                uids = output_uids(item.ds, info.version, self.build_settings.uid_prefix)
-                rgb = render_heatmap_overlay(
-                    item.unit_image, pred.gradcam, probability=pred.probability,
-                    threshold=info.threshold, model_name=info.name, model_version=info.version,
-                    opacity=self.build_settings.opacity,
-                    notice=info.intended_use if info.synthetic else "",
-                )
-                sc = build_secondary_capture(item.ds, rgb, uids, info, self.build_settings)
-                sr = build_report(item.ds, sc, pred.probability, info, uids, self.build_settings)
+                scores = self.model.faithfulness(inputs[answered], [predictions[i].gradcam for i in answered])
+                faith = {i: v for i, v in zip(answered, scores, strict=True) if math.isfinite(v)}
+            except Exception as exc:  # the answers stand without it; the SR then has no such measurement
+                logger.warning("heatmap faithfulness not computed: %s", type(exc).__name__)
+        infer_seconds = (time.perf_counter() - started) / len(batch)
+        out: list[Result | Exception] = []
+        for i, (item, pred) in enumerate(zip(batch, predictions, strict=True)):
+            ood = pred.ood_score if pred.ood_score is not None and math.isfinite(pred.ood_score) else None
+            trust = Trust(ood_score=ood, gate=gates[i], withheld=gates[i] is not None and self.withhold,
+                          faithfulness=faith.get(i))
+            try:
+                sc, sr, rgb = self._build(item, pred, trust)
             except Exception as exc:  # highdicom refuses odd headers with many types; sorted by the caller
                 out.append(exc)
                 continue
-            out.append(Result(uid_of(item.ds), pred.probability, decision(pred.probability, info.threshold),
-                              sc, sr, item.unit_image, rgb, infer_seconds))
+            positive = not trust.withheld and decision(pred.probability, self.model.info.threshold)
+            out.append(Result(uid_of(item.ds), pred.probability, positive, sc, sr, item.unit_image, rgb,
+                              infer_seconds, gate=trust.gate, withheld=trust.withheld, ood_score=ood,
+                              faithfulness=trust.faithfulness))
         return out
+
+    def _build(self, item: Decoded, pred: Prediction, trust: Trust) -> tuple[Dataset, Dataset, np.ndarray[Any, Any]]:
+        info = self.model.info
+        uids = output_uids(item.ds, info.version, self.build_settings.uid_prefix)
+        notice = info.intended_use if info.synthetic else ""
+        if trust.withheld:
+            rgb = render_withheld(item.unit_image, reason=trust.gate_line(info), model_name=info.name,
+                                  model_version=info.version, notice=notice)
+        else:
+            flag = ["WARNING: outside the model's training distribution", trust.gate_line(info)] if trust.gate else []
+            rgb = render_heatmap_overlay(
+                item.unit_image, pred.gradcam, probability=pred.probability,
+                threshold=info.threshold, model_name=info.name, model_version=info.version,
+                opacity=self.build_settings.opacity, notice=notice, heatmap_scale=info.heatmap_scale,
+                paint_negative=self.paint_negative, faithfulness=trust.faithfulness, warning=flag,
+            )
+        sc = build_secondary_capture(item.ds, rgb, uids, info, self.build_settings, trust=trust)
+        sr = build_report(item.ds, sc, pred.probability, info, uids, self.build_settings, trust=trust)
+        return sc, sr, rgb
 
 
 def process_files(paths: Iterable[Path], processor: Processor

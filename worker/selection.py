@@ -48,6 +48,11 @@ def ineligible_reason(ds: Dataset, rules: SelectSection) -> str | None:
     sop_class = str(ds.get("SOPClassUID", ""))
     if sop_class not in RADIOGRAPH_SOP_CLASSES:
         return f"SOP class {sop_class or 'missing'} is not CR or DX"
+    for_processing = (sop_class == DigitalXRayImageStorageForProcessing
+                      or str(ds.get("PresentationIntentType", "")).upper() == "FOR PROCESSING")
+    if for_processing and rules.skip_for_processing:
+        # Raw detector values, before the vendor's processing: not what the model was trained on.
+        return "DX For Processing (raw detector data) is not what the model was trained on"
     modality = str(ds.get("Modality", "")).upper()
     if modality not in {m.upper() for m in rules.modalities}:
         return f"modality {modality or 'missing'} not in {rules.modalities}"

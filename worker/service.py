@@ -58,7 +58,8 @@ class Service:
         self.stopping = threading.Event()
         self.handler = BatchHandler(self.processor, self.spool, self.outbox, self.metrics,
                                     output_reserve_mb=settings.spool.reserve_mb / 2,
-                                    max_crashes=settings.spool.max_crashes, on_output=self.wake_sender.set)
+                                    max_crashes=settings.spool.max_crashes, on_output=self.wake_sender.set,
+                                    audit=self.audit)
         self.receiver = Receiver(settings, self.spool, self.wake.set, self.metrics, self.audit)
         self.monitor = DestinationMonitor(settings.send.destinations, settings.dicom.ae_title, self.metrics,
                                           settings.metrics.echo_cache_s, tls=tls)

@@ -9,14 +9,12 @@ import ssl
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.helpers import free_port, phantom_file, require_tool, wait_for, wait_port
+from tests.helpers import free_port, http, metric, phantom_file, require_tool, wait_for, wait_port
 
 pytestmark = pytest.mark.integration
 
@@ -130,17 +128,6 @@ def test_bad_tls_config_is_refused_at_start(tmp_path: Path) -> None:
         get_settings(cfg)
 
 
-def http(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-
-
-def metric(text: str, name: str) -> float:
-    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name)]
-    return sum(values)
 
 
 def test_metrics_health_readiness_and_audit(make_worker: Any, pacs: Any, tmp_path: Path) -> None:

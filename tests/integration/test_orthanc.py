@@ -29,7 +29,12 @@ def orthanc(tmp_path: Path) -> Any:
     pacs.stop()
 
 
-def test_orthanc_routes_study_and_receives_sc_and_sr(orthanc: OrthancPACS, make_worker: Any, tmp_path: Path) -> None:
+def test_orthanc_routes_study_and_receives_sc_and_sr(orthanc: OrthancPACS, make_worker: Any, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # The phantom-trained model must gate this real chest; answer it, flagged, and paint the
+    # heatmap whatever the decision, so that Orthanc has colour to render.
+    monkeypatch.setenv("CXR_MODEL__OOD_ACTION", "flag")
+    monkeypatch.setenv("CXR_OUTPUT__HEATMAP_FOR_NEGATIVE", "true")
     worker = make_worker([f"{orthanc.ae_title}@127.0.0.1:{orthanc.dicom_port}"], port=orthanc.worker_port)
     source = Path(get_testdata_file("RG1_UNCR.dcm"))
     src = pydicom.dcmread(source)

@@ -3,7 +3,6 @@ storescp stands in for the PACS, dciodvfy validates everything we produce."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -19,6 +18,7 @@ from tests.helpers import (
     CANARY_ID,
     CANARY_NAME,
     dciodvfy_errors,
+    log_records,
     phantom_file,
     read_all,
     sr_finding,
@@ -28,17 +28,12 @@ from tests.helpers import (
 )
 
 pytestmark = pytest.mark.integration
-def log_records(worker: Any) -> list[dict[str, Any]]:
-    out = []
-    for line in worker.log_lines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
 
-
-def test_real_cr_chest_round_trip(make_worker: Any, pacs: Any, tmp_path: Path) -> None:
+def test_real_cr_chest_round_trip(make_worker: Any, pacs: Any, tmp_path: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # The phantom-trained model gates the real chest (tests/integration/test_trust.py); answered
+    # and flagged here, so that the decision and probability round trip can be checked.
+    monkeypatch.setenv("CXR_MODEL__OOD_ACTION", "flag")
     worker = make_worker([f"PACS@127.0.0.1:{pacs.port}"])
     names = ["RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG1_J2KI.dcm", "RG3_UNCR.dcm"]
     sources = {n: Path(get_testdata_file(n)) for n in names}

@@ -17,15 +17,21 @@ from pydicom.uid import UID, ComputedRadiographyImageStorage, ExplicitVRLittleEn
 from cxr_contract.model import ModelInfo
 from tests.helpers import dciodvfy_errors
 from worker.build import (
+    WITHHELD_TEXT,
     BuildSettings,
+    Trust,
     build_report,
     build_secondary_capture,
     decision,
+    faithfulness_line,
     output_uids,
     render_heatmap_overlay,
+    render_withheld,
 )
 from worker.decode import dataset_to_unit_image
-from worker.errors import UnsupportedInput
+from worker.errors import UnsupportedInput, WorkerError
+from worker.input_check import UNIFORM
+from worker.model import GATE_OOD_SCORE
 
 MODEL = ModelInfo(
     name="test-model", version="1.2.3", input_size=64, threshold=0.5, weights_sha256="ab" * 32
@@ -141,16 +147,22 @@ def test_sc_is_in_the_source_study_and_references_it(
     assert sc.ContentDate and sc.ContentTime
 
 
-def test_sc_hot_quadrant_is_red(built: tuple[Dataset, float, Path, Path]) -> None:
-    _, _, sc_path, _ = built
+def redness(block: np.ndarray[Any, Any]) -> float:
+    block = block.astype(np.float64)
+    return float(block[..., 0].mean() - block[..., 2].mean())
+
+
+def test_sc_hot_quadrant_is_red_and_a_negative_decision_has_no_colour(
+    built: tuple[Dataset, float, Path, Path],
+) -> None:
+    _, probability, sc_path, _ = built
     px = pydicom.dcmread(sc_path).pixel_array.astype(np.float64)
     half_r, half_c = px.shape[0] // 2, px.shape[1] // 2
-
-    def redness(block: np.ndarray[Any, Any]) -> float:
-        return float(block[..., 0].mean() - block[..., 2].mean())
-
     hot, opposite = px[half_r:, half_c:], px[:half_r, :half_c]
-    assert redness(hot) > redness(opposite) + 10, (redness(hot), redness(opposite))
+    if probability >= MODEL.threshold:
+        assert redness(hot) > redness(opposite) + 10, (redness(hot), redness(opposite))
+    else:  # output.heatmap_for_negative = false: gray, no colour bar
+        assert np.array_equal(px[..., 0], px[..., 2]) and np.array_equal(px[..., 0], px[..., 1])
 
 
 def test_sc_copies_geometry_and_laterality_only_when_meaningful() -> None:
@@ -265,3 +277,156 @@ def test_tiny_and_odd_images_render(shape: tuple[int, int]) -> None:
         model_name="test-model", model_version="1.2.3",
     )
     assert rgb.shape == (*shape, 3) and rgb.dtype == np.uint8
+
+
+# -- how far to trust an answer: the gate, the heatmap's scale, its faithfulness ---------------
+
+MODEL_V2 = ModelInfo(
+    name="test-model", version="2.0.0", input_size=64, threshold=0.5, weights_sha256="cd" * 32,
+    contract_version=2, ood_threshold=10.0, heatmap_scale=4.0,
+)
+
+
+def sr_items(sr: Dataset) -> list[Dataset]:
+    return list(walk(sr.ContentSequence))
+
+
+def coded(sr: Dataset, name: str) -> list[str]:
+    """Meanings of the values of the CODE items named ``name`` (a viewer shows these words)."""
+    return [str(i.ConceptCodeSequence[0].CodeMeaning) for i in sr_items(sr)
+            if i.ValueType == "CODE" and code_of(i, "ConceptNameCodeSequence") == name]
+
+
+def numbers(sr: Dataset, name: str) -> list[float]:
+    return [float(i.MeasuredValueSequence[0].NumericValue) for i in sr_items(sr)
+            if i.ValueType == "NUM" and code_of(i, "ConceptNameCodeSequence") == name]
+
+
+def build_with(source: Dataset, probability: float, model: ModelInfo, trust: Trust, folder: Path,
+               rgb: np.ndarray[Any, Any] | None = None) -> tuple[Dataset, Dataset, np.ndarray[Any, Any]]:
+    """SC and SR as the pipeline builds them, saved and read back."""
+    uids = output_uids(source, model.version)
+    unit = dataset_to_unit_image(source)
+    if rgb is None and trust.withheld:
+        rgb = render_withheld(unit, reason=trust.gate_line(model), model_name=model.name,
+                              model_version=model.version)
+    elif rgb is None:
+        rgb = render_heatmap_overlay(unit, hot_gradcam(), probability=probability, threshold=model.threshold,
+                                     model_name=model.name, model_version=model.version,
+                                     heatmap_scale=model.heatmap_scale, faithfulness=trust.faithfulness)
+    sc = build_secondary_capture(source, rgb, uids, model, SETTINGS, trust=trust)
+    sr = build_report(source, sc, probability, model, uids, SETTINGS, trust=trust)
+    sc_path, sr_path = folder / "sc.dcm", folder / "sr.dcm"
+    sc.save_as(sc_path, enforce_file_format=True)
+    sr.save_as(sr_path, enforce_file_format=True)
+    assert dciodvfy_errors(sc_path) == [] and dciodvfy_errors(sr_path) == []
+    return pydicom.dcmread(sc_path), pydicom.dcmread(sr_path), rgb
+
+
+@pytest.mark.parametrize("source", list(SOURCES))
+def test_withheld_answer_has_no_heatmap_and_an_indeterminate_finding(source: str, tmp_path: Path) -> None:
+    trust = Trust(ood_score=27.5, gate=GATE_OOD_SCORE, withheld=True)
+    sc, sr, rgb = build_with(SOURCES[source](), 0.97, MODEL_V2, trust, tmp_path)
+    px = sc.pixel_array
+    # No colour anywhere: no heatmap, no colour bar; only the gray image and the text.
+    assert np.array_equal(px[..., 0], px[..., 1]) and np.array_equal(px[..., 1], px[..., 2])
+    gray = np.rint(dataset_to_unit_image(SOURCES[source]()) * 255).astype(np.uint8)
+    assert not np.array_equal(px[..., 0], gray)  # the text is burned in
+    assert WITHHELD_TEXT == "Outside the model's training distribution - no result"
+    assert trust.gate_line(MODEL_V2) == "OOD score 27.5 > threshold 10"
+    assert "without a result" in sc.DerivationDescription
+    # The SR neither asserts nor denies pneumonia, and gives no probability.
+    assert coded(sr, "233604007") == ["Indeterminate"]
+    assert code_of(next(i for i in sr_items(sr) if code_of(i, "ConceptNameCodeSequence") == "233604007"),
+                   "ConceptCodeSequence") == "82334004"
+    assert numbers(sr, "PNEUMONIA-PROB") == []
+    assert coded(sr, "OOD-STATUS") == ["Outside the model's training distribution"]
+    assert coded(sr, "OOD-REASON") == ["Feature density score above threshold"]
+    assert numbers(sr, "OOD-SCORE") == [pytest.approx(27.5)]
+    assert numbers(sr, "OOD-THRESHOLD") == [pytest.approx(10.0)]
+    assert numbers(sr, "HEATMAP-FAITH") == []
+
+
+def test_input_check_gate_is_named_in_the_sr(tmp_path: Path) -> None:
+    trust = Trust(gate=UNIFORM, withheld=True)  # a v1 model: no score, the input check alone
+    _, sr, _ = build_with(synthetic_cr(), 0.4, MODEL, trust, tmp_path)
+    assert coded(sr, "233604007") == ["Indeterminate"]
+    assert coded(sr, "OOD-STATUS") == ["Outside the model's training distribution"]
+    assert coded(sr, "OOD-REASON") == ["Image nearly uniform"]
+    assert numbers(sr, "OOD-SCORE") == []
+
+
+def test_flagged_answer_keeps_the_finding_and_says_outside(tmp_path: Path) -> None:
+    trust = Trust(ood_score=12.0, gate=GATE_OOD_SCORE, withheld=False, faithfulness=0.8)
+    _, sr, _ = build_with(synthetic_cr(), 0.9, MODEL_V2, trust, tmp_path)
+    assert coded(sr, "233604007") == ["Present"]
+    assert numbers(sr, "PNEUMONIA-PROB") == [pytest.approx(0.9)]
+    assert coded(sr, "OOD-STATUS") == ["Outside the model's training distribution"]
+    assert numbers(sr, "HEATMAP-FAITH") == [pytest.approx(0.8)]
+
+
+@pytest.mark.parametrize("source", list(SOURCES))
+def test_answer_carries_heatmap_faithfulness_and_the_gate_it_passed(source: str, tmp_path: Path) -> None:
+    trust = Trust(ood_score=3.25, faithfulness=-0.42)
+    _, sr, _ = build_with(SOURCES[source](), 0.1, MODEL_V2, trust, tmp_path)
+    assert coded(sr, "233604007") == ["Absent"]
+    assert numbers(sr, "HEATMAP-FAITH") == [pytest.approx(-0.42)]
+    assert coded(sr, "OOD-STATUS") == ["Within the model's training distribution"]
+    assert numbers(sr, "OOD-SCORE") == [pytest.approx(3.25)] and numbers(sr, "OOD-THRESHOLD") == [10.0]
+    names = {code_of(i, "ConceptNameCodeSequence") for i in sr_items(sr)}
+    assert "HEATMAP-FAITH" in names and "OOD-REASON" not in names
+
+
+def test_v1_model_report_says_nothing_about_a_gate(tmp_path: Path) -> None:
+    _, sr, _ = build_with(synthetic_cr(), 0.9, MODEL, Trust(), tmp_path)
+    names = {code_of(i, "ConceptNameCodeSequence") for i in sr_items(sr)}
+    assert not {"OOD-STATUS", "OOD-REASON", "OOD-SCORE", "OOD-THRESHOLD", "HEATMAP-FAITH"} & names
+    assert coded(sr, "233604007") == ["Present"]
+
+
+def test_trust_refuses_what_cannot_be_reported() -> None:
+    with pytest.raises(WorkerError, match="withheld"):
+        Trust(withheld=True)
+    with pytest.raises(WorkerError, match="gate='why'"):
+        Trust(gate="why")
+    with pytest.raises(WorkerError, match="faithfulness=nan"):
+        Trust(faithfulness=float("nan"))
+
+
+def one_cell(value: float) -> np.ndarray[Any, Any]:
+    cam = np.zeros((8, 8), np.float32)
+    cam[6, 6] = value
+    return cam
+
+
+def test_fixed_heatmap_scale_keeps_a_barely_positive_cell_cold() -> None:
+    image = np.full((256, 256), 0.5, np.float32)
+    kw: dict[str, Any] = {"probability": 0.9, "threshold": 0.5, "model_name": "m", "model_version": "v"}
+    cell = (slice(200, 216), slice(200, 216))  # the hot cell at [6, 6] of an 8 x 8 grid
+    per_image = render_heatmap_overlay(image, one_cell(0.01), **kw)
+    fixed = render_heatmap_overlay(image, one_cell(0.01), heatmap_scale=4.0, **kw)
+    full = render_heatmap_overlay(image, one_cell(4.0), heatmap_scale=4.0, **kw)
+    assert redness(per_image[cell]) > 40  # scaled by its own peak: drawn full red
+    assert abs(redness(fixed[cell])) < 3  # 0.01 of a scale of 4: stays gray-blue, not red
+    assert redness(full[cell]) > 40
+
+
+def test_negative_decision_is_painted_only_when_configured() -> None:
+    image = np.full((256, 256), 0.5, np.float32)
+    kw: dict[str, Any] = {"probability": 0.2, "threshold": 0.5, "model_name": "m", "model_version": "v",
+                          "heatmap_scale": 4.0}
+    plain = render_heatmap_overlay(image, hot_gradcam(), **kw)
+    painted = render_heatmap_overlay(image, hot_gradcam(), paint_negative=True, **kw)
+    assert np.array_equal(plain[..., 0], plain[..., 2])
+    assert redness(painted[160:, 160:]) > 10
+
+
+def test_faithfulness_is_printed_beside_the_probability() -> None:
+    image = np.full((256, 512), 0.5, np.float32)
+    kw: dict[str, Any] = {"probability": 0.9, "threshold": 0.5, "model_name": "m", "model_version": "v",
+                          "heatmap_scale": 4.0}
+    without = render_heatmap_overlay(image, hot_gradcam(), **kw)
+    with_it = render_heatmap_overlay(image, hot_gradcam(), faithfulness=1.5, **kw)
+    assert not np.array_equal(without, with_it)
+    assert faithfulness_line(1.5) == "Heatmap faithfulness: high (+1.50)"
+    assert faithfulness_line(-0.2) == "Heatmap faithfulness: low (-0.20)"

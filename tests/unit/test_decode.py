@@ -68,7 +68,29 @@ def test_rescale_and_padding(phantom: np.ndarray) -> None:
     out = dataset_to_unit_image(ds)
     # Padding takes the darkest real value, so the body keeps its contrast.
     assert out[:10].max() == 0.0
-    np.testing.assert_allclose(out[10:], to_unit_range(phantom[10:]), atol=2e-3)
+    body = phantom[10:].astype(float)
+    masked = np.vstack([np.full((10, body.shape[1]), body.min()), body])
+    np.testing.assert_allclose(out[10:], to_unit_range(masked)[10:], atol=2e-3)
+
+
+def test_without_a_window_one_outlier_pixel_does_not_set_the_contrast(phantom: np.ndarray) -> None:
+    ds = cr_dataset(phantom)  # 12-bit, no window
+    clean = dataset_to_unit_image(ds)
+    arr = ds.pixel_array.copy()
+    arr[0, 0] = 4095  # a dead-bright pixel far above the anatomy
+    ds.PixelData = arr.tobytes()
+    out = dataset_to_unit_image(ds)
+    assert out[0, 0] == 1.0
+    # Min-max would squeeze the phantom into the bottom of the range; percentiles keep it.
+    assert abs(float(np.median(out)) - float(np.median(clean))) < 0.02
+    assert float(np.percentile(out, 99)) > 0.9
+
+
+def test_percentile_clipping_is_shared_and_min_max_is_kept_for_windowed_images() -> None:
+    ramp = np.arange(1000, dtype=float)
+    clipped = to_unit_range(ramp)
+    assert clipped[:5].max() == 0.0 and clipped[-5:].min() == 1.0  # 0.5 % at each end
+    np.testing.assert_allclose(to_unit_range(ramp, clip=False), ramp / 999, atol=1e-6)
 
 
 def test_real_cr_chest_monochrome1_is_displayed_with_bright_bone() -> None:
