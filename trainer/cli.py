@@ -45,11 +45,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default="test", choices=("val", "test"))
     s.add_argument("--boxes", type=Path, default=None, help="NIH BBox_List_2017.csv for expert regions")
 
-    s = sub.add_parser("export", help="verified ONNX model with probability and gradcam outputs")
+    s = sub.add_parser("export", help="verified ONNX model: probability, logit, gradcam, ood_score")
     s.add_argument("--run", type=Path, required=True)
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--threshold", type=float, default=None, help="default: the one evaluate chose")
     s.add_argument("--model-version", default=None)
+    s.add_argument("--allow-insensitive-saliency", action="store_true",
+                   help="write the model even if its Grad-CAM fails the saliency sanity check")
     return p
 
 
@@ -86,7 +88,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                 "localisation": r["localisation"]}
     from trainer.export import export
 
-    return export(args.run, args.out, threshold=args.threshold, version=args.model_version)
+    return export(args.run, args.out, threshold=args.threshold, version=args.model_version,
+                  allow_insensitive_saliency=args.allow_insensitive_saliency)
 
 
 def main(argv: list[str] | None = None) -> int:
