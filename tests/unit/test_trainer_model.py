@@ -138,3 +138,23 @@ def test_batchnorm_mode_defaults_by_weights_and_frozen_layers_keep_their_statist
     first = [layer for layer in trained.layers if isinstance(layer, keras.layers.BatchNormalization)][0]
     trained.train_on_batch(x, np.array([[0], [1], [0], [1]], np.float32))
     assert not np.array_equal(first.moving_mean.numpy(), before)
+
+
+def test_head_warmup_trains_only_the_head_then_unfreezes_the_backbone() -> None:
+    from trainer.config import TrainConfig
+    from trainer.fit import warm_up_head
+
+    keras.utils.set_random_seed(4)
+    model = small_backbone(HEADS["paper"]())
+    cfg = TrainConfig.model_validate({"model": {"feature_layer": "features", "image_size": 32},
+                                      "train": {"head_warmup_epochs": 2, "learning_rate": 0.01}})
+    x = np.random.default_rng(0).random((8, 32, 32, 1), dtype=np.float32)
+    ds = tf.data.Dataset.from_tensor_slices((x, np.arange(8, dtype=np.float32)[:, None] % 2)).batch(4)
+    conv = model.get_layer("features").kernel.numpy().copy()
+    head = model.layers[-1].kernel.numpy().copy()
+    warm_up_head(model, cfg, ds, ds)
+    np.testing.assert_array_equal(model.get_layer("features").kernel.numpy(), conv)
+    assert not np.array_equal(model.layers[-1].kernel.numpy(), head)
+    assert all(layer.trainable for layer in model.layers)
+    model.fit(ds, epochs=1, verbose=0)  # recompiled: the backbone trains again
+    assert not np.array_equal(model.get_layer("features").kernel.numpy(), conv)
