@@ -68,7 +68,7 @@ def fit_gate(pooled: np.ndarray[Any, Any], labels: np.ndarray[Any, Any]) -> Maha
                           f"{len(x)} feature rows and {len(y)} labels")
     means = np.stack([x[y == k].mean(0) for k in classes])
     centred = x - means[np.searchsorted(classes, y)]
-    lw = LedoitWolf(assume_centered=True).fit(centred)
+    lw = LedoitWolf(assume_centered=True, store_precision=False).fit(centred)
     vals, vecs = np.linalg.eigh(lw.covariance_)
     # Shrinkage keeps every eigenvalue >= its share of the trace; the floor only guards
     # against all-zero features (a dead layer), where no gate can be fitted honestly.
