@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import scipy.linalg
 import tensorflow as tf
 
 from trainer.errors import ExportError
@@ -69,13 +70,12 @@ def fit_gate(pooled: np.ndarray[Any, Any], labels: np.ndarray[Any, Any]) -> Maha
     means = np.stack([x[y == k].mean(0) for k in classes])
     centred = x - means[np.searchsorted(classes, y)]
     lw = LedoitWolf(assume_centered=True, store_precision=False).fit(centred)
-    vals, vecs = np.linalg.eigh(lw.covariance_)
-    # Shrinkage keeps every eigenvalue >= its share of the trace; the floor only guards
-    # against all-zero features (a dead layer), where no gate can be fitted honestly.
-    floor = 1e-12 * max(float(vals.max()), 1e-30)
-    if float(vals.max()) <= 0:
+    if not float(np.trace(lw.covariance_)) > 0:
         raise ExportError("the pooled training features are constant: no out-of-distribution gate can be fitted")
-    whitening = vecs / np.sqrt(np.maximum(vals, floor))
+    # Shrinkage towards a scaled identity makes the covariance positive definite, so
+    # Cholesky applies: Sigma = L L^T, Sigma^-1 = L^-T L^-1, hence W = L^-T.
+    chol = np.linalg.cholesky(lw.covariance_)
+    whitening = scipy.linalg.solve_triangular(chol, np.eye(len(chol)), lower=True).T
     return MahalanobisGate(means=means, whitening=whitening, shrinkage=float(lw.shrinkage_), n_train=len(x))
 
 

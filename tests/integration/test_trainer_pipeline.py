@@ -16,6 +16,9 @@ import numpy as np
 import pytest
 
 pytestmark = pytest.mark.integration
+#: The module's pipeline (fit 10 epochs at 160 px, evaluate twice, export with the OOD fit
+#: and the sanity check) runs in the first test's setup: more than the suite's default.
+PIPELINE_TIMEOUT_S = 2400
 ROOT = Path(__file__).resolve().parent.parent.parent
 
 
@@ -43,6 +46,7 @@ def phantom_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"data": data, "run": run, "model": model, "val": val, "test": test, "export": exported}
 
 
+@pytest.mark.timeout(PIPELINE_TIMEOUT_S)
 def test_phantom_run_learns_localises_and_exports(phantom_run: dict) -> None:
     run, model, val, test = phantom_run["run"], phantom_run["model"], phantom_run["val"], phantom_run["test"]
     for name in ("model.keras", "config.json", "data_summary.json", "history.csv", "training-curves.png"):
@@ -126,6 +130,7 @@ def out_of_distribution_inputs(size: int) -> dict[str, np.ndarray]:
     }
 
 
+@pytest.mark.timeout(PIPELINE_TIMEOUT_S)
 def test_ood_gate_answers_the_phantom_test_split_and_gates_what_it_never_saw(phantom_run: dict) -> None:
     import onnxruntime as ort
 
@@ -149,6 +154,7 @@ def test_ood_gate_answers_the_phantom_test_split_and_gates_what_it_never_saw(pha
     assert all(gated.values()), report
 
 
+@pytest.mark.timeout(PIPELINE_TIMEOUT_S)
 def test_sanity_check_passes_the_trained_model(phantom_run: dict) -> None:
     metrics = json.loads((phantom_run["run"] / "metrics.json").read_text())
     sanity = metrics["sanity_check"]
@@ -157,6 +163,7 @@ def test_sanity_check_passes_the_trained_model(phantom_run: dict) -> None:
     assert sanity["images"] == 16 and len(sanity["per_image"]["head"]) == 16
 
 
+@pytest.mark.timeout(PIPELINE_TIMEOUT_S)
 def test_failed_verification_writes_no_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A graph that differs from the Keras model, by an offset in the reference or by a
     perturbed weight, is refused; so is a model failing the saliency sanity check."""
