@@ -247,7 +247,8 @@ def export(run: Path, out: Path, *, threshold: float | None = None, version: str
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
     if threshold is None:
         if metrics is None or "threshold" not in metrics:
-            raise TrainerError(f"{run} has no metrics.json: run 'cxr-train evaluate --run {run}' or pass --threshold")
+            raise TrainerError(f"{run} has no threshold in metrics.json: run 'cxr-train evaluate --run {run}' "
+                               "or pass --threshold")
         threshold = float(metrics["threshold"])
     if not 0.0 <= threshold <= 1.0:
         raise TrainerError(f"threshold must be in [0, 1]. Received: threshold={threshold}")
