@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 def cxr_train(*args: str) -> dict:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     out = subprocess.run([sys.executable, "-m", "trainer.cli", *args], capture_output=True, text=True,
-                         timeout=900, env=env, cwd=ROOT)
+                         timeout=PIPELINE_TIMEOUT_S, env=env, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout[out.stdout.index("{"):])
 
