@@ -53,11 +53,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--pointing-tolerance", type=float, default=None,
                    help="pointing-game tolerance as a fraction of the image side (default 15/448, Zhang et al.)")
 
-    s = sub.add_parser("export", help="verified ONNX model with probability and gradcam outputs")
+    s = sub.add_parser("export", help="verified ONNX model: probability, logit, gradcam, ood_score")
     s.add_argument("--run", type=Path, required=True)
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--threshold", type=float, default=None, help="default: the one evaluate chose")
     s.add_argument("--model-version", default=None)
+    s.add_argument("--allow-insensitive-saliency", action="store_true",
+                   help="write the model even if its Grad-CAM fails the saliency sanity check")
     return p
 
 
@@ -102,7 +104,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                 "faithfulness": r["faithfulness"], "localisation": loc}
     from trainer.export import export
 
-    return export(args.run, args.out, threshold=args.threshold, version=args.model_version)
+    return export(args.run, args.out, threshold=args.threshold, version=args.model_version,
+                  allow_insensitive_saliency=args.allow_insensitive_saliency)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,10 @@ class ModelSection(_Section):
     dense_units: int = Field(256, ge=1)
     weights: str = "imagenet"
     bn_momentum: float = Field(0.99, gt=0, lt=1)
+    #: frozen: BatchNormalization runs in inference mode on its (pretrained) statistics and
+    #: is not trained; train: batch statistics while training. auto: frozen with pretrained
+    #: weights (Keras' transfer-learning guide), train with weights = "none" (nothing to keep).
+    bn: Literal["auto", "frozen", "train"] = "auto"
 
 
 class TrainSection(_Section):
@@ -45,6 +49,9 @@ class TrainSection(_Section):
     mixed_precision: Literal["auto", "on", "off"] = "auto"
     seed: int = 0
     deterministic: bool = False
+    #: Epochs that train only the head (backbone frozen) before fine-tuning everything,
+    #: so a random head's gradients do not disturb pretrained features; 0 = none.
+    head_warmup_epochs: int = Field(0, ge=0)
 
 
 class AugmentSection(_Section):
@@ -60,11 +67,33 @@ class EvaluateSection(_Section):
     fixed_threshold: float = Field(0.5, gt=0, lt=1)
 
 
+class ExportSection(_Section):
+    #: Target rate of in-distribution images the out-of-distribution gate refuses: the
+    #: threshold is the split-conformal quantile of the validation scores at this rate.
+    ood_false_gate_rate: float = Field(0.01, gt=0, lt=0.5)
+    #: Percentile of the peak raw Grad-CAM over validation images called positive that the
+    #: worker draws as full colour (heatmap_scale).
+    heatmap_percentile: float = Field(95.0, gt=0, le=100)
+    #: Validation images whose Grad-CAM the saliency sanity check compares.
+    sanity_images: int = Field(16, ge=2)
+    #: Export refuses a model whose maps, after the head and conv5 are re-initialised,
+    #: still correlate (mean Spearman) above this with the trained model's maps.
+    sanity_max_correlation: float = Field(0.5, gt=-1, lt=1)
+
+
 class TrainConfig(_Section):
     model: ModelSection = ModelSection()
     train: TrainSection = TrainSection()
     augment: AugmentSection = AugmentSection()
     evaluate: EvaluateSection = EvaluateSection()
+    export: ExportSection = ExportSection()
+
+
+def resolved_bn(cfg: ModelSection) -> Literal["frozen", "train"]:
+    """The BatchNormalization mode ``auto`` stands for with these weights."""
+    if cfg.bn != "auto":
+        return cfg.bn
+    return "train" if cfg.weights == "none" else "frozen"
 
 
 def shipped_configs() -> dict[str, Traversable]:

@@ -1,7 +1,17 @@
-"""``cxr-train export``: one ONNX model returning ``probability`` and ``gradcam``.
+"""``cxr-train export``: one ONNX model (contract version 2) returning ``probability``,
+``logit``, ``gradcam`` and ``ood_score`` from one run.
 
-The exported graph is verified against TensorFlow's GradientTape Grad-CAM with
-ONNX Runtime before it is written; a model that does not verify is not written.
+Before a model is written, export
+
+* fits the out-of-distribution gate (:mod:`trainer.ood`) on the training split and
+  chooses its threshold on the validation split;
+* bakes the temperature that ``evaluate`` fitted into the graph (logit / T);
+* verifies the graph with ONNX Runtime against TensorFlow's GradientTape: probability,
+  logit, the pre-ReLU Grad-CAM sum and the channel weights alpha, each scaled by its own
+  magnitude, on images of both classes, and the gate's score;
+* runs the saliency sanity check (:mod:`trainer.sanity`).
+
+A model that fails verification, or the sanity check unless allowed, is not written.
 """
 
 from __future__ import annotations
@@ -10,6 +20,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,24 +30,35 @@ import numpy as np
 import tensorflow as tf
 
 from cxr_contract.model import (
+    CONTRACT_VERSION,
     GRADCAM_OUTPUT,
     INPUT_NAME,
     LABELS,
+    LOGIT_OUTPUT,
+    OOD_SCORE_OUTPUT,
     PROBABILITY_OUTPUT,
     RESEARCH_USE,
     SYNTHETIC_USE,
     Meta,
+    required_outputs,
 )
 from trainer import __version__
-from trainer.data import load_dataset
+from trainer.config import resolved_bn
+from trainer.data import Record, load_dataset, require_split
 from trainer.errors import DataError, ExportError, TrainerError
 from trainer.evaluate import load_run
 from trainer.fit import load_image
-from trainer.model import gradcam_forward, gradcam_tape
+from trainer.model import feature_model, gradcam_parts, gradcam_tape_parts
+from trainer.ood import METHOD, MahalanobisGate, conformal_threshold, fit_gate
+from trainer.sanity import sanity_check
 
 OPSET = 17
 PROB_TOL = 1e-4
-CAM_REL_TOL = 1e-4
+#: Relative tolerance of logit, pre-ReLU Grad-CAM, alpha and ood_score, each against its own magnitude.
+REL_TOL = 1e-4
+#: Outputs present only while verifying, pruned before the model is written.
+RAW_OUTPUT, ALPHA_OUTPUT = "gradcam_raw", "gradcam_alpha"
+BATCH = 32
 
 
 def weights_sha256(model: keras.Model) -> str:
@@ -48,17 +70,24 @@ def weights_sha256(model: keras.Model) -> str:
     return h.hexdigest()
 
 
-def to_onnx(model: keras.Model, feature_layer: str, size: int) -> Any:
-    """Convert the forward-only probability + Grad-CAM function with tf2onnx."""
+def to_onnx(model: keras.Model, feature_layer: str, size: int, gate: MahalanobisGate,
+            temperature: float = 1.0) -> Any:
+    """Convert the forward-only graph with tf2onnx: the contract's outputs plus the two
+    verification outputs (:data:`RAW_OUTPUT`, :data:`ALPHA_OUTPUT`)."""
     import tf2onnx
 
-    forward = gradcam_forward(model, feature_layer)
+    parts = gradcam_parts(model, feature_layer)
     spec = (tf.TensorSpec([None, size, size, 1], tf.float32, name=INPUT_NAME),)
 
     @tf.function(input_signature=spec)
     def serve(image: tf.Tensor) -> dict[str, tf.Tensor]:
-        prob, cam = forward(image)
-        return {PROBABILITY_OUTPUT: prob, GRADCAM_OUTPUT: cam}
+        out = parts(image)
+        # Calibration rescales the decision score only; Grad-CAM stays the gradient of
+        # the uncalibrated logit (for T > 0 that only rescales the map by 1/T).
+        logit = out["logit"] / temperature
+        return {PROBABILITY_OUTPUT: tf.sigmoid(logit), LOGIT_OUTPUT: logit, GRADCAM_OUTPUT: out["gradcam"],
+                OOD_SCORE_OUTPUT: gate.tf_score(out["pooled"]), RAW_OUTPUT: out["gradcam_raw"],
+                ALPHA_OUTPUT: out["alpha"]}
 
     try:
         proto, _ = tf2onnx.convert.from_function(serve, input_signature=spec, opset=OPSET)
@@ -67,34 +96,133 @@ def to_onnx(model: keras.Model, feature_layer: str, size: int) -> Any:
     return proto
 
 
-def verify(proto: Any, model: keras.Model, feature_layer: str, images: np.ndarray[Any, Any]) -> dict[str, float]:
-    """ONNX Runtime against GradientTape Grad-CAM; raises ExportError past tolerance."""
+def _session(proto: Any) -> Any:
     import onnxruntime as ort
 
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    prob, cam = session.run([PROBABILITY_OUTPUT, GRADCAM_OUTPUT], {INPUT_NAME: images.astype(np.float32)})
-    ref_prob, ref_cam = gradcam_tape(model, feature_layer, images)
-    prob_err = float(np.abs(prob - ref_prob).max())
-    scale = np.maximum(ref_cam.reshape(len(images), -1).max(axis=1), 1e-12)[:, None, None]
-    cam_err = float((np.abs(cam - ref_cam) / scale).max())
-    if cam.shape != ref_cam.shape or prob_err > PROB_TOL or cam_err > CAM_REL_TOL:
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _rel_err(got: np.ndarray[Any, Any], ref: np.ndarray[Any, Any],
+             scale_of: np.ndarray[Any, Any] | None = None) -> float:
+    """Largest per-image |got - ref| over that image's largest |scale_of| (default ``ref``;
+    1e-12 if all zero)."""
+    n = len(ref)
+    basis = ref if scale_of is None else scale_of
+    scale = np.maximum(np.abs(basis).reshape(n, -1).max(axis=1), 1e-12)
+    return float((np.abs(got - ref).reshape(n, -1).max(axis=1) / scale).max())
+
+
+def verify(proto: Any, model: keras.Model, feature_layer: str, images: np.ndarray[Any, Any],
+           gate: MahalanobisGate, temperature: float = 1.0) -> dict[str, float]:
+    """ONNX Runtime against GradientTape; raises ExportError past tolerance.
+
+    The post-ReLU map can be all zero, or have a tiny peak, and so hide a wrong graph; the
+    pre-ReLU sum and alpha are compared instead, each against its own magnitude.
+    """
+    names = [PROBABILITY_OUTPUT, LOGIT_OUTPUT, GRADCAM_OUTPUT, OOD_SCORE_OUTPUT, RAW_OUTPUT, ALPHA_OUTPUT]
+    got = dict(zip(names, _session(proto).run(names, {INPUT_NAME: images.astype(np.float32)}), strict=True))
+    ref = gradcam_tape_parts(model, feature_layer, images)
+    pooled = np.asarray(feature_model(model, feature_layer)(images, training=False), np.float64).mean(axis=(1, 2))
+    errors = {
+        "probability_max_abs_error": float(np.abs(got[PROBABILITY_OUTPUT] - ref["probability"]).max()),
+        "logit_max_rel_error": _rel_err(got[LOGIT_OUTPUT], ref["logit"] / temperature),
+        "gradcam_raw_max_rel_error": _rel_err(got[RAW_OUTPUT], ref["gradcam_raw"]),
+        "alpha_max_rel_error": _rel_err(got[ALPHA_OUTPUT], ref["alpha"]),
+        # The shown map against the pre-ReLU scale: a tiny post-ReLU peak cannot inflate it.
+        "gradcam_max_rel_error": _rel_err(got[GRADCAM_OUTPUT], ref["gradcam"], ref["gradcam_raw"]),
+        "ood_score_max_rel_error": _rel_err(got[OOD_SCORE_OUTPUT][:, None], gate.score(pooled)[:, None]),
+    }
+    shapes_ok = got[GRADCAM_OUTPUT].shape == ref["gradcam"].shape and got[LOGIT_OUTPUT].shape == ref["logit"].shape
+    bad = [f"{k} {v:.2e}" for k, v in errors.items()
+           if v > (PROB_TOL if k.startswith("probability") else REL_TOL) or not np.isfinite(v)]
+    if bad or not shapes_ok:
         raise ExportError(
-            f"exported model does not match TensorFlow: probability error {prob_err:.2e} (limit {PROB_TOL}), "
-            f"Grad-CAM relative error {cam_err:.2e} (limit {CAM_REL_TOL}), shapes {cam.shape} vs "
-            f"{ref_cam.shape}; no model written"
+            f"exported model does not match TensorFlow: {', '.join(bad) or 'shapes differ'} (limits: probability "
+            f"{PROB_TOL}, relative {REL_TOL}); Grad-CAM shapes {got[GRADCAM_OUTPUT].shape} vs "
+            f"{ref['gradcam'].shape}; no model written"
         )
-    return {"probability_max_abs_error": prob_err, "gradcam_max_rel_error": cam_err, "images": len(images)}
+    return {**errors, "images": len(images)}
+
+
+def prune_to_contract(proto: Any) -> Any:
+    """The graph with only the contract's outputs (the verification outputs removed)."""
+    import onnx
+    from onnx.utils import Extractor
+
+    keep = list(required_outputs(CONTRACT_VERSION))
+    pruned = Extractor(proto).extract_model([INPUT_NAME], keep)
+    pruned.opset_import.extend([o for o in proto.opset_import if o not in pruned.opset_import])
+    pruned.ir_version = proto.ir_version
+    onnx.checker.check_model(pruned)
+    return pruned
+
+
+def _load(records: list[Record], size: int) -> np.ndarray[Any, Any]:
+    return np.stack([load_image(r.path, size) for r in records]).astype(np.float32)
+
+
+def run_onnx(proto: Any, records: list[Record], size: int) -> dict[str, np.ndarray[Any, Any]]:
+    """The written model's outputs over a split, in batches."""
+    session = _session(proto)
+    names = [PROBABILITY_OUTPUT, GRADCAM_OUTPUT, OOD_SCORE_OUTPUT]
+    chunks: dict[str, list[np.ndarray[Any, Any]]] = {n: [] for n in names}
+    for i in range(0, len(records), BATCH):
+        for n, v in zip(names, session.run(names, {INPUT_NAME: _load(records[i:i + BATCH], size)}), strict=True):
+            chunks[n].append(v)
+    return {n: np.concatenate(v) for n, v in chunks.items()}
+
+
+def pooled_features(model: keras.Model, feature_layer: str, records: list[Record], size: int) -> np.ndarray[Any, Any]:
+    """Spatially averaged feature maps [N, C] of the records (inference mode)."""
+    features = feature_model(model, feature_layer)
+    out = [np.asarray(features(_load(records[i:i + BATCH], size), training=False), np.float64).mean(axis=(1, 2))
+           for i in range(0, len(records), BATCH)]
+    return np.concatenate(out)
+
+
+def heatmap_scale(cams: np.ndarray[Any, Any], positive: np.ndarray[Any, Any], percentile: float) -> tuple[float, str]:
+    """The raw Grad-CAM value drawn as full colour: a high percentile of the peak of the
+    maps of validation images called positive; of all validation maps when none is."""
+    peaks = cams.reshape(len(cams), -1).max(axis=1)
+    basis = "validation images called positive"
+    if not positive.any():
+        basis = "all validation images (none called positive)"
+    else:
+        peaks = peaks[positive]
+    value = float(np.percentile(peaks, percentile))
+    if not value > 0:  # every map is zero: any positive scale draws them as they are (blank)
+        return 1.0, basis + "; every peak was 0, scale set to 1"
+    return value, f"{percentile:g}th percentile of the peak raw Grad-CAM over {basis} (n={len(peaks)})"
+
+
+def read_calibration(metrics: dict[str, Any] | None) -> dict[str, Any]:
+    """The temperature ``evaluate`` fitted, or T = 1 marked uncalibrated."""
+    cal = (metrics or {}).get("calibration")
+    if not cal:
+        return {"method": "none", "temperature": 1.0, "note": "uncalibrated"}
+    t = float(cal.get("temperature", 1.0))
+    if not (np.isfinite(t) and t > 0):
+        raise TrainerError(f"metrics.json: calibration temperature must be > 0. Received: temperature={t}")
+    return {**cal, "temperature": t}
+
+
+def both_classes(records: list[Record], n: int) -> list[Record]:
+    """Up to ``n`` records, alternating the classes, so a check sees both decisions."""
+    by_class = [[r for r in records if r.label == k] for k in (1, 0)]
+    mixed = [r for pair in zip(*by_class, strict=False) for r in pair]
+    rest = [r for r in records if r not in mixed]
+    return (mixed + rest)[:n]
 
 
 def sample_images(info: dict[str, Any], size: int, n: int = 8, seed: int = 0) -> np.ndarray[Any, Any]:
-    """Up to ``n`` real images from the run's test split, else seeded noise.
+    """Up to ``n`` real images of both classes from the run's test split, else seeded noise.
 
     Raises:
         DataError: a test image cannot be read (named); only a run whose data folder is
             not on this machine is verified on noise.
     """
     try:
-        records = load_dataset(Path(info["data"])).splits["test"][:n]
+        records = both_classes(load_dataset(Path(info["data"])).splits["test"], n)
     except DataError:
         records = []
     images = [load_image(r.path, size) for r in records]
@@ -104,50 +232,126 @@ def sample_images(info: dict[str, Any], size: int, n: int = 8, seed: int = 0) ->
     return np.stack(images).astype(np.float32)
 
 
-def export(run: Path, out: Path, *, threshold: float | None = None, version: str | None = None) -> dict[str, Any]:
-    """Export, verify, attach metadata, and write ``out`` atomically."""
+def _update_metrics(run: Path, key: str, value: Any) -> None:
+    """Record ``value`` under ``key`` in the run's metrics.json (created when absent)."""
+    path = run / "metrics.json"
+    metrics = json.loads(path.read_text()) if path.is_file() else {}
+    metrics[key] = value
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def export(run: Path, out: Path, *, threshold: float | None = None, version: str | None = None,
+           allow_insensitive_saliency: bool = False) -> dict[str, Any]:
+    """Fit the gate, export, verify, sanity-check, attach metadata, write ``out`` atomically."""
     import onnx
 
     model, cfg, info = load_run(run)
     metrics_path = run / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
     if threshold is None:
-        if metrics is None:
-            raise TrainerError(f"{run} has no metrics.json: run 'cxr-train evaluate --run {run}' or pass --threshold")
+        if metrics is None or "threshold" not in metrics:
+            raise TrainerError(f"{run} has no threshold in metrics.json: run 'cxr-train evaluate --run {run}' "
+                               "or pass --threshold")
         threshold = float(metrics["threshold"])
     if not 0.0 <= threshold <= 1.0:
         raise TrainerError(f"threshold must be in [0, 1]. Received: threshold={threshold}")
-    size, layer = cfg.model.image_size, cfg.model.feature_layer
-    samples = sample_images(info, size)  # before the slow conversion: a bad image fails fast
-    proto = to_onnx(model, layer, size)
-    check = verify(proto, model, layer, samples)
+    calibration = read_calibration(metrics)
+    temperature = calibration["temperature"]
+    size, layer, ex = cfg.model.image_size, cfg.model.feature_layer, cfg.export
+    dataset = load_dataset(Path(info["data"]))
+    train, val = require_split(dataset, "train"), require_split(dataset, "val")
+    timings: dict[str, float] = {}
+
+    samples = sample_images(info, size)  # before the slow steps: a bad image fails fast
+    t0 = time.perf_counter()
+    gate = fit_gate(pooled_features(model, layer, train, size), np.array([r.label for r in train]))
+    timings["ood_fit_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    full = to_onnx(model, layer, size, gate, temperature)
+    timings["convert_s"] = time.perf_counter() - t0
+    check = verify(full, model, layer, samples, gate, temperature)
+    proto = prune_to_contract(full)
+
+    t0 = time.perf_counter()
+    on_val = run_onnx(proto, val, size)
+    ood_threshold, bound = conformal_threshold(on_val[OOD_SCORE_OUTPUT], ex.ood_false_gate_rate)
+    test = dataset.splits.get("test") or []
+    on_test = run_onnx(proto, test, size) if test else None
+    timings["ood_threshold_s"] = time.perf_counter() - t0
+    ood = {
+        "method": METHOD, "feature_layer": layer, "pooling": "spatial mean",
+        "covariance": "shared across classes, Ledoit-Wolf shrinkage", "shrinkage": round(gate.shrinkage, 6),
+        "fitted_on": "train", "n_train": gate.n_train,
+        "threshold": ood_threshold, "threshold_rule": f"split-conformal quantile of validation scores at "
+        f"false-gate rate {ex.ood_false_gate_rate:g}", "n_val": len(val), "false_gate_bound": round(bound, 6),
+        "val_false_gate_rate": float(np.mean(on_val[OOD_SCORE_OUTPUT] > ood_threshold)),
+        "test_false_gate_rate": (float(np.mean(on_test[OOD_SCORE_OUTPUT] > ood_threshold))
+                                 if on_test is not None else None),
+    }
+    scale, scale_basis = heatmap_scale(on_val[GRADCAM_OUTPUT], on_val[PROBABILITY_OUTPUT].ravel() >= threshold,
+                                       ex.heatmap_percentile)
+
+    t0 = time.perf_counter()
+    sanity_records = both_classes(val, ex.sanity_images)
+    sanity = sanity_check(model, layer, _load(sanity_records, size), ex.sanity_max_correlation,
+                          seed=cfg.train.seed)
+    timings["sanity_check_s"] = time.perf_counter() - t0
+    sanity["allowed_by_flag"] = bool(allow_insensitive_saliency and not sanity["passed"])
+    _update_metrics(run, "sanity_check", sanity)
+    _update_metrics(run, "ood", ood)
+    if not sanity["passed"] and not allow_insensitive_saliency:
+        final = sanity["stages"][-1]
+        raise ExportError(
+            f"saliency sanity check failed: with the {final['stage']} weights re-initialised, Grad-CAM still "
+            f"correlates {final['spearman_mean']:.3f} (limit {sanity['limit']}) with the trained model's maps, "
+            "so the maps do not show what the model learned; no model written "
+            "(--allow-insensitive-saliency writes it anyway, with the result in its metadata)"
+        )
+
     summary_path = run / "data_summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     created = info.get("created", datetime.now(UTC).isoformat())
+    compact = {"separators": (",", ":")}
     meta = {
+        Meta.CONTRACT_VERSION: str(CONTRACT_VERSION),
         Meta.NAME: cfg.model.name,
         Meta.VERSION: version or f"{__version__}+{created[:19].replace('-', '').replace(':', '')}",
         Meta.INPUT_SIZE: str(size),
         Meta.LABELS: json.dumps(list(LABELS)),
         Meta.THRESHOLD: f"{threshold:.6f}",
         Meta.FEATURE_LAYER: layer,
-        Meta.TRAINING_DATA: json.dumps(summary, separators=(",", ":")),
-        Meta.TEST_METRICS: json.dumps({k: metrics[k] for k in ("split", "n", "metrics", "ci95", "localisation")}
-                                      if metrics else {}, separators=(",", ":")),
+        Meta.TRAINING_DATA: json.dumps(summary, **compact),  # type: ignore[arg-type]
+        Meta.TEST_METRICS: json.dumps({k: metrics[k] for k in ("split", "n", "metrics", "ci95", "localisation")
+                                       if k in metrics} if metrics else {}, **compact),  # type: ignore[arg-type]
         Meta.WEIGHTS_SHA256: weights_sha256(model),
         Meta.INTENDED_USE: SYNTHETIC_USE if summary.get("synthetic") else RESEARCH_USE,
-        Meta.GRADCAM: "ReLU(sum_k alpha_k A_k), alpha_k = mean_ij d(logit)/dA_ijk; raw, not normalised",
+        Meta.GRADCAM: "ReLU(sum_k alpha_k A_k), alpha_k = mean_ij d(logit)/dA_ijk of the uncalibrated logit; "
+                      "raw, not normalised",
+        Meta.OOD_THRESHOLD: f"{ood_threshold:.6g}",
+        Meta.OOD_METHOD: json.dumps(ood, **compact),  # type: ignore[arg-type]
+        Meta.CALIBRATION: json.dumps(calibration, **compact),  # type: ignore[arg-type]
+        Meta.HEATMAP_SCALE: f"{scale:.6g}",
+        Meta.SANITY_CHECK: json.dumps({k: v for k, v in sanity.items() if k != "per_image"},
+                                      **compact),  # type: ignore[arg-type]
+        Meta.PRECISION: "fp32",
         Meta.EXPORTED: datetime.now(UTC).isoformat(timespec="seconds"),
         Meta.TENSORFLOW: tf.__version__,
         Meta.GIT_COMMIT: info.get("versions", {}).get("git_commit", "unknown"),
+        "heatmap_scale_basis": scale_basis,
+        "batchnorm": resolved_bn(cfg.model),
     }
     onnx.helper.set_model_props(proto, meta)
-    proto.doc_string = f"{cfg.model.name}: pneumonia probability and Grad-CAM at {layer}. {meta[Meta.INTENDED_USE]}"
+    proto.doc_string = (f"{cfg.model.name}: pneumonia probability, logit, Grad-CAM at {layer} and an "
+                        f"out-of-distribution score. {meta[Meta.INTENDED_USE]}")
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".onnx.tmp")
     with os.fdopen(fd, "wb") as f:
         f.write(proto.SerializeToString())
     os.replace(tmp, out)
-    kept = (Meta.NAME, Meta.VERSION, Meta.THRESHOLD, Meta.INPUT_SIZE)
-    return {"model": str(out), "metadata": {k: meta[k] for k in kept},
-            "verification": check}
+    kept = (Meta.NAME, Meta.VERSION, Meta.THRESHOLD, Meta.INPUT_SIZE, Meta.OOD_THRESHOLD, Meta.HEATMAP_SCALE)
+    return {"model": str(out), "metadata": {k: meta[k] for k in kept}, "verification": check, "ood": ood,
+            "sanity_check": {k: v for k, v in sanity.items() if k != "per_image"},
+            "seconds": {k: round(v, 2) for k, v in timings.items()}}

@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from cxr_contract.pixels import resize_for_model, to_unit_range
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, resolved_bn
 from trainer.data import Record, load_dataset, require_split
 from trainer.errors import DataError, TrainerError
 from trainer.model import build_model
@@ -139,6 +139,31 @@ class ResumableEarlyStopping(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+def compile_model(model: keras.Model, cfg: TrainConfig) -> None:
+    model.compile(
+        optimizer=keras.optimizers.Adam(cfg.train.learning_rate),
+        loss="binary_crossentropy",
+        metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")],
+    )
+
+
+def warm_up_head(model: keras.Model, cfg: TrainConfig, train: tf.data.Dataset, val: tf.data.Dataset,
+                 *, callbacks: list[keras.callbacks.Callback] | None = None, verbose: int = 0) -> None:
+    """Train only the layers after the feature layer for ``head_warmup_epochs``, then make
+    the backbone trainable again as it was (frozen BatchNormalization stays frozen)."""
+    names = [layer.name for layer in model.layers]
+    backbone = model.layers[: names.index(cfg.model.feature_layer) + 1]
+    was = [layer.trainable for layer in backbone]
+    for layer in backbone:
+        layer.trainable = False
+    compile_model(model, cfg)
+    model.fit(train, validation_data=val, epochs=cfg.train.head_warmup_epochs, shuffle=False,
+              callbacks=callbacks or [], verbose=verbose)
+    for layer, trainable in zip(backbone, was, strict=True):
+        layer.trainable = trainable
+    compile_model(model, cfg)  # a fresh optimizer: trainable weights changed
+
+
 def _strategy() -> tf.distribute.Strategy:
     gpus = tf.config.list_physical_devices("GPU")
     return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
@@ -177,23 +202,28 @@ def fit(data: Path, run: Path, cfg: TrainConfig, *, verbose: int | None = None) 
             model = keras.models.load_model(ckpt / "last.keras")
         else:
             model = build_model(cfg.model)
-            model.compile(
-                optimizer=keras.optimizers.Adam(cfg.train.learning_rate),
-                loss="binary_crossentropy",
-                metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")],
-            )
+            compile_model(model, cfg)
     info = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "data": str(Path(data).resolve()),
         "config": cfg.model_dump(),
         "versions": versions(),
         "gpus": len(gpus),
+        "batchnorm": resolved_bn(cfg.model),
+        "head_warmup_epochs": cfg.train.head_warmup_epochs,
     }
     if not resuming:
         (run / RUN_CONFIG).write_text(json.dumps(info, indent=2) + "\n")
         summary = dataset.root / "summary.json"
         if summary.is_file():
             (run / "data_summary.json").write_text(summary.read_text())
+        if cfg.train.head_warmup_epochs:
+            # Not checkpointed: an interrupted warm-up restarts with the run.
+            with _strategy().scope():
+                warm_up_head(model, cfg, make_dataset(train, cfg, training=True),
+                             make_dataset(val, cfg, training=False),
+                             callbacks=[keras.callbacks.CSVLogger(str(run / "warmup-history.csv"))],
+                             verbose=verbose if verbose is not None else 2)
     stopper = ResumableEarlyStopping(run, cfg.train.patience)
     if stopper.epoch >= cfg.train.epochs or (stopper.patience and stopper.wait >= stopper.patience):
         pass  # interrupted after the last epoch but before the final save

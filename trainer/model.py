@@ -8,19 +8,24 @@
   two agree.
 
 The class score is the pneumonia logit (the last layer's pre-activation), as
-Selvaraju et al. use the pre-softmax score.
+Selvaraju et al. use the pre-softmax score. The contract needs a logit and a probability,
+so the head must end in one of the shapes :func:`split_head` accepts: ``Dense(1,
+activation="sigmoid")`` (with or without bias) or ``Dense(1)`` followed by
+``Activation("sigmoid")``; anything else is refused with one error naming the layer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
-from trainer.config import ModelSection
+from trainer.config import ModelSection, resolved_bn
 from trainer.errors import ConfigError, ExportError
 
 #: Caffe-style ImageNet means (BGR) used by keras.applications.resnet50.preprocess_input;
@@ -70,11 +75,16 @@ def build_model(cfg: ModelSection) -> keras.Model:
         for layer in source.layers:
             if layer.weights:
                 base.get_layer(layer.name).set_weights(layer.get_weights())
+    frozen = resolved_bn(cfg) == "frozen"
     for layer in base.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             # Keras' 0.99 suits long runs; short runs on small sets need faster-moving
             # statistics or validation in inference mode lags far behind training.
             layer.momentum = cfg.bn_momentum
+            # Keras' transfer-learning guide: a non-trainable BatchNormalization runs in
+            # inference mode, so pretrained statistics are not overwritten by the batch
+            # statistics of the first steps, while the head is still random.
+            layer.trainable = not frozen
     try:
         features = base.get_layer(cfg.feature_layer).output
     except ValueError:
@@ -128,10 +138,10 @@ def _activation_and_derivative(name: str, z: tf.Tensor) -> tuple[tf.Tensor, tf.T
 ForwardRule = Callable[[tf.Tensor], tuple[tf.Tensor, Callable[[tf.Tensor], tf.Tensor]]]
 
 
-def _rule(layer: keras.layers.Layer, *, is_last: bool) -> ForwardRule:
-    """Forward function of one head layer returning (output, backward); backward maps
-    the gradient at the output to the gradient at the input with forward-only ops.
-    For the last layer the output is the pre-activation (the class score)."""
+def _rule(layer: keras.layers.Layer) -> ForwardRule:
+    """Forward function of one head layer (before the score layer) returning (output,
+    backward); backward maps the gradient at the output to the gradient at the input
+    with forward-only ops."""
     kind = type(layer).__name__
     if kind in ("Dropout", "SpatialDropout2D", "GaussianNoise", "GaussianDropout", "ActivityRegularization"):
         return lambda x: (x, lambda g: g)
@@ -165,7 +175,7 @@ def _rule(layer: keras.layers.Layer, *, is_last: bool) -> ForwardRule:
         return lambda x: (x * scale + shift, lambda g: g * scale)
     if kind in ("Dense", "Activation"):
         act = _activation_name(layer)
-        if not is_last and act not in SUPPORTED_ACTIVATIONS:
+        if act not in SUPPORTED_ACTIVATIONS:
             raise ExportError(f"no forward-only gradient rule for activation {act!r} of layer {layer.name!r}")
 
         def dense(x: tf.Tensor) -> tuple[tf.Tensor, Callable[[tf.Tensor], tf.Tensor]]:
@@ -176,8 +186,6 @@ def _rule(layer: keras.layers.Layer, *, is_last: bool) -> ForwardRule:
                     z = z + tf.cast(tf.convert_to_tensor(layer.bias), x.dtype)
             else:
                 z = x
-            if is_last:
-                return z, (lambda g: tf.matmul(g, kernel, transpose_b=True)) if kind == "Dense" else (lambda g: g)
             a, da = _activation_and_derivative(act, z)
             if kind == "Dense":
                 return a, lambda g: tf.matmul(g * da, kernel, transpose_b=True)
@@ -187,16 +195,93 @@ def _rule(layer: keras.layers.Layer, *, is_last: bool) -> ForwardRule:
     raise ExportError(f"no forward-only gradient rule for head layer {layer.name!r} ({kind})")
 
 
-def _final_activation(layer: keras.layers.Layer) -> Callable[[tf.Tensor], tf.Tensor]:
-    name = _activation_name(layer)
-    if name not in ("sigmoid", "linear"):
-        raise ExportError(f"output layer {layer.name!r} must be sigmoid (binary score); received {name!r}")
-    return tf.sigmoid if name == "sigmoid" else tf.identity
+@dataclass(frozen=True)
+class Head:
+    """The head split where the contract needs it: the logit is ``score``'s pre-activation."""
+
+    body: list[keras.layers.Layer]  # feature layer -> input of the score layer
+    score: keras.layers.Layer  # Dense with one unit
+    activation: keras.layers.Layer | None  # Activation("sigmoid") after a linear score layer
+
+
+ACCEPTED_OUTPUTS = "Dense(1, activation='sigmoid') or Dense(1) followed by Activation('sigmoid')"
+
+
+def _describe(layer: keras.layers.Layer) -> str:
+    units = getattr(layer, "units", None)
+    shape = f" with {units} units" if units is not None else ""
+    return f"{type(layer).__name__} {layer.name!r}{shape} and activation {_activation_name(layer)!r}"
+
+
+def split_head(model: keras.Model, feature_layer: str) -> Head:
+    """The head's body, its one-unit score layer, and an optional sigmoid Activation.
+
+    Raises:
+        ExportError: one line naming the output layer when the head ends in any other shape
+            (a linear output would be served as a "probability"; two units have no single logit).
+    """
+    layers = head_layers(model, feature_layer)
+    last = layers[-1]
+    previous = layers[-2] if len(layers) > 1 else None
+    if isinstance(last, keras.layers.Dense) and last.units == 1 and _activation_name(last) == "sigmoid":
+        return Head(layers[:-1], last, None)
+    if (isinstance(last, keras.layers.Activation) and _activation_name(last) == "sigmoid"
+            and isinstance(previous, keras.layers.Dense) and previous.units == 1
+            and _activation_name(previous) == "linear"):
+        return Head(layers[:-2], previous, last)
+    received = _describe(last) + (f" after {_describe(previous)}" if isinstance(last, keras.layers.Activation)
+                                  and previous is not None else "")
+    raise ExportError(f"the model must end in {ACCEPTED_OUTPUTS}: the contract serves a probability and "
+                      f"its logit. Received: {received}")
 
 
 def feature_model(model: keras.Model, feature_layer: str) -> keras.Model:
     """The sub-model from the image to the feature maps."""
     return keras.Model(model.inputs, model.get_layer(feature_layer).output)
+
+
+def _score(layer: keras.layers.Layer, h: tf.Tensor) -> tf.Tensor:
+    """The score layer's pre-activation, in float32 whatever the policy."""
+    z = tf.matmul(tf.cast(h, tf.float32), tf.cast(tf.convert_to_tensor(layer.kernel), tf.float32))
+    if layer.use_bias:
+        z = z + tf.cast(tf.convert_to_tensor(layer.bias), tf.float32)
+    return z
+
+
+#: What :func:`gradcam_parts` returns, by key.
+PARTS = ("logit", "probability", "gradcam", "gradcam_raw", "alpha", "pooled")
+
+
+def gradcam_parts(model: keras.Model, feature_layer: str) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
+    """Everything export needs from one forward graph with no gradient ops.
+
+    Returns:
+        ``fn(image) -> dict``: ``logit`` [N, 1] (uncalibrated), ``probability`` [N, 1],
+        ``gradcam`` [N, h, w] = ReLU(``gradcam_raw``), ``gradcam_raw`` = sum_k alpha_k A_k,
+        ``alpha`` [N, C] and ``pooled`` [N, C], the spatial mean of the feature maps A.
+    """
+    head = split_head(model, feature_layer)
+    rules = [_rule(layer) for layer in head.body]
+    score_layer = head.score
+    features = feature_model(model, feature_layer)
+
+    def fn(image: tf.Tensor) -> dict[str, tf.Tensor]:
+        a = tf.cast(features(image, training=False), tf.float32)
+        x, backward = a, []
+        for rule in rules:
+            x, back = rule(x)
+            backward.append(back)
+        logit = _score(score_layer, x)
+        g = tf.matmul(tf.ones_like(logit), tf.cast(tf.convert_to_tensor(score_layer.kernel), tf.float32),
+                      transpose_b=True)
+        for back in reversed(backward):
+            g = back(g)
+        alpha = tf.reduce_mean(g, axis=[1, 2])
+        raw = tf.einsum("nhwc,nc->nhw", a, alpha)
+        return {"logit": logit, "probability": tf.sigmoid(logit), "gradcam": tf.nn.relu(raw),
+                "gradcam_raw": raw, "alpha": alpha, "pooled": tf.reduce_mean(a, axis=[1, 2])}
+
+    return fn
 
 
 def gradcam_forward(
@@ -207,45 +292,39 @@ def gradcam_forward(
     Returns:
         ``fn(image) -> (probability [N, 1], gradcam [N, h, w])``, gradcam raw and >= 0.
     """
-    layers = head_layers(model, feature_layer)
-    rules = [_rule(layer, is_last=i == len(layers) - 1) for i, layer in enumerate(layers)]
-    final = _final_activation(layers[-1])
-    features = feature_model(model, feature_layer)
+    parts = gradcam_parts(model, feature_layer)
 
     def fn(image: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        a = tf.cast(features(image, training=False), tf.float32)
-        x, backward = a, []
-        for rule in rules:
-            x, back = rule(x)
-            backward.append(back)
-        score = x  # [N, 1] pneumonia logit
-        g = tf.ones_like(score)
-        for back in reversed(backward):
-            g = back(g)
-        alpha = tf.reduce_mean(g, axis=[1, 2])
-        cam = tf.nn.relu(tf.einsum("nhwc,nc->nhw", a, alpha))
-        return final(score), cam
+        out = parts(image)
+        return out["probability"], out["gradcam"]
 
     return fn
 
 
-def gradcam_tape(model: keras.Model, feature_layer: str, images: Any) -> tuple[Any, Any]:
+def gradcam_tape_parts(model: keras.Model, feature_layer: str, images: Any) -> dict[str, Any]:
     """Reference Grad-CAM with GradientTape, as in the Keras Grad-CAM example.
 
     Returns:
-        (probability [N, 1], gradcam [N, h, w]) as numpy arrays.
+        The keys of :func:`gradcam_parts` but ``pooled``, as numpy arrays; ``probability`` is
+        the Keras model's own output, so a head the split misreads cannot verify.
     """
-    layers = head_layers(model, feature_layer)
+    head = split_head(model, feature_layer)
     features = feature_model(model, feature_layer)
-    last = layers[-1]
     with tf.GradientTape() as tape:
         a = tf.cast(features(tf.convert_to_tensor(images), training=False), tf.float32)
         tape.watch(a)
         h = a
-        for layer in layers[:-1]:
+        for layer in head.body:
             h = layer(h, training=False)
-        score = tf.matmul(tf.cast(h, tf.float32), tf.cast(last.kernel, tf.float32)) + tf.cast(last.bias, tf.float32)
+        score = _score(head.score, h)
     grads = tape.gradient(score, a)
     alpha = tf.reduce_mean(grads, axis=[1, 2])
-    cam = tf.nn.relu(tf.einsum("nhwc,nc->nhw", a, alpha))
-    return model(images, training=False).numpy(), cam.numpy()
+    raw = tf.einsum("nhwc,nc->nhw", a, alpha)
+    return {"logit": score.numpy(), "probability": np.asarray(model(images, training=False), np.float32),
+            "gradcam": tf.nn.relu(raw).numpy(), "gradcam_raw": raw.numpy(), "alpha": alpha.numpy()}
+
+
+def gradcam_tape(model: keras.Model, feature_layer: str, images: Any) -> tuple[Any, Any]:
+    """(probability [N, 1], gradcam [N, h, w]) of :func:`gradcam_tape_parts`."""
+    parts = gradcam_tape_parts(model, feature_layer, images)
+    return parts["probability"], parts["gradcam"]

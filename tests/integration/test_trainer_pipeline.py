@@ -1,6 +1,8 @@
 """The five trainer commands in sequence on phantoms: the model learns, its heatmaps
-point at the opacities better than a centre prior, and the exported ONNX model is
-verified and carries its metadata. Also: an interrupted fit resumes."""
+point at the opacities better than a centre prior, and the exported ONNX model (contract
+version 2) is verified, carries its metadata, gates images far from its training data
+and passes the saliency sanity check. Also: a model that does not verify is not written,
+and an interrupted fit resumes."""
 
 from __future__ import annotations
 
@@ -14,32 +16,46 @@ import numpy as np
 import pytest
 
 pytestmark = pytest.mark.integration
+#: The module's pipeline (fit 10 epochs at 160 px, evaluate twice, export with the OOD fit
+#: and the sanity check) runs in the first test's setup: more than the suite's default.
+PIPELINE_TIMEOUT_S = 2400
 ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def cxr_train(*args: str) -> dict:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     out = subprocess.run([sys.executable, "-m", "trainer.cli", *args], capture_output=True, text=True,
-                         timeout=900, env=env, cwd=ROOT)
+                         timeout=PIPELINE_TIMEOUT_S, env=env, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout[out.stdout.index("{"):])
 
 
-def test_phantom_run_learns_localises_and_exports(tmp_path: Path) -> None:
-    data, run, model = tmp_path / "data", tmp_path / "run", tmp_path / "model.onnx"
+@pytest.fixture(scope="module")
+def phantom_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """phantoms -> fit -> evaluate (val, test) -> export, once for the module's tests."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    data, run, model = tmp / "data", tmp / "run", tmp / "model.onnx"
     # 160 px gives a 5x5 Grad-CAM grid whose fourth row lies in the lower lung zones, where
     # the phantoms' opacities are; at 128 px the bottom row's centres fall below the lungs.
     cxr_train("phantoms", "--out", str(data), "--n", "300", "--size", "160", "--seed", "4")
     cxr_train("fit", "--data", str(data), "--out", str(run), "--config", str(ROOT / "config" / "demo-train.toml"),
               "--image-size", "160")
+    val = cxr_train("evaluate", "--run", str(run), "--split", "val")
+    test = cxr_train("evaluate", "--run", str(run))
+    exported = cxr_train("export", "--run", str(run), "--out", str(model))
+    return {"data": data, "run": run, "model": model, "val": val, "test": test, "export": exported}
+
+
+@pytest.mark.timeout(PIPELINE_TIMEOUT_S)
+def test_phantom_run_learns_localises_and_exports(phantom_run: dict) -> None:
+    run, model, val, test = phantom_run["run"], phantom_run["model"], phantom_run["val"], phantom_run["test"]
     for name in ("model.keras", "config.json", "data_summary.json", "history.csv", "training-curves.png"):
         assert (run / name).is_file(), name
     info = json.loads((run / "config.json").read_text())
     assert info["versions"]["tensorflow"] and info["config"]["model"]["image_size"] == 160
+    assert info["batchnorm"] == "train" and info["head_warmup_epochs"] == 0
 
-    val = cxr_train("evaluate", "--run", str(run), "--split", "val")
     assert val["metrics"]["auc"] >= 0.9, val
-    test = cxr_train("evaluate", "--run", str(run))
     metrics = json.loads((run / "metrics.json").read_text())
     for key in ("accuracy", "precision", "recall", "specificity", "f1", "auc"):
         lo, hi = metrics["ci95"][key]
@@ -50,54 +66,170 @@ def test_phantom_run_learns_localises_and_exports(tmp_path: Path) -> None:
     for name in ("roc.png", "confusion-matrix.png", "gallery.png"):
         assert (run / name).stat().st_size > 1000, name
 
-    exported = cxr_train("export", "--run", str(run), "--out", str(model))
-    assert exported["verification"]["gradcam_max_rel_error"] <= 1e-4
+    check = phantom_run["export"]["verification"]
+    for key in ("gradcam_raw_max_rel_error", "alpha_max_rel_error", "logit_max_rel_error", "ood_score_max_rel_error"):
+        assert check[key] <= 1e-4, key
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    assert {o.name for o in session.get_outputs()} == {"probability", "logit", "gradcam", "ood_score"}
     meta = session.get_modelmeta().custom_metadata_map
+    from cxr_contract.model import CONTRACT_VERSION, ModelInfo
+
+    info_v2 = ModelInfo.from_metadata(meta, str(model))
+    assert info_v2.contract_version == CONTRACT_VERSION == 2 and info_v2.has_ood_gate
     assert meta["input_size"] == "160" and meta["feature_layer"] == "conv5_block3_out"
     assert float(meta["threshold"]) == pytest.approx(metrics["threshold"], abs=1e-6)
     assert len(meta["weights_sha256"]) == 64
     assert "synthetic" in meta["intended_use"]
     assert json.loads(meta["test_metrics"])["metrics"]["auc"] == pytest.approx(metrics["metrics"]["auc"])
     assert json.loads(meta["training_data"])["synthetic"] is True
+    calibration = json.loads(meta["calibration"])
+    expected_t = metrics.get("calibration", {}).get("temperature", 1.0)
+    assert calibration["temperature"] == pytest.approx(expected_t)
+    assert json.loads(meta["ood_method"])["fitted_on"] == "train"
+    sanity = json.loads(meta["sanity_check"])
+    assert [s["stage"] for s in sanity["stages"]] == ["head", "conv5_block3", "conv5"]
+    assert sanity == {k: v for k, v in metrics["sanity_check"].items() if k != "per_image"}
+    assert info_v2.heatmap_scale is not None and info_v2.heatmap_scale > 0
     images = np.random.default_rng(0).random((3, 160, 160, 1), dtype=np.float32)
-    prob, cam = session.run(["probability", "gradcam"], {"image": images})
-    assert prob.shape == (3, 1) and cam.shape == (3, 5, 5) and (cam >= 0).all()
+    prob, logit, cam, ood = session.run(["probability", "logit", "gradcam", "ood_score"], {"image": images})
+    assert prob.shape == logit.shape == (3, 1) and cam.shape == (3, 5, 5) and ood.shape == (3,)
+    np.testing.assert_allclose(prob, 1 / (1 + np.exp(-logit)), atol=1e-6)
+    assert (cam >= 0).all()
 
 
+def _unit_image(name: str, *, photometric: str | None = None) -> np.ndarray:
+    """A pydicom test file as the worker brings it to the model, optionally relabelled."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from worker.decode import dataset_to_unit_image
+
+    path = get_testdata_file(name)
+    assert path, name
+    ds = pydicom.dcmread(path)
+    if photometric:
+        ds.PhotometricInterpretation = photometric
+    return dataset_to_unit_image(ds)
+
+
+def out_of_distribution_inputs(size: int) -> dict[str, np.ndarray]:
+    from cxr_contract.pixels import resize_for_model
+
+    rng = np.random.default_rng(7)
+    return {
+        "real CR chest (RG1)": resize_for_model(_unit_image("RG1_UNCR.dcm"), size),
+        "real CR extremity (RG3)": resize_for_model(_unit_image("RG3_UNCR.dcm"), size),
+        # MONOCHROME1 pixels labelled MONOCHROME2: the chest arrives inverted.
+        "chest with wrong polarity": resize_for_model(_unit_image("RG1_UNCR.dcm", photometric="MONOCHROME2"), size),
+        # A constant image reaches the model as zeros (to_unit_range); mid-grey too for good measure.
+        "constant (zeros)": np.zeros((size, size), np.float32),
+        "constant (mid-grey)": np.full((size, size), 0.5, np.float32),
+        "uniform noise": rng.random((size, size), dtype=np.float32),
+    }
+
+
+@pytest.mark.timeout(PIPELINE_TIMEOUT_S)
+def test_ood_gate_answers_the_phantom_test_split_and_gates_what_it_never_saw(phantom_run: dict) -> None:
+    import onnxruntime as ort
+
+    from trainer.data import load_dataset
+    from trainer.fit import load_image
+
+    session = ort.InferenceSession(str(phantom_run["model"]), providers=["CPUExecutionProvider"])
+    threshold = float(session.get_modelmeta().custom_metadata_map["ood_threshold"])
+    test = load_dataset(phantom_run["data"]).splits["test"]
+    images = np.stack([load_image(r.path, 160) for r in test])
+    (scores,) = session.run(["ood_score"], {"image": images})
+    false_gate = float(np.mean(scores > threshold))
+    ood = out_of_distribution_inputs(160)
+    (ood_scores,) = session.run(["ood_score"], {"image": np.stack(list(ood.values()))[..., None]})
+    report = {name: round(float(s) / threshold, 2) for name, s in zip(ood, ood_scores, strict=True)}
+    print(f"\nOOD threshold {threshold:.4g}; test split false-gate rate {false_gate:.3f} (n={len(test)}, max "
+          f"score / threshold {scores.max() / threshold:.2f}); score / threshold: {report}")
+    assert false_gate <= 0.05, (false_gate, report)
+    assert phantom_run["export"]["ood"]["test_false_gate_rate"] == pytest.approx(false_gate)
+    gated = {name: ratio > 1 for name, ratio in report.items()}
+    assert all(gated.values()), report
+
+
+@pytest.mark.timeout(PIPELINE_TIMEOUT_S)
+def test_sanity_check_passes_the_trained_model(phantom_run: dict) -> None:
+    metrics = json.loads((phantom_run["run"] / "metrics.json").read_text())
+    sanity = metrics["sanity_check"]
+    assert sanity["passed"] is True, sanity["stages"]
+    assert sanity["stages"][-1]["spearman_mean"] <= sanity["limit"]
+    assert sanity["images"] == 16 and len(sanity["per_image"]["head"]) == 16
+
+
+@pytest.mark.timeout(PIPELINE_TIMEOUT_S)
 def test_failed_verification_writes_no_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A graph that differs from the Keras model, by an offset in the reference or by a
+    perturbed weight, is refused; so is a model failing the saliency sanity check."""
     from trainer import export as export_module
     from trainer.config import load_config
     from trainer.errors import ExportError
+    from trainer.evaluate import load_run
     from trainer.fit import fit
     from trainer.phantoms import write_phantoms
 
-    write_phantoms(tmp_path / "d", 12, size=64)
+    write_phantoms(tmp_path / "d", 24, size=64)
     fit(tmp_path / "d", tmp_path / "r", load_config(None, {"model": {"image_size": 64, "weights": "none"},
                                                            "train": {"epochs": 1, "batch_size": 8}}), verbose=0)
-    real_tape = export_module.gradcam_tape
-    from trainer.evaluate import load_run
-
-    keras_model, cfg, _ = load_run(tmp_path / "r")
-    proto = export_module.to_onnx(keras_model, "conv5_block3_out", 64)  # convert once, verify twice
+    keras_model, cfg, info = load_run(tmp_path / "r")
+    real_parts = export_module.gradcam_tape_parts
+    train = export_module.load_dataset(Path(info["data"])).splits["train"]
+    # The gate export fits; the graph converted once and verified several times.
+    gate = export_module.fit_gate(export_module.pooled_features(keras_model, "conv5_block3_out", train, 64),
+                                  np.array([r.label for r in train]))
+    proto = export_module.to_onnx(keras_model, "conv5_block3_out", 64, gate)
     monkeypatch.setattr(export_module, "to_onnx", lambda *a: proto)
 
-    def off_by(dp: float, dcam: float):  # type: ignore[no-untyped-def]
-        def tape(*args: object) -> tuple[np.ndarray, np.ndarray]:
-            prob, cam = real_tape(*args)
-            cam = cam.copy()
-            cam[0, 0, 0] += dcam
-            return prob + dp, cam
+    def off_by(key: str, delta: float):  # type: ignore[no-untyped-def]
+        def tape(*args: object) -> dict:
+            parts = real_parts(*args)
+            parts[key] = parts[key].copy()
+            parts[key].flat[0] += delta * max(np.abs(parts[key]).max(), 1e-6)
+            return parts
         return tape
 
-    for dp, dcam in ((1e-3, 0.0), (0.0, 1.0)):
-        monkeypatch.setattr(export_module, "gradcam_tape", off_by(dp, dcam))
-        with pytest.raises(ExportError, match="does not match TensorFlow"):
+    def refused(message: str) -> None:
+        with pytest.raises(ExportError, match=message):
             export_module.export(tmp_path / "r", tmp_path / "m.onnx", threshold=0.5)
         assert not (tmp_path / "m.onnx").exists()
-        assert not list(tmp_path.glob("*.tmp"))
+        assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob("r/*.tmp"))
+
+    for key, delta in (("probability", 1e-2), ("alpha", 1e-3), ("gradcam_raw", 1e-3)):
+        monkeypatch.setattr(export_module, "gradcam_tape_parts", off_by(key, delta))
+        refused(f"does not match TensorFlow: .*{key}")
+    monkeypatch.setattr(export_module, "gradcam_tape_parts", real_parts)
+
+    # The graph verifies; a sanity-check limit no map can meet refuses it, the flag writes
+    # it, and the result is in metrics.json and the metadata either way.
+    good_info = json.loads((tmp_path / "r" / "config.json").read_text())
+    info["config"]["export"] = {**cfg.export.model_dump(), "sanity_max_correlation": -0.99}
+    (tmp_path / "r" / "config.json").write_text(json.dumps(info))
+    refused("saliency sanity check failed")
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["sanity_check"]["passed"] is False
+    result = export_module.export(tmp_path / "r", tmp_path / "m.onnx", threshold=0.5,
+                                  allow_insensitive_saliency=True)
+    assert result["sanity_check"]["allowed_by_flag"] is True and (tmp_path / "m.onnx").is_file()
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert json.loads(meta["sanity_check"])["passed"] is False
+    assert json.loads(meta["calibration"])["note"] == "uncalibrated"
+    (tmp_path / "m.onnx").unlink()
+    (tmp_path / "r" / "config.json").write_text(json.dumps(good_info))
+
+    # A model whose weights differ slightly from the graph's (0.1% on the output layer):
+    # the channel weights alpha no longer match, whatever the post-ReLU peak.
+    score = keras_model.get_layer("pneumonia")
+    kernel = score.kernel.numpy()
+    score.kernel.assign(kernel * (1 + 1e-3 * np.random.default_rng(0).standard_normal(kernel.shape)))
+    keras_model.save(tmp_path / "r" / "model.keras")
+    refused("does not match TensorFlow: .*alpha_max_rel_error")
 
 
 def test_interrupted_fit_resumes_from_its_checkpoint(tmp_path: Path) -> None:

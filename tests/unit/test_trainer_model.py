@@ -1,4 +1,5 @@
-"""The forward-only Grad-CAM equals GradientTape's, for the paper's head and others."""
+"""The forward-only Grad-CAM equals GradientTape's, for the paper's head and others; head
+shapes the contract cannot serve are refused; BatchNormalization can be frozen."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer.config import ModelSection
+from trainer.config import ModelSection, resolved_bn
 from trainer.errors import ExportError
-from trainer.model import build_model, gradcam_forward, gradcam_tape
+from trainer.model import build_model, gradcam_forward, gradcam_parts, gradcam_tape, gradcam_tape_parts
 
 
 def small_backbone(head: list[keras.layers.Layer]) -> keras.Model:
@@ -30,6 +31,12 @@ HEADS = {
                                            keras.layers.Dense(1, activation="sigmoid")],
     "flatten, activation layer": lambda: [keras.layers.Flatten(), keras.layers.Dense(6),
                                           keras.layers.Activation("relu"), keras.layers.Dense(1, activation="sigmoid")],
+    # Variants the contract serves explicitly: the logit is the one-unit Dense's pre-activation.
+    "dense(1) then Activation(sigmoid)": lambda: [keras.layers.GlobalAveragePooling2D(),
+                                                  keras.layers.Dense(6, activation="relu"), keras.layers.Dense(1),
+                                                  keras.layers.Activation("sigmoid")],
+    "no bias": lambda: [keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(6, activation="relu"),
+                        keras.layers.Dense(1, activation="sigmoid", use_bias=False)],
 }
 
 
@@ -49,6 +56,37 @@ def test_forward_gradcam_matches_gradient_tape(head: str) -> None:
     assert cam.shape == ref_cam.shape == (4, 8, 8)
     assert ref_cam.max() > 0
     np.testing.assert_allclose(cam.numpy(), ref_cam, atol=1e-5 * ref_cam.max())
+
+
+@pytest.mark.parametrize("head", ["dense(1) then Activation(sigmoid)", "no bias"])
+def test_head_variants_give_the_logit_and_the_channel_weights(head: str) -> None:
+    keras.utils.set_random_seed(2)
+    model = small_backbone(HEADS[head]())
+    images = np.random.default_rng(3).random((3, 32, 32, 1), dtype=np.float32)
+    parts = tf.function(gradcam_parts(model, "features"))(tf.constant(images))
+    ref = gradcam_tape_parts(model, "features", images)
+    np.testing.assert_allclose(tf.sigmoid(parts["logit"]).numpy(), model.predict(images, verbose=0), atol=1e-6)
+    for key in ("logit", "alpha", "gradcam_raw"):
+        np.testing.assert_allclose(parts[key].numpy(), ref[key], atol=1e-5 * np.abs(ref[key]).max(), err_msg=key)
+
+
+REFUSED_HEADS = {
+    "linear output (a logit served as a probability)": lambda: [keras.layers.Dense(1, name="out")],
+    "two sigmoid units": lambda: [keras.layers.Dense(2, activation="sigmoid", name="out")],
+    "relu output": lambda: [keras.layers.Dense(1, activation="relu", name="out")],
+    "sigmoid after a non-linear dense": lambda: [keras.layers.Dense(1, activation="tanh"),
+                                                 keras.layers.Activation("sigmoid", name="out")],
+    "softmax activation layer": lambda: [keras.layers.Dense(1), keras.layers.Activation("softmax", name="out")],
+}
+
+
+@pytest.mark.parametrize("head", REFUSED_HEADS)
+def test_head_shapes_the_contract_cannot_serve_are_refused(head: str) -> None:
+    model = small_backbone([keras.layers.GlobalAveragePooling2D(), *REFUSED_HEADS[head]()])
+    with pytest.raises(ExportError, match=r"must end in Dense\(1, activation='sigmoid'\).*Received: .*'out'"):
+        gradcam_forward(model, "features")
+    with pytest.raises(ExportError, match="must end in"):
+        gradcam_tape(model, "features", np.zeros((1, 32, 32, 1), np.float32))
 
 
 def test_unsupported_head_layer_is_named() -> None:
@@ -80,3 +118,43 @@ def test_weights_from_a_local_file_are_loaded(tmp_path) -> None:  # type: ignore
     source.save_weights(path)
     model = build_model(ModelSection(image_size=64, weights=str(path)))
     np.testing.assert_array_equal(model.get_layer("conv1_conv").kernel.numpy(), kernel.numpy())
+
+
+def test_batchnorm_mode_defaults_by_weights_and_frozen_layers_keep_their_statistics() -> None:
+    assert resolved_bn(ModelSection(weights="none")) == "train"
+    assert resolved_bn(ModelSection(weights="imagenet")) == "frozen"
+    assert resolved_bn(ModelSection(weights="none", bn="frozen")) == "frozen"
+    trained = build_model(ModelSection(image_size=32, weights="none"))
+    assert all(layer.trainable for layer in trained.layers if isinstance(layer, keras.layers.BatchNormalization))
+    model = build_model(ModelSection(image_size=32, weights="none", bn="frozen"))
+    bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert bns and not any(layer.trainable for layer in bns)
+    before = bns[0].moving_mean.numpy().copy()
+    model.compile(optimizer="adam", loss="binary_crossentropy")
+    x = np.random.default_rng(0).random((4, 32, 32, 1), dtype=np.float32)
+    model.train_on_batch(x, np.array([[0], [1], [0], [1]], np.float32))
+    np.testing.assert_array_equal(bns[0].moving_mean.numpy(), before)
+    trained.compile(optimizer="adam", loss="binary_crossentropy")
+    first = [layer for layer in trained.layers if isinstance(layer, keras.layers.BatchNormalization)][0]
+    trained.train_on_batch(x, np.array([[0], [1], [0], [1]], np.float32))
+    assert not np.array_equal(first.moving_mean.numpy(), before)
+
+
+def test_head_warmup_trains_only_the_head_then_unfreezes_the_backbone() -> None:
+    from trainer.config import TrainConfig
+    from trainer.fit import warm_up_head
+
+    keras.utils.set_random_seed(4)
+    model = small_backbone(HEADS["paper"]())
+    cfg = TrainConfig.model_validate({"model": {"feature_layer": "features", "image_size": 32},
+                                      "train": {"head_warmup_epochs": 2, "learning_rate": 0.01}})
+    x = np.random.default_rng(0).random((8, 32, 32, 1), dtype=np.float32)
+    ds = tf.data.Dataset.from_tensor_slices((x, np.arange(8, dtype=np.float32)[:, None] % 2)).batch(4)
+    conv = model.get_layer("features").kernel.numpy().copy()
+    head = model.layers[-1].kernel.numpy().copy()
+    warm_up_head(model, cfg, ds, ds)
+    np.testing.assert_array_equal(model.get_layer("features").kernel.numpy(), conv)
+    assert not np.array_equal(model.layers[-1].kernel.numpy(), head)
+    assert all(layer.trainable for layer in model.layers)
+    model.fit(ds, epochs=1, verbose=0)  # recompiled: the backbone trains again
+    assert not np.array_equal(model.get_layer("features").kernel.numpy(), conv)
