@@ -38,7 +38,7 @@ def test_loading_a_model_leaves_onnx_runtime_logging_on(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", PROBE_THEN_LOAD, str(tmp_path / "tiny.onnx")],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
-    assert "refused:" in out.stdout and "expected input" in out.stdout
+    assert "refused:" in out.stdout and "tiny.onnx" in out.stdout  # one line naming the model
     # Once per session: the worker's own load is quiet, the later session is heard.
     assert out.stderr.count("Removing initializer 'unused'") == 1, out.stderr
     # onnxruntime-gpu without CUDA libraries logs a failed CUDA load during the probe: hidden.
