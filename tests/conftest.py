@@ -31,7 +31,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def onnx_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 64-px ResNet-50 trained for one epoch on phantoms, exported and verified by
+    """A 64-px ResNet-50 trained for one epoch on 60 phantoms, exported and verified by
     ``cxr-train export`` (contract version 2: ``logit`` and ``ood_score`` too): the
     worker's tests need a model that follows the contract, not a good one, so a failed
     saliency sanity check is recorded, not refused. ``CXR_TEST_MODEL`` may name one
@@ -45,7 +45,10 @@ def onnx_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from trainer.phantoms import write_phantoms
 
     base = tmp_path_factory.mktemp("model")
-    write_phantoms(base / "data", 24, size=64, seed=11)
+    # 128-px phantoms, as the tests send them, and enough of them (42 in training) for the
+    # out-of-distribution gate's density to pass phantoms it has not seen: with 16 at 64 px
+    # the gate held every unseen phantom out (1 epoch still; the model need not be good).
+    write_phantoms(base / "data", 60, size=128, seed=11)
     cfg = load_config(None, {"model": {"image_size": 64, "weights": "none"},
                              "train": {"epochs": 1, "batch_size": 8},
                              "evaluate": {"bootstrap": 10}})

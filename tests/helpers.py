@@ -270,3 +270,8 @@ def log_records(worker: Any) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return out
+
+
+def logged(worker: Any, message: str) -> list[dict[str, Any]]:
+    """A live worker's JSON log records whose message starts with ``message``."""
+    return [r for r in log_records(worker) if isinstance(r, dict) and str(r.get("message", "")).startswith(message)]

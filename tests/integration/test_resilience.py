@@ -3,7 +3,6 @@ results are being exported to a slow PACS."""
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 from pathlib import Path
@@ -11,7 +10,16 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import Storescp, connections_to, free_port, phantom_file, read_all, require_tool, wait_for
+from tests.helpers import (
+    Storescp,
+    connections_to,
+    free_port,
+    logged,
+    phantom_file,
+    read_all,
+    require_tool,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -19,16 +27,6 @@ pytestmark = pytest.mark.integration
 def storescu_cmd(port: int, files: list[Path]) -> list[str]:
     return [require_tool("/usr/bin/storescu"), "-aet", "HOSPITAL", "-aec", "CXR-GRADCAM", "127.0.0.1", str(port),
             *map(str, files)]
-
-
-def logged(worker: Any, message: str) -> list[dict[str, Any]]:
-    out = []
-    for line in worker.log_lines():
-        if line.startswith("{"):
-            record = json.loads(line)
-            if record.get("message", "").startswith(message):
-                out.append(record)
-    return out
 
 
 def test_spool_below_reserve_answers_out_of_resources(make_worker: Any, pacs: Any, tmp_path: Path) -> None:

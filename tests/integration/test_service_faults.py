@@ -19,7 +19,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from tests.helpers import free_port, require_tool, wait_for
+from tests.helpers import free_port, logged, storescu, wait_for
 from trainer.dicom_phantoms import cr_dataset
 from trainer.phantoms import make_phantom
 from worker.batch import BatchHandler
@@ -40,21 +40,6 @@ def phantom(path: Path, seed: int, size: int = 128) -> pydicom.Dataset:
     ds = cr_dataset(image)
     ds.save_as(path, enforce_file_format=True)
     return ds
-
-
-def storescu(port: int, files: list[Path]) -> None:
-    subprocess.run([require_tool("/usr/bin/storescu"), "-aet", "HOSPITAL", "-aec", "CXR-GRADCAM", "127.0.0.1",
-                    str(port), *map(str, files)], check=True, capture_output=True, timeout=120)
-
-
-def records(worker: Any, message: str) -> list[dict[str, Any]]:
-    out = []
-    for line in worker.log_lines():
-        if line.startswith("{"):
-            record = json.loads(line)
-            if record.get("message", "").startswith(message):
-                out.append(record)
-    return out
 
 
 def referenced(files: list[Path]) -> set[str]:
@@ -105,7 +90,7 @@ def test_an_instance_the_worker_dies_on_is_quarantined_after_three_crashes(make_
              "the instances batched with it answered")
     assert str(poison.SOPInstanceUID) not in referenced(pacs.files())
     assert not any((worker.spool / "queue").iterdir()) and not any((worker.spool / "work").iterdir())
-    assert records(worker, "quarantined")
+    assert logged(worker, "quarantined")
     assert worker.stop() == 0
 
 
@@ -214,8 +199,8 @@ def test_full_disk_while_writing_outputs_backs_off_and_resumes(make_worker: Any,
         queue.accept(small_spool / "incoming" / f"d{i}")  # acknowledged before the disk filled up
     filler = fill_disk(small_spool)
     worker = make_worker(dest, port=worker.port)
-    wait_for(lambda: len(records(worker, "processing paused")) >= 3, 60, "the worker to back off three times")
-    paused = records(worker, "processing paused")
+    wait_for(lambda: len(logged(worker, "processing paused")) >= 3, 60, "the worker to back off three times")
+    paused = logged(worker, "processing paused")
     assert "below reserve" in paused[0]["message"]
     assert not partial_files(small_spool), partial_files(small_spool)
     assert not any((small_spool / "quarantine").iterdir())  # good input is never quarantined

@@ -253,7 +253,8 @@ def test_serve_withholds_out_of_distribution_inputs_and_answers_phantoms(
     assert noise_log[0]["decision"] == "withheld" and noise_log[0]["gate"] == GATE_OOD_SCORE
     audit = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     gated = [a for a in audit if a["EventIdentification"]["EventID"]["code"] == "110103"]
-    assert {a["ParticipantObjectIdentification"][0]["SOPInstanceUID"] for a in gated} >= {
+    described = [a["ParticipantObjectIdentification"][0]["ParticipantObjectDescription"] for a in gated]
+    assert {d["SOPClass"][0]["Instance"][0]["UID"] for d in described} >= {
         files["noise"].SOPInstanceUID, files["constant"].SOPInstanceUID}
     assert all("answer withheld" in a["EventIdentification"]["EventOutcomeDescription"] for a in gated)
     assert worker.stop() == 0
