@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 #: Bumped whenever a name, a shape or the meaning of a metadata key changes.
 CONTRACT_VERSION = 2
@@ -85,13 +85,11 @@ class ModelInfo:
     threshold: float
     weights_sha256: str
     contract_version: int = 1
-    labels: tuple[str, ...] = LABELS
     intended_use: str = ""
     #: None for a version 1 model: it has no out-of-distribution gate.
     ood_threshold: float | None = None
     #: None for a version 1 model: its heatmaps are scaled per image.
     heatmap_scale: float | None = None
-    extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def has_ood_gate(self) -> bool:
@@ -129,8 +127,8 @@ class ModelInfo:
             labels = tuple(json.loads(meta[Meta.LABELS])) if Meta.LABELS in meta else LABELS
         except ValueError:
             raise ContractError(f"{source}: {Meta.LABELS} is not a JSON list") from None
-        known = set(REQUIRED_METADATA) | {Meta.CONTRACT_VERSION, Meta.LABELS, Meta.INTENDED_USE,
-                                          Meta.OOD_THRESHOLD, Meta.HEATMAP_SCALE}
+        if labels != LABELS:  # the worker reports the second label's probability
+            raise ContractError(f"{source}: labels {list(labels)} are not {list(LABELS)}")
         return cls(
             name=meta[Meta.NAME],
             version=meta[Meta.VERSION],
@@ -138,11 +136,9 @@ class ModelInfo:
             threshold=threshold,
             weights_sha256=meta[Meta.WEIGHTS_SHA256],
             contract_version=contract,
-            labels=labels,
             intended_use=meta.get(Meta.INTENDED_USE, ""),
             ood_threshold=ood,
             heatmap_scale=scale,
-            extra={k: v for k, v in meta.items() if k not in known},
         )
 
 
