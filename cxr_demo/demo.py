@@ -45,7 +45,9 @@ def build_demo_model(work: Path, console: Any) -> Path:
     console.rule(f"Building the {DEMO_LABEL} (a few minutes on a CPU)")
     data, run = work / "phantoms", work / "run"
     if not (data / "test.csv").is_file():
-        write_phantoms(data, 400, size=128, seed=4)
+        # At the size the demo studies have (512 px): the trainer brings them to the model size
+        # as the worker does, so unseen phantoms look like the training ones to the OOD gate.
+        write_phantoms(data, 400, size=512, seed=4)
     if not (run / "model.keras").is_file():
         fit(data, run, load_config("demo-train"), verbose=1)
     if not (run / "metrics.json").is_file():

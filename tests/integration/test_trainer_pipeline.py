@@ -183,7 +183,8 @@ def test_failed_verification_writes_no_model(tmp_path: Path, monkeypatch: pytest
     # The gate export fits; the graph converted once and verified several times.
     gate = export_module.fit_gate(export_module.pooled_features(keras_model, "conv5_block3_out", train, 64),
                                   np.array([r.label for r in train]))
-    proto = export_module.to_onnx(keras_model, "conv5_block3_out", 64, gate)
+    real_to_onnx = export_module.to_onnx
+    proto = real_to_onnx(keras_model, "conv5_block3_out", 64, gate)
     monkeypatch.setattr(export_module, "to_onnx", lambda *a: proto)
 
     def off_by(key: str, delta: float):  # type: ignore[no-untyped-def]
@@ -200,10 +201,23 @@ def test_failed_verification_writes_no_model(tmp_path: Path, monkeypatch: pytest
         assert not (tmp_path / "m.onnx").exists()
         assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob("r/*.tmp"))
 
-    for key, delta in (("probability", 1e-2), ("alpha", 1e-3), ("gradcam_raw", 1e-3)):
+    for key, delta in (("logit", 1e-2), ("alpha", 1e-3), ("gradcam_raw", 1e-3)):
         monkeypatch.setattr(export_module, "gradcam_tape_parts", off_by(key, delta))
         refused(f"does not match TensorFlow: .*{key}")
     monkeypatch.setattr(export_module, "gradcam_tape_parts", real_parts)
+
+    # A calibrated graph (T != 1) verifies against sigmoid(z / T), not the Keras output sigmoid(z):
+    # the demo's T = 0.79 was refused with a probability error of 3e-2 before this was so.
+    metrics_path = tmp_path / "r" / "metrics.json"
+    metrics_path.write_text(json.dumps({"threshold": 0.5, "calibration": {
+        "method": "temperature", "temperature": 0.6, "fitted_on": "val"}}))
+    calibrated = real_to_onnx(keras_model, "conv5_block3_out", 64, gate, 0.6)
+    monkeypatch.setattr(export_module, "to_onnx", lambda *a: calibrated)
+    export_module.export(tmp_path / "r", tmp_path / "m.onnx", allow_insensitive_saliency=True)
+    assert (tmp_path / "m.onnx").is_file()
+    (tmp_path / "m.onnx").unlink()
+    metrics_path.unlink()
+    monkeypatch.setattr(export_module, "to_onnx", lambda *a: proto)
 
     # The graph verifies; a sanity-check limit no map can meet refuses it, the flag writes
     # it, and the result is in metrics.json and the metadata either way.
