@@ -6,8 +6,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-SYSTEM_PACKAGES := dcmtk orthanc dicom3tools openssl systemd
-SYSTEM_TOOLS := /usr/bin/storescu /usr/bin/storescp /usr/bin/dciodvfy /usr/sbin/Orthanc /usr/bin/openssl /usr/bin/systemd-analyze
+SYSTEM_PACKAGES := dcmtk orthanc orthanc-dicomweb dicom3tools openssl systemd chromium chromium-driver postgresql
+SYSTEM_TOOLS := /usr/bin/storescu /usr/bin/storescp /usr/bin/dciodvfy /usr/sbin/Orthanc /usr/share/orthanc/plugins/libOrthancDicomWeb.so /usr/bin/openssl /usr/bin/systemd-analyze /usr/bin/chromium /usr/bin/chromedriver /usr/bin/pg_ctlcluster
 
 .PHONY: demo test test-unit install-train install-dev system-deps lint clean
 
@@ -27,7 +27,7 @@ $(VENV)/.dev-installed: pyproject.toml | $(PY)
 
 # As root, install the Debian packages the tests and the demo use; otherwise say exactly what to run.
 system-deps:
-	@missing=""; for t in $(SYSTEM_TOOLS); do [ -x $$t ] || missing="$$missing $$t"; done; \
+	@missing=""; for t in $(SYSTEM_TOOLS); do [ -e $$t ] || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing $(SYSTEM_PACKAGES) (missing:$$missing)"; \
