@@ -7,15 +7,27 @@ are refused at start-up with the key, the value and the reason.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
 from contextvars import ContextVar
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -27,6 +39,7 @@ from pydantic_settings import (
 from worker.errors import ConfigError
 
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE: 16 chars, no backslash
+_URL_RE = re.compile(r"^\s*https?://", re.IGNORECASE)
 _DEST_RE = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:@\s]+):(?P<port>\d{1,5})$")
 
 
@@ -59,6 +72,97 @@ class Destination(_Section):
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class DicomWebDestination(_Section):
+    """A DICOMweb destination: STOW-RS to ``url`` (the service's base URL, e.g.
+    ``https://pacs.example.org/dicom-web``), with credentials read from a file or an
+    environment variable, never from the configuration itself."""
+
+    url: str
+    auth: Literal["none", "basic", "bearer"] = "none"
+    credentials_file: Path | None = Field(None, description="basic: one line USER:PASSWORD; bearer: the token")
+    credentials_env: str | None = Field(None, description="the environment variable that holds them instead")
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"DICOMweb destination must be http(s)://HOST[:PORT]/PATH, received {redact(value)!r}")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError(f"DICOMweb destination {redact(value)!r}: credentials in the URL are refused; "
+                             "use credentials_file or credentials_env")
+        if parts.query or parts.fragment:
+            raise ValueError(f"DICOMweb destination {value!r}: a base URL has no query or fragment")
+        try:
+            parts.port  # noqa: B018 (raises on a port out of range)
+        except ValueError:
+            raise ValueError(f"DICOMweb destination {value!r}: port out of range") from None
+        return value.strip().rstrip("/")
+
+    @model_validator(mode="after")
+    def _check_credentials(self) -> DicomWebDestination:
+        sources = [s for s in (self.credentials_file, self.credentials_env) if s is not None]
+        if self.auth == "none":
+            if sources:
+                raise ValueError(f"{self.url}: credentials given but auth = 'none'; set auth = 'basic' or 'bearer'")
+            return self
+        if len(sources) != 1:
+            raise ValueError(f"{self.url}: auth = {self.auth!r} needs exactly one of credentials_file, "
+                             "credentials_env")
+        self.secret()  # refuse at start-up what every request would fail with
+        return self
+
+    def secret(self) -> str:
+        """The credentials, read now (so that a rotated file or token is picked up).
+
+        Raises:
+            ValueError: missing, empty or malformed; the message never quotes the secret.
+        """
+        if self.credentials_file is not None:
+            try:
+                text = Path(self.credentials_file).read_text().strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(f"{self.url}: credentials_file {self.credentials_file}: "
+                                 f"{type(exc).__name__}") from None
+            where = f"credentials_file {self.credentials_file}"
+        else:
+            text = os.environ.get(str(self.credentials_env), "").strip()
+            where = f"credentials_env {self.credentials_env}"
+        if not text:
+            raise ValueError(f"{self.url}: {where} is empty or not set")
+        if self.auth == "basic" and (":" not in text or "\n" in text):
+            raise ValueError(f"{self.url}: {where} must hold one line USER:PASSWORD for auth = 'basic'")
+        if self.auth == "bearer" and any(c.isspace() for c in text):
+            raise ValueError(f"{self.url}: {where} must hold one token without spaces for auth = 'bearer'")
+        return text
+
+    @property
+    def host(self) -> str:
+        return str(urlsplit(self.url).hostname)
+
+    @property
+    def loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def __str__(self) -> str:
+        return self.url
+
+
+def redact(text: str) -> str:
+    """``text`` with the USER:PASSWORD of any URL in it replaced, for error messages."""
+    return re.sub(r"(https?://)[^/@\s]*@", r"\1***@", str(text))
+
+
+def parse_destination(text: str) -> Destination | DicomWebDestination:
+    """``AET@HOST:PORT`` (C-STORE) or ``http(s)://HOST[:PORT]/PATH`` (DICOMweb STOW-RS, no credentials)."""
+    return DicomWebDestination(url=text) if _URL_RE.match(text) else Destination.parse(text)
 
 
 class DicomSection(_Section):
@@ -129,8 +233,22 @@ class OutputSection(_Section):
     uid_prefix: str | None = Field(None, pattern=r"^[0-9]+(\.[0-9]+)*\.$", max_length=40)
 
 
+def _destination_kind(value: Any) -> str:
+    if isinstance(value, DicomWebDestination) or (isinstance(value, dict) and "url" in value):
+        return "dicomweb"
+    return "dimse"
+
+
+#: A C-STORE or a DICOMweb destination; an error names the kind it was read as.
+AnyDestination = Annotated[Annotated[Destination, Tag("dimse")] | Annotated[DicomWebDestination, Tag("dicomweb")],
+                           Discriminator(_destination_kind)]
+
+
 class SendSection(_Section):
-    destinations: list[Destination] = []
+    # Before destinations: their validator reads it.
+    allow_http: bool = Field(False, description="allow http:// DICOMweb destinations on hosts other than "
+                             "loopback (credentials and results then cross the network in clear text)")
+    destinations: list[AnyDestination] = []
     retry_initial_s: float = Field(10.0, gt=0)
     retry_max_interval_s: float = Field(1800.0, gt=0)
     retry_horizon_h: float = Field(24.0, gt=0, description="give up (dead letter) after this long")
@@ -143,7 +261,20 @@ class SendSection(_Section):
     def _parse_destinations(cls, value: Any) -> Any:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]
-        return [Destination.parse(v) if isinstance(v, str) else v for v in value]
+        # A URL becomes a table here so that pydantic reports its errors with their place.
+        return [({"url": v} if _URL_RE.match(v) else Destination.parse(v)) if isinstance(v, str) else v
+                for v in value]
+
+    @field_validator("destinations")
+    @classmethod
+    def _check_http(cls, value: list[Destination | DicomWebDestination], info: ValidationInfo
+                    ) -> list[Destination | DicomWebDestination]:
+        for dest in value:
+            if isinstance(dest, DicomWebDestination) and dest.url.lower().startswith("http://") \
+                    and not dest.loopback and not info.data.get("allow_http", False):
+                raise ValueError(f"{dest.url}: http:// is allowed only for loopback (results and credentials "
+                                 "would cross the network in clear text); use https:// or set send.allow_http = true")
+        return value
 
 
 class SecuritySection(_Section):
@@ -289,8 +420,9 @@ def get_settings(path: Path | None = None, flags: dict[str, dict[str, Any]] | No
         section, key = ([str(p) for p in err["loc"]] + ["", ""])[:2]
         source = (f"environment {env}" if env in {k.upper() for k in os.environ}
                   else "flags" if key in given.get(section, {}) else path or "settings")
-        raise ConfigError(
+        # redact(): a URL with USER:PASSWORD in it is refused, and must not be echoed.
+        raise ConfigError(redact(
             f"{source}: {where}: {err['msg']} (received {err.get('input')!r}; environment {env})"
-        ) from None
+        )) from None
     finally:
         _toml_file.reset(token)

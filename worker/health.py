@@ -4,7 +4,8 @@ Readiness (``/readyz``) says whether *this* worker can accept and process studie
 model answered, the spool is writable and above its reserve, every thread is running.
 It does no network I/O, so it answers well within a probe's 1 s. Whether a PACS answers
 is not readiness (the outbox keeps results until it is back): a background thread
-C-ECHOes each destination and reports it in ``cxr_destination_up`` and ``/healthz``.
+C-ECHOes each destination (QIDO-RS for DICOMweb) and reports it in ``cxr_destination_up``
+and ``/healthz``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from worker.config import Destination
+from worker.config import Destination, DicomWebDestination, SecuritySection, SendSection
+from worker.dicomweb import StowClient
 from worker.metrics import Metrics
 from worker.send import echo
 from worker.spool import Spool
@@ -42,11 +44,17 @@ def readiness(spool: Spool, room_for_a_data_set: bool, model_answered: bool, thr
 
 
 class DestinationMonitor:
-    """C-ECHO every destination every ``interval_s`` in a thread of its own."""
+    """Check every destination every ``interval_s`` in a thread of its own: C-ECHO, or for a
+    DICOMweb destination one QIDO-RS ``/studies?limit=1`` (it proves the server answers and
+    takes our credentials, and costs the server one small query)."""
 
-    def __init__(self, destinations: list[Destination], calling_ae: str, metrics: Metrics, interval_s: float,
-                 tls: ssl.SSLContext | None = None, timeout_s: float = 5.0) -> None:
+    def __init__(self, destinations: list[Destination | DicomWebDestination], calling_ae: str, metrics: Metrics,
+                 interval_s: float, tls: ssl.SSLContext | None = None, timeout_s: float = 5.0,
+                 security: SecuritySection | None = None) -> None:
         self.destinations = destinations
+        web = SendSection(acse_timeout=timeout_s, dimse_timeout=timeout_s)
+        self.web = {str(d): StowClient(d, web, security or SecuritySection()) for d in destinations
+                    if isinstance(d, DicomWebDestination)}
         self.calling_ae = calling_ae
         self.metrics = metrics
         self.interval_s = max(interval_s, 1.0)
@@ -66,7 +74,11 @@ class DestinationMonitor:
         for dest in self.destinations:
             name = str(dest)
             try:
-                up, error = echo(dest, self.calling_ae, timeout=self.timeout_s, tls=self.tls) == 0, ""
+                if isinstance(dest, DicomWebDestination):
+                    self.web[name].check()
+                    up, error = True, ""
+                else:
+                    up, error = echo(dest, self.calling_ae, timeout=self.timeout_s, tls=self.tls) == 0, ""
             except Exception as exc:  # unreachable, refused, TLS failure: all mean "down"
                 up, error = False, f"{type(exc).__name__}: {exc}"
             was = self.status.get(name, {}).get("up")
@@ -77,7 +89,7 @@ class DestinationMonitor:
             self.metrics.destination_up.labels(name).set(1 if up else 0)
 
     def detail(self) -> dict[str, Any]:
-        """For ``/healthz``: each destination's last C-ECHO."""
+        """For ``/healthz``: each destination's last check."""
         return {"destinations": dict(self.status)}
 
     def _run(self) -> None:

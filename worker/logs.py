@@ -74,6 +74,7 @@ def configure(level: str = "INFO", fmt: str = "json") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("dicomweb_client").setLevel(logging.WARNING)  # an INFO line per request
     logging.getLogger("highdicom").setLevel(logging.WARNING)
     logging.captureWarnings(True)
     warnings_logger = logging.getLogger("py.warnings")

@@ -29,7 +29,7 @@ class Metrics:
         self.duplicates = Counter("cxr_instances_duplicate", "Instances already processed", registry=r)
         self.sent = Counter("cxr_objects_sent", "Result objects delivered", ["destination"], registry=r)
         self.send_failures = Counter("cxr_send_failures", "Failed delivery attempts", ["destination"], registry=r)
-        self.dead_letters = Counter("cxr_dead_letters", "Result objects given up on", registry=r)
+        self.dead_letters = Counter("cxr_dead_letters", "Result objects given up on", ["destination"], registry=r)
         self.refused = Counter("cxr_c_store_refused", "C-STORE answered with a failure status", ["status"],
                                registry=r)
         self.rejected = Counter("cxr_associations_rejected", "Associations refused", ["reason"], registry=r)
@@ -44,7 +44,8 @@ class Metrics:
                                              ["stage"], registry=r)
         self.poisoned = Counter("cxr_instances_poisoned", "Instances quarantined after the worker died on them",
                                 registry=r)
-        self.destination_up = Gauge("cxr_destination_up", "1 when the destination answered the last C-ECHO",
+        self.destination_up = Gauge("cxr_destination_up", "1 when the destination answered its last check "
+                                    "(C-ECHO, or QIDO-RS for DICOMweb)",
                                     ["destination"], registry=r)
         self.processing_paused = Gauge("cxr_processing_paused", "1 while processing backs off after an "
                                        "infrastructure fault", registry=r)

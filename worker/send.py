@@ -1,4 +1,4 @@
-"""Send: C-STORE SCU from a persistent outbox, with exponential backoff.
+"""Send: C-STORE SCU, or STOW-RS (:mod:`worker.dicomweb`), from a persistent outbox, with exponential backoff.
 
 Each result is a ``.dcm`` file in ``outbox/<destination key>/`` beside a ``.json``
 state (destination, attempts, first and next attempt). Transient failures (no
@@ -33,7 +33,8 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from worker.audit import AuditTrail
 from worker.codes import REJECTED_PERMANENT, AuditOutcome, is_permanent, stored
-from worker.config import Destination, SendSection
+from worker.config import Destination, DicomWebDestination, SecuritySection, SendSection
+from worker.dicomweb import StowClient
 from worker.errors import SendError
 from worker.metrics import Metrics
 from worker.spool import Spool, fsync, key
@@ -60,7 +61,7 @@ class OutboxState:
         return cls(**{k: v for k, v in raw.items() if k in known})
 
 
-def destination_key(dest: Destination) -> str:
+def destination_key(dest: Destination | DicomWebDestination) -> str:
     return key(str(dest))
 
 
@@ -152,7 +153,8 @@ class Outbox:
     """Results waiting to be delivered, one folder per destination, indexed in memory."""
 
     def __init__(self, spool: Spool, settings: SendSection, calling_ae: str, *, tls: ssl.SSLContext | None = None,
-                 metrics: Metrics | None = None, audit: AuditTrail | None = None) -> None:
+                 metrics: Metrics | None = None, audit: AuditTrail | None = None,
+                 security: SecuritySection | None = None) -> None:
         self.spool = spool
         self.settings = settings
         self.calling_ae = calling_ae
@@ -160,6 +162,8 @@ class Outbox:
         self.metrics = metrics or Metrics()
         self.audit = audit
         self.destinations = {destination_key(d): d for d in settings.destinations}
+        self._web = {k: StowClient(d, settings, security or SecuritySection()) for k, d in self.destinations.items()
+                     if isinstance(d, DicomWebDestination)}
         self._lock = threading.Lock()
         self._states: dict[str, dict[str, OutboxState]] = {k: {} for k in self.destinations}
         self._due: dict[str, list[tuple[float, int, str]]] = {k: [] for k in self.destinations}
@@ -284,7 +288,7 @@ class Outbox:
         path.with_suffix(".json").unlink(missing_ok=True)
         with self._lock:
             self._states[dkey].pop(path.stem, None)
-        self.metrics.dead_letters.inc()
+        self.metrics.dead_letters.labels(state.destination).inc()
         logger.error("dead letter: %s", why, extra={"sop_instance_uid": state.sop_instance_uid,
                                                      "destination": state.destination})
 
@@ -294,32 +298,64 @@ class Outbox:
                 heapq.heappush(self._due[dkey], (state.next_attempt, next(self._seq), path.stem))
 
     def send_due(self, now: float | None = None, batch: int = 32) -> int:
-        """Try every due item once (up to ``batch`` per destination); returns how many were delivered."""
+        """Try every due item once (up to ``batch`` per destination); returns how many were delivered.
+
+        Destinations are served side by side, one thread each, so that one that stalls until
+        its timeout does not hold up the others.
+        """
         now = time.time() if now is None else now
-        delivered = 0
-        for dkey, items in self.due(now, batch).items():
-            dest = self.destinations[dkey]
-            started = time.perf_counter()
+        due = self.due(now, batch)
+        if len(due) <= 1:
+            return sum(self._send_to(dkey, items, now) for dkey, items in due.items())
+        counts: dict[str, int] = {}
+
+        def run(dkey: str, items: list[tuple[Path, OutboxState]]) -> None:
             try:
-                results = store(dest, [p for p, _ in items], self.settings, self.calling_ae, self.tls)
-            except Exception as exc:  # unreadable file, socket error: retry later
-                results = [SendError(f"{dest}: {type(exc).__name__}: {exc}")] * len(items)
-            for (path, state), err in zip(items, results, strict=True):
-                if err is not None and not err.attempted:
-                    self._reschedule(dkey, path, state)  # still due: the next round tries it
-                    continue
-                self._audit(state, str(dest), err)
-                try:
-                    if err is None:
-                        self._delivered(dkey, path, state)
-                        delivered += 1
-                    else:
-                        self._failed(dkey, path, state, err, now)
-                except OSError as exc:  # a full or failing disk: keep the item scheduled, retry later
-                    logger.error("outbox not writable: %s", type(exc).__name__,
-                                 extra={"sop_instance_uid": state.sop_instance_uid})
-                    self._reschedule(dkey, path, state)
-            self.metrics.stage_seconds.labels("send").observe((time.perf_counter() - started) / max(1, len(items)))
+                counts[dkey] = self._send_to(dkey, items, now)
+            except Exception:  # a bug: the service's loop logs it; here it must not end the others
+                logger.exception("internal error sending to a destination",
+                                 extra={"destination": str(self.destinations[dkey])})
+                self.metrics.internal_errors.labels("send").inc()
+
+        threads = [threading.Thread(target=run, args=item, name="send-destination", daemon=True)
+                   for item in due.items()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return sum(counts.values())
+
+    def _store(self, dkey: str, paths: list[Path]) -> list[SendError | None]:
+        dest = self.destinations[dkey]
+        if isinstance(dest, DicomWebDestination):
+            return self._web[dkey].store(paths)
+        return store(dest, paths, self.settings, self.calling_ae, self.tls)
+
+    def _send_to(self, dkey: str, items: list[tuple[Path, OutboxState]], now: float) -> int:
+        """One destination's share of a round; returns how many were delivered."""
+        dest = self.destinations[dkey]
+        delivered = 0
+        started = time.perf_counter()
+        try:
+            results = self._store(dkey, [p for p, _ in items])
+        except Exception as exc:  # unreadable file, socket error: retry later
+            results = [SendError(f"{dest}: {type(exc).__name__}: {exc}")] * len(items)
+        for (path, state), err in zip(items, results, strict=True):
+            if err is not None and not err.attempted:
+                self._reschedule(dkey, path, state)  # still due: the next round tries it
+                continue
+            self._audit(state, str(dest), err)
+            try:
+                if err is None:
+                    self._delivered(dkey, path, state)
+                    delivered += 1
+                else:
+                    self._failed(dkey, path, state, err, now)
+            except OSError as exc:  # a full or failing disk: keep the item scheduled, retry later
+                logger.error("outbox not writable: %s", type(exc).__name__,
+                             extra={"sop_instance_uid": state.sop_instance_uid})
+                self._reschedule(dkey, path, state)
+        self.metrics.stage_seconds.labels("send").observe((time.perf_counter() - started) / max(1, len(items)))
         return delivered
 
     def _delivered(self, dkey: str, path: Path, state: OutboxState) -> None:

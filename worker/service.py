@@ -52,7 +52,7 @@ class Service:
         self.audit = AuditTrail(settings.audit.path, settings.dicom.ae_title)
         tls = client_context(settings.security) if settings.security.send_tls else None
         self.outbox = Outbox(self.spool, settings.send, settings.dicom.ae_title, tls=tls,
-                             metrics=self.metrics, audit=self.audit)
+                             metrics=self.metrics, audit=self.audit, security=settings.security)
         self.wake = threading.Event()
         self.wake_sender = threading.Event()
         self.stopping = threading.Event()
@@ -62,7 +62,7 @@ class Service:
                                     audit=self.audit)
         self.receiver = Receiver(settings, self.spool, self.wake.set, self.metrics, self.audit)
         self.monitor = DestinationMonitor(settings.send.destinations, settings.dicom.ae_title, self.metrics,
-                                          settings.metrics.echo_cache_s, tls=tls)
+                                          settings.metrics.echo_cache_s, tls=tls, security=settings.security)
         self.threads: list[threading.Thread] = []
         self.health: HealthServer | None = None
 

@@ -165,7 +165,7 @@ def test_permanent_association_rejection_goes_to_dead_letter(tmp_path: Path) -> 
         assert outbox.depth() == 0
         [dead] = list(outbox.spool.dead.glob("*.json"))
         assert "rejected (permanent)" in json.loads(dead.read_text())["last_error"]
-        assert outbox.metrics.dead_letters._value.get() == 1
+        assert outbox.metrics.dead_letters.labels(f"PACS@127.0.0.1:{port}")._value.get() == 1
     finally:
         server.shutdown()
 
