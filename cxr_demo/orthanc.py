@@ -7,6 +7,7 @@ worker with a Lua ``OnStableStudy`` hook (``/modalities/worker/store``).
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import socket
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 ORTHANC = "/usr/sbin/Orthanc"
+#: Debian's orthanc-dicomweb: QIDO-RS, WADO-RS and STOW-RS under ``DicomWeb.Root``.
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
 #: The Lua routing hook, shared with deploy/docker-compose.yml.
 ROUTE_LUA = (Path(__file__).parent / "route.lua").read_text()
@@ -44,11 +47,27 @@ class OrthancPACS:
     dicom_port: int = field(default_factory=_free_port)
     http_port: int = field(default_factory=_free_port)
     stable_age_s: int = 2
+    #: Load the DICOMweb plugin (served at :attr:`dicomweb_url`).
+    dicomweb: bool = False
+    #: HTTP basic-auth users (name: password); none leaves the REST API open on loopback.
+    users: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"{self.url}/dicom-web"
+
+    def _open(self, req: urllib.request.Request | str, timeout: float) -> Any:
+        if not isinstance(req, urllib.request.Request):
+            req = urllib.request.Request(req)
+        if self.users:
+            name, password = next(iter(self.users.items()))
+            req.add_header("Authorization", "Basic " + base64.b64encode(f"{name}:{password}".encode()).decode())
+        return urllib.request.urlopen(req, timeout=timeout)
 
     def start(self, timeout: float = 60.0) -> None:
         binary = find_orthanc()
@@ -64,12 +83,14 @@ class OrthancPACS:
             "DicomPort": self.dicom_port,
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": bool(self.users),
+            "RegisteredUsers": self.users,
             "DicomCheckCalledAet": False,
             "StableAge": self.stable_age_s,
             "DicomModalities": {"worker": [self.worker_ae, "127.0.0.1", self.worker_port]},
             "LuaScripts": [str(self.root / "route.lua")],
-            "Plugins": [],
+            "Plugins": [DICOMWEB_PLUGIN] if self.dicomweb else [],
+            "DicomWeb": {"Enable": self.dicomweb, "Root": "/dicom-web/"},
             "ConcurrentJobs": 2,
         }
         cfg = self.root / "orthanc.json"
@@ -99,13 +120,13 @@ class OrthancPACS:
             self._log.close()
 
     def get(self, path: str) -> Any:
-        with urllib.request.urlopen(self.url + path, timeout=10) as r:
+        with self._open(self.url + path, timeout=10) as r:
             body = r.read()
             return json.loads(body) if r.headers.get_content_type() == "application/json" else body
 
     def upload(self, path: Path) -> dict[str, Any]:
         req = urllib.request.Request(self.url + "/instances", data=path.read_bytes(), method="POST")
-        with urllib.request.urlopen(req, timeout=60) as r:
+        with self._open(req, timeout=60) as r:
             return dict(json.loads(r.read()))
 
     def series_of_study(self, study_uid: str) -> list[dict[str, Any]]:
@@ -115,6 +136,6 @@ class OrthancPACS:
 
     def lookup_study(self, study_uid: str) -> str | None:
         req = urllib.request.Request(self.url + "/tools/lookup", data=study_uid.encode(), method="POST")
-        with urllib.request.urlopen(req, timeout=10) as r:
+        with self._open(req, timeout=10) as r:
             hits = [h for h in json.loads(r.read()) if h["Type"] == "Study"]
         return str(hits[0]["ID"]) if hits else None

@@ -28,6 +28,7 @@ import os
 import ssl
 from http import HTTPStatus
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import requests
@@ -68,6 +69,16 @@ def verify_for(security: SecuritySection) -> str | bool:
     return True
 
 
+class _Session(requests.Session):
+    """A session whose ``verify`` is the one it was given: requests lets REQUESTS_CA_BUNDLE in
+    the environment override a session's CA bundle, which would silently drop ``tls_ca``."""
+
+    def merge_environment_settings(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        merged: dict[str, Any] = super().merge_environment_settings(*args, **kwargs)
+        merged["verify"] = self.verify
+        return merged
+
+
 class StowClient:
     """One DICOMweb destination: its HTTP session, STOW-RS of result files and a cheap check.
 
@@ -77,7 +88,7 @@ class StowClient:
 
     def __init__(self, dest: DicomWebDestination, settings: SendSection, security: SecuritySection) -> None:
         self.dest = dest
-        self.session = requests.Session()
+        self.session = _Session()
         self.session.verify = verify_for(security)
         if security.send_tls and security.tls_cert and security.tls_key:
             self.session.cert = (str(security.tls_cert), str(security.tls_key))
@@ -172,8 +183,7 @@ def _cause(exc: Exception) -> str:
     inner: BaseException = exc
     while inner.__context__ is not None and inner.__context__ is not inner:
         inner = inner.__context__
-    text = str(getattr(inner, "reason", None) or inner)
-    return " ".join(text.split())[:300]
+    return " ".join(str(inner).split())[:300]
 
 
 def _failure_reasons(response: requests.Response | None) -> dict[str, int | None]:

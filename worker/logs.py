@@ -75,6 +75,8 @@ def configure(level: str = "INFO", fmt: str = "json") -> None:
     root.setLevel(level)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("dicomweb_client").setLevel(logging.WARNING)  # an INFO line per request
+    # dicomweb-client's retry library logs each failed request with a traceback; the outbox logs it once.
+    logging.getLogger("retrying").setLevel(logging.ERROR)
     logging.getLogger("highdicom").setLevel(logging.WARNING)
     logging.captureWarnings(True)
     warnings_logger = logging.getLogger("py.warnings")
