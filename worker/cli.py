@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from worker.codes import SUCCESS
-from worker.config import Destination, Settings, get_settings
+from worker.config import DicomWebDestination, Settings, get_settings, parse_destination
 from worker.errors import ConfigError, WorkerError
 
 logger = logging.getLogger("worker")
@@ -27,8 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int)
     s.add_argument("--model", type=Path)
     s.add_argument("--spool", type=Path)
-    s.add_argument("--destination", action="append", metavar="AET@HOST:PORT",
-                   help="where results go (repeatable)")
+    s.add_argument("--destination", action="append", metavar="AET@HOST:PORT|URL",
+                   help="where results go (repeatable): a C-STORE node or a DICOMweb base URL")
 
     s = sub.add_parser("process", help="the same pipeline offline, for files or folders")
     s.add_argument("inputs", nargs="+", type=Path)
@@ -37,8 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--model", type=Path)
     s.add_argument("--png", action="store_true", help="also write PNG previews of the SC")
 
-    s = sub.add_parser("echo", help="C-ECHO a DICOM node")
-    s.add_argument("destination", metavar="AET@HOST:PORT")
+    s = sub.add_parser("echo", help="C-ECHO a DICOM node, or QIDO-RS a DICOMweb base URL")
+    s.add_argument("destination", metavar="AET@HOST:PORT|URL")
     s.add_argument("--config", type=Path)
     s.add_argument("--timeout", type=float, default=10.0)
     return p
@@ -118,7 +118,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "echo":
             from worker.send import echo
 
-            status = echo(Destination.parse(args.destination), settings.dicom.ae_title, args.timeout)
+            dest = parse_destination(args.destination)
+            if isinstance(dest, DicomWebDestination):
+                from worker.config import SendSection
+                from worker.dicomweb import StowClient
+
+                StowClient(dest, SendSection(acse_timeout=args.timeout, dimse_timeout=args.timeout),
+                           settings.security).check()
+                print(f"QIDO-RS {dest}: answered")
+                return 0
+            status = echo(dest, settings.dicom.ae_title, args.timeout)
             print(f"C-ECHO {args.destination}: status 0x{status:04X}")
             return 0 if status == SUCCESS else 1
         if args.command == "process":

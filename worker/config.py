@@ -67,7 +67,7 @@ class Destination(_Section):
     def parse(cls, text: str) -> Destination:
         m = _DEST_RE.match(text.strip())
         if not m:
-            raise ValueError(f"destination must be AET@HOST:PORT, received {text!r}")
+            raise ValueError(f"destination must be AET@HOST:PORT or a DICOMweb https:// URL, received {text!r}")
         return cls(ae_title=_check_ae(m["ae"]), host=m["host"], port=int(m["port"]))
 
     def __str__(self) -> str:
@@ -161,8 +161,17 @@ def redact(text: str) -> str:
 
 
 def parse_destination(text: str) -> Destination | DicomWebDestination:
-    """``AET@HOST:PORT`` (C-STORE) or ``http(s)://HOST[:PORT]/PATH`` (DICOMweb STOW-RS, no credentials)."""
-    return DicomWebDestination(url=text) if _URL_RE.match(text) else Destination.parse(text)
+    """``AET@HOST:PORT`` (C-STORE) or ``http(s)://HOST[:PORT]/PATH`` (DICOMweb STOW-RS, no credentials).
+
+    Raises:
+        ValueError: one line, naming the value.
+    """
+    if not _URL_RE.match(text):
+        return Destination.parse(text)
+    try:
+        return DicomWebDestination(url=text)
+    except ValidationError as exc:
+        raise ValueError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
 
 
 class DicomSection(_Section):
@@ -233,6 +242,9 @@ class OutputSection(_Section):
     uid_prefix: str | None = Field(None, pattern=r"^[0-9]+(\.[0-9]+)*\.$", max_length=40)
 
 
+_DESTINATION_KINDS = ("dimse", "dicomweb")
+
+
 def _destination_kind(value: Any) -> str:
     if isinstance(value, DicomWebDestination) or (isinstance(value, dict) and "url" in value):
         return "dicomweb"
@@ -269,6 +281,10 @@ class SendSection(_Section):
     @classmethod
     def _check_http(cls, value: list[Destination | DicomWebDestination], info: ValidationInfo
                     ) -> list[Destination | DicomWebDestination]:
+        names = [str(d) for d in value]
+        if len(set(names)) < len(names):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"listed twice: {', '.join(twice)} (each destination has one outbox)")
         for dest in value:
             if isinstance(dest, DicomWebDestination) and dest.url.lower().startswith("http://") \
                     and not dest.loopback and not info.data.get("allow_http", False):
@@ -415,7 +431,8 @@ def get_settings(path: Path | None = None, flags: dict[str, dict[str, Any]] | No
         raise ConfigError(_env_parse_error(exc)) from None
     except ValidationError as exc:
         err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
+        # The tag of a destination's kind ("dicomweb", "dimse") is pydantic's, not a key.
+        where = ".".join(str(p) for p in err["loc"] if p not in _DESTINATION_KINDS)
         env = "CXR_" + "__".join(str(p) for p in err["loc"][:2]).upper()
         section, key = ([str(p) for p in err["loc"]] + ["", ""])[:2]
         source = (f"environment {env}" if env in {k.upper() for k in os.environ}

@@ -239,9 +239,14 @@ class TlsFront:
         self.sock.close()
 
 
-def test_https_destination_is_verified_against_tls_ca(orthanc: OrthancPACS, pki: Path, tmp_path: Path) -> None:
+def test_https_destination_is_verified_against_tls_ca(orthanc: OrthancPACS, pki: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Verified against ``security.tls_ca``: delivered; against the system store (which does not
     know the test CA): refused in the handshake, kept for a retry (a certificate can be fixed)."""
+    import certifi
+
+    # requests would let this override a session's CA bundle, and tls_ca with it.
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", certifi.where())
     running(orthanc)
     front = TlsFront(pki, orthanc.http_port)
     try:
