@@ -34,7 +34,7 @@ class ModelError(WorkerError):
 
 
 class SendError(WorkerError):
-    """A C-STORE to a destination failed (``attempted``: False when it was never tried)."""
+    """A delivery (C-STORE or STOW-RS) to a destination failed (``attempted``: False when it was never tried)."""
 
     def __init__(self, message: str, *, permanent: bool = False, attempted: bool = True) -> None:
         super().__init__(message)
