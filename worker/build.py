@@ -7,6 +7,7 @@ dciodvfy accepts without errors.
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 import re
@@ -462,6 +463,10 @@ def build_secondary_capture(
     sc.PatientOrientation = orientation
     if "BodyPartExamined" in source:
         sc.BodyPartExamined = source.BodyPartExamined
+    # A de-identified source stays labelled so in what is derived from it (PS3.3 C.7.1.1).
+    for keyword in ("PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence"):
+        if keyword in source and keyword not in sc:
+            sc[keyword] = copy.deepcopy(source[keyword])
     if source.get("ImageLaterality") in ("R", "L", "U", "B"):
         sc.ImageLaterality = source.ImageLaterality
     # Laterality is Type 2C (PS3.3 C.7.3.1): a value for a paired body part, absent for an
