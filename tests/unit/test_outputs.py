@@ -115,7 +115,8 @@ def test_jpeg_sc_decodes_with_dcmtk_and_keeps_the_burn_in_legible(rg1_outputs: t
 
 
 @pytest.mark.parametrize(("compression", "syntax", "photometric"), [
-    ("jpeg", JPEGBaseline8Bit, "YBR_FULL_422"), ("jpeg2000", JPEG2000, "YBR_ICT"), ("none", ExplicitVRLittleEndian, "RGB"),
+    ("jpeg", JPEGBaseline8Bit, "YBR_FULL_422"), ("jpeg2000", JPEG2000, "YBR_ICT"),
+    ("none", ExplicitVRLittleEndian, "RGB"),
 ])
 def test_sc_compression_setting(compression: str, syntax: str, photometric: str, tmp_path: Path) -> None:
     sc_path, _, rgb = build(synthetic_cr(), tmp_path, BuildSettings(sc_compression=compression))
