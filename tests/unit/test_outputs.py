@@ -15,9 +15,10 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from highdicom._standard_utils import ModuleUsageValues, get_module_usage  # the standard's module tables
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import JPEG2000, ExplicitVRLittleEndian, JPEGBaseline8Bit
+from pydicom.uid import JPEG2000, ExplicitVRLittleEndian, JPEGBaseline8Bit, ParametricMapStorage
 
 from tests.helpers import dciodvfy_errors, require_tool
 from tests.sr_templates import check_measurement_report
@@ -261,6 +262,9 @@ def test_parametric_map_of_a_radiograph_is_impossible_with_highdicom() -> None:
     """README, "Parametric Map": the Parametric Map IOD needs a Frame of Reference and plane
     geometry that a CR or DX does not have, and highdicom cannot build one without them. When
     this test fails, highdicom has learnt to: implement ``output.parametric_map``."""
+    # highdicom's table of PS3.3 A.75: Frame of Reference is Mandatory in a Parametric Map
+    # (it is User Optional in a Segmentation); a CR or DX has none to copy.
+    assert get_module_usage("frame-of-reference", ParametricMapStorage) == ModuleUsageValues.MANDATORY
     source = synthetic_cr()
     heat = np.zeros((int(source.Rows), int(source.Columns)), np.uint8)
     mapping = hd.pm.RealWorldValueMapping(lut_label="GRADCAM", lut_explanation="Grad-CAM", unit=codes.UCUM.NoUnits,
