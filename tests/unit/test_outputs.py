@@ -16,6 +16,7 @@ import numpy as np
 import pydicom
 import pytest
 from highdicom._standard_utils import ModuleUsageValues, get_module_usage  # the standard's module tables
+from pydantic import ValidationError
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import JPEG2000, ExplicitVRLittleEndian, JPEGBaseline8Bit, ParametricMapStorage
@@ -33,6 +34,7 @@ from worker.build import (
     render_heatmap_overlay,
     render_withheld,
 )
+from worker.config import Settings
 from worker.decode import dataset_to_unit_image
 from worker.model import GATE_OOD_SCORE
 
@@ -126,6 +128,12 @@ def test_sc_compression_setting(compression: str, syntax: str, photometric: str,
     assert ("LossyImageCompression" in sc) == (compression != "none")
     assert psnr(sc.pixel_array, rgb) > (30 if compression != "none" else 1000)
     assert dciodvfy_errors(sc_path) == []
+
+
+@pytest.mark.parametrize("output", [{"sc_compression": "png"}, {"sc_quality": 0}, {"sc_quality": 101}])
+def test_bad_compression_settings_are_refused(output: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError, match=next(iter(output))):
+        Settings(output=output)
 
 
 def test_lower_quality_gives_a_smaller_sc(tmp_path: Path) -> None:
