@@ -251,6 +251,13 @@ def test_each_missing_type2_attribute_is_sent_empty(keyword: str, tmp_path: Path
     assert sc[keyword].value in (None, "") and sr[keyword].value in (None, "")
 
 
+def test_empty_type2_values_stay_empty(tmp_path: Path) -> None:
+    source = synthetic_cr()
+    for keyword in PATIENT_STUDY_TYPE2:
+        setattr(source, keyword, None)
+    check_outputs_of(source, tmp_path)
+
+
 def test_de_identified_rg1_gets_both_outputs(tmp_path: Path) -> None:
     source = real_cr()
     for keyword in (*PATIENT_STUDY_TYPE2, *PATIENT_STUDY_TYPE3):
