@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import html
+import io
 import re
 import subprocess
 from pathlib import Path
@@ -16,8 +17,10 @@ import numpy as np
 import pydicom
 import pytest
 from highdicom._standard_utils import ModuleUsageValues, get_module_usage  # the standard's module tables
+from PIL import Image, JpegImagePlugin
 from pydantic import ValidationError
 from pydicom import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.sr.codedict import codes
 from pydicom.uid import JPEG2000, ExplicitVRLittleEndian, JPEGBaseline8Bit, ParametricMapStorage
 
@@ -93,8 +96,10 @@ def test_default_sc_is_jpeg_baseline_labelled_lossy(rg1_outputs: tuple[Path, Pat
     assert sc.file_meta.TransferSyntaxUID == JPEGBaseline8Bit
     assert sc.PhotometricInterpretation == "YBR_FULL_422" and sc.BitsAllocated == 8
     assert sc.LossyImageCompression == "01" and sc.LossyImageCompressionMethod == "ISO_10918_1"
-    assert float(sc.LossyImageCompressionRatio) == pytest.approx(rgb.nbytes / len(pydicom.encaps.generate_frames(
-        sc.PixelData, number_of_frames=1).__next__()), rel=0.01)
+    frame = next(generate_frames(sc.PixelData, number_of_frames=1))
+    assert float(sc.LossyImageCompressionRatio) == pytest.approx(rgb.nbytes / len(frame), rel=0.01)
+    jpeg = Image.open(io.BytesIO(frame))
+    assert jpeg.format == "JPEG" and JpegImagePlugin.get_sampling(jpeg) == 1  # 4:2:2, as YBR_FULL_422 says
     assert sc_path.stat().st_size <= 1_000_000  # 10.8 MB uncompressed
     assert dciodvfy_errors(sc_path) == []
 
