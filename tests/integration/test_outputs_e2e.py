@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
 from pydicom.uid import JPEGBaseline8Bit
 
+from tests.dicom_outputs import de_identified, real_cr
 from tests.helpers import dciodvfy_errors, require_tool
 from tests.sr_templates import check_measurement_report
-from tests.unit.test_outputs import PATIENT_STUDY_TYPE3
 from worker.build import PATIENT_STUDY_TYPE2
 from worker.config import Settings
 from worker.model import OnnxModel
@@ -25,11 +24,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore:The st
 
 
 def test_de_identified_rg1_is_answered_with_a_jpeg_sc_and_a_clean_sr(onnx_model: Path, tmp_path: Path) -> None:
-    source = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
-    for keyword in (*PATIENT_STUDY_TYPE2, *PATIENT_STUDY_TYPE3):
-        if keyword in source:
-            del source[keyword]
-    source.PatientIdentityRemoved, source.DeidentificationMethod = "YES", "PS3.15 E.1 Basic Profile"
+    source = de_identified(real_cr())
     path = tmp_path / "deid.dcm"
     source.save_as(path, enforce_file_format=True)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()

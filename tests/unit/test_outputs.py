@@ -24,9 +24,9 @@ from pydicom.encaps import generate_frames
 from pydicom.sr.codedict import codes
 from pydicom.uid import JPEG2000, ExplicitVRLittleEndian, JPEGBaseline8Bit, ParametricMapStorage
 
+from tests.dicom_outputs import MODEL, MODEL_V2, de_identified, hot_gradcam, real_cr, synthetic_cr
 from tests.helpers import dciodvfy_errors, require_tool
 from tests.sr_templates import check_measurement_report
-from tests.unit.test_build import MODEL, MODEL_V2, hot_gradcam, real_cr, synthetic_cr
 from worker.build import (
     PATIENT_STUDY_TYPE2,
     BuildSettings,
@@ -43,15 +43,7 @@ from worker.model import GATE_OOD_SCORE
 
 pytestmark = [pytest.mark.tool, pytest.mark.filterwarnings("ignore:The string \"ward\":UserWarning")]
 PROBABILITY = 0.8734
-#: Type 3 attributes of the Patient, Patient Study and General Study modules a
-#: de-identification pass removes (PS3.15 E.1), beside PATIENT_STUDY_TYPE2.
-PATIENT_STUDY_TYPE3 = (
-    "OtherPatientIDs", "OtherPatientIDsSequence", "OtherPatientNames", "PatientBirthTime", "EthnicGroup",
-    "PatientComments", "IssuerOfPatientID", "PatientAge", "PatientSize", "PatientWeight", "Occupation",
-    "AdditionalPatientHistory", "MedicalAlerts", "Allergies", "StudyDescription", "PhysiciansOfRecord",
-    "NameOfPhysiciansReadingStudy", "ReferencedStudySequence", "ProcedureCodeSequence", "InstitutionName",
-    "InstitutionalDepartmentName", "StationName", "ImageComments",
-)
+
 
 
 def build(source: Dataset, folder: Path, settings: BuildSettings | None = None, *, trust: Trust | None = None,
@@ -264,12 +256,7 @@ def test_empty_type2_values_stay_empty(tmp_path: Path) -> None:
 
 
 def test_de_identified_rg1_gets_both_outputs(tmp_path: Path) -> None:
-    source = real_cr()
-    for keyword in (*PATIENT_STUDY_TYPE2, *PATIENT_STUDY_TYPE3):
-        if keyword in source:
-            del source[keyword]
-    source.PatientIdentityRemoved, source.DeidentificationMethod = "YES", "PS3.15 E.1 Basic Profile"
-    sc, sr = check_outputs_of(source, tmp_path)
+    sc, sr = check_outputs_of(de_identified(real_cr()), tmp_path)
     assert check_measurement_report(sr) == []
     assert "PatientAge" not in sc and "StudyDescription" not in sr  # Type 3: absent, not invented
     assert sc.PatientIdentityRemoved == "YES" == sr.PatientIdentityRemoved
