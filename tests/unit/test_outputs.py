@@ -22,7 +22,13 @@ from pydantic import ValidationError
 from pydicom import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.sr.codedict import codes
-from pydicom.uid import JPEG2000, ExplicitVRLittleEndian, JPEGBaseline8Bit, ParametricMapStorage
+from pydicom.uid import (
+    JPEG2000,
+    DigitalXRayImageStorageForPresentation,
+    ExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    ParametricMapStorage,
+)
 
 from tests.dicom_outputs import MODEL, MODEL_V2, de_identified, hot_gradcam, real_cr, synthetic_cr
 from tests.helpers import dciodvfy_errors, require_tool
@@ -155,8 +161,15 @@ def dcmtk(tool: str, path: Path, *options: str) -> subprocess.CompletedProcess[s
                           timeout=60)
 
 
+def synthetic_dx() -> Dataset:
+    ds = synthetic_cr()
+    ds.SOPClassUID, ds.Modality = DigitalXRayImageStorageForPresentation, "DX"
+    return ds
+
+
 SR_CASES = {
     "rg1-answered": (real_cr, MODEL, Trust()),
+    "dx-answered": (synthetic_dx, MODEL, Trust()),
     "synthetic-withheld": (synthetic_cr, MODEL_V2, Trust(ood_score=27.5, gate=GATE_OOD_SCORE, withheld=True)),
     "synthetic-flagged": (synthetic_cr, MODEL_V2, Trust(ood_score=12.0, gate=GATE_OOD_SCORE, faithfulness=0.8)),
 }
@@ -174,7 +187,7 @@ def test_sr_follows_tid_1500_1501_1600_and_dcmtk_reads_it_strictly(case: str, tm
     entry = library.ContentSequence[0].ContentSequence[0]
     assert entry.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
     modality = next(i for i in entry.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121139")
-    assert modality.ConceptCodeSequence[0].CodeValue == "CR" == source.Modality
+    assert modality.ConceptCodeSequence[0].CodeValue == source.Modality
     # DCMTK in its default (strict) mode: no invalid items accepted, every string VR-checked.
     for tool, options in (("dsrdump", ("-v",)), ("dsr2xml", ("-v",))):
         out = dcmtk(tool, sr_path, *options)
