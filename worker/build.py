@@ -7,19 +7,25 @@ dciodvfy accepts without errors.
 
 from __future__ import annotations
 
+import copy
+import io
 import math
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import cv2
 import highdicom as hd
 import numpy as np
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from PIL import Image
 from pydicom import Dataset
+from pydicom.encaps import encapsulate
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import PYDICOM_ROOT_UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import JPEG2000, PYDICOM_ROOT_UID, ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
+from pydicom.valuerep import DA, TM
 
 from cxr_contract import faithfulness as faith
 from cxr_contract.model import ModelInfo
@@ -329,11 +335,95 @@ def _patient_orientation(source: Dataset) -> list[str]:
     return values if ok else []
 
 
+#: Type 2 attributes of the Patient and General Study modules (PS3.3 C.7.1.1, C.7.2.1) that
+#: highdicom copies from the source. De-identified or hand-made images often lack them; the
+#: outputs then carry them empty, which is how DICOM says "unknown". Nothing is invented.
+PATIENT_STUDY_TYPE2 = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
+    "ReferringPhysicianName", "StudyID", "StudyDate", "StudyTime",
+)
+#: PS3.3 C.7.6.1.1.5, Lossy Image Compression Method.
+LOSSY_METHOD = {"jpeg": "ISO_10918_1", "jpeg2000": "ISO_15444_1"}
+
+
+def as_reference(source: Dataset) -> Dataset:
+    """The source as the builders read it: every :data:`PATIENT_STUDY_TYPE2` attribute present,
+    empty where the source lacks it.
+
+    A new dataset holding the source's own elements, so the source (the stored input) is
+    never modified.
+    """
+    missing = [keyword for keyword in PATIENT_STUDY_TYPE2 if keyword not in source]
+    if not missing:
+        return source
+    reference = Dataset()
+    reference.update(source)
+    if hasattr(source, "file_meta"):
+        reference.file_meta = source.file_meta
+    for keyword in missing:
+        setattr(reference, keyword, None)  # zero-length value
+    return reference
+
+
+def _stamp_dates(ds: Dataset) -> None:
+    """Content and Series Date/Time: when this object was made. Series Date/Time are Type 3,
+    but PACS and viewers group and sort series by them ("?" without)."""
+    now = datetime.now()
+    if not ds.get("ContentDate") or not ds.get("ContentTime"):
+        ds.ContentDate, ds.ContentTime = DA(now.date()), TM(now.time())
+    ds.SeriesDate, ds.SeriesTime = ds.ContentDate, ds.ContentTime
+
+
+def _values(ds: Dataset, keyword: str) -> list[str]:
+    raw = ds.get(keyword)
+    if raw is None or raw == "":
+        return []
+    return [str(v) for v in raw] if not isinstance(raw, str | float | int) else [str(raw)]
+
+
+def _compress(sc: Dataset, rgb: np.ndarray[Any, Any], source: Dataset, compression: str, quality: int) -> None:
+    """Encode the SC's pixels in place and say so in the Lossy Image Compression attributes.
+
+    JPEG Baseline with 4:2:2 chroma subsampling, which is what YBR_FULL_422 declares
+    (PS3.5 8.2.1; Pillow's default is 4:2:0). JPEG 2000 with the irreversible colour transform
+    (YBR_ICT, PS3.5 8.2.4), aiming at ``quality / 2`` dB PSNR.
+    """
+    if compression == "none":
+        return
+    if compression == "jpeg":
+        buffer = io.BytesIO()
+        Image.fromarray(rgb, "RGB").save(buffer, format="JPEG", quality=quality, subsampling=1)
+        frame = buffer.getvalue()
+        sc.PixelData = encapsulate([frame])
+        sc["PixelData"].VR = "OB"
+        sc.PhotometricInterpretation = "YBR_FULL_422"
+        sc.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+        size = len(frame)
+    elif compression == "jpeg2000":
+        sc.PhotometricInterpretation = "YBR_ICT"
+        sc.compress(JPEG2000, rgb, encoding_plugin="pylibjpeg", j2k_psnr=[quality / 2])
+        size = len(sc.PixelData)
+    else:
+        raise WorkerError(f"unknown SC compression. Received: sc_compression={compression!r}")
+    # Lossy once, lossy for every derivative: the source's own lossy steps come first (C.7.6.1.1.5).
+    ratios, methods = [], []
+    if source.get("LossyImageCompression") == "01":
+        ratios, methods = _values(source, "LossyImageCompressionRatio"), _values(source, "LossyImageCompressionMethod")
+        if len(ratios) != len(methods):
+            ratios, methods = [], []
+    sc.LossyImageCompression = "01"
+    sc.LossyImageCompressionRatio = [*ratios, f"{rgb.nbytes / size:.2f}"]
+    sc.LossyImageCompressionMethod = [*methods, LOSSY_METHOD[compression]]
+
+
 def build_secondary_capture(
     source: Dataset, rgb: np.ndarray[Any, Any], uids: OutputUIDs, model: ModelInfo,
     settings: BuildSettings, *, trust: Trust | None = None,
 ) -> hd.sc.SCImage:
     """The overlay as an RGB Secondary Capture in the source's study, referencing the source.
+
+    Compressed as ``settings.sc_compression`` says (JPEG Baseline by default); patient and
+    study attributes the source lacks are sent empty (:func:`as_reference`).
 
     Args:
         source: The image the overlay was computed on.
@@ -358,7 +448,7 @@ def build_secondary_capture(
     orientation = _patient_orientation(source)
     laterality = str(source.get("Laterality") or "")
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=source, pixel_array=rgb, photometric_interpretation="RGB", bits_allocated=8,
+        ref_dataset=as_reference(source), pixel_array=rgb, photometric_interpretation="RGB", bits_allocated=8,
         coordinate_system="PATIENT", transfer_syntax_uid=ExplicitVRLittleEndian,
         series_instance_uid=uids.sc_series, series_number=settings.sc_series_number,
         sop_instance_uid=uids.sc_instance, instance_number=1, manufacturer=settings.manufacturer,
@@ -373,6 +463,10 @@ def build_secondary_capture(
     sc.PatientOrientation = orientation
     if "BodyPartExamined" in source:
         sc.BodyPartExamined = source.BodyPartExamined
+    # A de-identified source stays labelled so in what is derived from it (PS3.3 C.7.1.1).
+    for keyword in ("PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence"):
+        if keyword in source and keyword not in sc:
+            sc[keyword] = copy.deepcopy(source[keyword])
     if source.get("ImageLaterality") in ("R", "L", "U", "B"):
         sc.ImageLaterality = source.ImageLaterality
     # Laterality is Type 2C (PS3.3 C.7.3.1): a value for a paired body part, absent for an
@@ -383,6 +477,9 @@ def build_secondary_capture(
         sc.Laterality = ""
     if source.get("LossyImageCompression") == "01":  # lossy once, lossy for every derivative
         sc.LossyImageCompression = "01"
+        for keyword in ("LossyImageCompressionRatio", "LossyImageCompressionMethod"):
+            if keyword in source:
+                sc[keyword] = source[keyword]
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.BurnedInAnnotation = "YES"
     if trust is not None and trust.withheld:
@@ -404,6 +501,8 @@ def build_secondary_capture(
     sc.SecondaryCaptureDeviceManufacturer = settings.manufacturer
     sc.SecondaryCaptureDeviceManufacturerModelName = model.name
     sc.SecondaryCaptureDeviceSoftwareVersions = model.version
+    _stamp_dates(sc)
+    _compress(sc, np.ascontiguousarray(rgb), source, settings.sc_compression, settings.sc_quality)
     return sc
 
 
@@ -426,6 +525,68 @@ def _trust_content(model: ModelInfo, trust: Trust) -> tuple[list[hd.sr.Qualitati
         measurements.append(hd.sr.Measurement(
             name=HEATMAP_FAITHFULNESS, value=trust.faithfulness, unit=codes.UCUM.NoUnits))
     return evaluations, measurements
+
+
+def acquisition_modality(source: Dataset) -> Code:
+    """The source's Modality as a CID 29 (Acquisition Modality) code; from its SOP class when
+    the attribute is not a CID 29 value."""
+    value = str(source.get("Modality", ""))
+    for keyword in codes.cid29.dir():
+        code = getattr(codes.cid29, keyword)
+        if code.value == value:
+            return Code(code.value, code.scheme_designator, code.meaning)
+    coded = hd.sr.templates._get_coded_modality(source.SOPClassUID)  # noqa: SLF001  # highdicom's own map
+    return Code(coded.value, coded.scheme_designator, coded.meaning)
+
+
+def _image_library(source: Dataset) -> hd.sr.ContainerContentItem:
+    """TID 1600 Image Library with one TID 1601 entry: the image the model read.
+
+    highdicom's :class:`~highdicom.sr.ImageLibrary` demands TID 1603's Imager Pixel Spacing of
+    a CR or DX, which many lack; this entry carries the TID 1602/1603 descriptors the source has
+    values for, and its real acquisition modality (CID 29). The SC is not an acquired image
+    (its Modality "OT" is not in CID 29); it is listed in the evidence instead.
+    """
+    acq = hd.sr.RelationshipTypeValues.HAS_ACQ_CONTEXT
+    pixels = hd.sr.CodedConcept(value="{pixels}", meaning="Pixels", scheme_designator="UCUM")
+    descriptors: list[hd.sr.ContentItem] = [
+        hd.sr.CodeContentItem(name=codes.DCM.Modality, value=acquisition_modality(source), relationship_type=acq),
+        hd.sr.NumContentItem(name=codes.DCM.PixelDataRows, value=int(source.Rows), unit=pixels,
+                             relationship_type=acq),
+        hd.sr.NumContentItem(name=codes.DCM.PixelDataColumns, value=int(source.Columns), unit=pixels,
+                             relationship_type=acq),
+    ]
+    orientation = _patient_orientation(source)
+    if orientation:
+        descriptors += [
+            hd.sr.TextContentItem(name=codes.DCM.PatientOrientationRow, value=orientation[0], relationship_type=acq),
+            hd.sr.TextContentItem(name=codes.DCM.PatientOrientationColumn, value=orientation[1],
+                                  relationship_type=acq),
+        ]
+    try:
+        row, col = (float(v) for v in source.get("ImagerPixelSpacing"))
+    except (TypeError, ValueError):
+        row = col = 0.0
+    if row > 0 and col > 0 and math.isfinite(row + col):
+        descriptors += [
+            hd.sr.NumContentItem(name=codes.DCM.HorizontalPixelSpacing, value=col, unit=codes.UCUM.Millimeter,
+                                 relationship_type=acq),
+            hd.sr.NumContentItem(name=codes.DCM.VerticalPixelSpacing, value=row, unit=codes.UCUM.Millimeter,
+                                 relationship_type=acq),
+        ]
+    image = hd.sr.ImageContentItem(
+        name=hd.sr.CodedConcept(value="260753009", meaning="Source", scheme_designator="SCT"),
+        referenced_sop_class_uid=source.SOPClassUID, referenced_sop_instance_uid=source.SOPInstanceUID,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    image.ContentSequence = hd.sr.ContentSequence(descriptors)
+    group = hd.sr.ContainerContentItem(name=codes.DCM.ImageLibraryGroup,
+                                       relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    group.ContentSequence = hd.sr.ContentSequence([image])
+    library = hd.sr.ContainerContentItem(name=codes.DCM.ImageLibrary,
+                                         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    library.ContentSequence = hd.sr.ContentSequence([group])
+    return library
 
 
 def build_report(
@@ -482,13 +643,16 @@ def build_report(
         observation_context=hd.sr.ObservationContext(observer_device_context=device),
         procedure_reported=CHEST_XR_SINGLE_VIEW,
         imaging_measurements=[group],
-        # The SC is not a source of the measurement; the Image Library (TID 1600) is where
-        # a report lists other images it refers to. highdicom's TID 1603 descriptors need
-        # Imager Pixel Spacing on a CR, which many CRs lack, so the source stays out of it.
-        referenced_images=[sc],
     )
-    return hd.sr.Comprehensive3DSR(
-        evidence=[source, sc], content=report[0],
+    root = report[0]
+    # TID 1500 row 5 (Image Library) comes before row 6 (Imaging Measurements).
+    position = next(i for i, item in enumerate(root.ContentSequence)
+                    if item.ConceptNameCodeSequence[0].CodeValue == codes.DCM.ImagingMeasurements.value)
+    root.ContentSequence.insert(position, _image_library(source))
+    # The SC was made for this request: Current Requested Procedure Evidence (PS3.3 C.17.2.3)
+    # lists it beside the source, which the content tree references.
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[as_reference(source), sc], content=root,
         series_instance_uid=uids.sr_series, series_number=settings.sr_series_number,
         sop_instance_uid=uids.sr_instance, instance_number=1, manufacturer=settings.manufacturer,
         series_description=settings.sr_series_description,
@@ -500,3 +664,5 @@ def build_report(
             responsible_organization=settings.manufacturer,
         )],
     )
+    _stamp_dates(sr)
+    return sr

@@ -240,6 +240,9 @@ class OutputSection(_Section):
     sc_max_dimension: int = Field(2048, ge=256, description="the SC is shrunk so no side exceeds this")
     heatmap_for_negative: bool = Field(False, description="paint the heatmap of a negative decision too")
     uid_prefix: str | None = Field(None, pattern=r"^[0-9]+(\.[0-9]+)*\.$", max_length=40)
+    sc_compression: Literal["jpeg", "jpeg2000", "none"] = Field(
+        "jpeg", description="SC transfer syntax: JPEG Baseline (lossy), JPEG 2000 (lossy) or uncompressed")
+    sc_quality: int = Field(90, ge=1, le=100, description="JPEG quality; JPEG 2000 aims at quality / 2 dB PSNR")
 
 
 _DESTINATION_KINDS = ("dimse", "dicomweb")

@@ -4,6 +4,7 @@ worker's SC and SR land back in the same study, viewable through Orthanc."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,11 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
+from pydicom.uid import JPEGBaseline8Bit
 
 from cxr_demo.orthanc import OrthancPACS
-from tests.helpers import free_port, require_tool, sr_finding, storescu, wait_for
+from tests.helpers import dciodvfy_errors, free_port, require_tool, sr_finding, storescu, wait_for
+from tests.sr_templates import check_measurement_report
 
 pytestmark = pytest.mark.integration
 
@@ -57,10 +60,22 @@ def test_orthanc_routes_study_and_receives_sc_and_sr(orthanc: OrthancPACS, make_
     # Orthanc renders the burned-in colour: at least the Jet colour bar is saturated.
     saturated = np.abs(image[..., 2].astype(int) - image[..., 0].astype(int)) > 100
     assert int(saturated.sum()) > 1000
+    # The SC is JPEG Baseline (output.sc_compression's default), and DCMTK decodes what the PACS stored.
+    sc_path = tmp_path / "sc.dcm"
+    sc_path.write_bytes(orthanc.get(f"/instances/{sc_id}/file"))
+    assert pydicom.dcmread(sc_path, stop_before_pixels=True).file_meta.TransferSyntaxUID == JPEGBaseline8Bit
+    decoded = subprocess.run([require_tool("/usr/bin/dcmdjpeg"), str(sc_path), str(tmp_path / "raw.dcm")],
+                             capture_output=True, text=True)
+    assert decoded.returncode == 0, decoded.stderr
+    assert dciodvfy_errors(sc_path) == []
+    # Both series carry a date and time, so Orthanc Explorer does not group them under "?".
+    for s in (sc_series, sr_series):
+        assert s["MainDicomTags"].get("SeriesDate") and s["MainDicomTags"].get("SeriesTime"), s["MainDicomTags"]
     sr_bytes = orthanc.get(f"/instances/{sr_series['Instances'][0]}/file")
     sr_path = tmp_path / "sr.dcm"
     sr_path.write_bytes(sr_bytes)
     presence, probability = sr_finding(pydicom.dcmread(sr_path))
+    assert check_measurement_report(pydicom.dcmread(sr_path)) == [] and dciodvfy_errors(sr_path) == []
     logged = [json.loads(line) for line in worker.log_lines() if line.startswith("{")]
     processed = [r for r in logged if r.get("message") == "processed"]
     assert len(processed) == 1 and processed[0]["sop_instance_uid"] == src.SOPInstanceUID

@@ -193,8 +193,9 @@ def test_v1_model_still_answers_without_a_gate_and_says_so_at_start(
 
 
 def sc_has_colour(sc: Dataset) -> bool:
+    # Beyond JPEG's rounding: a gray SC decodes with channels a unit or two apart.
     px = sc.pixel_array.astype(int)
-    return bool(np.abs(px[..., 0] - px[..., 2]).max() > 0 or np.abs(px[..., 0] - px[..., 1]).max() > 0)
+    return bool(np.abs(px[..., 0] - px[..., 2]).max() > 8 or np.abs(px[..., 0] - px[..., 1]).max() > 8)
 
 
 def sr_codes(sr: Dataset) -> dict[str, str]:

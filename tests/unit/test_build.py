@@ -10,11 +10,10 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom import Dataset
-from pydicom.data import get_testdata_file
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import UID, ComputedRadiographyImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID
 
 from cxr_contract.model import ModelInfo
+from tests.dicom_outputs import MODEL, MODEL_V2, hot_gradcam, real_cr, synthetic_cr
 from tests.helpers import dciodvfy_errors
 from worker.build import (
     WITHHELD_TEXT,
@@ -33,52 +32,14 @@ from worker.errors import UnsupportedInput, WorkerError
 from worker.input_check import UNIFORM
 from worker.model import GATE_OOD_SCORE
 
-MODEL = ModelInfo(
-    name="test-model", version="1.2.3", input_size=64, threshold=0.5, weights_sha256="ab" * 32
-)
-SETTINGS = BuildSettings()
+#: Uncompressed, so that the pixel tests below can compare exact values; the compressed SC
+#: (the default) has its own tests in test_outputs.py.
+SETTINGS = BuildSettings(sc_compression="none")
 # RG1's Referring Physician "ward" is a one-component name; highdicom says so on every build.
 pytestmark = pytest.mark.filterwarnings("ignore:The string \"ward\":UserWarning")
 
 
-def real_cr() -> Dataset:
-    """RG1_UNCR: a real CR chest PA, MONOCHROME1, 15 bits, Pixel Spacing 0\\0."""
-    return pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
-
-
-def synthetic_cr() -> Dataset:
-    """A 64 x 64 MONOCHROME2 CR with only Imager Pixel Spacing, no orientation, no body part."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = ComputedRadiographyImageStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.PatientName = "Synthetic^Chest"
-    ds.PatientID = "SYN-0001"
-    ds.PatientBirthDate = "19700101"
-    ds.PatientSex = "O"
-    ds.StudyDate, ds.StudyTime = "20240102", "101500"
-    ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "1", "ACC1", ""
-    ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CR", 1, 1
-    ds.ImagerPixelSpacing = [0.2, 0.2]
-    ds.Rows = ds.Columns = 64
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    y, x = np.mgrid[0:64, 0:64]
-    ds.PixelData = ((x + y) * 32).astype(np.uint16).tobytes()
-    return ds
-
-
 SOURCES = {"real": real_cr, "synthetic": synthetic_cr}
-
-
-def hot_gradcam() -> np.ndarray[Any, Any]:
-    """An 8 x 8 map that is hot only in the bottom-right quadrant, away from the burn-in."""
-    cam = np.zeros((8, 8), np.float32)
-    cam[4:, 4:] = 4.0
-    return cam
 
 
 def build_both(source: Dataset, probability: float, folder: Path) -> tuple[Path, Path]:
@@ -217,7 +178,8 @@ def test_sr_says_present_or_absent_and_the_probability(
         i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
         for i in items if i.ValueType == "IMAGE"
     }
-    assert {source.SOPInstanceUID, sc_uid} <= images
+    # The content tree references the image the model read; the SC is evidence only.
+    assert images == {source.SOPInstanceUID}
     assert sr.VerificationFlag == "UNVERIFIED"
     assert sr.CompletionFlag == "COMPLETE" and sr.PreliminaryFlag == "PRELIMINARY"
     assert sr.StudyInstanceUID == source.StudyInstanceUID
@@ -280,12 +242,6 @@ def test_tiny_and_odd_images_render(shape: tuple[int, int]) -> None:
 
 
 # -- how far to trust an answer: the gate, the heatmap's scale, its faithfulness ---------------
-
-MODEL_V2 = ModelInfo(
-    name="test-model", version="2.0.0", input_size=64, threshold=0.5, weights_sha256="cd" * 32,
-    contract_version=2, ood_threshold=10.0, heatmap_scale=4.0,
-)
-
 
 def sr_items(sr: Dataset) -> list[Dataset]:
     return list(walk(sr.ContentSequence))
