@@ -86,6 +86,8 @@ class Result:
     withheld: bool = False
     ood_score: float | None = None
     faithfulness: float | None = None
+    #: The raw Grad-CAM grid at the model's feature resolution (recorded for the dashboard).
+    gradcam: np.ndarray[Any, Any] | None = None
 
 
 def read_dataset(path: Path) -> Dataset:
@@ -193,7 +195,7 @@ class Processor:
             positive = not trust.withheld and decision(pred.probability, self.model.info.threshold)
             out.append(Result(uid_of(item.ds), pred.probability, positive, sc, sr, item.unit_image, rgb,
                               infer_seconds, gate=trust.gate, withheld=trust.withheld, ood_score=ood,
-                              faithfulness=trust.faithfulness))
+                              faithfulness=trust.faithfulness, gradcam=pred.gradcam))
         return out
 
     def _build(self, item: Decoded, pred: Prediction, trust: Trust) -> tuple[Dataset, Dataset, np.ndarray[Any, Any]]:
