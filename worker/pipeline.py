@@ -39,6 +39,7 @@ from worker.decode import dataset_to_unit_image
 from worker.errors import DecodeError, UnsupportedInput, WorkerError
 from worker.faults import Fault, fault_of
 from worker.input_check import input_problem
+from worker.links import review_url
 from worker.model import GATE_OOD_SCORE, OnnxModel, Prediction, outside_distribution
 from worker.selection import ineligible_reason, invalid_uid
 
@@ -202,19 +203,22 @@ class Processor:
         info = self.model.info
         uids = output_uids(item.ds, info.version, self.build_settings.uid_prefix)
         notice = info.intended_use if info.synthetic else ""
+        public = self.settings.dashboard.public_url
+        link = review_url(public, uid_of(item.ds), info.version) if public else ""
         if trust.withheld:
             rgb = render_withheld(item.unit_image, reason=trust.gate_line(info), model_name=info.name,
-                                  model_version=info.version, notice=notice)
+                                  model_version=info.version, notice=notice, link=link)
         else:
             flag = ["WARNING: outside the model's training distribution", trust.gate_line(info)] if trust.gate else []
             rgb = render_heatmap_overlay(
                 item.unit_image, pred.gradcam, probability=pred.probability,
                 threshold=info.threshold, model_name=info.name, model_version=info.version,
                 opacity=self.build_settings.opacity, notice=notice, heatmap_scale=info.heatmap_scale,
-                paint_negative=self.paint_negative, faithfulness=trust.faithfulness, warning=flag,
+                paint_negative=self.paint_negative, faithfulness=trust.faithfulness, warning=flag, link=link,
             )
         sc = build_secondary_capture(item.ds, rgb, uids, info, self.build_settings, trust=trust)
-        sr = build_report(item.ds, sc, pred.probability, info, uids, self.build_settings, trust=trust)
+        sr = build_report(item.ds, sc, pred.probability, info, uids, self.build_settings, trust=trust,
+                          review_url=link or None)
         return sc, sr, rgb
 
 

@@ -247,6 +247,7 @@ def migrate(engine: Engine) -> None:
     from alembic import command
     from alembic.config import Config
 
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # its INFO lines say nothing an operator needs
     cfg = Config()
     cfg.set_main_option("script_location", _migrations_dir())
     for attempt in range(5):

@@ -345,6 +345,6 @@ def serve(settings: Settings) -> None:
     # access_log off: request lines carry search terms (patient IDs, accession numbers).
     uvicorn.run(app, host=ds.bind, port=ds.port, ssl_certfile=str(ds.tls_cert) if ds.tls_cert else None,
                 ssl_keyfile=str(ds.tls_key) if ds.tls_key else None, access_log=False, log_config=None,
-                server_header=False)
+                server_header=False, timeout_graceful_shutdown=5)  # a browser's keep-alive must not hold a stop
     stop.set()
     store.close()
