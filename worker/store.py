@@ -242,8 +242,16 @@ def _migrations_dir() -> str:
     return str(resources.files("worker") / "migrations")
 
 
+_MIGRATING = threading.Lock()  # Alembic's `context` and `op` are module globals: one migration per process
+
+
 def migrate(engine: Engine) -> None:
     """Bring the schema to the newest Alembic revision (idempotent; safe from several processes)."""
+    with _MIGRATING:
+        _migrate(engine)
+
+
+def _migrate(engine: Engine) -> None:
     from alembic import command
     from alembic.config import Config
 
