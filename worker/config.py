@@ -207,7 +207,7 @@ class AuditSection(_Section):
 class DashboardSection(_Section):
     """The review and operations web application (``cxr-worker dashboard``) and the results database."""
 
-    port: int = Field(8443, ge=1, le=65535)
+    port: int = Field(8080, ge=1, le=65535)
     bind: str = Field("127.0.0.1", description="loopback unless the operator opens it")
     public_url: str | None = Field(None, pattern=r"^https?://[^\s]+$", max_length=200,
                                    description="the address readers open; set, the SC and SR carry review links")
