@@ -25,7 +25,7 @@ from worker.send import Outbox
 from worker.spool import Spool, key
 
 if TYPE_CHECKING:
-    from worker.store import ResultStore
+    from worker.store import Recorder
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class BatchHandler:
 
     def __init__(self, processor: Processor, spool: Spool, outbox: Outbox, metrics: Metrics,
                  output_reserve_mb: float, max_crashes: int = 3, on_output: Callable[[], None] = lambda: None,
-                 audit: AuditTrail | None = None, store: ResultStore | None = None) -> None:
+                 audit: AuditTrail | None = None, store: Recorder | None = None) -> None:
         self.processor = processor
         self.store = store  # the dashboard's database; None when not recording
         self._decode_seconds: dict[Path, float] = {}
@@ -174,8 +174,9 @@ class BatchHandler:
             return None
 
     def _record(self, item: Decoded, result: Result, per_image: float, received: datetime | None) -> None:
-        """Record the result for the dashboard; a failure is logged and counted, never raised:
-        the outputs are already on their way and the DICOM service must go on."""
+        """Hand the result to the dashboard's recorder (it writes on its own thread); a failure
+        is logged and counted, never raised: the outputs are on their way and the DICOM service
+        must go on."""
         decode_s = self._decode_seconds.pop(item.path, None)
         if self.store is None or result.gradcam is None:
             return
@@ -198,13 +199,13 @@ class BatchHandler:
                 heatmap_scale=info.heatmap_scale, decode_ms=None if decode_s is None else decode_s * 1000,
                 infer_ms=result.infer_seconds * 1000, build_ms=max(0.0, per_image - result.infer_seconds) * 1000,
                 sc_sop_instance_uid=str(result.sc.SOPInstanceUID), sr_sop_instance_uid=str(result.sr.SOPInstanceUID))
-            self.store.record(new, result.unit_image, result.gradcam)
+            self.store.submit(new, result.unit_image, result.gradcam)
         except Exception as exc:  # never PHI in the log: the type and the UID only
             self.metrics.store_errors.inc()
             logger.error("result not recorded for the dashboard: %s", type(exc).__name__,
                          extra={"sop_instance_uid": result.sop_instance_uid})
         finally:
-            self.metrics.stage_seconds.labels("record").observe(time.perf_counter() - started)
+            self.metrics.stage_seconds.labels("record").observe(time.perf_counter() - started)  # the hand-over
 
     def _failed(self, paths: list[Path], ds: Dataset | None, exc: Exception, stage: str) -> None:
         """Quarantine for a bad input or a bug; an infrastructure fault re-raises (requeue)."""

@@ -33,7 +33,7 @@ from worker.send import Outbox
 from worker.spool import Spool
 
 if TYPE_CHECKING:
-    from worker.store import ResultStore
+    from worker.store import Recorder
 
 logger = logging.getLogger(__name__)
 
@@ -70,15 +70,16 @@ class Service:
         self.threads: list[threading.Thread] = []
         self.health: HealthServer | None = None
 
-    def _open_store(self) -> ResultStore | None:
+    def _open_store(self) -> Recorder | None:
         """The dashboard's results database; the service runs without it when it cannot open."""
         d = self.settings.dashboard
         if not d.record:
             return None
-        from worker.store import ResultStore, StoreError
+        from worker.store import Recorder, ResultStore, StoreError
 
         try:
-            return ResultStore(d.store_url(self.settings.spool.dir), d.store_media(self.settings.spool.dir))
+            store = ResultStore(d.store_url(self.settings.spool.dir), d.store_media(self.settings.spool.dir))
+            return Recorder(store, on_error=self.metrics.store_errors.inc)
         except StoreError as exc:
             self.metrics.store_errors.inc()
             logger.error("results are not recorded for the dashboard: %s", exc)
@@ -128,6 +129,8 @@ class Service:
         self.wake_sender.set()
         for t in self.threads:
             t.join(timeout=max(0.1, deadline - time.monotonic()))
+        if self.handler.store is not None:  # what the last batch queued for the dashboard
+            self.handler.store.close(timeout=5.0)
         if self.health is not None:
             self.health.stop()
         self.audit.application(start=False)
@@ -169,7 +172,7 @@ class Service:
             logger.info("pruned done markers", extra={"removed": removed})
         if self.handler.store is not None:
             try:
-                self.handler.store.sweep(self.settings.dashboard.retention_days)
+                self.handler.store.store.sweep(self.settings.dashboard.retention_days)
             except Exception as exc:  # retention is retried at the next prune; the service goes on
                 self.metrics.store_errors.inc()
                 logger.error("retention sweep of the results database failed: %s", type(exc).__name__)

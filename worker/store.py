@@ -276,6 +276,81 @@ def _hasher() -> Any:
     return PasswordHasher()  # argon2-cffi's default is Argon2id with RFC 9106's low-memory parameters
 
 
+def preview_of(unit_image: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """The stored preview: 8-bit, long side at most PREVIEW_LONG_SIDE (never upscaled).
+
+    A uint8 image that already fits is returned as it is (the recorder makes the preview
+    on the worker's thread and hands it over).
+    """
+    import cv2
+
+    if unit_image.dtype == np.uint8 and max(unit_image.shape[:2]) <= PREVIEW_LONG_SIDE:
+        return unit_image
+    img: np.ndarray[Any, Any] = np.asarray(unit_image, np.float32)
+    rows, cols = img.shape[:2]
+    if max(rows, cols) > PREVIEW_LONG_SIDE:
+        f = PREVIEW_LONG_SIDE / max(rows, cols)
+        img = cv2.resize(img, (max(1, round(cols * f)), max(1, round(rows * f))), interpolation=cv2.INTER_AREA)
+    return np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+class Recorder:
+    """Writes results on its own thread, so the worker's processing thread only hands over.
+
+    The worker's cost per image is :func:`preview_of` (a resize) and a queue put; the PNG,
+    the grid and the row are written here. A full queue (the database or disk too slow)
+    drops the record rather than wait: the outputs matter, the dashboard's copy does not.
+
+    Args:
+        store: Where results go.
+        on_error: Called once per result not recorded (the worker counts them).
+        capacity: Results waiting at most (each holds a preview of up to 1 MB).
+    """
+
+    def __init__(self, store: ResultStore, on_error: Any = lambda: None, capacity: int = 64) -> None:
+        import queue
+
+        self.store = store
+        self.on_error = on_error
+        self._queue: queue.Queue[tuple[NewResult, np.ndarray[Any, Any], np.ndarray[Any, Any]] | None] = (
+            queue.Queue(capacity))
+        self._thread = threading.Thread(target=self._run, name="results-store", daemon=True)
+        self._thread.start()
+
+    def submit(self, new: NewResult, unit_image: np.ndarray[Any, Any], gradcam: np.ndarray[Any, Any]) -> None:
+        """Queue one result (never blocks). Raises StoreError when the queue is full."""
+        import queue
+
+        try:
+            self._queue.put_nowait((new, preview_of(unit_image), np.array(gradcam, np.float32)))
+        except queue.Full:
+            raise StoreError("results store queue full (the database or disk is too slow)") from None
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            try:
+                self.store.record(*item)
+            except Exception as exc:  # never PHI: the type and the UID only
+                self.on_error()
+                logger.error("result not recorded for the dashboard: %s", type(exc).__name__,
+                             extra={"sop_instance_uid": item[0].sop_instance_uid})
+            finally:
+                self._queue.task_done()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until everything queued is written; False when the time ran out."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return not self._queue.unfinished_tasks
+
+    def close(self, timeout: float = 10.0) -> None:
+        self.flush(timeout)
+        with contextlib.suppress(Exception):
+            self._queue.put_nowait(None)
+        self._thread.join(timeout=1.0)
+
+
 class ResultStore:
     """The results database and its image files.
 
@@ -327,7 +402,8 @@ class ResultStore:
 
         Args:
             new: The answer and its identifiers.
-            unit_image: The windowed grayscale image in [0, 1] the SC was drawn on.
+            unit_image: The windowed grayscale image in [0, 1] the SC was drawn on, or its
+                :func:`preview_of` already made.
             gradcam: The raw Grad-CAM grid [h, w] at the model's feature resolution.
 
         Returns:
@@ -335,6 +411,7 @@ class ResultStore:
         """
         import cv2
 
+        preview = preview_of(unit_image)
         stem = hashlib.sha1(f"{new.sop_instance_uid}|{new.model_version}".encode()).hexdigest()[:20]
         answered = new.answered_at or utcnow()
         folder = Path(answered.strftime("%Y/%m/%d"))
@@ -344,12 +421,6 @@ class ResultStore:
                                                 Result.model_version == new.model_version)) is not None:
                 return None
         (self.media_dir / folder).mkdir(parents=True, exist_ok=True)
-        img: np.ndarray[Any, Any] = np.asarray(unit_image, np.float32)
-        rows, cols = img.shape[:2]
-        if max(rows, cols) > PREVIEW_LONG_SIDE:
-            f = PREVIEW_LONG_SIDE / max(rows, cols)
-            img = cv2.resize(img, (max(1, round(cols * f)), max(1, round(rows * f))), interpolation=cv2.INTER_AREA)
-        preview = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
         # Level 1: a few ms for 1024 px; higher levels save little on radiographs and cost 5x.
         if not cv2.imwrite(str(self.media_dir / preview_rel), preview, [cv2.IMWRITE_PNG_COMPRESSION, 1]):
             raise StoreError(f"cannot write preview {self.media_dir / preview_rel}")

@@ -151,6 +151,7 @@ tls_key = "{key}"
         wait_port(dash_port, 60)
         s = worker.spool
         store = ResultStore(f"sqlite:///{s / 'results' / 'results.db'}", s / "results" / "media")
+        wait_for(lambda: store.worklist(Worklist())[1] == 3, 30, "3 results recorded (on the recorder's thread)")
         yield Site(tmp, worker, pacs, config, url, cert, dashboard, dash_log, tmp / "audit.jsonl", store)
     finally:
         if dashboard is not None:
@@ -209,8 +210,8 @@ def test_a_store_failure_is_counted_and_the_outputs_still_go_out(site: Site) -> 
         phantom(site.tmp / "in-store-fails.dcm", positive=True, seed=77, accession="ACC-X")
         storescu(site.worker.port, [site.tmp / "in-store-fails.dcm"])
         wait_for(lambda: len(site.pacs.files()) >= before + 2, 120, "the outputs despite the store failure")
-        _, text = http(site.worker.metrics_port, "/metrics")
-        assert metric(text, "cxr_store_errors_total") == 1
+        wait_for(lambda: metric(http(site.worker.metrics_port, "/metrics")[1], "cxr_store_errors_total") == 1, 30,
+                 "the store error counted")
         assert site.worker.proc is not None and site.worker.proc.poll() is None
         lines = [json.loads(x) for x in site.worker.log_lines() if "not recorded" in x]
         assert lines and all(CANARY_ID not in json.dumps(x) for x in lines)

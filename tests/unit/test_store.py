@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from worker.store import NewResult, ResultStore, StoreError, Worklist, sqlite_url
+from worker.store import NewResult, Recorder, ResultStore, StoreError, Worklist, preview_of, sqlite_url
 
 
 def new(uid: str, decision: str = "positive", version: str = "1.0", **kw: object) -> NewResult:
@@ -123,3 +123,29 @@ def test_retention_sweep_deletes_rows_feedback_and_files_together(store: ResultS
 def test_an_unreachable_database_is_one_clear_error(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match=r"results database postgresql\+psycopg://cxr:\*\*\*@127.0.0.1:1/cxr"):
         ResultStore("postgresql+psycopg://cxr:secret@127.0.0.1:1/cxr?connect_timeout=2", tmp_path / "m")
+
+
+def test_the_recorder_writes_on_its_own_thread_and_never_blocks(store: ResultStore) -> None:
+    errors: list[int] = []
+    recorder = Recorder(store, on_error=lambda: errors.append(1), capacity=2)
+    image = np.full((2048, 1024), 0.5, np.float32)
+    recorder.submit(new("1.9.1"), image, np.ones((3, 3)))
+    assert recorder.flush(30)
+    rows, total = store.worklist(Worklist())
+    assert total == 1 and cv2.imread(str(store.media_dir / rows[0].preview_path)).shape[:2] == (1024, 512)
+    # A row the database refuses (a study date that is no date) is counted, not raised; the
+    # thread goes on with the next one.
+    recorder.submit(new("1.9.2", study_date="not a date"), image, np.ones((3, 3)))  # type: ignore[arg-type]
+    recorder.submit(new("1.9.3"), image, np.ones((3, 3)))
+    assert recorder.flush(30)
+    assert errors == [1] and store.worklist(Worklist())[1] == 2
+    recorder.close()
+
+
+def test_a_full_recorder_queue_refuses_at_once(store: ResultStore) -> None:
+    recorder = Recorder(store, capacity=1)
+    recorder._queue.put(None)  # noqa: SLF001 (the writer stops: the queue stays full)
+    recorder._thread.join(5)  # noqa: SLF001
+    recorder._queue.put_nowait((new("1.9.1"), preview_of(np.zeros((4, 4))), np.zeros((2, 2))))  # noqa: SLF001
+    with pytest.raises(StoreError, match="queue full"):
+        recorder.submit(new("1.9.2"), np.zeros((4, 4)), np.zeros((2, 2)))
