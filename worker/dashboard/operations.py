@@ -101,7 +101,7 @@ def _weekly(results: list[Result]) -> dict[str, list[float]]:
     return dict(sorted(weeks.items()))
 
 
-def _figure(width: float = 6.0, height: float = 2.6) -> Any:
+def _figure(width: float = 5.0, height: float = 2.6) -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,7 +155,8 @@ def plot_disagreement(snap: Snapshot) -> bytes:
     if snap.disagreement:
         versions = list(snap.disagreement)
         rates = [d / t if t else 0.0 for d, t in snap.disagreement.values()]
-        bars = ax.bar(versions, rates, color=WARN, width=0.5)
+        bars = ax.bar(versions, rates, color=WARN, width=0.4)
+        ax.set_xlim(-0.8, len(versions) - 0.2)  # one version stays a bar, not a wall
         for bar, (d, t) in zip(bars, snap.disagreement.values(), strict=True):
             ax.annotate(f"{d}/{t}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
                         va="bottom", fontsize=8, color=INK, xytext=(0, 2), textcoords="offset points")
