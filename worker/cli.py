@@ -56,8 +56,7 @@ def _parser() -> argparse.ArgumentParser:
 def _store(settings: Settings) -> Any:
     from worker.store import ResultStore
 
-    d = settings.dashboard
-    return ResultStore(d.store_url(settings.spool.dir), d.store_media(settings.spool.dir))
+    return ResultStore.from_settings(settings)
 
 
 def _user(args: argparse.Namespace, settings: Settings) -> int:

@@ -78,7 +78,7 @@ class Service:
         from worker.store import Recorder, ResultStore, StoreError
 
         try:
-            store = ResultStore(d.store_url(self.settings.spool.dir), d.store_media(self.settings.spool.dir))
+            store = ResultStore.from_settings(self.settings)
             return Recorder(store, on_error=self.metrics.store_errors.inc)
         except StoreError as exc:
             self.metrics.store_errors.inc()

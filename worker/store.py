@@ -357,13 +357,18 @@ class ResultStore:
     Args:
         url: SQLAlchemy URL: ``sqlite:///PATH`` or ``postgresql+psycopg://USER@HOST/DB``.
         media_dir: Where previews and Grad-CAM grids are written (shared by every worker
-            and the dashboard when the database is shared).
+            and the dashboard when the database is shared); default, for SQLite only,
+            ``media`` beside the database file.
 
     Raises:
         StoreError: the database cannot be opened or migrated.
     """
 
-    def __init__(self, url: str, media_dir: Path) -> None:
+    def __init__(self, url: str, media_dir: Path | None = None) -> None:
+        if media_dir is None:
+            if not url.startswith("sqlite:///"):
+                raise StoreError(f"results database {self.engine_name(url)}: media_dir is needed beside a server")
+            media_dir = Path(url.removeprefix("sqlite:///")).parent / "media"
         self.media_dir = Path(media_dir)
         try:
             self.media_dir.mkdir(parents=True, exist_ok=True)
@@ -378,6 +383,12 @@ class ResultStore:
                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> ResultStore:
+        """The store a worker.config.Settings names (``[dashboard]`` database_url and media_dir)."""
+        d, spool = settings.dashboard, settings.spool.dir
+        return cls(d.store_url(spool), d.store_media(spool))
 
     @staticmethod
     def engine_name(url: str) -> str:

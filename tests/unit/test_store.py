@@ -120,6 +120,17 @@ def test_retention_sweep_deletes_rows_feedback_and_files_together(store: ResultS
     assert store.sweep(30) == 0
 
 
+def test_the_store_opens_from_settings_with_media_beside_sqlite(tmp_path: Path) -> None:
+    from worker.config import get_settings
+
+    settings = get_settings(None, {"spool": {"dir": tmp_path / "spool"}})
+    store = ResultStore.from_settings(settings)
+    assert store.media_dir == tmp_path / "spool" / "results" / "media"
+    assert ResultStore(sqlite_url(tmp_path / "x" / "r.db")).media_dir == (tmp_path / "x" / "media").resolve()
+    with pytest.raises(StoreError, match="media_dir is needed"):
+        ResultStore("postgresql+psycopg://cxr@db/cxr")
+
+
 def test_an_unreachable_database_is_one_clear_error(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match=r"results database postgresql\+psycopg://cxr:\*\*\*@127.0.0.1:1/cxr"):
         ResultStore("postgresql+psycopg://cxr:secret@127.0.0.1:1/cxr?connect_timeout=2", tmp_path / "m")

@@ -327,7 +327,7 @@ def serve(settings: Settings) -> None:
     import uvicorn
 
     ds = settings.dashboard
-    store = ResultStore(ds.store_url(settings.spool.dir), ds.store_media(settings.spool.dir))
+    store = ResultStore.from_settings(settings)
     app = create_app(settings, store)
     stop = threading.Event()
 
