@@ -45,7 +45,7 @@ from worker.store import ResultStore, Worklist
 
 pytestmark = pytest.mark.integration
 
-PASSWORDS = {"alice": "alice-reads-films", "bob": "bob-reads-films-too"}
+PASSWORDS = {"alice": "alice-reads-films", "bob": "bob-reads-films-too", "carol": "carol-runs-the-service"}
 DOCS = ROOT / "docs"
 
 
@@ -142,7 +142,8 @@ tls_key = "{key}"
         storescu(port, inputs)
         wait_for(lambda: len(pacs.files()) >= 6, 120, "SC and SR of 3 instances at the PACS")
         for name, password in PASSWORDS.items():  # the password comes from stdin, never argv
-            subprocess.run([sys.executable, "-m", "worker.cli", "user", "add", name, "--role", "reader",
+            role = "admin" if name == "carol" else "reader"
+            subprocess.run([sys.executable, "-m", "worker.cli", "user", "add", name, "--role", role,
                             "--config", str(config)], input=password + "\n", text=True, check=True, cwd=ROOT,
                            capture_output=True, timeout=120)
         with open(dash_log, "ab") as log:
@@ -243,6 +244,16 @@ def test_session_cookie_is_httponly_secure_and_samesite(site: Site) -> None:
     assert "httponly" in cookie and "secure" in cookie and "samesite=strict" in cookie
     headers = c.get("/login").headers
     assert "script-src 'self'" in headers["content-security-policy"] and headers["cache-control"] == "no-store"
+
+
+def test_operations_are_for_administrators(site: Site) -> None:
+    reader, admin = site.login("alice"), site.login("carol")
+    assert reader.get("/operations").status_code == 403 and reader.get("/operations/drift.svg").status_code == 403
+    assert "Operations" not in reader.get("/").text.split("</nav>")[0]
+    page = admin.get("/operations")
+    assert page.status_code == 200 and "Dead letters" in page.text
+    svg = admin.get("/operations/drift.svg")
+    assert svg.headers["content-type"].startswith("image/svg+xml") and b"<svg" in svg.content
 
 
 def test_a_forged_form_is_refused(site: Site) -> None:
@@ -416,6 +427,11 @@ def test_a_reader_reviews_a_result_in_the_browser(site: Site, browser: Any) -> N
     browser.get(site.url + "/")
     wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "table.worklist")))
     browser.save_screenshot(str(shots / "worklist.png"))
+    browser.find_element(By.CSS_SELECTOR, "form.who button").click()  # log out; the administrator logs in
+    wait.until(ec.presence_of_element_located((By.NAME, "username"))).send_keys("carol")
+    browser.find_element(By.NAME, "password").send_keys(PASSWORDS["carol"])
+    browser.find_element(By.CSS_SELECTOR, "button.primary").click()
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "table.worklist")))
     browser.get(site.url + "/operations")
     wait.until(lambda d: d.execute_script(
         "return Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)"))

@@ -87,6 +87,9 @@ class Dashboard:
         user = request.session.get("user")
         if not isinstance(user, dict) or user.get("expires", 0) < datetime.now(UTC).timestamp():
             return None
+        account = self.store.get_user(int(user.get("id", -1)))  # disabled or reset since the login: out
+        if account is None or account.disabled or account.role != user.get("role"):
+            return None
         return user
 
     def need_user(self, request: Request) -> dict[str, Any] | Response:
@@ -234,16 +237,27 @@ class Dashboard:
                              "heat": [round(float(v), 4) for v in heat.ravel()],
                              "scale": "fixed" if row.heatmap_scale else "per-image"})
 
+    def forbidden_unless_admin(self, request: Request, user: dict[str, Any]) -> Response | None:
+        if user.get("role") == "admin":
+            return None
+        return self.render(request, "message.html", 403, title="Administrators only",
+                           message="The operations page is for administrators; ask one for access.")
+
     async def operations_page(self, request: Request) -> Response:
         user = self.need_user(request)
         if isinstance(user, Response):
             return user
+        if (refused := self.forbidden_unless_admin(request, user)) is not None:
+            return refused
         snap = operations.snapshot(self.store, self.metrics_url)
         return self.render(request, "operations.html", s=snap, names=operations.WORKER_METRICS)
 
     async def plot(self, request: Request) -> Response:
-        if self.user(request) is None:
+        user = self.user(request)
+        if user is None:
             return Response("login required", status_code=401, media_type="text/plain")
+        if user.get("role") != "admin":
+            return Response("administrators only", status_code=403, media_type="text/plain")
         draw = operations.PLOTS.get(request.path_params["name"])
         if draw is None:
             return Response("no such plot", status_code=404, media_type="text/plain")
