@@ -326,7 +326,10 @@ def create_app(settings: Settings, store: ResultStore, secret: str | None = None
     middleware = [
         Middleware(_Headers),
         Middleware(SessionMiddleware, secret_key=key, session_cookie="cxr_session",
-                   max_age=int(settings.dashboard.session_hours * 3600), same_site="strict",
+                   # Lax, not Strict: a review link opened from a PACS viewer or an e-mail is a cross-site
+                   # navigation, and Strict would drop the session there; cross-site POSTs still carry
+                   # no cookie, and every form has its CSRF token besides.
+                   max_age=int(settings.dashboard.session_hours * 3600), same_site="lax",
                    https_only=d.secure_cookies),
     ]
     app = Starlette(routes=routes, middleware=middleware)
