@@ -71,19 +71,14 @@ class Service:
         self.health: HealthServer | None = None
 
     def _open_store(self) -> Recorder | None:
-        """The dashboard's results database; the service runs without it when it cannot open."""
+        """The dashboard's recorder; the service runs without the database while it cannot open."""
         d = self.settings.dashboard
         if not d.record:
             return None
-        from worker.store import Recorder, ResultStore, StoreError
+        from worker.store import Recorder, ResultStore
 
-        try:
-            store = ResultStore.from_settings(self.settings)
-            return Recorder(store, on_error=self.metrics.store_errors.inc)
-        except StoreError as exc:
-            self.metrics.store_errors.inc()
-            logger.error("results are not recorded for the dashboard: %s", exc)
-            return None
+        # Opened on the recorder's thread: a database that is down never delays the DICOM service.
+        return Recorder(lambda: ResultStore.from_settings(self.settings), on_error=self.metrics.store_errors.inc)
 
     # -- start and stop -----------------------------------------------------------------
     def start(self) -> None:
@@ -170,7 +165,7 @@ class Service:
         removed = self.spool.prune_done(self.settings.spool.done_retention_days * 86400)
         if removed:
             logger.info("pruned done markers", extra={"removed": removed})
-        if self.handler.store is not None:
+        if self.handler.store is not None and self.handler.store.store is not None:
             try:
                 self.handler.store.store.sweep(self.settings.dashboard.retention_days)
             except Exception as exc:  # retention is retried at the next prune; the service goes on

@@ -26,7 +26,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from importlib import resources
@@ -301,17 +301,26 @@ class Recorder:
     the grid and the row are written here. A full queue (the database or disk too slow)
     drops the record rather than wait: the outputs matter, the dashboard's copy does not.
 
+    The database is opened on this thread too, so a PostgreSQL server that is down or slow to
+    answer never holds up the DICOM service's start: the recorder retries every ``retry_s``
+    meanwhile, and what the full queue cannot hold is dropped and counted.
+
     Args:
-        store: Where results go.
-        on_error: Called once per result not recorded (the worker counts them).
+        store: Where results go, or a function that opens it (called on the recorder's thread).
+        on_error: Called once per result not recorded, and per failed opening (the worker counts them).
         capacity: Results waiting at most (each holds a preview of up to 1 MB).
+        retry_s: Time between attempts to open the store.
     """
 
-    def __init__(self, store: ResultStore, on_error: Any = lambda: None, capacity: int = 64) -> None:
+    def __init__(self, store: ResultStore | Callable[[], ResultStore], on_error: Any = lambda: None,
+                 capacity: int = 64, retry_s: float = 60.0) -> None:
         import queue
 
-        self.store = store
+        self.store: ResultStore | None = store if isinstance(store, ResultStore) else None
+        self._open = None if isinstance(store, ResultStore) else store
         self.on_error = on_error
+        self.retry_s = retry_s
+        self._closing = threading.Event()
         self._queue: queue.Queue[tuple[NewResult, np.ndarray[Any, Any], np.ndarray[Any, Any]] | None] = (
             queue.Queue(capacity))
         self._thread = threading.Thread(target=self._run, name="results-store", daemon=True)
@@ -327,8 +336,17 @@ class Recorder:
             raise StoreError("results store queue full (the database or disk is too slow)") from None
 
     def _run(self) -> None:
+        while self.store is None and self._open is not None:
+            try:
+                self.store = self._open()
+            except StoreError as exc:  # the message names the URL without its password
+                self.on_error()
+                logger.error("results are not recorded for the dashboard (retrying in %.0f s): %s", self.retry_s, exc)
+                if self._closing.wait(self.retry_s):
+                    return
         while (item := self._queue.get()) is not None:
             try:
+                assert self.store is not None
                 self.store.record(*item)
             except Exception as exc:  # never PHI: the type and the UID only
                 self.on_error()
@@ -345,7 +363,9 @@ class Recorder:
         return not self._queue.unfinished_tasks
 
     def close(self, timeout: float = 10.0) -> None:
-        self.flush(timeout)
+        if self.store is not None:
+            self.flush(timeout)
+        self._closing.set()
         with contextlib.suppress(Exception):
             self._queue.put_nowait(None)
         self._thread.join(timeout=1.0)
@@ -374,7 +394,9 @@ class ResultStore:
             self.media_dir.mkdir(parents=True, exist_ok=True)
             if url.startswith("sqlite:///"):
                 Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-            self.engine = create_engine(url, pool_pre_ping=True)
+            # A server that does not answer is an error after 10 s, not a hang (libpq waits forever).
+            server = {"connect_timeout": 10} if url.startswith("postgresql") else {}
+            self.engine = create_engine(url, pool_pre_ping=True, connect_args=server)
             if self.engine.dialect.name == "sqlite":
                 event.listen(self.engine, "connect", _sqlite_pragmas)
             migrate(self.engine)

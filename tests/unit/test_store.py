@@ -153,6 +153,23 @@ def test_the_recorder_writes_on_its_own_thread_and_never_blocks(store: ResultSto
     recorder.close()
 
 
+def test_the_recorder_opens_the_store_on_its_thread_and_retries(store: ResultStore) -> None:
+    attempts: list[int] = []
+    errors: list[int] = []
+
+    def opener() -> ResultStore:
+        attempts.append(1)
+        if len(attempts) == 1:  # the database is down when the worker starts
+            raise StoreError("results database postgresql+psycopg://cxr@db/cxr: OperationalError")
+        return store
+
+    recorder = Recorder(opener, on_error=lambda: errors.append(1), retry_s=0.05)
+    recorder.submit(new("1.9.1"), np.zeros((10, 10)), np.zeros((2, 2)))  # queued while it cannot open
+    assert recorder.flush(30)
+    assert len(attempts) == 2 and errors == [1] and store.worklist(Worklist())[1] == 1
+    recorder.close()
+
+
 def test_a_full_recorder_queue_refuses_at_once(store: ResultStore) -> None:
     recorder = Recorder(store, capacity=1)
     recorder._queue.put(None)  # noqa: SLF001 (the writer stops: the queue stays full)
