@@ -357,6 +357,9 @@ def serve(settings: Settings) -> None:
 
     threading.Thread(target=sweep, name="retention", daemon=True).start()
     scheme = "https" if ds.tls_cert else "http"
+    if scheme == "http" and ds.bind not in ("127.0.0.1", "::1", "localhost"):
+        logger.warning("the dashboard shows patient data over plain HTTP on a non-loopback address; "
+                       "set dashboard.tls_cert and tls_key, or put a TLS proxy in front", extra={"bind": ds.bind})
     logger.info("dashboard listening", extra={"url": f"{scheme}://{ds.bind}:{ds.port}",
                                               "database": ResultStore.engine_name(ds.store_url(settings.spool.dir))})
     # access_log off: request lines carry search terms (patient IDs, accession numbers).
