@@ -155,8 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         worker = subprocess.Popen(
             [sys.executable, "-m", "worker.cli", "serve", "--config", str(default_config()),
              "--model", str(model), "--spool", str(work / "spool"), "--destination", destination],
-            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=dashboard_env(work, settings))
         procs.append(worker)
+        dashboard_url, demo_password = start_dashboard(work, settings, procs, ROOT)
         if pacs is not None:
             pacs.start()
         time.sleep(3)
@@ -192,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"PNG previews of the Secondary Captures: {previews}")
         if pacs is not None:
             console.print(f"Browse the study in Orthanc: {pacs.url}/app/explorer.html")
+        if dashboard_url:
+            console.print(f"Review dashboard: {dashboard_url}  (login: demo / {demo_password})"
+                          + ("" if args.keep_running else "; add --keep-running to keep it up"))
         if args.keep_running:
             console.print("serving; Ctrl-C stops")
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
@@ -209,6 +213,32 @@ def main(argv: list[str] | None = None) -> int:
                 proc.kill()
         if pacs is not None:
             pacs.stop()
+
+
+def dashboard_env(work: Path, settings: Any) -> dict[str, str]:
+    """Worker and dashboard share the demo's spool (the results database) and the review link."""
+    return {**os.environ, "CXR_SPOOL__DIR": str(work / "spool"),
+            "CXR_DASHBOARD__PUBLIC_URL": f"http://{settings.dashboard.bind}:{settings.dashboard.port}"}
+
+
+def start_dashboard(work: Path, settings: Any, procs: list[Any], root: Path) -> tuple[str, str]:
+    """``cxr-worker dashboard`` beside the worker, with a ``demo`` reader whose password is new
+    each run; ("", "") when it cannot start (the demo goes on without it)."""
+    import secrets
+
+    from worker.config import default_config
+
+    password = secrets.token_urlsafe(9)
+    env = dashboard_env(work, settings)
+    config = ["--config", str(default_config())]
+    added = subprocess.run([sys.executable, "-m", "worker.cli", "user", "add", "demo", "--role", "admin", *config],
+                           input=password + "\n", text=True, capture_output=True, env=env, cwd=root, timeout=120)
+    if added.returncode != 0:
+        return "", ""
+    log = open(work / "dashboard.log", "ab")  # noqa: SIM115
+    procs.append(subprocess.Popen([sys.executable, "-m", "worker.cli", "dashboard", *config],
+                                  stdout=log, stderr=subprocess.STDOUT, cwd=root, env=env))
+    return env["CXR_DASHBOARD__PUBLIC_URL"], password
 
 
 def wait_result(src: Dataset, pacs: Any, work: Path, timeout: float, started: float

@@ -32,6 +32,9 @@ APPLICATION_START = ("110120", "Application Start")
 APPLICATION_STOP = ("110121", "Application Stop")
 NODE_AUTHENTICATION = ("110126", "Node Authentication")
 NETWORK_ENTRY = ("110108", "Network Entry")  # A-ASSOCIATE refused
+USER_AUTHENTICATION = ("110114", "User Authentication")  # the dashboard's logins (PS3.15 A.5.3.11)
+LOGIN = ("110122", "Login")
+LOGOUT = ("110123", "Logout")
 
 STUDY_INSTANCE_UID = ("110180", "Study Instance UID")
 
@@ -136,3 +139,19 @@ class AuditTrail:
     def security_alert(self, kind: tuple[str, str], ae: str, address: str, detail: str) -> None:
         self._write(SECURITY_ALERT, "E", AuditOutcome.MINOR_FAILURE, [self._node(ae, address, True)], type_code=kind,
                     detail=detail)
+
+    # -- the dashboard (worker.dashboard): people, not nodes --------------------------------
+    def user_authentication(self, user: str, address: str, login: bool, success: bool) -> None:
+        """A reader logged in or out, or failed to (PS3.15 A.5.3.11 User Authentication)."""
+        self._write(USER_AUTHENTICATION, "E", AuditOutcome.SUCCESS if success else AuditOutcome.MINOR_FAILURE,
+                    [{"UserID": user, "NetworkAccessPointID": address, "UserIsRequestor": True},
+                     {"UserID": self.source["AuditSourceID"], "UserIsRequestor": False}],
+                    type_code=LOGIN if login else LOGOUT)
+
+    def instances_viewed(self, user: str, address: str, study_uid: str, sop_class: str, sop_instance: str,
+                         action: str = "R", detail: str = "") -> None:
+        """A reader opened a result (action R) or recorded feedback on it (action U)
+        (PS3.15 A.5.3.2 DICOM Instances Accessed)."""
+        self._write(INSTANCES_ACCESSED, action, AuditOutcome.SUCCESS,
+                    [{"UserID": user, "NetworkAccessPointID": address, "UserIsRequestor": True}],
+                    [study_object(study_uid, sop_class, sop_instance)], detail=detail)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from datetime import UTC, date, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydicom import Dataset, dcmread
 
@@ -22,6 +24,9 @@ from worker.pipeline import Decoded, Processor, Result, Skipped, encode, uid_of,
 from worker.send import Outbox
 from worker.spool import Spool, key
 
+if TYPE_CHECKING:
+    from worker.store import Recorder
+
 logger = logging.getLogger(__name__)
 
 
@@ -30,8 +35,10 @@ class BatchHandler:
 
     def __init__(self, processor: Processor, spool: Spool, outbox: Outbox, metrics: Metrics,
                  output_reserve_mb: float, max_crashes: int = 3, on_output: Callable[[], None] = lambda: None,
-                 audit: AuditTrail | None = None) -> None:
+                 audit: AuditTrail | None = None, store: Recorder | None = None) -> None:
         self.processor = processor
+        self.store = store  # the dashboard's database; None when not recording
+        self._decode_seconds: dict[Path, float] = {}
         self.audit = audit
         self.max_crashes = max_crashes  # 0 = never give up on an instance the worker died on
         self.on_output = on_output  # wakes the sending thread
@@ -125,7 +132,8 @@ class BatchHandler:
                 continue
             in_batch.add(marker)
             ready.append(decoded)
-            self.metrics.stage_seconds.labels("decode").observe(time.perf_counter() - started)
+            self._decode_seconds[path] = time.perf_counter() - started
+            self.metrics.stage_seconds.labels("decode").observe(self._decode_seconds[path])
         return ready
 
     def _answer(self, item: Decoded, result: Result, per_image: float) -> None:
@@ -135,7 +143,9 @@ class BatchHandler:
                             study_instance_uid=str(obj.get("StudyInstanceUID", "")),
                             sop_class_uid=str(obj.SOPClassUID))
         self.spool.mark_done(key(result.sop_instance_uid, self.processor.model.info.version))
+        received = self._received_at(item.path)
         self.spool.finish(item.path)
+        self._record(item, result, per_image, received)
         self.metrics.processed.inc()
         if result.gate is not None:  # out of distribution: counted, and audited with what we did
             self.metrics.gated.labels(result.gate).inc()
@@ -155,6 +165,47 @@ class BatchHandler:
             "gate": result.gate, "ood_score": result.ood_score, "faithfulness": result.faithfulness,
             "sc_sop_instance_uid": str(result.sc.SOPInstanceUID),
             "sr_sop_instance_uid": str(result.sr.SOPInstanceUID)})
+
+    @staticmethod
+    def _received_at(path: Path) -> datetime | None:
+        try:  # the spool file's time: when the receiver renamed it into the queue
+            return datetime.fromtimestamp(path.stat().st_mtime, UTC)
+        except OSError:
+            return None
+
+    def _record(self, item: Decoded, result: Result, per_image: float, received: datetime | None) -> None:
+        """Hand the result to the dashboard's recorder (it writes on its own thread); a failure
+        is logged and counted, never raised: the outputs are on their way and the DICOM service
+        must go on."""
+        decode_s = self._decode_seconds.pop(item.path, None)
+        if self.store is None or result.gradcam is None:
+            return
+        started = time.perf_counter()
+        try:
+            from worker.store import NewResult
+
+            ds, info = item.ds, self.processor.model.info
+            new = NewResult(
+                study_instance_uid=str(ds.get("StudyInstanceUID", "")),
+                series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
+                sop_instance_uid=result.sop_instance_uid, sop_class_uid=str(ds.get("SOPClassUID", "")),
+                accession_number=str(ds.get("AccessionNumber", "") or ""),
+                patient_id=str(ds.get("PatientID", "") or ""), patient_name=str(ds.get("PatientName", "") or ""),
+                study_date=_dicom_date(ds.get("StudyDate")), received_at=received,
+                probability=float(result.probability),
+                decision="withheld" if result.withheld else "positive" if result.positive else "negative",
+                threshold=info.threshold, ood_gate=result.gate, ood_score=result.ood_score,
+                faithfulness=result.faithfulness, model_name=info.name, model_version=info.version,
+                heatmap_scale=info.heatmap_scale, decode_ms=None if decode_s is None else decode_s * 1000,
+                infer_ms=result.infer_seconds * 1000, build_ms=max(0.0, per_image - result.infer_seconds) * 1000,
+                sc_sop_instance_uid=str(result.sc.SOPInstanceUID), sr_sop_instance_uid=str(result.sr.SOPInstanceUID))
+            self.store.submit(new, result.unit_image, result.gradcam)
+        except Exception as exc:  # never PHI in the log: the type and the UID only
+            self.metrics.store_errors.inc()
+            logger.error("result not recorded for the dashboard: %s", type(exc).__name__,
+                         extra={"sop_instance_uid": result.sop_instance_uid})
+        finally:
+            self.metrics.stage_seconds.labels("record").observe(time.perf_counter() - started)  # the hand-over
 
     def _failed(self, paths: list[Path], ds: Dataset | None, exc: Exception, stage: str) -> None:
         """Quarantine for a bad input or a bug; an infrastructure fault re-raises (requeue)."""
@@ -180,3 +231,12 @@ class BatchHandler:
         if count_failed:
             self.metrics.failed.inc()
         logger.error("quarantined: %s", withhold_values(reason), extra={"sop_instance_uid": uid})
+
+
+def _dicom_date(value: object) -> date | None:
+    """A DA value as a date; None when absent or not a valid date."""
+    text = str(value or "").strip()
+    try:
+        return datetime.strptime(text[:8], "%Y%m%d").date() if len(text) >= 8 else None
+    except ValueError:
+        return None

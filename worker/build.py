@@ -230,6 +230,7 @@ def render_heatmap_overlay(
     paint_negative: bool = False,
     faithfulness: float | None = None,
     warning: list[str] | None = None,
+    link: str = "",
 ) -> np.ndarray[Any, Any]:
     """Blend the Grad-CAM map over the image at the source resolution and burn in the result.
 
@@ -247,6 +248,7 @@ def render_heatmap_overlay(
             default a negative decision is drawn without colour.
         faithfulness: Heatmap faithfulness, printed below the probability when a map is drawn.
         warning: Lines printed first, e.g. that the image is outside the training distribution.
+        link: The dashboard's review link (``dashboard.public_url``), printed last.
 
     Returns:
         uint8 RGB [Rows, Columns, 3].
@@ -284,12 +286,14 @@ def render_heatmap_overlay(
         f"Model: {model_name} {model_version}",
         "AI-generated - not for diagnostic use",
         *([notice] if notice else []),
+        *([f"Review: {link}"] if link else []),
     ], bar=painted)
     return rgb
 
 
 def render_withheld(
     unit_image: np.ndarray[Any, Any], *, reason: str, model_name: str, model_version: str, notice: str = "",
+    link: str = "",
 ) -> np.ndarray[Any, Any]:
     """The source image in gray, without any heatmap, saying why there is no result.
 
@@ -307,6 +311,7 @@ def render_withheld(
         f"Model: {model_name} {model_version}",
         "AI-generated - not for diagnostic use",
         *([notice] if notice else []),
+        *([f"Review: {link}"] if link else []),
     ], bar=False)
     return rgb
 
@@ -589,9 +594,13 @@ def _image_library(source: Dataset) -> hd.sr.ContainerContentItem:
     return library
 
 
+#: The SR's TEXT item carrying the dashboard link (worker.links.review_url).
+REVIEW_LINK = hd.sr.CodedConcept("REVIEW-LINK", PRIVATE_SCHEME, "Review in the dashboard")
+
+
 def build_report(
     source: Dataset, sc: Dataset, probability: float, model: ModelInfo, uids: OutputUIDs,
-    settings: BuildSettings, *, trust: Trust | None = None,
+    settings: BuildSettings, *, trust: Trust | None = None, review_url: str | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """A TID 1500 Measurement Report: the probability, the decision and the model identity.
 
@@ -602,6 +611,7 @@ def build_report(
         model, uids, settings: The model, output UIDs, site choices.
         trust: Out-of-distribution gate and heatmap faithfulness. When ``trust.withheld``
             the finding is Indeterminate and no probability is reported.
+        review_url: The dashboard's link to this result, carried as a TEXT item of the group.
     """
     trust = trust or Trust()
     _check_probability(probability, model.threshold)
@@ -639,6 +649,9 @@ def build_report(
         measurements=measurements,
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
     )
+    if review_url:  # a PACS viewer shows it as text; the reader opens the case in the dashboard
+        group[0].ContentSequence.append(hd.sr.TextContentItem(
+            name=REVIEW_LINK, value=review_url, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device),
         procedure_reported=CHEST_XR_SINGLE_VIEW,

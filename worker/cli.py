@@ -1,4 +1,4 @@
-"""``cxr-worker``: serve | process | echo."""
+"""``cxr-worker``: serve | process | echo | dashboard | user."""
 
 from __future__ import annotations
 
@@ -41,7 +41,44 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("destination", metavar="AET@HOST:PORT|URL")
     s.add_argument("--config", type=Path)
     s.add_argument("--timeout", type=float, default=10.0)
+
+    # -- the dashboard (worker.dashboard) and its accounts --------------------------------
+    s = sub.add_parser("dashboard", help="review and operations web application (runs until SIGTERM)")
+    s.add_argument("--config", type=Path, help="the worker's TOML file ([dashboard] section)")
+    s = sub.add_parser("user", help="dashboard accounts")
+    s.add_argument("action", choices=["add", "list"])
+    s.add_argument("name", nargs="?")
+    s.add_argument("--role", choices=["reader", "admin"], default="reader")
+    s.add_argument("--config", type=Path)
     return p
+
+
+def _store(settings: Settings) -> Any:
+    from worker.store import ResultStore
+
+    return ResultStore.from_settings(settings)
+
+
+def _user(args: argparse.Namespace, settings: Settings) -> int:
+    """``user add NAME --role R`` reads the password from stdin (a prompt on a terminal)."""
+    store = _store(settings)
+    if args.action == "list":
+        for u in store.users():
+            print("\t".join([u.name, u.role] + (["disabled"] if u.disabled else [])))
+        return 0
+    if not args.name:
+        raise ConfigError("user add needs a NAME")
+    if sys.stdin.isatty():
+        import getpass
+
+        password = getpass.getpass(f"password for {args.name}: ")
+        if getpass.getpass("again: ") != password:
+            raise ConfigError("the passwords differ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    store.add_user(args.name, args.role, password)
+    print(f"user {args.name} ({args.role}) saved")
+    return 0
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -132,6 +169,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if status == SUCCESS else 1
         if args.command == "process":
             return _process(args, settings)
+        if args.command == "user":
+            return _user(args, settings)
+        if args.command == "dashboard":
+            from worker.dashboard.app import serve
+
+            serve(settings)
+            return 0
         import faulthandler
         import signal
 

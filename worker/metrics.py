@@ -44,6 +44,8 @@ class Metrics:
                                              ["stage"], registry=r)
         self.poisoned = Counter("cxr_instances_poisoned", "Instances quarantined after the worker died on them",
                                 registry=r)
+        self.store_errors = Counter("cxr_store_errors", "Results not recorded in the dashboard's database "
+                                    "(the outputs went out regardless)", registry=r)
         self.destination_up = Gauge("cxr_destination_up", "1 when the destination answered its last check "
                                     "(C-ECHO, or QIDO-RS for DICOMweb)",
                                     ["destination"], registry=r)

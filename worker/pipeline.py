@@ -39,6 +39,7 @@ from worker.decode import dataset_to_unit_image
 from worker.errors import DecodeError, UnsupportedInput, WorkerError
 from worker.faults import Fault, fault_of
 from worker.input_check import input_problem
+from worker.links import review_url
 from worker.model import GATE_OOD_SCORE, OnnxModel, Prediction, outside_distribution
 from worker.selection import ineligible_reason, invalid_uid
 
@@ -86,6 +87,8 @@ class Result:
     withheld: bool = False
     ood_score: float | None = None
     faithfulness: float | None = None
+    #: The raw Grad-CAM grid at the model's feature resolution (recorded for the dashboard).
+    gradcam: np.ndarray[Any, Any] | None = None
 
 
 def read_dataset(path: Path) -> Dataset:
@@ -193,26 +196,29 @@ class Processor:
             positive = not trust.withheld and decision(pred.probability, self.model.info.threshold)
             out.append(Result(uid_of(item.ds), pred.probability, positive, sc, sr, item.unit_image, rgb,
                               infer_seconds, gate=trust.gate, withheld=trust.withheld, ood_score=ood,
-                              faithfulness=trust.faithfulness))
+                              faithfulness=trust.faithfulness, gradcam=pred.gradcam))
         return out
 
     def _build(self, item: Decoded, pred: Prediction, trust: Trust) -> tuple[Dataset, Dataset, np.ndarray[Any, Any]]:
         info = self.model.info
         uids = output_uids(item.ds, info.version, self.build_settings.uid_prefix)
         notice = info.intended_use if info.synthetic else ""
+        public = self.settings.dashboard.public_url
+        link = review_url(public, uid_of(item.ds), info.version) if public else ""
         if trust.withheld:
             rgb = render_withheld(item.unit_image, reason=trust.gate_line(info), model_name=info.name,
-                                  model_version=info.version, notice=notice)
+                                  model_version=info.version, notice=notice, link=link)
         else:
             flag = ["WARNING: outside the model's training distribution", trust.gate_line(info)] if trust.gate else []
             rgb = render_heatmap_overlay(
                 item.unit_image, pred.gradcam, probability=pred.probability,
                 threshold=info.threshold, model_name=info.name, model_version=info.version,
                 opacity=self.build_settings.opacity, notice=notice, heatmap_scale=info.heatmap_scale,
-                paint_negative=self.paint_negative, faithfulness=trust.faithfulness, warning=flag,
+                paint_negative=self.paint_negative, faithfulness=trust.faithfulness, warning=flag, link=link,
             )
         sc = build_secondary_capture(item.ds, rgb, uids, info, self.build_settings, trust=trust)
-        sr = build_report(item.ds, sc, pred.probability, info, uids, self.build_settings, trust=trust)
+        sr = build_report(item.ds, sc, pred.probability, info, uids, self.build_settings, trust=trust,
+                          review_url=link or None)
         return sc, sr, rgb
 
 

@@ -15,6 +15,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -30,6 +31,9 @@ from worker.receive import Receiver
 from worker.security import client_context
 from worker.send import Outbox
 from worker.spool import Spool
+
+if TYPE_CHECKING:
+    from worker.store import Recorder
 
 logger = logging.getLogger(__name__)
 
@@ -59,12 +63,22 @@ class Service:
         self.handler = BatchHandler(self.processor, self.spool, self.outbox, self.metrics,
                                     output_reserve_mb=settings.spool.reserve_mb / 2,
                                     max_crashes=settings.spool.max_crashes, on_output=self.wake_sender.set,
-                                    audit=self.audit)
+                                    audit=self.audit, store=self._open_store())
         self.receiver = Receiver(settings, self.spool, self.wake.set, self.metrics, self.audit)
         self.monitor = DestinationMonitor(settings.send.destinations, settings.dicom.ae_title, self.metrics,
                                           settings.metrics.echo_cache_s, tls=tls, security=settings.security)
         self.threads: list[threading.Thread] = []
         self.health: HealthServer | None = None
+
+    def _open_store(self) -> Recorder | None:
+        """The dashboard's recorder; the service runs without the database while it cannot open."""
+        d = self.settings.dashboard
+        if not d.record:
+            return None
+        from worker.store import Recorder, ResultStore
+
+        # Opened on the recorder's thread: a database that is down never delays the DICOM service.
+        return Recorder(lambda: ResultStore.from_settings(self.settings), on_error=self.metrics.store_errors.inc)
 
     # -- start and stop -----------------------------------------------------------------
     def start(self) -> None:
@@ -110,6 +124,8 @@ class Service:
         self.wake_sender.set()
         for t in self.threads:
             t.join(timeout=max(0.1, deadline - time.monotonic()))
+        if self.handler.store is not None:  # what the last batch queued for the dashboard
+            self.handler.store.close(timeout=5.0)
         if self.health is not None:
             self.health.stop()
         self.audit.application(start=False)
@@ -149,6 +165,12 @@ class Service:
         removed = self.spool.prune_done(self.settings.spool.done_retention_days * 86400)
         if removed:
             logger.info("pruned done markers", extra={"removed": removed})
+        if self.handler.store is not None and self.handler.store.store is not None:
+            try:
+                self.handler.store.store.sweep(self.settings.dashboard.retention_days)
+            except Exception as exc:  # retention is retried at the next prune; the service goes on
+                self.metrics.store_errors.inc()
+                logger.error("retention sweep of the results database failed: %s", type(exc).__name__)
 
     # -- threads ------------------------------------------------------------------------
     def _claim_batch(self) -> list[Path]:

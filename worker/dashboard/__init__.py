@@ -1,0 +1,1 @@
+"""The review and operations web application (``cxr-worker dashboard``)."""
