@@ -204,6 +204,43 @@ class AuditSection(_Section):
     path: Path = Path("var/audit.jsonl")
 
 
+class DashboardSection(_Section):
+    """The review and operations web application (``cxr-worker dashboard``) and the results database."""
+
+    port: int = Field(8443, ge=1, le=65535)
+    bind: str = Field("127.0.0.1", description="loopback unless the operator opens it")
+    public_url: str | None = Field(None, pattern=r"^https?://[^\s]+$", max_length=200,
+                                   description="the address readers open; set, the SC and SR carry review links")
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite under the spool folder, "
+                                     "e.g. postgresql+psycopg://cxr@db/cxr for several workers")
+    media_dir: Path | None = Field(None, description="previews and Grad-CAM grids; default <spool>/results/media")
+    retention_days: float = Field(30.0, gt=0, description="results, feedback and images are deleted after this")
+    record: bool = Field(True, description="the worker records each result for the dashboard")
+    metrics_url: str | None = Field(None, description="the worker's /metrics for queue and outbox depth; "
+                                    "default http://<metrics.bind>:<metrics.port>/metrics")
+    session_hours: float = Field(8.0, gt=0, description="a login lasts this long")
+    secure_cookies: bool | None = Field(None, description="Secure flag of the session cookie; default: on with TLS")
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> DashboardSection:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("dashboard TLS needs both tls_cert and tls_key")
+        for name in ("tls_cert", "tls_key"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name}: file not found: {path}")
+        return self
+
+    def store_url(self, spool_dir: Path) -> str:
+        """The database URL: the configured one, or SQLite beside the spool."""
+        return self.database_url or f"sqlite:///{(Path(spool_dir) / 'results' / 'results.db').resolve()}"
+
+    def store_media(self, spool_dir: Path) -> Path:
+        return self.media_dir or Path(spool_dir) / "results" / "media"
+
+
 class LogSection(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "text"] = "json"
@@ -223,6 +260,7 @@ class Settings(BaseSettings):
     security: SecuritySection = SecuritySection()
     metrics: MetricsSection = MetricsSection()
     audit: AuditSection = AuditSection()
+    dashboard: DashboardSection = DashboardSection()
     log: LogSection = LogSection()
 
     @classmethod
