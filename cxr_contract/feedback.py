@@ -123,49 +123,91 @@ def image_path(image_key: str) -> str:
     return f"{IMAGES_DIR}/{image_key}.png"
 
 
-def write_export(out: Path, labels: Iterable[FeedbackLabel], images: Mapping[str, np.ndarray[Any, Any]],
-                 key: bytes, *, created: datetime | None = None) -> Manifest:
-    """Write a feedback folder.
+class ExportWriter:
+    """Writes a feedback folder one image at a time, so memory holds one image, not the export.
+
+    The manifest is written last, by :meth:`close`: a folder an interrupted export left
+    behind has none, and :func:`read_export` refuses it.
 
     Args:
         out: The folder; it must not exist or be empty, so that two exports never mix.
-        labels: The rows; each ``image_key`` must be in ``images``.
-        images: image key -> 8-bit grayscale pixels (2-D uint8).
         key: The pseudonym key; only its fingerprint is written.
+
+    Raises:
+        FeedbackFormatError: ``out`` holds something already.
+    """
+
+    def __init__(self, out: Path, key: bytes) -> None:
+        self.out = Path(out)
+        self.fingerprint = key_fingerprint(key)
+        if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())):
+            raise FeedbackFormatError(f"{self.out}: exists and is not an empty folder; feedback exports never mix")
+        self._images: set[str] = set()
+        self._rows: list[FeedbackLabel] = []
+
+    def add_image(self, image_key: str, pixels: np.ndarray[Any, Any]) -> None:
+        """Write the image of ``image_key`` (2-D uint8), once."""
+        if not _KEY_RE.match(image_key):
+            raise FeedbackFormatError(f"image key must be {PSEUDONYM_HEX} hex digits, received {image_key!r}")
+        a = np.asarray(pixels)
+        if a.ndim != 2 or a.dtype != np.uint8:
+            raise FeedbackFormatError(f"image {image_key}: must be 2-D uint8, received {a.dtype} {a.shape}")
+        if image_key in self._images:
+            return
+        (self.out / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+        # cv2 writes no text chunks: the PNG carries pixels only.
+        if not cv2.imwrite(str(self.out / image_path(image_key)), a):
+            raise FeedbackFormatError(f"{self.out / image_path(image_key)}: could not be written")
+        self._images.add(image_key)
+
+    def add(self, label: FeedbackLabel) -> None:
+        """Add one row; its image must have been added."""
+        where = f"{LABELS_FILE}:{len(self._rows) + 2}"
+        _check_label(label, where)
+        if label.image_key not in self._images:
+            raise FeedbackFormatError(f"{where}: no image given for image_key {label.image_key}")
+        self._rows.append(label)
+
+    def close(self, created: datetime | None = None) -> Manifest:
+        """Write labels.csv and, last, manifest.json."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / LABELS_FILE, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(lab.row() for lab in self._rows)
+        manifest = Manifest(FORMAT_VERSION, (created or datetime.now(UTC)).astimezone(UTC), len(self._rows),
+                            len(self._images), self.fingerprint)
+        (self.out / MANIFEST_FILE).write_text(json.dumps({
+            "format": FORMAT, "format_version": manifest.format_version,
+            "created": manifest.created.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "labels": manifest.labels, "images": manifest.images, "key_fingerprint": manifest.key_fingerprint,
+        }, indent=2) + "\n", encoding="utf-8")
+        return manifest
+
+
+def write_export(out: Path, labels: Iterable[FeedbackLabel], images: Mapping[str, np.ndarray[Any, Any]],
+                 key: bytes, *, created: datetime | None = None) -> Manifest:
+    """Write a feedback folder from labels and their images (image key -> 2-D uint8) at once.
 
     Raises:
         FeedbackFormatError: a bad value, named, before anything is written.
     """
     rows = list(labels)
-    fp = key_fingerprint(key)
     for n, lab in enumerate(rows, start=2):
         _check_label(lab, f"{LABELS_FILE}:{n}")
         if lab.image_key not in images:
             raise FeedbackFormatError(f"{LABELS_FILE}:{n}: no image given for image_key {lab.image_key}")
     for image_key, arr in images.items():
-        if not _KEY_RE.match(image_key):
-            raise FeedbackFormatError(f"image key must be {PSEUDONYM_HEX} hex digits, received {image_key!r}")
         a = np.asarray(arr)
-        if a.ndim != 2 or a.dtype != np.uint8:
-            raise FeedbackFormatError(f"image {image_key}: must be 2-D uint8, received {a.dtype} {a.shape}")
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FeedbackFormatError(f"{out}: exists and is not an empty folder; feedback exports never mix")
-    (out / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+        if not _KEY_RE.match(image_key) or a.ndim != 2 or a.dtype != np.uint8:
+            raise FeedbackFormatError(f"image {image_key!r}: the key must be {PSEUDONYM_HEX} hex digits and the "
+                                      f"pixels 2-D uint8, received {a.dtype} {a.shape}")
+    writer = ExportWriter(out, key)
     for image_key, arr in images.items():
-        if not cv2.imwrite(str(out / image_path(image_key)), np.asarray(arr)):
-            raise FeedbackFormatError(f"{out / image_path(image_key)}: could not be written")
-    with open(out / LABELS_FILE, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(lab.row() for lab in rows)
-    manifest = Manifest(FORMAT_VERSION, (created or datetime.now(UTC)).astimezone(UTC), len(rows), len(images), fp)
-    (out / MANIFEST_FILE).write_text(json.dumps({
-        "format": FORMAT, "format_version": manifest.format_version,
-        "created": manifest.created.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "labels": manifest.labels, "images": manifest.images, "key_fingerprint": fp,
-    }, indent=2) + "\n", encoding="utf-8")
-    return manifest
+        writer.add_image(image_key, arr)
+    for lab in rows:
+        writer.add(lab)
+    return writer.close(created)
 
 
 def read_export(folder: Path) -> FeedbackExport:

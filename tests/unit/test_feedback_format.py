@@ -14,6 +14,7 @@ import pytest
 from cxr_contract.feedback import (
     LABELS_FILE,
     MANIFEST_FILE,
+    ExportWriter,
     FeedbackFormatError,
     FeedbackLabel,
     key_fingerprint,
@@ -115,8 +116,19 @@ def test_the_writer_refuses_bad_values_and_never_mixes_exports(tmp_path: Path, e
     lab = _label()
     with pytest.raises(FeedbackFormatError, match="no image given"):
         write_export(tmp_path / "a", [lab], {}, KEY)
-    with pytest.raises(FeedbackFormatError, match="must be 2-D uint8"):
+    with pytest.raises(FeedbackFormatError, match="2-D uint8"):
         write_export(tmp_path / "b", [lab], {lab.image_key: np.zeros((4, 4), np.uint16)}, KEY)
     with pytest.raises(FeedbackFormatError, match="not an empty folder"):
         write_export(export, [lab], {lab.image_key: np.zeros((4, 4), np.uint8)}, KEY)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_an_export_interrupted_before_close_is_refused(tmp_path: Path) -> None:
+    writer = ExportWriter(tmp_path / "fb", KEY)
+    lab = _label()
+    writer.add_image(lab.image_key, np.zeros((8, 8), np.uint8))
+    writer.add(lab)
+    with pytest.raises(FeedbackFormatError, match="manifest.json: missing"):
+        read_export(tmp_path / "fb")
+    assert writer.close().labels == 1 and read_export(tmp_path / "fb").labels == [
+        FeedbackLabel(**{**vars(lab), "image": f"images/{lab.image_key}.png"})]
