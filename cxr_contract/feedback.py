@@ -123,6 +123,12 @@ def image_path(image_key: str) -> str:
     return f"{IMAGES_DIR}/{image_key}.png"
 
 
+def check_new_folder(out: Path) -> None:
+    """Refuse an export folder that holds something already: two exports never mix."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FeedbackFormatError(f"{out}: exists and is not an empty folder; feedback exports never mix")
+
+
 class ExportWriter:
     """Writes a feedback folder one image at a time, so memory holds one image, not the export.
 
@@ -140,8 +146,7 @@ class ExportWriter:
     def __init__(self, out: Path, key: bytes) -> None:
         self.out = Path(out)
         self.fingerprint = key_fingerprint(key)
-        if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())):
-            raise FeedbackFormatError(f"{self.out}: exists and is not an empty folder; feedback exports never mix")
+        check_new_folder(self.out)
         self._images: set[str] = set()
         self._rows: list[FeedbackLabel] = []
 

@@ -241,6 +241,15 @@ class DashboardSection(_Section):
         return self.media_dir or Path(spool_dir) / "results" / "media"
 
 
+class FeedbackSection(_Section):
+    """``cxr-worker feedback export``: readers' labels for the trainer, de-identified."""
+
+    pseudonym_key_file: Path | None = Field(
+        None, description="the site's HMAC key for patient, image and reader pseudonyms (created 0600 when "
+                          "missing); default <spool>/feedback-pseudonym.key. Keep it: a new key gives every "
+                          "patient a new pseudonym")
+
+
 class LogSection(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "text"] = "json"
@@ -262,6 +271,7 @@ class Settings(BaseSettings):
     audit: AuditSection = AuditSection()
     dashboard: DashboardSection = DashboardSection()
     log: LogSection = LogSection()
+    feedback: FeedbackSection = FeedbackSection()
 
     @classmethod
     def settings_customise_sources(
