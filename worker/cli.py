@@ -1,4 +1,4 @@
-"""``cxr-worker``: serve | process | echo | feedback export."""
+"""``cxr-worker``: serve | process | echo."""
 
 from __future__ import annotations
 
@@ -128,8 +128,6 @@ def main(argv: list[str] | None = None) -> int:
             status = echo(Destination.parse(args.destination), settings.dicom.ae_title, args.timeout)
             print(f"C-ECHO {args.destination}: status 0x{status:04X}")
             return 0 if status == SUCCESS else 1
-        if args.command == "process":
-            return _process(args, settings)
         if args.command == "feedback":
             from worker.feedback import parse_since, run_export
 
@@ -138,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(line, file=sys.stderr)
             print(json.dumps(report.as_dict(), indent=2))
             return 0
+        if args.command == "process":
+            return _process(args, settings)
         import faulthandler
         import signal
 

@@ -55,6 +55,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
 from worker.errors import WorkerError
+from worker.links import review_key
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ class Result(Base):
     series_instance_uid: Mapped[str] = mapped_column(String(64))
     sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
     sop_class_uid: Mapped[str] = mapped_column(String(64), default="")
+    review_key: Mapped[str] = mapped_column(String(16), default="", index=True)
     accession_number: Mapped[str] = mapped_column(String(64), default="", index=True)
     patient_id: Mapped[str] = mapped_column(String(64), default="", index=True)
     patient_name: Mapped[str] = mapped_column(String(324), default="")
@@ -240,11 +242,20 @@ def _migrations_dir() -> str:
     return str(resources.files("worker") / "migrations")
 
 
+_MIGRATING = threading.Lock()  # Alembic's `context` and `op` are module globals: one migration per process
+
+
 def migrate(engine: Engine) -> None:
     """Bring the schema to the newest Alembic revision (idempotent; safe from several processes)."""
+    with _MIGRATING:
+        _migrate(engine)
+
+
+def _migrate(engine: Engine) -> None:
     from alembic import command
     from alembic.config import Config
 
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # its INFO lines say nothing an operator needs
     cfg = Config()
     cfg.set_main_option("script_location", _migrations_dir())
     for attempt in range(5):
@@ -345,6 +356,7 @@ class ResultStore:
         np.save(self.media_dir / grid_rel, np.nan_to_num(np.asarray(gradcam, np.float32)).astype(np.float16))
         values = {k: getattr(new, k) for k in NewResult.__dataclass_fields__}
         values["answered_at"] = answered
+        values["review_key"] = review_key(new.sop_instance_uid, new.model_version)
         row = Result(**values, preview_path=preview_rel.as_posix(), grid_path=grid_rel.as_posix())
         with self.session() as s, s.begin():
             s.add(row)
@@ -355,6 +367,11 @@ class ResultStore:
     def get(self, result_id: int) -> Result | None:
         with self.session() as s:
             return s.get(Result, result_id)
+
+    def by_review_key(self, key: str) -> Result | None:
+        """The newest result a review link names (worker.links.review_key)."""
+        with self.session() as s:
+            return s.scalars(select(Result).where(Result.review_key == key).order_by(Result.id.desc())).first()
 
     def worklist(self, w: Worklist) -> tuple[list[Result], int]:
         """Results for the worklist, newest first, and how many match in all.

@@ -31,6 +31,7 @@ def upgrade() -> None:
         sa.Column("series_instance_uid", sa.String(64), nullable=False),
         sa.Column("sop_instance_uid", sa.String(64), nullable=False, index=True),
         sa.Column("sop_class_uid", sa.String(64), nullable=False),
+        sa.Column("review_key", sa.String(16), nullable=False, index=True),
         sa.Column("accession_number", sa.String(64), nullable=False, index=True),
         sa.Column("patient_id", sa.String(64), nullable=False, index=True),
         sa.Column("patient_name", sa.String(324), nullable=False),
