@@ -9,18 +9,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from trainer.errors import TrainerError
+from trainer.errors import ConfigError, TrainerError
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cxr-train", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("prepare", help="patient-level splits from the NIH ChestX-ray14 or RSNA label file")
-    s.add_argument("--labels", type=Path, required=True,
+    s = sub.add_parser("prepare", help="patient-level splits from the NIH ChestX-ray14 or RSNA label file, "
+                       "with readers' feedback merged in")
+    s.add_argument("--labels", type=Path,
                    help="NIH Data_Entry_2017.csv or RSNA stage_2_train_labels.csv (or .csv.gz); told apart by header")
-    s.add_argument("--images", type=Path, required=True,
+    s.add_argument("--images", type=Path,
                    help="folder holding the release's PNGs (NIH) or <patientId>.dcm files (RSNA), any depth")
+    s.add_argument("--feedback", type=Path, action="append", default=[], metavar="DIR",
+                   help="a 'cxr-worker feedback export' folder to merge (repeatable; rules in the README)")
+    s.add_argument("--base", type=Path, metavar="DATA",
+                   help="with --feedback: merge into this data folder (from prepare or phantoms) "
+                        "instead of one built from --labels")
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--neg-ratio", type=float, default=1.0, help="No Finding images per Pneumonia image")
     s.add_argument("--views", default="PA,AP", help="comma-separated View Position values")
@@ -63,14 +69,43 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run(args: argparse.Namespace) -> dict[str, Any]:
-    if args.command == "prepare":
-        from trainer.data import prepare
+def _prepare(args: argparse.Namespace) -> dict[str, Any]:
+    """prepare: a set from the label file, or a base folder, with any feedback merged in."""
+    from trainer.data import load_dataset, prepare
 
+    if args.base is not None and args.labels is not None:
+        raise ConfigError("--base and --labels both name the set to merge into: pass one")
+    if args.base is not None and not args.feedback:
+        raise ConfigError("--base is only for merging: pass --feedback DIR too")
+    if args.labels is None and args.base is None and not args.feedback:
+        raise ConfigError("pass --labels and --images (and/or --feedback DIR)")
+    if (args.labels is None) != (args.images is None):
+        raise ConfigError("--labels and --images go together")
+    if args.feedback:
+        from trainer.feedback import read_exports
+
+        read_exports(args.feedback)  # a malformed export is named before anything is written
+    summary: dict[str, Any] = {}
+    base = None
+    if args.labels is not None:
         summary = prepare(args.labels, args.images, args.out, neg_ratio=args.neg_ratio,
                           views=args.views.split(","), seed=args.seed, match_view=args.match_view)
         for note in summary["notes"]:
             print(note)
+        base = load_dataset(args.out)
+    elif args.base is not None:
+        base = load_dataset(args.base)
+    if args.feedback:
+        from trainer.feedback import merge_feedback
+
+        summary, counts = merge_feedback(base, args.feedback, args.out, seed=args.seed)
+        print(counts.line())
+    return summary
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.command == "prepare":
+        summary = _prepare(args)
         return {k: {"images": v["images"], "patients": v["patients"]} for k, v in summary["splits"].items()}
     if args.command == "phantoms":
         from trainer.phantoms import write_phantoms

@@ -37,6 +37,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--model", type=Path)
     s.add_argument("--png", action="store_true", help="also write PNG previews of the SC")
 
+    s = sub.add_parser("feedback", help="readers' feedback for the trainer")
+    fsub = s.add_subparsers(dest="feedback_command", required=True)
+    f = fsub.add_parser("export", help="readers' labels and their images, de-identified, for cxr-train prepare")
+    f.add_argument("--out", type=Path, required=True, help="a new (or empty) folder")
+    f.add_argument("--config", type=Path)
+    f.add_argument("--since", help="results answered since this date (2026-01-31) or ISO date-time (UTC)")
+
     s = sub.add_parser("echo", help="C-ECHO a DICOM node, or QIDO-RS a DICOMweb base URL")
     s.add_argument("destination", metavar="AET@HOST:PORT|URL")
     s.add_argument("--config", type=Path)
@@ -167,6 +174,14 @@ def main(argv: list[str] | None = None) -> int:
             status = echo(dest, settings.dicom.ae_title, args.timeout)
             print(f"C-ECHO {args.destination}: status 0x{status:04X}")
             return 0 if status == SUCCESS else 1
+        if args.command == "feedback":
+            from worker.feedback import parse_since, run_export
+
+            report = run_export(settings, args.out, parse_since(args.since) if args.since else None)
+            for line in report.skipped:
+                print(line, file=sys.stderr)
+            print(json.dumps(report.as_dict(), indent=2))
+            return 0
         if args.command == "process":
             return _process(args, settings)
         if args.command == "user":

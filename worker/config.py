@@ -348,6 +348,15 @@ class MetricsSection(_Section):
                                 "(cxr_destination_up, /healthz); never part of /readyz")
 
 
+class FeedbackSection(_Section):
+    """``cxr-worker feedback export``: readers' labels for the trainer, de-identified."""
+
+    pseudonym_key_file: Path | None = Field(
+        None, description="the site's HMAC key for patient, image and reader pseudonyms (created 0600 when "
+                          "missing); default <spool>/feedback-pseudonym.key. Keep it: a new key gives every "
+                          "patient a new pseudonym")
+
+
 class AuditSection(_Section):
     """Audit trail: JSON lines modelled on DICOM PS3.15 A.5 audit messages."""
 
@@ -412,6 +421,7 @@ class Settings(BaseSettings):
     audit: AuditSection = AuditSection()
     dashboard: DashboardSection = DashboardSection()
     log: LogSection = LogSection()
+    feedback: FeedbackSection = FeedbackSection()
 
     @classmethod
     def settings_customise_sources(

@@ -369,3 +369,28 @@ def test_rsna_dicom_pixels_and_boxes_reach_the_model_size(tmp_path: Path) -> Non
     broken.write_bytes(b"not dicom")
     with pytest.raises(DataError, match="broken.dcm: not a readable DICOM image"):
         load_image(str(broken), 64)
+
+
+def test_prepare_merges_feedback_into_the_nih_splits(release: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from datetime import UTC, datetime
+
+    from cxr_contract.feedback import FeedbackLabel, pseudonym, write_export
+    from trainer.cli import main
+
+    key = b"n" * 32
+    labels = [FeedbackLabel(pseudonym(f"p{n}", key), pseudonym(f"i{n}", key), pseudonym("r", key),
+                            "pneumonia" if n % 2 else "no_pneumonia", True, "v1", 0.5, datetime(2026, 1, 1, tzinfo=UTC))
+              for n in range(6)]
+    write_export(tmp_path / "fb", labels, {lab.image_key: np.zeros((8, 8), np.uint8) for lab in labels}, key)
+    prepare(LABELS, release, tmp_path / "plain", seed=3)
+    assert main(["prepare", "--labels", str(LABELS), "--images", str(release), "--seed", "3",
+                 "--feedback", str(tmp_path / "fb"), "--out", str(tmp_path / "merged")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("1431 Pneumonia images") and out[3].startswith("feedback: 6 labels by 1 readers")
+    for name in SPLITS:
+        plain, merged = read_split(tmp_path / "plain", name), read_split(tmp_path / "merged", name)
+        assert merged[: len(plain)] == plain  # the NIH records and their split are untouched
+        assert all(r["image_id"] in {lab.image_key for lab in labels} for r in merged[len(plain):])
+    assert sum(len(read_split(tmp_path / "merged", n)) - len(read_split(tmp_path / "plain", n)) for n in SPLITS) == 6
+    assert (tmp_path / "merged" / "hard_negatives.csv").is_file()
