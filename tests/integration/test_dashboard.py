@@ -26,6 +26,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from cxr_contract.feedback import read_export
 from tests.conftest import ROOT, WorkerProcess
 from tests.helpers import (
     CANARY_ID,
@@ -430,6 +431,19 @@ def test_a_reader_reviews_a_result_in_the_browser(site: Site, browser: Any) -> N
     browser.get(site.url + "/?feedback=disagreed")
     row = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, f"tr[data-href='/results/{target.id}']")))
     assert "you: disagree" in row.text and "no pneumonia" in row.text
+
+    # ... and in the export the trainer reads (the real command, the worker's config and store)
+    export = site.tmp / "feedback-export"
+    done = subprocess.run([sys.executable, "-m", "worker.cli", "feedback", "export", "--out", str(export),
+                           "--config", str(site.config)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    exported = read_export(export)
+    probability = f"{target.probability:.6g}"
+    mine = [lab for lab in exported.labels if f"{lab.model_probability:.6g}" == probability
+            and lab.label == "no_pneumonia" and not lab.agree]
+    assert len(mine) == 1 and exported.image_file(mine[0]).is_file()
+    text = (export / "labels.csv").read_text()
+    assert "alice" not in text and target.patient_id not in text and "Doe" not in text
     browser.get(site.url + "/")
     wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "table.worklist")))
     browser.save_screenshot(str(shots / "worklist.png"))
