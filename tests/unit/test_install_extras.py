@@ -55,3 +55,12 @@ def test_train_gpu_is_train_with_tensorflow_and_cuda() -> None:
     assert set(train) - {"tensorflow-cpu"} == set(train_gpu) - {"tensorflow"}
     dev = resolved("dev", LINUX_X86)
     assert "tensorflow" not in dev and "onnxruntime-gpu" not in dev  # CI and developers stay on CPU builds
+
+
+def test_cuda_image_installs_the_gpu_extra_and_keeps_one_onnx_runtime() -> None:
+    text = (ROOT / "deploy" / "Dockerfile.cuda").read_text()
+    steps = [line.strip() for line in text.splitlines() if "pip " in line and not line.lstrip().startswith("#")]
+    assert any('".[gpu]"' in s for s in steps), steps
+    swap = [i for i, s in enumerate(steps) if "uninstall -y onnxruntime" in s]
+    assert swap and any("--force-reinstall --no-deps onnxruntime-gpu" in s for s in steps[swap[0]:]), steps
+    assert "FROM nvidia/cuda" not in text  # CUDA comes from pip, matching the onnxruntime-gpu build
