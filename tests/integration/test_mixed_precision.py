@@ -4,8 +4,6 @@ ONNX graph passes export's verification and the metrics describe the exported mo
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import keras
 import numpy as np
 import onnx
