@@ -63,8 +63,8 @@ def bench_pytorch(python: Path, repeat: int) -> dict[str, Any]:
     out = subprocess.run([str(python), str(HERE / "gradcam_torch.py"), str(SIZE), str(repeat), *map(str, BATCHES)],
                          capture_output=True, text=True, check=True)
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    rows = {f"b{b}": {**summary(got[f"b{b}"]), "ms_per_image": 1000 * statistics.median(got[f"b{b}"]) / b}
-            for b in BATCHES}
+    rows = {f"b{b}": {**summary(got[f"b{b}"]), "ms_per_image": 1000 * statistics.median(got[f"b{b}"]) / b,
+                      "load_avg": load()} for b in BATCHES}
     return {**rows, "versions": {k: got[k] for k in ("torch", "torchvision")}, "threads": got["threads"]}
 
 
@@ -143,7 +143,8 @@ def main() -> None:
         try:
             from trainer.quantize import quantize_int8
 
-            # 8 calibration images: ORT's calibrator keeps every intermediate tensor (32 took 11 GB)
+            # 8 calibration images: only the cost is measured (and an early quantize_int8 held every
+            # intermediate tensor of all of them: 32 images took 11 GB)
             int8 = quantize_int8(full, images(8, seed=1), Path(tmp) / "gradcam-int8.onnx")
         except Exception as exc:  # the other rows still stand; the JSON says why int8 has none
             int8 = None
