@@ -22,6 +22,9 @@ install-dev: $(VENV)/.dev-installed
 
 # Editable install: code changes need no reinstall, only a changed pyproject.toml does.
 $(VENV)/.dev-installed: pyproject.toml | $(PY)
+	@# The base is now onnxruntime (CPU); a venv from before holds onnxruntime-gpu, which writes the
+	@# same package folder: both go, and the install below puts the CPU build back whole.
+	if $(PIP) show -q onnxruntime-gpu 2>/dev/null; then $(PIP) uninstall -y -q onnxruntime-gpu onnxruntime; fi
 	$(PIP) install --quiet -e '.[dev]'
 	touch $@
 

@@ -34,7 +34,7 @@ from trainer.config import TrainConfig
 from trainer.data import Box, Dataset, Record, load_dataset, read_boxes, require_split
 from trainer.errors import DataError, TrainerError
 from trainer.fit import MODEL_FILE, RUN_CONFIG, load_image, make_dataset
-from trainer.model import gradcam_forward
+from trainer.model import as_float32, gradcam_forward
 
 Array = np.ndarray[Any, Any]
 #: Fractions of the Grad-CAM cells removed for the MoRF / LeRF curves.
@@ -46,12 +46,13 @@ RANDOM_MAP_SEED = 20240607
 
 
 def load_run(run: Path) -> tuple[keras.Model, TrainConfig, dict[str, Any]]:
-    """The trained model, its config, and the run info."""
+    """The trained model computing in float32 (as exported, whatever precision it trained in),
+    its config, and the run info."""
     if not (run / MODEL_FILE).is_file() or not (run / RUN_CONFIG).is_file():
         raise TrainerError(f"{run} holds no trained model: run 'cxr-train fit --out {run}' first")
     info = json.loads((run / RUN_CONFIG).read_text())
     cfg = TrainConfig.model_validate(info["config"])
-    return keras.models.load_model(run / MODEL_FILE), cfg, info
+    return as_float32(keras.models.load_model(run / MODEL_FILE)), cfg, info
 
 
 class LogitModel:

@@ -175,6 +175,16 @@ def fit(data: Path, run: Path, cfg: TrainConfig, *, verbose: int | None = None) 
     Returns:
         The run's info: epochs run, best validation loss, paths.
     """
+    # Mixed precision is Keras' global policy: restored afterwards, so that what the process
+    # builds next (an evaluation, an export, the next test) is not silently float16.
+    previous = keras.mixed_precision.global_policy()
+    try:
+        return _fit(data, run, cfg, verbose=verbose)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def _fit(data: Path, run: Path, cfg: TrainConfig, *, verbose: int | None = None) -> dict[str, Any]:
     dataset = load_dataset(data)
     train = require_split(dataset, "train")
     val = require_split(dataset, "val")

@@ -328,3 +328,42 @@ def gradcam_tape(model: keras.Model, feature_layer: str, images: Any) -> tuple[A
     """(probability [N, 1], gradcam [N, h, w]) of :func:`gradcam_tape_parts`."""
     parts = gradcam_tape_parts(model, feature_layer, images)
     return parts["probability"], parts["gradcam"]
+
+
+def computes_in_float32(model: keras.Model) -> bool:
+    """Whether every layer computes in float32 (not so for a model trained under ``mixed_float16``)."""
+    return all(layer.dtype_policy.compute_dtype == "float32" for layer in _all_layers(model))
+
+
+def _all_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    found: list[keras.layers.Layer] = []
+    for layer in model.layers:
+        found.append(layer)
+        if isinstance(layer, keras.Model):
+            found += _all_layers(layer)
+    return found
+
+
+def as_float32(model: keras.Model) -> keras.Model:
+    """The same model computing in float32, for export and evaluation.
+
+    A model trained with mixed precision (``mixed_float16``, the default on a GPU) keeps
+    float32 weights but computes in float16: converted as loaded, its ONNX graph differs from
+    the float32 reference by ~1e-4 in probability and export's verification refuses it, and
+    metrics computed in float16 would not describe the exported model. So the model is
+    rebuilt from its own config with every layer's policy float32 and the weights copied;
+    a model already in float32 is returned as it is.
+    """
+    if computes_in_float32(model):
+        return model
+
+    def in_float32(layer: keras.layers.Layer) -> keras.layers.Layer:
+        if isinstance(layer, keras.Model):
+            return keras.models.clone_model(layer, clone_function=in_float32)
+        return type(layer).from_config({**layer.get_config(), "dtype": "float32"})
+
+    rebuilt = keras.models.clone_model(model, clone_function=in_float32)
+    rebuilt.set_weights(model.get_weights())
+    if not computes_in_float32(rebuilt):
+        raise ExportError(f"model {model.name!r} still computes in reduced precision after the float32 rebuild")
+    return rebuilt

@@ -104,10 +104,12 @@ def _load_model(settings: Settings) -> Any:
 
     if settings.model.path is None:
         raise ConfigError("no model: pass --model PATH, set [model] path, or CXR_MODEL__PATH")
-    model = OnnxModel(settings.model.path, providers=settings.model.providers, threads=settings.model.threads)
+    m = settings.model
+    model = OnnxModel(settings.model.path, providers=m.providers, threads=m.threads, io_binding=m.io_binding,
+                      batch_size=m.batch_size, pad_batches=m.pad_batches)
     logger.info("model loaded", extra={"model": model.info.name, "version": model.info.version,
                                        "input_size": model.info.input_size, "threshold": model.info.threshold,
-                                       "providers": model.providers, "intended_use": model.info.intended_use})
+                                       **model.execution, "intended_use": model.info.intended_use})
     return model
 
 

@@ -213,6 +213,11 @@ class ModelSection(_Section):
     ood_action: Literal["withhold", "flag"] = Field(
         "withhold", description="an image outside the training distribution: no answer, or an answer labelled so")
     faithfulness: bool = Field(True, description="score each heatmap with one extra batched model run")
+    # The CUDA path (README "GPU"); auto = on where the CUDA provider runs.
+    io_binding: Literal["auto", "on", "off"] = Field(
+        "auto", description="run through an ONNX Runtime I/O binding: one copy to the device and back")
+    pad_batches: Literal["auto", "on", "off"] = Field(
+        "auto", description="pad runs to multiples of batch_size: CUDA chooses its algorithms once per shape")
 
 
 class SelectSection(_Section):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,34 +72,112 @@ def outside_distribution(prediction: Prediction, info: ModelInfo) -> bool:
     return not prediction.ood_score <= info.ood_threshold
 
 
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+#: The distributions that install the ``onnxruntime`` package folder: two at once overwrite each other.
+ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")
+#: What the README's "GPU" section tells a user with both installed to run.
+ORT_SWAP = "pip uninstall -y onnxruntime && pip install --force-reinstall --no-deps onnxruntime-gpu"
+
+
 def choose_providers(available: list[str], preference: str = "auto") -> list[str]:
-    """CUDA when present (and not switched off), CPU always as the fallback."""
-    if preference == "cpu":
-        return ["CPUExecutionProvider"]
-    if preference == "cuda" and "CUDAExecutionProvider" not in available:
-        raise ModelError("execution provider 'cuda' requested but ONNX Runtime has no CUDA provider")
-    providers = [p for p in ("CUDAExecutionProvider",) if p in available]
-    return providers + ["CPUExecutionProvider"]
+    """CUDA when ONNX Runtime has it (and it is not switched off), CPU always as the fallback.
+
+    ``cuda`` where ONNX Runtime has no CUDA provider gets the CPU too: :class:`OnnxModel`
+    says so in one warning rather than refusing to start (a GPU node that lost its driver
+    keeps answering, slower)."""
+    if preference == "cpu" or CUDA not in available:
+        return [CPU]
+    return [CUDA, CPU]
+
+
+def clashing_onnxruntime(installed: Iterable[str]) -> str | None:
+    """One warning line when more than one ONNX Runtime build is installed, else None.
+
+    ``onnxruntime`` and ``onnxruntime-gpu`` write the same package folder, so which one runs
+    is whichever pip wrote last, and uninstalling either breaks the other."""
+    both = sorted({d.lower() for d in installed} & set(ORT_DISTRIBUTIONS))
+    if len(both) < 2:
+        return None
+    return (f"both {' and '.join(both)} are installed and share one package folder; for the CUDA provider "
+            f"run: {ORT_SWAP} (README \"GPU\")")
+
+
+def _installed_onnxruntimes() -> list[str]:
+    from importlib import metadata
+
+    found = []
+    for name in ORT_DISTRIBUTIONS:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            metadata.version(name)
+            found.append(name)
+    return found
+
+
+def preload_cuda_libraries(ort: Any) -> str:
+    """Load CUDA and cuDNN from the nvidia-* wheels that ``cxr-gradcam[gpu]`` installs, so the
+    CUDA provider finds them without a system CUDA install or LD_LIBRARY_PATH.
+
+    Returns:
+        What ONNX Runtime said while preloading (it prints rather than logs), for the debug log;
+        empty where it said nothing or has no ``preload_dlls`` (before 1.21).
+    """
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return ""
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said):
+        try:
+            preload()
+        except Exception as exc:  # a missing library shows again, clearly, when the session starts
+            print(f"{type(exc).__name__}: {exc}")
+    return " ".join(said.getvalue().split())
+
+
+def padded_length(n: int, multiple: int) -> int:
+    """``n`` rounded up to a multiple of ``multiple``: the batch shapes a padded run uses."""
+    return -(-n // multiple) * multiple if n else 0
 
 
 class OnnxModel:
     """An ONNX Runtime session that returns probability and Grad-CAM in one run."""
 
-    def __init__(self, path: str | Path, *, providers: str = "auto", threads: int = 0) -> None:
+    def __init__(self, path: str | Path, *, providers: str = "auto", threads: int = 0,
+                 io_binding: str = "auto", batch_size: int = 8, pad_batches: str = "auto") -> None:
+        """Load and check the model.
+
+        Args:
+            path: the ONNX file.
+            providers: ``auto`` (CUDA where usable), ``cuda`` (warns when it falls back) or ``cpu``.
+            threads: ONNX Runtime's intra-op threads; 0 = its default.
+            io_binding: ``auto`` (on with CUDA), ``on`` or ``off``: run through an I/O binding,
+                the input handed to the device once and the outputs copied back once.
+            batch_size: the batch the worker assembles; padded runs use multiples of it.
+            pad_batches: ``auto`` (on with CUDA), ``on`` or ``off``: pad each run to a multiple
+                of ``batch_size``, so the CUDA provider sees two input shapes (predict and
+                faithfulness), choosing its cuDNN convolution algorithms once for each.
+        """
         import onnxruntime as ort
 
         path = Path(path)
         if not path.is_file():
             raise ModelError(f"model file not found: {path}")
+        clash = clashing_onnxruntime(_installed_onnxruntimes())
+        if clash:
+            logger.warning(clash)
+        available = ort.get_available_providers()
+        chosen = choose_providers(available, providers)
+        if CUDA in chosen:
+            said = preload_cuda_libraries(ort)
+            if said:
+                logger.debug("ONNX Runtime's CUDA preload: %s", said)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
         try:
             with quiet_provider_probe(ort):
-                self.session = ort.InferenceSession(
-                    str(path), options, providers=choose_providers(ort.get_available_providers(), providers)
-                )
+                self.session = ort.InferenceSession(str(path), options, providers=chosen)
         except Exception as exc:
             raise ModelError(f"{path}: ONNX Runtime cannot load it: {exc}") from None
         inputs = {i.name: i for i in self.session.get_inputs()}
@@ -116,12 +196,55 @@ class OnnxModel:
             )
         #: Outputs read on every run: the v2 ones only where the contract promises them.
         self.outputs = list(required)
+        #: The providers the session really runs on (CUDA drops out where it cannot start).
         self.providers = self.session.get_providers()
+        self.on_cuda = CUDA in self.providers
+        self.io_binding = io_binding == "on" or (io_binding == "auto" and self.on_cuda)
+        self.pad_to = batch_size if pad_batches == "on" or (pad_batches == "auto" and self.on_cuda) else 0
+        self._ort = ort
         self.path = path
+        if CUDA in chosen and not self.on_cuda:
+            logger.log(logging.WARNING if providers == "cuda" else logging.INFO,
+                       "CUDA provider present but unusable (no GPU visible, or its CUDA/cuDNN libraries are "
+                       "missing: `pip install cxr-gradcam[gpu]` brings them, README \"GPU\"); running on the CPU")
+        elif providers == "cuda" and not self.on_cuda:
+            logger.warning("execution provider 'cuda' requested but this ONNX Runtime has no CUDA provider (the CPU "
+                           "build is installed: `pip install cxr-gradcam[gpu]`, README \"GPU\"); running on the CPU")
+        if self.on_cuda:
+            # The first run of each input shape chooses cuDNN's algorithms (seconds): do it
+            # before the worker reports ready rather than on the first study.
+            size = self.info.input_size
+            self._run(self.outputs, np.zeros((max(self.pad_to, 1), size, size, 1), np.float32))
         if not self.info.has_ood_gate:
             logger.warning("model has no out-of-distribution gate (contract version %d): every image that "
                            "passes the input checks gets an answer, and no heatmap faithfulness is computed",
                            self.info.contract_version)
+
+    @property
+    def execution(self) -> dict[str, str]:
+        """How runs execute, for the "model loaded" log line and the model info metric."""
+        return {"providers": ",".join(self.providers), "io_binding": "on" if self.io_binding else "off",
+                "batch_padding": f"multiples of {self.pad_to}" if self.pad_to else "off"}
+
+    def _run(self, names: list[str], batch: np.ndarray[Any, Any]) -> list[np.ndarray[Any, Any]]:
+        """One session run over ``batch`` (padded and bound as configured), outputs cut back to it."""
+        n = len(batch)
+        if self.pad_to and n % self.pad_to:
+            pad = np.zeros((padded_length(n, self.pad_to) - n, *batch.shape[1:]), batch.dtype)
+            batch = np.concatenate([batch, pad])
+        if not self.io_binding:
+            got = self.session.run(names, {INPUT_NAME: batch})
+        else:
+            binding = self.session.io_binding()
+            device = "cuda" if self.on_cuda else "cpu"
+            # One copy to the device, done here; the outputs land in host memory that ORT allocates.
+            value = self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(batch), device, 0)
+            binding.bind_ortvalue_input(INPUT_NAME, value)
+            for name in names:
+                binding.bind_output(name, "cpu")
+            self.session.run_with_iobinding(binding)
+            got = binding.copy_outputs_to_cpu()
+        return [out[:n] for out in got]
 
     @property
     def has_logit(self) -> bool:
@@ -136,8 +259,7 @@ class OnnxModel:
 
     def predict(self, batch: np.ndarray[Any, Any]) -> list[Prediction]:
         """Run one batch ``[N, S, S, 1]`` and split it into per-image predictions."""
-        got = dict(zip(self.outputs, self.session.run(self.outputs, {INPUT_NAME: self._check(batch)}),
-                       strict=True))
+        got = dict(zip(self.outputs, self._run(self.outputs, self._check(batch)), strict=True))
         n = len(batch)
         logits = got[LOGIT_OUTPUT].reshape(n) if LOGIT_OUTPUT in got else [None] * n
         ood = got[OOD_SCORE_OUTPUT].reshape(n) if OOD_SCORE_OUTPUT in got else [None] * n
@@ -162,7 +284,7 @@ class OnnxModel:
             return []
         pairs = [faithfulness.perturbed_inputs(x, cam) for x, cam in zip(inputs, gradcams, strict=True)]
         stacked = np.stack([hot for hot, _ in pairs] + [rand for _, rand in pairs]).astype(np.float32)
-        (logit,) = self.session.run([LOGIT_OUTPUT], {INPUT_NAME: stacked})
+        (logit,) = self._run([LOGIT_OUTPUT], stacked)
         logit = logit.reshape(-1)
         n = len(pairs)
         return [faithfulness.score(float(logit[i]), float(logit[n + i])) for i in range(n)]

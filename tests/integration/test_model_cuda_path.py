@@ -1,0 +1,59 @@
+"""The worker's CUDA path, run where it can be: I/O binding and padded batches work on the CPU
+provider too, so they are checked here against the plain runs; on a machine with a usable GPU
+the same tests check the CUDA provider itself."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from worker.model import CPU, OnnxModel
+
+
+@pytest.fixture(scope="module")
+def inputs(onnx_model: Path) -> np.ndarray:
+    size = OnnxModel(onnx_model, providers="cpu").info.input_size
+    return np.random.default_rng(3).random((3, size, size, 1), dtype=np.float32)
+
+
+def test_bound_padded_runs_give_the_plain_runs_answers(onnx_model: Path, inputs: np.ndarray,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    plain = OnnxModel(onnx_model, providers="cpu", io_binding="off", pad_batches="off")
+    bound = OnnxModel(onnx_model, providers="cpu", io_binding="on", batch_size=4, pad_batches="on")
+    assert bound.execution == {"providers": CPU, "io_binding": "on", "batch_padding": "multiples of 4"}
+    assert plain.execution["io_binding"] == "off" and plain.execution["batch_padding"] == "off"
+
+    def unbound(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the bound model ran without its I/O binding")
+
+    monkeypatch.setattr(bound.session, "run", unbound)
+    want, got = plain.predict(inputs), bound.predict(inputs)  # 3 images: padded to 4, cut back to 3
+    assert len(got) == len(want) == 3
+    for w, g in zip(want, got, strict=True):
+        assert g.probability == pytest.approx(w.probability, abs=1e-6)
+        assert g.logit == pytest.approx(w.logit, abs=1e-5)
+        assert g.ood_score == pytest.approx(w.ood_score, rel=1e-5)
+        np.testing.assert_allclose(g.gradcam, w.gradcam, rtol=1e-5, atol=1e-6)
+    cams = [p.gradcam for p in want]
+    np.testing.assert_allclose(bound.faithfulness(inputs, cams), plain.faithfulness(inputs, cams), atol=1e-5)
+
+
+def test_cuda_requested_runs_on_cuda_or_says_in_one_line_it_fell_back(
+        onnx_model: Path, inputs: np.ndarray, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="worker.model"):
+        model = OnnxModel(onnx_model, providers="cuda")
+    if model.on_cuda:  # a GPU machine: the CUDA path itself, bound and padded, against the CPU
+        assert model.execution["io_binding"] == "on" and model.pad_to == 8
+        cpu = OnnxModel(onnx_model, providers="cpu")
+        for g, w in zip(model.predict(inputs), cpu.predict(inputs), strict=True):
+            assert g.probability == pytest.approx(w.probability, abs=1e-3)
+        return
+    assert model.providers == [CPU]
+    assert model.execution["io_binding"] == "off" and model.pad_to == 0  # auto: CPU runs stay as they were
+    fell_back = [r for r in caplog.records if "running on the CPU" in r.getMessage()]
+    assert len(fell_back) == 1 and fell_back[0].levelno == logging.WARNING, caplog.text
+    assert "cxr-gradcam[gpu]" in fell_back[0].getMessage()
+    assert len(model.predict(inputs)) == 3  # and it answers
