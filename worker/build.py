@@ -245,10 +245,11 @@ def display_gray(unit_image: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     arr = np.asarray(unit_image)
     if arr.dtype == np.uint8:
         return arr
-    # OpenCV's threshold and saturating conversion: one pass each, where numpy's clip,
-    # nan_to_num, multiply and rint make five full-size float copies.
-    _, floor = cv2.threshold(np.asarray(arr, np.float32), 0.0, 0.0, cv2.THRESH_TOZERO)  # NaN fails "> 0"
-    return np.asarray(cv2.convertScaleAbs(floor, alpha=255.0))
+    # Three passes (threshold, min, a saturating conversion) where numpy's clip, nan_to_num,
+    # multiply and rint make five full-size float copies.
+    _, clipped = cv2.threshold(np.asarray(arr, np.float32), 0.0, 0.0, cv2.THRESH_TOZERO)  # NaN fails "> 0"
+    np.minimum(clipped, 1.0, out=clipped)  # +inf too: OpenCV's conversion would wrap it to 0
+    return np.asarray(cv2.convertScaleAbs(clipped, alpha=255.0))
 
 
 @functools.lru_cache(maxsize=8)
