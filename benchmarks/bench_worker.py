@@ -4,7 +4,11 @@ Measures, on this machine and in one run:
 - per stage p50/p95 for the real CR chest (RG1_UNCR, 1955x1841): receive (C-STORE into the
   running worker), decode, preprocess, infer + Grad-CAM, build SC + SR, send (C-STORE of the
   results to a receiving SCP);
-- end-to-end throughput with 1 and 4 concurrent senders;
+- end to end through ``cxr-worker serve`` between DCMTK ``storescu`` and ``storescp``: latency
+  p50/p95 of one image at a time (storescu start to the SR and SC both at storescp), images/s
+  with 1 and 4 concurrent storescu processes, each phase's stages (receive, decode, infer,
+  build, send) from the worker's own ``cxr_stage_seconds`` histogram, the worker's peak RSS
+  and the load average (the machine may be shared: compare runs made back to back);
 - the cost of the Grad-CAM output over plain inference (same weights, probability-only graph);
 - the cost of the out-of-distribution gate: the contract-v2 graph (``logit`` and ``ood_score``,
   a class-conditional Mahalanobis distance with a shared 2048x2048 precision matrix on the
@@ -15,6 +19,7 @@ Measures, on this machine and in one run:
   and, where torch is installed, pytorch-grad-cam on a torchvision ResNet-50 of the same shape.
 
 Usage: python benchmarks/bench_worker.py [--quick] [--trust-only]
+       python benchmarks/bench_worker.py --e2e [--model MODEL.onnx] [--worker-root OTHER_CHECKOUT] [--tag NAME]
 """
 
 from __future__ import annotations
@@ -233,6 +238,7 @@ def export_e2e_model(target: Path, size: int = SIZE) -> Path:
     onnx.helper.set_model_props(proto, {
         Meta.CONTRACT_VERSION: str(CONTRACT_VERSION), Meta.NAME: "bench-resnet50", Meta.VERSION: "bench-e2e",
         Meta.INPUT_SIZE: str(size), Meta.THRESHOLD: "0.0", Meta.WEIGHTS_SHA256: "0" * 64,
+        Meta.FEATURE_LAYER: "conv5_block3_out",
         Meta.OOD_THRESHOLD: "1e30", Meta.HEATMAP_SCALE: f"{max(float(cam.max()), 1e-12):.6g}",
         Meta.PRECISION: "fp32"})
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -362,12 +368,13 @@ def bench_end_to_end(model: Path, work: Path, *, root: Path, latency_images: int
     files = rg1_copies(work / "in", warmup + latency_images + throughput_images * len(senders))
     wport, rport, mport = free_port(), free_port(), free_port()
     outputs = Outputs(work / "out", rport)
+    log = open(work / "worker.log", "ab")  # noqa: SIM115 (closed when the worker has stopped)
     env = {**os.environ, "PYTHONPATH": str(root), "CXR_SPOOL__RESERVE_MB": "0", "CXR_METRICS__PORT": str(mport),
            "CXR_AUDIT__PATH": str(work / "audit.jsonl")}
     worker = subprocess.Popen(
         [sys.executable, "-m", "worker.cli", "serve", "--bind", "127.0.0.1", "--port", str(wport), "--model",
          str(model), "--spool", str(work / "spool"), "--destination", f"RECV@127.0.0.1:{rport}"],
-        cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
     out: dict[str, Any] = {"worker_root": str(root), "model": str(model)}
     try:
         wait_port(wport, 120)
@@ -406,11 +413,24 @@ def bench_end_to_end(model: Path, work: Path, *, root: Path, latency_images: int
                                    "stages": stage_delta(before, stage_histograms(mport)),
                                    "load_average_1m": [load[0], os.getloadavg()[0]]}
         out["worker_peak_rss_mib"] = peak_rss_mib(worker.pid)
+        out["send_failures"] = counter_total(mport, "cxr_send_failures_total")
     finally:
         worker.terminate()
         worker.wait(60)
+        log.close()
         outputs.stop()
+        problems = [ln for ln in (work / "worker.log").read_text(errors="replace").splitlines()
+                    if '"level": "ERROR"' in ln or '"logger": "worker.send"' in ln or "paused" in ln]
+        out["worker_log_problems"] = problems[:20]
     return out
+
+
+def counter_total(metrics_port: int, name: str) -> float:
+    """Sum of a counter over its labels."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith(name))
 
 
 def end_to_end_rows(e2e: dict[str, Any]) -> list[tuple[str, str]]:
@@ -429,6 +449,8 @@ def end_to_end_rows(e2e: dict[str, Any]) -> list[tuple[str, str]]:
             rows.append((f"  stage {stage} ({k.replace('_', ' ')})", f"mean {s['mean_ms']:.0f} ms, "
                          f"p50 ~{s['p50_ms']:.0f} ms, p95 ~{s['p95_ms']:.0f} ms (n={s['n']})"))
     rows.append(("worker peak RSS", f"{e2e['worker_peak_rss_mib'] / 1024:.2f} GiB (goal <= 1.5 GiB)"))
+    rows.append(("failed delivery attempts (retried)", f"{e2e.get('send_failures', 0):.0f}"))
+    rows += [("worker log", line[:160]) for line in e2e.get("worker_log_problems", [])[:5]]
     return rows
 
 
