@@ -53,13 +53,15 @@ class Decoded:
     """An eligible instance, decoded and ready for the model.
 
     The image is decoded once: the model input and the input checks come from the float
-    unit image, which is then dropped; the SC is drawn on ``display``, its uint8 rendering
-    (a quarter of the memory a batch holds per image). ``ds`` keeps the header only.
+    unit image; what is kept to draw the SC on is its uint8 rendering
+    (:func:`worker.build.display_gray`, a quarter of the memory a batch holds per image).
+    ``ds`` keeps the header only.
     """
 
     path: Path
     ds: Dataset
-    display: np.ndarray[Any, Any]
+    #: The image the SC is drawn on: uint8 [Rows, Columns], the unit image times 255.
+    unit_image: np.ndarray[Any, Any]
     model_input: np.ndarray[Any, Any]
     #: What the input checks found (worker.input_check), None when it passed them.
     input_problem: str | None = None
@@ -86,7 +88,7 @@ class Result:
     sc: Dataset
     sr: Dataset
     #: The source as drawn under the heatmap: uint8 [Rows, Columns] (see :class:`Decoded`).
-    display: np.ndarray[Any, Any]
+    unit_image: np.ndarray[Any, Any]
     rgb: np.ndarray[Any, Any]
     infer_seconds: float = 0.0
     #: Why the image is outside the model's training distribution (metric label), None when inside.
@@ -216,7 +218,7 @@ class Processor:
         except Exception as exc:  # highdicom refuses odd headers with many types; sorted by the caller
             return exc
         positive = not trust.withheld and decision(pred.probability, self.model.info.threshold)
-        return Result(uid_of(item.ds), pred.probability, positive, sc, sr, item.display, rgb,
+        return Result(uid_of(item.ds), pred.probability, positive, sc, sr, item.unit_image, rgb,
                       infer_seconds, gate=trust.gate, withheld=trust.withheld, ood_score=ood,
                       faithfulness=trust.faithfulness, encoded=encoded)
 
@@ -225,12 +227,12 @@ class Processor:
         uids = output_uids(item.ds, info.version, self.build_settings.uid_prefix)
         notice = info.intended_use if info.synthetic else ""
         if trust.withheld:
-            rgb = render_withheld(item.display, reason=trust.gate_line(info), model_name=info.name,
+            rgb = render_withheld(item.unit_image, reason=trust.gate_line(info), model_name=info.name,
                                   model_version=info.version, notice=notice)
         else:
             flag = ["WARNING: outside the model's training distribution", trust.gate_line(info)] if trust.gate else []
             rgb = render_heatmap_overlay(
-                item.display, pred.gradcam, probability=pred.probability,
+                item.unit_image, pred.gradcam, probability=pred.probability,
                 threshold=info.threshold, model_name=info.name, model_version=info.version,
                 opacity=self.build_settings.opacity, notice=notice, heatmap_scale=info.heatmap_scale,
                 paint_negative=self.paint_negative, faithfulness=trust.faithfulness, warning=flag,
