@@ -324,7 +324,7 @@ class Outputs:
     def __init__(self, folder: Path, port: int) -> None:
         self.folder = folder
         folder.mkdir(parents=True)
-        self.proc = subprocess.Popen([STORESCP, "-aet", "RECV", "-od", str(folder), str(port)],
+        self.proc = subprocess.Popen([STORESCP, "+xa", "-aet", "RECV", "-od", str(folder), str(port)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def count(self) -> int:
