@@ -19,7 +19,7 @@ Measures, on this machine and in one run:
   and, where torch is installed, pytorch-grad-cam on a torchvision ResNet-50 of the same shape.
 
 Usage: python benchmarks/bench_worker.py [--quick] [--trust-only]
-       python benchmarks/bench_worker.py --e2e [--model MODEL.onnx] [--worker-root OTHER_CHECKOUT] [--tag NAME]
+       python benchmarks/bench_worker.py --e2e [--model MODEL.onnx | --int8] [--worker-root OTHER_CHECKOUT] [--tag NAME]
 """
 
 from __future__ import annotations
@@ -246,6 +246,25 @@ def export_e2e_model(target: Path, size: int = SIZE) -> Path:
     return target
 
 
+def quantize_e2e_model(fp32: Path, target: Path, size: int = SIZE) -> Path:
+    """The end-to-end model reduced to int8 by ``trainer.quantize.quantize_int8`` (issue 12 §1),
+    calibrated on the real chest and 15 phantoms (the README's runs)."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from cxr_contract.pixels import resize_for_model, to_unit_range
+    from trainer.phantoms import make_phantom
+    from trainer.quantize import quantize_int8  # branch precision (issue 12 §1)
+    from worker.decode import dataset_to_model_input
+
+    rng = np.random.default_rng(0)
+    calibration = [dataset_to_model_input(pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm")), size)]
+    for i in range(15):
+        image, _ = make_phantom(rng, 256, bool(i % 2))
+        calibration.append(resize_for_model(to_unit_range(image), size)[..., None])
+    return Path(quantize_int8(fp32, np.stack(calibration).astype(np.float32), target))
+
+
 STAGES = ("receive", "decode", "infer", "build", "send")
 STORESCU, STORESCP = "/usr/bin/storescu", "/usr/bin/storescp"
 
@@ -465,6 +484,8 @@ def main() -> None:
                    help="only the end-to-end run through cxr-worker serve (results/bench_worker_e2e.json)")
     p.add_argument("--model", type=Path, help="end to end on this exported model (e.g. an int8 one); "
                    "default: a 224-px contract-v2 ResNet-50 with random weights, exported for the run")
+    p.add_argument("--int8", action="store_true", help="with no --model: reduce the exported model to int8 "
+                   "(trainer.quantize, issue 12 section 1)")
     p.add_argument("--worker-root", type=Path, default=Path(__file__).resolve().parent.parent,
                    help="source tree the worker runs from (another checkout, to compare before and after)")
     p.add_argument("--latency-images", type=int, default=20)
@@ -493,6 +514,8 @@ def main() -> None:
                 stages_no_faith = bench_stages(v2, repeat, faithfulness=False)
                 stages["build_sc_sr_without_faithfulness"] = stages_no_faith["build_sc_sr"]
             e2e_model = args.model or export_e2e_model(work / "e2e.onnx")
+            if args.int8 and not args.model:
+                e2e_model = quantize_e2e_model(e2e_model, work / "e2e_int8.onnx")
             quick = 0.5 if args.quick else 1.0
             e2e = bench_end_to_end(e2e_model.resolve(), work / "e2e", root=args.worker_root.resolve(),
                                    latency_images=max(4, round(args.latency_images * quick)),
