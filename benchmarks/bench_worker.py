@@ -4,7 +4,11 @@ Measures, on this machine and in one run:
 - per stage p50/p95 for the real CR chest (RG1_UNCR, 1955x1841): receive (C-STORE into the
   running worker), decode, preprocess, infer + Grad-CAM, build SC + SR, send (C-STORE of the
   results to a receiving SCP);
-- end-to-end throughput with 1 and 4 concurrent senders;
+- end to end through ``cxr-worker serve`` between DCMTK ``storescu`` and ``storescp``: latency
+  p50/p95 of one image at a time (storescu start to the SR and SC both at storescp), images/s
+  with 1 and 4 concurrent storescu processes, each phase's stages (receive, decode, infer,
+  build, send) from the worker's own ``cxr_stage_seconds`` histogram, the worker's peak RSS
+  and the load average (the machine may be shared: compare runs made back to back);
 - the cost of the Grad-CAM output over plain inference (same weights, probability-only graph);
 - the cost of the out-of-distribution gate: the contract-v2 graph (``logit`` and ``ood_score``,
   a class-conditional Mahalanobis distance with a shared 2048x2048 precision matrix on the
@@ -15,6 +19,7 @@ Measures, on this machine and in one run:
   and, where torch is installed, pytorch-grad-cam on a torchvision ResNet-50 of the same shape.
 
 Usage: python benchmarks/bench_worker.py [--quick] [--trust-only]
+       python benchmarks/bench_worker.py --e2e [--model MODEL.onnx | --int8] [--worker-root OTHER_CHECKOUT] [--tag NAME]
 """
 
 from __future__ import annotations
@@ -24,7 +29,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -205,69 +209,269 @@ def bench_stages(full: Path, repeat: int, *, faithfulness: bool = True) -> dict[
     return out
 
 
-def bench_service(full: Path, work: Path, images: int, senders: tuple[int, ...]) -> dict[str, Any]:
-    """cxr-worker serve + a receiving SCP; C-STORE of the real CR from N threads."""
+def export_e2e_model(target: Path, size: int = SIZE) -> Path:
+    """A contract-v2 ResNet-50 (random weights) with the exporter's graph: the end-to-end
+    run needs only its shape and cost. Its gate never fires (threshold 1e30) and its
+    decision threshold is 0, so every image is answered with a painted heatmap (the most
+    expensive output), scaled so that the real chest's hottest cell is full colour."""
+    import onnx
+
+    from cxr_contract.model import CONTRACT_VERSION, GRADCAM_OUTPUT, INPUT_NAME, Meta
+    from trainer.config import ModelSection
+    from trainer.export import prune_to_contract, to_onnx
+    from trainer.model import build_model
+    from trainer.ood import MahalanobisGate
+
+    model = build_model(ModelSection(image_size=size, weights="none"))
+    channels = int(model.get_layer("conv5_block3_out").output.shape[-1])
+    gate = MahalanobisGate(means=np.zeros((2, channels)), whitening=np.eye(channels), shrinkage=0.0, n_train=2)
+    proto = prune_to_contract(to_onnx(model, "conv5_block3_out", size, gate))
+    import onnxruntime as ort
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from worker.decode import dataset_to_model_input
+
+    x = dataset_to_model_input(pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm")), size)[None]
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    (cam,) = session.run([GRADCAM_OUTPUT], {INPUT_NAME: x})
+    onnx.helper.set_model_props(proto, {
+        Meta.CONTRACT_VERSION: str(CONTRACT_VERSION), Meta.NAME: "bench-resnet50", Meta.VERSION: "bench-e2e",
+        Meta.INPUT_SIZE: str(size), Meta.THRESHOLD: "0.0", Meta.WEIGHTS_SHA256: "0" * 64,
+        Meta.FEATURE_LAYER: "conv5_block3_out",
+        Meta.OOD_THRESHOLD: "1e30", Meta.HEATMAP_SCALE: f"{max(float(cam.max()), 1e-12):.6g}",
+        Meta.PRECISION: "fp32"})
+    target.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, str(target))
+    return target
+
+
+def quantize_e2e_model(fp32: Path, target: Path, size: int = SIZE) -> Path:
+    """The end-to-end model reduced to int8 by ``trainer.quantize.quantize_int8`` (issue 12 §1),
+    calibrated on the real chest and 15 phantoms (the README's runs)."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from cxr_contract.pixels import resize_for_model, to_unit_range
+    from trainer.phantoms import make_phantom
+    from trainer.quantize import quantize_int8  # branch precision (issue 12 §1)
+    from worker.decode import dataset_to_model_input
+
+    rng = np.random.default_rng(0)
+    calibration = [dataset_to_model_input(pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm")), size)]
+    for i in range(15):
+        image, _ = make_phantom(rng, 256, bool(i % 2))
+        calibration.append(resize_for_model(to_unit_range(image), size)[..., None])
+    return Path(quantize_int8(fp32, np.stack(calibration).astype(np.float32), target))
+
+
+STAGES = ("receive", "decode", "infer", "build", "send")
+STORESCU, STORESCP = "/usr/bin/storescu", "/usr/bin/storescp"
+
+
+def rg1_copies(folder: Path, n: int) -> list[Path]:
+    """``n`` copies of the real CR chest, each a new instance (the worker answers an instance once)."""
     import pydicom
     from pydicom.data import get_testdata_file
     from pydicom.uid import generate_uid
-    from pynetdicom import AE
 
+    folder.mkdir(parents=True, exist_ok=True)
+    src = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
+    paths = []
+    for i in range(n):
+        src.SOPInstanceUID = generate_uid()
+        src.file_meta.MediaStorageSOPInstanceUID = src.SOPInstanceUID
+        path = folder / f"rg1_{i:04d}.dcm"
+        src.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def stage_histograms(metrics_port: int) -> dict[str, dict[str, Any]]:
+    """The worker's own ``cxr_stage_seconds`` histogram: per stage, cumulative bucket counts and sum."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    out: dict[str, dict[str, Any]] = {}
+    for line in text.splitlines():
+        if not line.startswith("cxr_stage_seconds"):
+            continue
+        name, value = line.rsplit(" ", 1)
+        labels = dict(part.split("=", 1) for part in name[name.index("{") + 1 : name.rindex("}")].split(","))
+        stage = labels["stage"].strip('"')
+        entry = out.setdefault(stage, {"buckets": {}, "sum": 0.0, "count": 0.0})
+        if name.startswith("cxr_stage_seconds_bucket"):
+            entry["buckets"][float(labels["le"].strip('"'))] = float(value)
+        elif name.startswith("cxr_stage_seconds_sum"):
+            entry["sum"] = float(value)
+        elif name.startswith("cxr_stage_seconds_count"):
+            entry["count"] = float(value)
+    return out
+
+
+def stage_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """Per stage between two scrapes: count, mean and bucket-interpolated p50/p95 (ms)."""
+    out: dict[str, Any] = {}
+    for stage in STAGES:
+        a, b = after.get(stage), before.get(stage, {"buckets": {}, "sum": 0.0, "count": 0.0})
+        if a is None:
+            continue
+        count = a["count"] - b["count"]
+        if count <= 0:
+            continue
+        edges = sorted(a["buckets"])
+        cum = [a["buckets"][e] - b["buckets"].get(e, 0.0) for e in edges]
+
+        def quantile(q: float, edges: list[float] = edges, cum: list[float] = cum, count: float = count) -> float:
+            rank, lo, below = q * count, 0.0, 0.0
+            for edge, c in zip(edges, cum, strict=True):
+                if c >= rank:
+                    if edge == float("inf"):
+                        return lo
+                    return lo + (edge - lo) * (rank - below) / max(c - below, 1e-12)
+                lo, below = edge, c
+            return lo
+
+        out[stage] = {"n": int(count), "mean_ms": 1000 * (a["sum"] - b["sum"]) / count,
+                      "p50_ms": 1000 * quantile(0.5), "p95_ms": 1000 * quantile(0.95)}
+    return out
+
+
+class Outputs:
+    """DCMTK storescp standing in for the PACS; files are counted as they appear."""
+
+    def __init__(self, folder: Path, port: int) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True)
+        self.proc = subprocess.Popen([STORESCP, "+xa", "-aet", "RECV", "-od", str(folder), str(port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def count(self) -> int:
+        return sum(1 for _ in os.scandir(self.folder))
+
+    def wait_for(self, n: int, timeout: float, poll: float = 0.005) -> float:
+        """perf_counter() when at least ``n`` files are there (raises on timeout)."""
+        deadline = time.perf_counter() + timeout
+        while time.perf_counter() < deadline:
+            if self.count() >= n:
+                return time.perf_counter()
+            time.sleep(poll)
+        raise TimeoutError(f"{self.count()} of {n} outputs after {timeout:.0f} s")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def storescu(port: int, files: list[Path]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([STORESCU, "-aet", "BENCH", "-aec", "CXR-GRADCAM", "127.0.0.1", str(port),
+                             *map(str, files)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def peak_rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("VmHWM"))) / 1024
+
+
+def bench_end_to_end(model: Path, work: Path, *, root: Path, latency_images: int, interval_s: float,
+                     throughput_images: int, senders: tuple[int, ...] = (1, 4), warmup: int = 3) -> dict[str, Any]:
+    """``cxr-worker serve`` (run from the source tree ``root``) between DCMTK storescu and storescp.
+
+    Latency: one image at a time, ``interval_s`` apart (a steady low rate), from starting
+    storescu (the C-STORE request) to the second output (SC and SR) at storescp. Throughput:
+    ``throughput_images`` split over each number of concurrent storescu processes, from the
+    first start to the last output. Stages: the worker's own histograms, per phase.
+    """
     from tests.helpers import free_port, wait_port
 
-    src = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
-    out: dict[str, Any] = {}
-    for n_senders in senders:
-        run = work / f"svc{n_senders}"
-        received = run / "received"
-        received.mkdir(parents=True)
-        wport, rport = free_port(), free_port()
-        recv = subprocess.Popen([sys.executable, "-m", "cxr_demo.receiver", str(received), str(rport)])
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "serve", "--bind", "127.0.0.1", "--port", str(wport), "--model",
-             str(full), "--spool", str(run / "spool"), "--destination", f"RECV@127.0.0.1:{rport}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "CXR_SPOOL__RESERVE_MB": "0"})
-        try:
-            wait_port(wport, 60)
-            wait_port(rport, 30)
-            store_times: list[float] = []
-
-            def send(k: int, wport: int = wport, n_senders: int = n_senders,
-                     store_times: list[float] = store_times) -> None:
-                ae = AE(ae_title=f"BENCH{k}")
-                ae.add_requested_context(src.SOPClassUID, src.file_meta.TransferSyntaxUID)
-                assoc = ae.associate("127.0.0.1", wport, ae_title="CXR-GRADCAM")
-                for _ in range(images // n_senders):
-                    ds = src.copy()
-                    ds.SOPInstanceUID = generate_uid()
-                    t = time.perf_counter()
-                    assoc.send_c_store(ds)
-                    store_times.append(time.perf_counter() - t)
-                assoc.release()
-
-            total = (images // n_senders) * n_senders
+    files = rg1_copies(work / "in", warmup + latency_images + throughput_images * len(senders))
+    wport, rport, mport = free_port(), free_port(), free_port()
+    outputs = Outputs(work / "out", rport)
+    log = open(work / "worker.log", "ab")  # noqa: SIM115 (closed when the worker has stopped)
+    env = {**os.environ, "PYTHONPATH": str(root), "CXR_SPOOL__RESERVE_MB": "0", "CXR_METRICS__PORT": str(mport),
+           "CXR_AUDIT__PATH": str(work / "audit.jsonl")}
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "serve", "--bind", "127.0.0.1", "--port", str(wport), "--model",
+         str(model), "--spool", str(work / "spool"), "--destination", f"RECV@127.0.0.1:{rport}"],
+        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    out: dict[str, Any] = {"worker_root": str(root), "model": str(model)}
+    try:
+        wait_port(wport, 120)
+        wait_port(rport, 30)
+        wait_port(mport, 30)
+        queue = iter(files)
+        done = 0
+        for _ in range(warmup):  # first runs allocate ONNX Runtime's arenas and import lazily
+            storescu(wport, [next(queue)]).wait()
+            done += 2
+            outputs.wait_for(done, 300)
+        # Latency at a steady low rate: the next image starts interval_s after the last one did.
+        before = stage_histograms(mport)
+        load = os.getloadavg()
+        latencies = []
+        for _ in range(latency_images):
             t0 = time.perf_counter()
-            threads = [threading.Thread(target=send, args=(k,)) for k in range(n_senders)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            deadline = time.monotonic() + 600
-            while len(list(received.glob("*.dcm"))) < 2 * total and time.monotonic() < deadline:
-                time.sleep(0.2)
-            elapsed = time.perf_counter() - t0
-            done = len(list(received.glob("*.dcm"))) // 2
-            status = Path(f"/proc/{worker.pid}/status").read_text()
-            peak_mib = int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("VmHWM"))) / 1024
-            out[f"senders_{n_senders}"] = {"images": total, "delivered": done, "seconds": elapsed,
-                                           "images_per_s": done / elapsed, "receive": summary(store_times),
-                                           "worker_peak_rss_mib": peak_mib}
-        finally:
-            worker.terminate()
-            recv.terminate()
-            worker.wait(30)
-            recv.wait(30)
-    # Send stage: one SC + SR to the receiver, as the outbox does it.
+            storescu(wport, [next(queue)]).wait()
+            done += 2
+            latencies.append(outputs.wait_for(done, 300) - t0)
+            time.sleep(max(0.0, interval_s - (time.perf_counter() - t0)))
+        out["latency"] = {**summary(latencies), "interval_s": interval_s,
+                          "stages": stage_delta(before, stage_histograms(mport)),
+                          "load_average_1m": [load[0], os.getloadavg()[0]]}
+        for n in senders:
+            batch = [next(queue) for _ in range(throughput_images)]
+            before = stage_histograms(mport)
+            load = os.getloadavg()
+            t0 = time.perf_counter()
+            procs = [storescu(wport, batch[k::n]) for k in range(n)]
+            for p in procs:
+                p.wait()
+            done += 2 * len(batch)
+            elapsed = outputs.wait_for(done, 600) - t0
+            out[f"senders_{n}"] = {"images": len(batch), "seconds": elapsed, "images_per_s": len(batch) / elapsed,
+                                   "stages": stage_delta(before, stage_histograms(mport)),
+                                   "load_average_1m": [load[0], os.getloadavg()[0]]}
+        out["worker_peak_rss_mib"] = peak_rss_mib(worker.pid)
+        out["send_failures"] = counter_total(mport, "cxr_send_failures_total")
+    finally:
+        worker.terminate()
+        worker.wait(60)
+        log.close()
+        outputs.stop()
+        problems = [ln for ln in (work / "worker.log").read_text(errors="replace").splitlines()
+                    if '"level": "ERROR"' in ln or "paused" in ln
+                    or ('"level": "WARNING"' in ln and '"logger": "worker.send"' in ln)]
+        out["worker_log_problems"] = problems[:20]
     return out
+
+
+def counter_total(metrics_port: int, name: str) -> float:
+    """Sum of a counter over its labels."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith(name))
+
+
+def end_to_end_rows(e2e: dict[str, Any]) -> list[tuple[str, str]]:
+    lat = e2e["latency"]
+    rows = [("end to end latency, one image at a time",
+             f"p50 {lat['p50_ms'] / 1000:.2f} s, p95 {lat['p95_ms'] / 1000:.2f} s (goal p95 <= 0.5 s; "
+             f"n={lat['n']}, one every {lat['interval_s']:.1f} s, load {lat['load_average_1m'][0]:.1f})")]
+    phases = [("latency", lat)] + [(k, v) for k, v in e2e.items() if k.startswith("senders_")]
+    for k, v in phases[1:]:
+        goal = " (goal >= 8 with 4)" if k == "senders_4" else ""
+        rows.append((f"end to end throughput, {k.replace('_', ' ')}",
+                     f"{v['images_per_s']:.2f} images/s{goal} ({v['images']} images in {v['seconds']:.1f} s, "
+                     f"load {v['load_average_1m'][0]:.1f})"))
+    for k, v in phases:
+        for stage, s in v["stages"].items():
+            rows.append((f"  stage {stage} ({k.replace('_', ' ')})", f"mean {s['mean_ms']:.0f} ms, "
+                         f"p50 ~{s['p50_ms']:.0f} ms, p95 ~{s['p95_ms']:.0f} ms (n={s['n']})"))
+    rows.append(("worker peak RSS", f"{e2e['worker_peak_rss_mib'] / 1024:.2f} GiB (goal <= 1.5 GiB)"))
+    rows.append(("failed delivery attempts (retried)", f"{e2e.get('send_failures', 0):.0f}"))
+    rows += [("worker log", line[:160]) for line in e2e.get("worker_log_problems", [])[:5]]
+    return rows
 
 
 def main() -> None:
@@ -276,31 +480,52 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="fewer repetitions")
     p.add_argument("--trust-only", action="store_true",
                    help="only the gate and faithfulness costs (results/bench_worker_trust.json)")
+    p.add_argument("--e2e", action="store_true",
+                   help="only the end-to-end run through cxr-worker serve (results/bench_worker_e2e.json)")
+    p.add_argument("--model", type=Path, help="end to end on this exported model (e.g. an int8 one); "
+                   "default: a 224-px contract-v2 ResNet-50 with random weights, exported for the run")
+    p.add_argument("--int8", action="store_true", help="with no --model: reduce the exported model to int8 "
+                   "(trainer.quantize, issue 12 section 1)")
+    p.add_argument("--worker-root", type=Path, default=Path(__file__).resolve().parent.parent,
+                   help="source tree the worker runs from (another checkout, to compare before and after)")
+    p.add_argument("--latency-images", type=int, default=20)
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between latency images")
+    p.add_argument("--throughput-images", type=int, default=24, help="per number of senders")
+    p.add_argument("--tag", default="", help="suffix of the JSON file name (e.g. before, after)")
     args = p.parse_args()
     repeat = 5 if args.quick else 20
     inference: dict[str, Any] = {}
     stages: dict[str, Any] = {}
-    service: dict[str, Any] = {}
+    e2e: dict[str, Any] = {}
+    trust: dict[str, Any] = {}
+    export_s = 0.0
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        t = time.perf_counter()
-        full, plain, model = export_models(work)
-        v2 = add_ood_head(full, work / "v2.onnx")
-        export_s = time.perf_counter() - t
-        trust = bench_trust(full, v2, repeat)
+        if not args.e2e:
+            t = time.perf_counter()
+            full, plain, model = export_models(work)
+            v2 = add_ood_head(full, work / "v2.onnx")
+            export_s = time.perf_counter() - t
+            trust = bench_trust(full, v2, repeat)
         if not args.trust_only:
-            inference = bench_inference(full, plain, model, repeat)
-            stages = bench_stages(v2, repeat)
-            stages_no_faith = bench_stages(v2, repeat, faithfulness=False)
-            stages["build_sc_sr_without_faithfulness"] = stages_no_faith["build_sc_sr"]
-            service = bench_service(v2, work, 8 if args.quick else 16, (1, 4))
-    rows = [("export both models (s)", f"{export_s:.1f}")]
+            if not args.e2e:
+                inference = bench_inference(full, plain, model, repeat)
+                stages = bench_stages(v2, repeat)
+                stages_no_faith = bench_stages(v2, repeat, faithfulness=False)
+                stages["build_sc_sr_without_faithfulness"] = stages_no_faith["build_sc_sr"]
+            e2e_model = args.model or export_e2e_model(work / "e2e.onnx")
+            if args.int8 and not args.model:
+                e2e_model = quantize_e2e_model(e2e_model, work / "e2e_int8.onnx")
+            quick = 0.5 if args.quick else 1.0
+            e2e = bench_end_to_end(e2e_model.resolve(), work / "e2e", root=args.worker_root.resolve(),
+                                   latency_images=max(4, round(args.latency_images * quick)),
+                                   interval_s=args.interval,
+                                   throughput_images=max(4, round(args.throughput_images * quick)))
+    rows = [("export both models (s)", f"{export_s:.1f}")] if not args.e2e else []
     for k, v in stages.items():
         rows.append((f"stage {k} (RG1 1955x1841)", f"p50 {v['p50_ms']:.1f} ms  p95 {v['p95_ms']:.1f} ms"))
-    for k, v in service.items():
-        rows.append((f"end to end, {k.replace('_', ' ')}", f"{v['images_per_s']:.2f} images/s "
-                     f"({v['delivered']}/{v['images']}), receive p50 {v['receive']['p50_ms']:.0f} ms, "
-                     f"worker peak RSS {v['worker_peak_rss_mib']:.0f} MiB"))
+    if e2e:
+        rows += end_to_end_rows(e2e)
     for k, v in [*inference.items(), *trust.items()]:
         if isinstance(v, dict):
             rows.append((k, f"{v['ms_per_image']:.1f} ms/image (p50 {v['p50_ms']:.1f}, p95 {v['p95_ms']:.1f} ms)"))
@@ -308,8 +533,9 @@ def main() -> None:
             rows.append((k, f"{v:+.1f} %"))
         else:
             rows.append((k, str(v)))
-    report("bench_worker_trust" if args.trust_only else "bench_worker", rows,
-           {"input_size": SIZE, "export_seconds": export_s, "stages": stages, "service": service,
+    name = "bench_worker_trust" if args.trust_only else "bench_worker_e2e" if args.e2e else "bench_worker"
+    report(name + (f"_{args.tag}" if args.tag else ""), rows,
+           {"input_size": SIZE, "export_seconds": export_s, "stages": stages, "end_to_end": e2e,
             "inference": inference, "trust": trust})
 
 

@@ -138,8 +138,9 @@ class BatchHandler:
 
     def _answer(self, item: Decoded, result: Result, per_image: float) -> None:
         """Queue the SC and SR for sending, then mark the input done and drop it."""
-        for obj in (result.sc, result.sr):
-            self.outbox.put(key(str(obj.SOPInstanceUID)), encode(obj), str(obj.SOPInstanceUID),
+        encoded = result.encoded or (encode(result.sc), encode(result.sr))
+        for obj, data in zip((result.sc, result.sr), encoded, strict=True):
+            self.outbox.put(key(str(obj.SOPInstanceUID)), data, str(obj.SOPInstanceUID),
                             study_instance_uid=str(obj.get("StudyInstanceUID", "")),
                             sop_class_uid=str(obj.SOPClassUID))
         self.spool.mark_done(key(result.sop_instance_uid, self.processor.model.info.version))

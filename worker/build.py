@@ -8,6 +8,7 @@ dciodvfy accepts without errors.
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import math
 import re
@@ -162,19 +163,60 @@ def _jet(heat: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-def _draw_text(rgb: np.ndarray[Any, Any], items: list[tuple[str, int, int]], scale: float) -> None:
-    """White text with a dark halo, in place; items are (text, x, baseline y)."""
-    mask = np.zeros(rgb.shape[:2], np.uint8)
+def _text_boxes(rgb_shape: tuple[int, ...], items: list[tuple[str, int, int]], scale: float,
+                thickness: int, reach: int) -> list[tuple[int, int, int, int]]:
+    """Disjoint boxes (x0, y0, x1, y1), inside the image, that hold every item's ink and halo.
+
+    Boxes that touch are merged, so no pixel's halo or ink is drawn twice.
+    """
+    rows, cols = rgb_shape[:2]
+    boxes = []
     for text, x, y in items:
-        cv2.putText(mask, text, (x, y), _FONT, scale, 255, max(1, round(scale * 1.5)), cv2.LINE_AA)
+        (w, h), base = cv2.getTextSize(text, _FONT, scale, thickness)
+        boxes.append([x - reach, y - h - reach, x + w + reach, y + base + reach])
+    merged = True
+    while merged:
+        merged = False
+        for i in range(len(boxes)):
+            for j in range(i + 1, len(boxes)):
+                a, b = boxes[i], boxes[j]
+                if a[0] <= b[2] and b[0] <= a[2] and a[1] <= b[3] and b[1] <= a[3]:
+                    boxes[i] = [min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])]
+                    del boxes[j]
+                    merged = True
+                    break
+            if merged:
+                break
+    out = []
+    for x0, y0, x1, y1 in boxes:
+        x0, y0, x1, y1 = max(0, x0), max(0, y0), min(cols, x1), min(rows, y1)
+        if x1 > x0 and y1 > y0:
+            out.append((x0, y0, x1, y1))
+    return out
+
+
+def _draw_text(rgb: np.ndarray[Any, Any], items: list[tuple[str, int, int]], scale: float) -> None:
+    """White text with a dark halo, in place; items are (text, x, baseline y).
+
+    Drawn only inside the boxes around the text (a few percent of a radiograph): every
+    pixel outside them would come out unchanged, and the float blend below is the most
+    expensive step of an SC when run over the whole image.
+    """
+    thickness = max(1, round(scale * 1.5))
     # The halo is a dilated mask, not a thicker black pass: OpenCV 5 draws Hershey names with
     # a vector font whose outline ignores thickness. It makes the text read on bone and heat.
     radius = max(1, round(scale * 1.5))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
-    halo = cv2.dilate(mask, kernel)[..., None].astype(np.float32) / 255.0
-    ink = mask[..., None].astype(np.float32) / 255.0
-    out = rgb.astype(np.float32) * (1.0 - 0.85 * halo)
-    rgb[...] = np.rint(out * (1.0 - ink) + 255.0 * ink).astype(np.uint8)
+    # Anti-aliased strokes reach about a thickness past the size getTextSize reports.
+    for x0, y0, x1, y1 in _text_boxes(rgb.shape, items, scale, thickness, reach=radius + 2 * thickness + 2):
+        region = rgb[y0:y1, x0:x1]
+        mask = np.zeros(region.shape[:2], np.uint8)
+        for text, x, y in items:
+            cv2.putText(mask, text, (x - x0, y - y0), _FONT, scale, 255, thickness, cv2.LINE_AA)
+        halo = cv2.dilate(mask, kernel)[..., None].astype(np.float32) / 255.0
+        ink = mask[..., None].astype(np.float32) / 255.0
+        out = region.astype(np.float32) * (1.0 - 0.85 * halo)
+        region[...] = np.rint(out * (1.0 - ink) + 255.0 * ink).astype(np.uint8)
 
 
 def _burn_in(rgb: np.ndarray[Any, Any], lines: list[str], *, bar: bool = True) -> None:
@@ -203,8 +245,33 @@ def _burn_in(rgb: np.ndarray[Any, Any], lines: list[str], *, bar: bool = True) -
     _draw_text(rgb, items, scale)
 
 
-def _gray(unit_image: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-    return np.clip(np.nan_to_num(np.asarray(unit_image, np.float32)), 0.0, 1.0) * 255.0
+def display_gray(unit_image: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """The SC's gray background, uint8 [Rows, Columns]: a unit image in [0, 1] times 255,
+    rounded (NaN and below 0 black, above 1 white); a uint8 image is taken as it is."""
+    arr = np.asarray(unit_image)
+    if arr.dtype == np.uint8:
+        return arr
+    # Three passes (threshold, min, a saturating conversion) where numpy's clip, nan_to_num,
+    # multiply and rint make five full-size float copies.
+    _, clipped = cv2.threshold(np.asarray(arr, np.float32), 0.0, 0.0, cv2.THRESH_TOZERO)  # NaN fails "> 0"
+    np.minimum(clipped, 1.0, out=clipped)  # +inf too: OpenCV's conversion would wrap it to 0
+    return np.asarray(cv2.convertScaleAbs(clipped, alpha=255.0))
+
+
+@functools.lru_cache(maxsize=8)
+def _blend_table(opacity: float) -> np.ndarray[Any, Any]:
+    """Every blend of a gray level under a heat level, packed RGBx in uint32, indexed by
+    ``heat * 256 + gray``: the overlay becomes one table lookup per pixel."""
+    heat = np.arange(256, dtype=np.float32) / 255.0
+    alpha = (opacity * heat)[:, None, None]
+    gray = np.arange(256, dtype=np.float32)[None, :, None]
+    colour = _jet(heat[:, None])[:, None, 0, :].astype(np.float32)  # [256, 1, 3]
+    rgb = np.rint(gray * (1.0 - alpha) + colour * alpha).astype(np.uint8).reshape(-1, 3)
+    packed = np.zeros((256 * 256, 4), np.uint8)
+    packed[:, :3] = rgb
+    table: np.ndarray[Any, Any] = packed.view(np.uint32).reshape(-1)
+    table.setflags(write=False)
+    return table
 
 
 def _check_image(unit_image: np.ndarray[Any, Any], gradcam: np.ndarray[Any, Any] | None = None) -> None:
@@ -235,7 +302,8 @@ def render_heatmap_overlay(
     """Blend the Grad-CAM map over the image at the source resolution and burn in the result.
 
     Args:
-        unit_image: Display-ready grayscale [Rows, Columns] in [0, 1] (decode.py's output).
+        unit_image: Display-ready grayscale [Rows, Columns]: in [0, 1] (decode.py's unit
+            image), or already uint8 0-255 (:func:`display_gray`, decode.py's display image).
         gradcam: Raw Grad-CAM map [h, w] >= 0 at the model's feature resolution.
         probability, threshold: Model output and operating point, both in [0, 1].
         model_name, model_version: Burned in with the result.
@@ -265,11 +333,18 @@ def render_heatmap_overlay(
     cam = np.nan_to_num(np.asarray(gradcam, np.float32), nan=0.0, posinf=0.0).clip(min=0.0)
     scale = heatmap_scale if heatmap_scale is not None else float(cam.max())
     heat = cam / scale if scale > 0 and painted else np.zeros_like(cam)  # an all-zero map adds no colour
-    heat = np.clip(cv2.resize(heat, (cols, rows), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
-    gray = _gray(unit_image)
-    alpha = (opacity * heat)[..., None]
-    blended = gray[..., None] * (1.0 - alpha) + _jet(heat).astype(np.float32) * alpha
-    rgb = np.ascontiguousarray(np.rint(blended).astype(np.uint8))
+    gray = display_gray(unit_image)
+    if painted and float(heat.max()) > 0:
+        # Bilinear at full size, then 256 levels (the colour map has no more; saturating at
+        # 255 is the clip to 1), then one lookup of the precomputed blend per pixel: within
+        # one level of the float blend.
+        level = cv2.convertScaleAbs(cv2.resize(heat, (cols, rows), interpolation=cv2.INTER_LINEAR), alpha=255.0)
+        index = np.left_shift(level, 8, dtype=np.uint16)
+        np.bitwise_or(index, gray, out=index)
+        rgbx = _blend_table(float(opacity))[index]
+        rgb = np.asarray(cv2.cvtColor(rgbx.view(np.uint8).reshape(rows, cols, 4), cv2.COLOR_RGBA2RGB))
+    else:
+        rgb = np.asarray(cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB))
     lines = [*(warning or []), f"P(pneumonia) = {probability:.3f}"]
     if painted and faithfulness is not None:
         lines.append(faithfulness_line(faithfulness))
@@ -298,13 +373,12 @@ def render_withheld(
     """The source image in gray, without any heatmap, saying why there is no result.
 
     Args:
-        unit_image: Display-ready grayscale [Rows, Columns] in [0, 1].
+        unit_image: Display-ready grayscale [Rows, Columns], in [0, 1] or uint8.
         reason: One line, e.g. ``Trust.gate_line``.
         model_name, model_version, notice: As for :func:`render_heatmap_overlay`.
     """
     _check_image(unit_image)
-    gray = np.rint(_gray(unit_image)).astype(np.uint8)
-    rgb = np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=2))
+    rgb = np.asarray(cv2.cvtColor(display_gray(unit_image), cv2.COLOR_GRAY2RGB))
     _burn_in(rgb, [
         WITHHELD_TEXT,
         *([reason] if reason else []),

@@ -23,7 +23,7 @@ from pydicom.uid import (
     JPEGTransferSyntaxes,
 )
 
-from cxr_contract.pixels import resize_for_model, to_unit_range
+from cxr_contract.pixels import CLIP_PERCENTILES, resize_for_model, to_unit_range
 from worker.errors import DecodeError, UnsupportedInput
 
 SUPPORTED_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2")
@@ -191,13 +191,96 @@ def invert_monochrome1(arr: np.ndarray[Any, Any], ds: Dataset) -> np.ndarray[Any
     return arr
 
 
+#: Stored values spanning at most this many levels are mapped through a per-value table.
+TABLE_MAX_LEVELS = 1 << 16
+
+
+def percentile_of_counts(values: np.ndarray[Any, Any], counts: np.ndarray[Any, Any],
+                         q: tuple[float, ...]) -> list[float]:
+    """``np.percentile(a, q)`` (linear method) of the array ``a`` holding each ``values[i]``
+    ``counts[i]`` times, without expanding it: the same order statistics, the same
+    interpolation as numpy's ``_lerp``."""
+    order = np.argsort(values, kind="stable")
+    sorted_values = np.asarray(values, np.float64)[order]
+    ends = np.cumsum(np.asarray(counts, np.int64)[order])  # rank of the last copy of each value, plus one
+    n = int(ends[-1])
+    out = []
+    for p in q:
+        virtual = (n - 1) * (np.float64(p) / 100)
+        below = np.floor(virtual)
+        t = virtual - below
+        k = int(below)
+        a = sorted_values[np.searchsorted(ends, k, side="right")]
+        b = sorted_values[np.searchsorted(ends, min(k + 1, n - 1), side="right")]
+        diff = b - a
+        out.append(float(b - diff * (1 - t) if t >= 0.5 else a + diff * t))
+    return out
+
+
+def _levels(arr: np.ndarray[Any, Any]) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]] | None:
+    """(offset index of each pixel, domain of stored values) for an integer image whose values
+    span at most :data:`TABLE_MAX_LEVELS` levels; None otherwise."""
+    if arr.dtype.kind not in "ui" or not arr.size:
+        return None
+    lo, hi = int(arr.min()), int(arr.max())
+    if hi - lo >= TABLE_MAX_LEVELS:
+        return None
+    if arr.dtype.kind == "u" and arr.dtype.itemsize <= 2:
+        index = np.subtract(arr, arr.dtype.type(lo), dtype=np.uint16)
+    else:
+        index = (arr.astype(np.int64) - lo).astype(np.uint16)
+    return index, np.arange(lo, hi + 1, dtype=np.int64).astype(arr.dtype)
+
+
+def unit_table(domain: np.ndarray[Any, Any], counts: np.ndarray[Any, Any], ds: Dataset) -> np.ndarray[Any, Any]:
+    """The unit image's value (float32) for each stored value in ``domain``: the modality
+    LUT, the VOI transform, the map to [0, 1] and the MONOCHROME1 flip, value by value.
+
+    Each step is element-wise except the range of the map to [0, 1], which is taken over
+    the values present (``counts > 0``), so ``table[stored - lo]`` equals the steps applied
+    to the whole image.
+    """
+    try:
+        values = apply_modality_lut(domain, ds)
+    except Exception as exc:
+        raise DecodeError(f"modality LUT / rescale cannot be applied: {exc}") from None
+    present = counts > 0
+    if has_voi(ds):
+        try:
+            windowed = np.asarray(apply_voi_lut(values, ds, index=0, prefer_lut=True), dtype=np.float64)
+        except Exception as exc:
+            raise DecodeError(f"VOI LUT / window cannot be applied: {exc}") from None
+        lo, hi = float(windowed[present].min()), float(windowed[present].max())
+        unit = (np.zeros(windowed.shape, np.float32) if hi <= lo
+                else ((windowed - lo) / (hi - lo)).astype(np.float32))
+    else:
+        values = np.asarray(values, np.float64)
+        lo, hi = percentile_of_counts(values[present], counts[present], CLIP_PERCENTILES)
+        if hi > lo:  # to_unit_range(clip=True), value by value
+            unit = ((np.clip(values, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+        else:
+            lo, hi = float(values[present].min()), float(values[present].max())
+            unit = (np.zeros(values.shape, np.float32) if hi <= lo
+                    else ((values - lo) / (hi - lo)).astype(np.float32))
+    return invert_monochrome1(unit, ds)
+
+
 def dataset_to_unit_image(ds: Dataset, *, max_pixels: int = MAX_PIXELS,
                           max_dimension: int | None = None) -> np.ndarray[Any, Any]:
     """Stored pixels -> display-ready grayscale in [0, 1], at the source's resolution or,
-    with ``max_dimension``, shrunk so that neither side exceeds it."""
+    with ``max_dimension``, shrunk so that neither side exceeds it.
+
+    Integer images (every modality we take) go through a table of the at most 65,536
+    stored levels (:func:`unit_table`): the same values as the steps applied pixel by
+    pixel, at the cost of one lookup per pixel instead of several float64 passes.
+    """
     check_pixel_module(ds, max_pixels=max_pixels)
-    arr = read_pixels(ds)
-    arr = mask_padding(arr, ds)
+    arr = mask_padding(read_pixels(ds), ds)
+    levels = _levels(arr)
+    if levels is not None:
+        index, domain = levels
+        counts = np.bincount(index.ravel(), minlength=len(domain))
+        return fit_dimension(unit_table(domain, counts, ds)[index], max_dimension)
     try:
         arr = apply_modality_lut(arr, ds)
     except Exception as exc:

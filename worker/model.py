@@ -175,6 +175,9 @@ class OnnxModel:
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
+        # Idle intra-op threads sleep instead of spinning: they share the cores with the
+        # worker's own receive, build and send threads, which a spinning pool starves.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             with quiet_provider_probe(ort):
                 self.session = ort.InferenceSession(str(path), options, providers=chosen)

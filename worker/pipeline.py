@@ -11,9 +11,11 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
 import re
 import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from worker.build import (
     build_report,
     build_secondary_capture,
     decision,
+    display_gray,
     output_uids,
     render_heatmap_overlay,
     render_withheld,
@@ -48,10 +51,17 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Decoded:
-    """An eligible instance, decoded and ready for the model."""
+    """An eligible instance, decoded and ready for the model.
+
+    The image is decoded once: the model input and the input checks come from the float
+    unit image; what is kept to draw the SC on is its uint8 rendering
+    (:func:`worker.build.display_gray`, a quarter of the memory a batch holds per image).
+    ``ds`` keeps the header only.
+    """
 
     path: Path
     ds: Dataset
+    #: The image the SC is drawn on: uint8 [Rows, Columns], the unit image times 255.
     unit_image: np.ndarray[Any, Any]
     model_input: np.ndarray[Any, Any]
     #: What the input checks found (worker.input_check), None when it passed them.
@@ -78,6 +88,7 @@ class Result:
     positive: bool
     sc: Dataset
     sr: Dataset
+    #: The source as drawn under the heatmap: uint8 [Rows, Columns] (see :class:`Decoded`).
     unit_image: np.ndarray[Any, Any]
     rgb: np.ndarray[Any, Any]
     infer_seconds: float = 0.0
@@ -89,6 +100,8 @@ class Result:
     faithfulness: float | None = None
     #: The raw Grad-CAM grid at the model's feature resolution (recorded for the dashboard).
     gradcam: np.ndarray[Any, Any] | None = None
+    #: The SC and SR as sent (:func:`encode`), written while the batch was built.
+    encoded: tuple[bytes, bytes] | None = None
 
 
 def read_dataset(path: Path) -> Dataset:
@@ -121,7 +134,7 @@ def uid_of(ds: Dataset | None) -> str:
 class Processor:
     """Decode, infer and build for batches of instances."""
 
-    def __init__(self, settings: Settings, model: OnnxModel) -> None:
+    def __init__(self, settings: Settings, model: OnnxModel, build_threads: int | None = None) -> None:
         self.settings = settings
         self.model = model
         self.build_settings: BuildSettings = settings.output
@@ -129,6 +142,8 @@ class Processor:
         self.paint_negative = o.heatmap_for_negative
         self.withhold = settings.model.ood_action == "withhold"
         self.faithfulness = settings.model.faithfulness and model.has_logit
+        #: Images of one batch built at the same time (the machine's cores, at most 4).
+        self.build_threads = build_threads if build_threads is not None else min(4, os.cpu_count() or 1)
 
     def decode(self, path: Path) -> Decoded | Skipped:
         """Read, select and decode one file.
@@ -154,7 +169,10 @@ class Processor:
         except (Exception, RecursionError) as exc:  # a malformed file can break any reader
             raise DecodeError(f"{type(exc).__name__}: {exc}") from None
         model_input = resize_for_model(unit, self.model.info.input_size)[..., None]
-        return Decoded(path, ds, unit, model_input, input_problem(unit))
+        problem = input_problem(unit)
+        # Decoded: the outputs need the header only, and a batch holds every image it claimed.
+        del ds.PixelData
+        return Decoded(path, ds, display_gray(unit), model_input, problem)
 
     def gate(self, item: Decoded, pred: Prediction) -> str | None:
         """Why the image is outside the training distribution: the input checks first
@@ -183,21 +201,29 @@ class Processor:
             except Exception as exc:  # the answers stand without it; the SR then has no such measurement
                 logger.warning("heatmap faithfulness not computed: %s", type(exc).__name__)
         infer_seconds = (time.perf_counter() - started) / len(batch)
-        out: list[Result | Exception] = []
-        for i, (item, pred) in enumerate(zip(batch, predictions, strict=True)):
-            ood = pred.ood_score if pred.ood_score is not None and math.isfinite(pred.ood_score) else None
-            trust = Trust(ood_score=ood, gate=gates[i], withheld=gates[i] is not None and self.withhold,
-                          faithfulness=faith.get(i))
-            try:
-                sc, sr, rgb = self._build(item, pred, trust)
-            except Exception as exc:  # highdicom refuses odd headers with many types; sorted by the caller
-                out.append(exc)
-                continue
-            positive = not trust.withheld and decision(pred.probability, self.model.info.threshold)
-            out.append(Result(uid_of(item.ds), pred.probability, positive, sc, sr, item.unit_image, rgb,
-                              infer_seconds, gate=trust.gate, withheld=trust.withheld, ood_score=ood,
-                              faithfulness=trust.faithfulness, gradcam=pred.gradcam))
-        return out
+        jobs = [(item, pred, gates[i], faith.get(i), infer_seconds)
+                for i, (item, pred) in enumerate(zip(batch, predictions, strict=True))]
+        if len(jobs) == 1 or self.build_threads <= 1:
+            return [self._answer_one(*job) for job in jobs]
+        # Both cores: drawing, compositing and encoding an SC are numpy and OpenCV work that
+        # releases the GIL, so one image's drawing runs beside another's highdicom build.
+        with ThreadPoolExecutor(min(self.build_threads, len(jobs)), thread_name_prefix="build") as pool:
+            return list(pool.map(lambda job: self._answer_one(*job), jobs))
+
+    def _answer_one(self, item: Decoded, pred: Prediction, gate: str | None, faithfulness: float | None,
+                    infer_seconds: float) -> Result | Exception:
+        ood = pred.ood_score if pred.ood_score is not None and math.isfinite(pred.ood_score) else None
+        try:
+            trust = Trust(ood_score=ood, gate=gate, withheld=gate is not None and self.withhold,
+                          faithfulness=faithfulness)
+            sc, sr, rgb = self._build(item, pred, trust)
+            encoded = (encode(sc), encode(sr))
+        except Exception as exc:  # highdicom refuses odd headers with many types; sorted by the caller
+            return exc
+        positive = not trust.withheld and decision(pred.probability, self.model.info.threshold)
+        return Result(uid_of(item.ds), pred.probability, positive, sc, sr, item.unit_image, rgb,
+                      infer_seconds, gate=trust.gate, withheld=trust.withheld, ood_score=ood,
+                      faithfulness=trust.faithfulness, encoded=encoded, gradcam=pred.gradcam)
 
     def _build(self, item: Decoded, pred: Prediction, trust: Trust) -> tuple[Dataset, Dataset, np.ndarray[Any, Any]]:
         info = self.model.info

@@ -343,6 +343,10 @@ class Receiver:
         """Whether every listener's accept loop is still running."""
         return bool(self.threads) and all(t.is_alive() for t in self.threads)
 
+    def receiving(self) -> bool:
+        """Whether a peer has an association open on a running listener: more may be coming."""
+        return any(a.is_established for server in self.servers for a in server.active_associations)
+
     def busy(self) -> bool:
         """Whether an association is still in progress on any listener."""
         return any(a.is_established for server in self._stopped for a in server.active_associations)

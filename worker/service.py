@@ -180,6 +180,8 @@ class Service:
         while claimed and len(claimed) < m.batch_size and time.monotonic() < deadline:
             if self.spool.crashes_of(claimed[0]):
                 break  # a suspect is processed alone
+            if not self.receiver.receiving():
+                break  # nobody is sending: waiting would only add latency to what is here
             time.sleep(0.02)
             claimed += self.spool.claim(m.batch_size - len(claimed), suspects=False)
         return claimed

@@ -151,3 +151,45 @@ def test_truncated_pixel_data_is_a_decode_error() -> None:
 
 def test_constant_image_maps_to_zeros() -> None:
     assert not to_unit_range(np.full((4, 4), 7)).any()
+
+
+def _pixel_by_pixel(ds: pydicom.Dataset) -> np.ndarray:
+    """The DICOM pixel steps applied to the whole array, one after the other."""
+    from pydicom.pixels.processing import apply_modality_lut
+
+    from worker.decode import apply_voi, invert_monochrome1, mask_padding, read_pixels
+
+    arr = apply_modality_lut(mask_padding(read_pixels(ds), ds), ds)
+    return invert_monochrome1(apply_voi(arr, ds), ds)
+
+
+def _variants(phantom: np.ndarray) -> dict[str, pydicom.Dataset]:
+    out = {name: pydicom.dcmread(get_testdata_file(name)) for name in ("RG1_UNCR.dcm", "CT_small.dcm")}
+    out["MONOCHROME1, no window"] = cr_dataset(phantom, photometric="MONOCHROME1")
+    rescaled = cr_dataset(phantom)
+    arr = rescaled.pixel_array.copy()
+    arr[:4] = 4095
+    rescaled.PixelData = arr.tobytes()
+    rescaled.PixelPaddingValue, rescaled.RescaleSlope, rescaled.RescaleIntercept = 4095, 0.37, -100
+    out["rescale and padding"] = rescaled
+    windows = cr_dataset(phantom)
+    windows.WindowCenter, windows.WindowWidth = [1024, 3000], [1024, 2000]
+    out["two windows"] = windows
+    return out
+
+
+def test_table_of_stored_levels_gives_the_pixel_by_pixel_image(phantom: np.ndarray) -> None:
+    for name, ds in _variants(phantom).items():  # CT_small: signed 16-bit with a rescale
+        np.testing.assert_array_equal(dataset_to_unit_image(ds), _pixel_by_pixel(ds), err_msg=name)
+
+
+def test_percentile_of_counts_is_numpys_percentile() -> None:
+    from worker.decode import percentile_of_counts
+
+    rng = np.random.default_rng(11)
+    for _ in range(100):
+        arr = rng.integers(-50, int(rng.integers(-40, 5000)), size=int(rng.integers(1, 4000))).astype(float)
+        values, counts = np.unique(arr, return_counts=True)
+        shuffled = rng.permutation(len(values))  # the table's order need not be sorted
+        got = percentile_of_counts(values[shuffled], counts[shuffled], (0.5, 50, 99.5))
+        assert got == list(np.percentile(arr, (0.5, 50, 99.5)))

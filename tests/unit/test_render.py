@@ -1,0 +1,92 @@
+"""The SC's pixels drawn the fast way (uint8 blend table, text blended only in its boxes)
+look the same as the float blend over the whole image: the text to the bit, the heatmap to
+one grey level."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from worker import build
+from worker.build import display_gray, render_heatmap_overlay, render_withheld
+
+
+def _float_blend(unit: np.ndarray, heat: np.ndarray, opacity: float) -> np.ndarray:
+    """The overlay as first written: every step in float at full resolution."""
+    gray = np.clip(np.nan_to_num(unit.astype(np.float32)), 0.0, 1.0) * 255.0
+    alpha = (opacity * heat)[..., None]
+    colour = build._jet(heat).astype(np.float32)
+    return np.rint(gray[..., None] * (1.0 - alpha) + colour * alpha).astype(np.uint8)
+
+
+def _draw_text_everywhere(rgb: np.ndarray, items: list[tuple[str, int, int]], scale: float) -> None:
+    """The text blend as first written: mask, halo and blend over the whole image."""
+    mask = np.zeros(rgb.shape[:2], np.uint8)
+    for text, x, y in items:
+        cv2.putText(mask, text, (x, y), build._FONT, scale, 255, max(1, round(scale * 1.5)), cv2.LINE_AA)
+    radius = max(1, round(scale * 1.5))
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    halo = cv2.dilate(mask, kernel)[..., None].astype(np.float32) / 255.0
+    ink = mask[..., None].astype(np.float32) / 255.0
+    out = rgb.astype(np.float32) * (1.0 - 0.85 * halo)
+    rgb[...] = np.rint(out * (1.0 - ink) + 255.0 * ink).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def chest_like() -> np.ndarray:
+    rng = np.random.default_rng(5)
+    base = cv2.GaussianBlur(rng.random((600, 520)).astype(np.float32), (0, 0), 9)
+    return (base - base.min()) / (base.max() - base.min())
+
+
+@pytest.mark.parametrize("scale", [0.3, 0.8, 1.7, 3.2])
+def test_text_drawn_in_its_boxes_equals_text_drawn_over_the_whole_image(scale: float) -> None:
+    rng = np.random.default_rng(int(scale * 10))
+    rgb = rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    # Lines close enough to share a box, one crossing the right edge, one above the top.
+    items = [("P(pneumonia) = 0.870", 5, 20), ("Pneumonia: POSITIVE", 5, 44), ("high", 340, 15),
+             ("low", 350, 290), ("AI-generated - not for diagnostic use", 200, 150), ("cut", 10, 2)]
+    expected = rgb.copy()
+    _draw_text_everywhere(expected, items, scale)
+    build._draw_text(rgb, items, scale)
+    np.testing.assert_array_equal(rgb, expected)
+
+
+@pytest.mark.parametrize("heatmap_scale", [1.0, 0.3, None])
+def test_overlay_is_the_float_blend_to_one_level(chest_like: np.ndarray, heatmap_scale: float | None) -> None:
+    cam = np.zeros((7, 7), np.float32)
+    cam[2:5, 1:4] = np.random.default_rng(1).random((3, 3)) * 2.0  # above the fixed scale: saturates
+    cam[5, 5] = 0.25
+    kw = {"probability": 0.9, "threshold": 0.5, "model_name": "m", "model_version": "v", "opacity": 0.4,
+          "heatmap_scale": heatmap_scale}
+    got = render_heatmap_overlay(chest_like, cam, **kw)
+    scale = heatmap_scale if heatmap_scale is not None else float(cam.max())
+    heat = np.clip(cv2.resize(cam / scale, chest_like.shape[::-1], interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
+    expected = _float_blend(chest_like, heat, 0.4)
+    lines = ["P(pneumonia) = 0.900", "Pneumonia: POSITIVE (threshold 0.50)",
+             *([] if heatmap_scale else ["Heatmap scaled to its own peak (model has no fixed scale)"]),
+             "Model: m v", "AI-generated - not for diagnostic use"]
+    build._burn_in(expected, lines, bar=True)
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+    assert (got != expected).any(axis=-1).mean() < 0.5  # most pixels identical, not merely close
+
+
+def test_overlay_of_the_uint8_display_is_the_overlay_of_the_unit_image(chest_like: np.ndarray) -> None:
+    cam = np.random.default_rng(2).random((7, 7)).astype(np.float32)
+    kw = {"probability": 0.7, "threshold": 0.5, "model_name": "m", "model_version": "v", "heatmap_scale": 1.0}
+    np.testing.assert_array_equal(render_heatmap_overlay(display_gray(chest_like), cam, **kw),
+                                  render_heatmap_overlay(chest_like, cam, **kw))
+    withheld = {"reason": "r", "model_name": "m", "model_version": "v"}
+    np.testing.assert_array_equal(render_withheld(display_gray(chest_like), **withheld),
+                                  render_withheld(chest_like, **withheld))
+
+
+def test_display_gray_rounds_and_clips_like_the_float_path() -> None:
+    unit = np.array([[np.nan, -np.inf, -0.2, 0.0, 0.5 / 255, 1.5 / 255, 0.5, 1.0, 1.3, np.inf]], np.float32)
+    expected = np.rint(np.clip(np.nan_to_num(unit, posinf=1.0, neginf=0.0), 0, 1) * 255).astype(np.uint8)
+    got = display_gray(unit)
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, expected)
+    as_is = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    assert display_gray(as_is) is as_is
