@@ -149,7 +149,7 @@ def _write(model: Any, out: Path, precision: str, meta: dict[str, str]) -> Path:
 
 def quantize_int8(fp32_onnx: Path, calibration: np.ndarray, out: Path, *,  # type: ignore[type-arg]
                   exclude: list[str] | None = None) -> Path:
-    """Static int8 quantization (QDQ, per-channel symmetric int8 weights, uint8 activations,
+    """Static int8 quantization (QDQ, per-channel asymmetric uint8 weights, uint8 activations,
     min-max calibration) of the backbone; everything computed from the feature maps stays float32.
 
     Args:
@@ -187,9 +187,9 @@ def quantize_int8(fp32_onnx: Path, calibration: np.ndarray, out: Path, *,  # typ
         try:
             quantize_static(str(prepared), str(quantized), _Calibration(images),  # type: ignore[arg-type]
                             quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QUInt8,
                             nodes_to_exclude=keep, calibrate_method=CalibrationMethod.MinMax,
-                            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+                            extra_options={"ActivationSymmetric": False, "WeightSymmetric": False})
         except Exception as exc:
             raise ExportError(f"ONNX Runtime could not quantize {fp32_onnx}: {exc}") from None
         return _write(onnx.load(str(quantized)), Path(out), "int8", meta)
