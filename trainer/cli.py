@@ -60,6 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--model-version", default=None)
     s.add_argument("--allow-insensitive-saliency", action="store_true",
                    help="write the model even if its Grad-CAM fails the saliency sanity check")
+    s.add_argument("--precision", default="fp32", choices=("fp32", "int8", "fp16"),
+                   help="int8: static quantization for the CPU (calibrated on the validation split); fp16: for "
+                        "the CUDA provider. Either is verified against fp32 on the test split and refused "
+                        "past the limits (README: Reduced precision)")
     return p
 
 
@@ -105,7 +109,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     from trainer.export import export
 
     return export(args.run, args.out, threshold=args.threshold, version=args.model_version,
-                  allow_insensitive_saliency=args.allow_insensitive_saliency)
+                  allow_insensitive_saliency=args.allow_insensitive_saliency, precision=args.precision)
 
 
 def main(argv: list[str] | None = None) -> int:

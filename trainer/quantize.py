@@ -34,7 +34,6 @@ from trainer.stats import auc
 
 Array = np.ndarray[Any, Any]
 
-PRECISIONS = ("fp32", "int8", "fp16")
 #: Batch of calibration images fed to ONNX Runtime's calibrator at a time.
 CALIBRATION_BATCH = 8
 
@@ -212,7 +211,22 @@ def convert_fp16(fp32_onnx: Path, out: Path, *, exclude: list[str] | None = None
         half = convert_float_to_float16(source, keep_io_types=True, node_block_list=keep)
     except Exception as exc:
         raise ExportError(f"cannot convert {fp32_onnx} to float16: {exc}") from None
+    _drop_duplicate_nodes(half)
     return _write(half, Path(out), "fp16", meta)
+
+
+def _drop_duplicate_nodes(model: Any) -> None:
+    """Remove repeated identical nodes. The float16 converter inserts one Cast back to float32
+    per float32 consumer of a tensor, all with the same name and output, which ONNX refuses."""
+    seen: set[bytes] = set()
+    kept = []
+    for node in model.graph.node:
+        key = node.SerializeToString(deterministic=True)
+        if key not in seen:
+            seen.add(key)
+            kept.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
 
 
 def run_model(path: Path, images: Array, batch: int = 32) -> dict[str, Array]:

@@ -63,7 +63,8 @@ def _load_model(settings: Settings) -> Any:
     model = OnnxModel(settings.model.path, providers=settings.model.providers, threads=settings.model.threads)
     logger.info("model loaded", extra={"model": model.info.name, "version": model.info.version,
                                        "input_size": model.info.input_size, "threshold": model.info.threshold,
-                                       "providers": model.providers, "intended_use": model.info.intended_use})
+                                       "providers": model.providers, "intended_use": model.info.intended_use,
+                                       "precision": model.info.precision})
     return model
 
 
