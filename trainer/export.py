@@ -262,25 +262,36 @@ def _write_model(proto: Any, out: Path) -> None:
     os.replace(tmp, out)
 
 
-def reduce_precision(proto: Any, precision: str, calibration: np.ndarray[Any, Any], test: list[Record],
-                     fp32_on_test: dict[str, np.ndarray[Any, Any]], meta: dict[str, str], size: int,
-                     workdir: Path) -> tuple[Any, dict[str, Any]]:
-    """The fp32 graph ``proto`` (metadata attached) reduced to ``precision`` and compared with it
-    on the test split; returns the reduced model (``precision_check`` in its metadata) and the
-    numbers, which :func:`export` records before it checks them against the limits."""
+def calibration_records(val: list[Record], seed: int) -> list[Record]:
+    """The validation records that calibrate an int8 model: all, or a seeded
+    :data:`CALIBRATION_MAX` of them."""
+    if len(val) <= CALIBRATION_MAX:
+        return list(val)
+    pick = np.random.default_rng(seed).choice(len(val), CALIBRATION_MAX, replace=False)
+    return [val[i] for i in sorted(pick)]
+
+
+def reduce_and_verify(fp32_path: Path, precision: str, calibrate: list[Record], test: list[Record], workdir: Path,
+                      fp32_on_test: dict[str, np.ndarray[Any, Any]] | None = None) -> tuple[Any, dict[str, Any]]:
+    """The exported fp32 model at ``fp32_path`` reduced to ``precision`` and compared with it on
+    the ``test`` records (its outputs there may be passed in); returns the reduced model, with
+    ``precision_check`` in its metadata, and the numbers. Nothing is refused here."""
     import onnx
 
-    fp32_path, reduced = workdir / "fp32.onnx", workdir / f"{precision}.onnx"
-    _write_model(proto, fp32_path)
+    meta = {p.key: p.value for p in onnx.load(str(fp32_path), load_external_data=False).metadata_props}
+    size = int(meta[Meta.INPUT_SIZE])
+    reduced = workdir / f"{precision}.onnx"
     if precision == "int8":
-        quantize_int8(fp32_path, calibration, reduced)
+        quantize_int8(fp32_path, _load(calibrate, size), reduced)
     else:
         convert_fp16(fp32_path, reduced)
-    got = run_model(reduced, _load(test, size))
-    ref = {PROBABILITY_OUTPUT: fp32_on_test[PROBABILITY_OUTPUT].reshape(-1),
-           GRADCAM_OUTPUT: fp32_on_test[GRADCAM_OUTPUT], OOD_SCORE_OUTPUT: fp32_on_test[OOD_SCORE_OUTPUT].reshape(-1)}
-    numbers = compare(ref, got, np.array([r.label for r in test]), threshold=float(meta[Meta.THRESHOLD]),
-                      ood_threshold=float(meta[Meta.OOD_THRESHOLD]), heatmap_scale=float(meta[Meta.HEATMAP_SCALE]))
+    images = _load(test, size)
+    ref = run_model(fp32_path, images) if fp32_on_test is None else {
+        PROBABILITY_OUTPUT: fp32_on_test[PROBABILITY_OUTPUT].reshape(-1), GRADCAM_OUTPUT: fp32_on_test[GRADCAM_OUTPUT],
+        OOD_SCORE_OUTPUT: fp32_on_test[OOD_SCORE_OUTPUT].reshape(-1)}
+    numbers = compare(ref, run_model(reduced, images), np.array([r.label for r in test]),
+                      threshold=float(meta[Meta.THRESHOLD]), ood_threshold=float(meta[Meta.OOD_THRESHOLD]),
+                      heatmap_scale=float(meta[Meta.HEATMAP_SCALE]))
     check = {"precision": precision, "against": "fp32 model", "split": "test", **numbers,
              "limits": {k: f"{'<=' if kind == 'max' else '>='} {bound:g}" for k, (kind, bound) in LIMITS.items()},
              "passed": not failures(numbers)}
@@ -288,6 +299,37 @@ def reduce_precision(proto: Any, precision: str, calibration: np.ndarray[Any, An
     onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
                                         Meta.PRECISION_CHECK: json.dumps(check, separators=(",", ":"))})
     return model, check
+
+
+def _accept_reduced(run: Path, model: Any, check: dict[str, Any], out: Path) -> None:
+    """Record the numbers in metrics.json whether they pass or not (a refusal names them, like
+    the sanity check), then refuse past the limits or write ``out``."""
+    _update_metrics(run, "precision_check", check)
+    check_limits(check, check["precision"])
+    _write_model(model, out)
+
+
+def export_reduced(run: Path, fp32_model: Path, out: Path, precision: str) -> dict[str, Any]:
+    """A model ``export`` already wrote (fp32) reduced to ``precision``, verified on the run's
+    test split (int8 calibrated on its validation split) and written to ``out``: what
+    ``export --precision`` does after the fp32 steps, without repeating them.
+
+    Raises:
+        ExportError: a limit of :data:`trainer.quantize.LIMITS` is missed (nothing written).
+    """
+    if precision not in PRECISIONS or precision == "fp32":
+        raise TrainerError(f"precision must be int8 or fp16. Received: precision={precision!r}")
+    config = run / "config.json"
+    if not config.is_file():
+        raise TrainerError(f"{run} holds no run: run 'cxr-train fit --out {run}' first")
+    info = json.loads(config.read_text())
+    dataset = load_dataset(Path(info["data"]))
+    val, test = require_split(dataset, "val"), require_split(dataset, "test")
+    seed = int(info.get("config", {}).get("train", {}).get("seed", 0))
+    with tempfile.TemporaryDirectory() as tmp:
+        model, check = reduce_and_verify(Path(fp32_model), precision, calibration_records(val, seed), test, Path(tmp))
+    _accept_reduced(run, model, check, out)
+    return {"model": str(out), "precision": precision, "precision_check": check}
 
 
 def export(run: Path, out: Path, *, threshold: float | None = None, version: str | None = None,
@@ -401,20 +443,18 @@ def export(run: Path, out: Path, *, threshold: float | None = None, version: str
     proto.doc_string = (f"{cfg.model.name}: pneumonia probability, logit, Grad-CAM at {layer} and an "
                         f"out-of-distribution score. {meta[Meta.INTENDED_USE]}")
     precision_check = None
-    if precision != "fp32":
+    if precision == "fp32":
+        _write_model(proto, out)
+    else:
         assert on_test is not None  # a test split was required above
         t0 = time.perf_counter()
-        rng = np.random.default_rng(cfg.train.seed)
-        calibrate = list(val) if len(val) <= CALIBRATION_MAX else [
-            val[i] for i in sorted(rng.choice(len(val), CALIBRATION_MAX, replace=False))]
         with tempfile.TemporaryDirectory() as tmp:
-            proto, precision_check = reduce_precision(proto, precision, _load(calibrate, size), test, on_test, meta,
-                                                      size, Path(tmp))
+            _write_model(proto, Path(tmp) / "fp32.onnx")
+            reduced, precision_check = reduce_and_verify(Path(tmp) / "fp32.onnx", precision,
+                                                         calibration_records(val, cfg.train.seed), test, Path(tmp),
+                                                         on_test)
         timings["precision_s"] = time.perf_counter() - t0
-        # Recorded whether it passes or not, like the sanity check: a refusal names its numbers.
-        _update_metrics(run, "precision_check", precision_check)
-        check_limits(precision_check, precision)
-    _write_model(proto, out)
+        _accept_reduced(run, reduced, precision_check, out)
     kept = (Meta.NAME, Meta.VERSION, Meta.THRESHOLD, Meta.INPUT_SIZE, Meta.OOD_THRESHOLD, Meta.HEATMAP_SCALE)
     return {"model": str(out), "precision": precision, "metadata": {k: meta[k] for k in kept},
             "verification": check, "precision_check": precision_check, "ood": ood,
