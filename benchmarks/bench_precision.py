@@ -4,6 +4,10 @@ verification numbers of a trained model.
 
     python benchmarks/bench_precision.py                      # 224-px ResNet-50, random weights
     python benchmarks/bench_precision.py --verify RUN FP32_ONNX   # + limits on RUN's test split
+    python benchmarks/bench_precision.py --model FP32_ONNX      # time an exported model instead
+
+Building the random model converts it with tf2onnx, which peaked above 9 GB of memory at 224 px
+here; ``--model`` skips that with any contract-v2 fp32 model that names its feature layer.
 
 Random weights are fine for speed: the graph and its shapes are the trained model's. The int8
 model comes from :func:`trainer.quantize.quantize_int8`, calibrated on 32 phantoms.
@@ -77,15 +81,22 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
     p.add_argument("--fp16", action="store_true", help="also time the fp16 model on the CPU (slow: no fp16 kernels)")
+    p.add_argument("--model", type=Path, default=None, help="an exported fp32 model to time instead of a random one")
     p.add_argument("--verify", nargs=2, metavar=("RUN", "FP32_ONNX"),
                    help="also the limits' numbers of int8 and fp16 against FP32_ONNX on RUN's test split")
     args = p.parse_args()
     from trainer.quantize import convert_fp16, quantize_int8
 
-    data: dict[str, Any] = {"size": args.size, "weights": "random (speed only)", "threads": args.threads or "all"}
+    data: dict[str, Any] = {"size": args.size, "threads": args.threads or "all",
+                            "model": str(args.model) if args.model else "random weights (speed only)"}
     rows: list[tuple[str, str]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        fp32 = random_model(args.size, Path(tmp) / "fp32.onnx")
+        if args.model is not None:
+            import onnx
+
+            meta = {p.key: p.value for p in onnx.load(str(args.model), load_external_data=False).metadata_props}
+            args.size = data["size"] = int(meta[Meta.INPUT_SIZE])
+        fp32 = args.model or random_model(args.size, Path(tmp) / "fp32.onnx")
         int8 = quantize_int8(fp32, phantoms(args.size, 32, 1), Path(tmp) / "int8.onnx")
         models = {"fp32": fp32, "int8": int8}
         if args.fp16:

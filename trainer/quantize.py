@@ -34,8 +34,11 @@ from trainer.stats import auc
 
 Array = np.ndarray[Any, Any]
 
-#: Batch of calibration images fed to ONNX Runtime's calibrator at a time.
-CALIBRATION_BATCH = 8
+#: Calibration images fed to ONNX Runtime's calibrator at a time. Its min-max calibrator
+#: keeps every intermediate tensor until it computes the ranges (hundreds of MB per 224-px
+#: image); strided calibration reduces each batch first (min and max merge exactly), so
+#: memory holds one batch whatever the number of images.
+CALIBRATION_BATCH = 4
 
 #: Limits a reduced-precision model must meet against its fp32 model on the test split
 #: (issue 12). ``max`` limits are upper bounds, ``min`` lower bounds.
@@ -111,14 +114,21 @@ def _name_nodes(model: Any) -> None:
 
 
 class _Calibration:
-    """ONNX Runtime's CalibrationDataReader over an image array, in small batches."""
+    """ONNX Runtime's CalibrationDataReader over an image array, in batches; ``set_range`` lets
+    the calibrator reduce each batch to its ranges before reading the next (strided min-max)."""
 
     def __init__(self, images: Array) -> None:
-        self._batches: Iterator[Array] = iter(
-            [images[i:i + CALIBRATION_BATCH] for i in range(0, len(images), CALIBRATION_BATCH)])
+        self._batches = [images[i:i + CALIBRATION_BATCH] for i in range(0, len(images), CALIBRATION_BATCH)]
+        self._todo: Iterator[Array] = iter(self._batches)
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._todo = iter(self._batches[start_index:end_index])
 
     def get_next(self) -> dict[str, Array] | None:
-        batch = next(self._batches, None)
+        batch = next(self._todo, None)
         return None if batch is None else {INPUT_NAME: batch}
 
 
@@ -179,7 +189,8 @@ def quantize_int8(fp32_onnx: Path, calibration: np.ndarray, out: Path, *,  # typ
             raise ExportError(f"ONNX Runtime cannot prepare {fp32_onnx} for quantization: {exc}") from None
         model = onnx.load(str(prepared))
         _name_nodes(model)
-        onnx.helper.set_model_props(model, meta)
+        # Kept beside pre-processing's own marker, which tells quantize_static it has run.
+        onnx.helper.set_model_props(model, {**_metadata(model), **meta})
         onnx.save(model, str(prepared))
         keep = float_nodes(model) if exclude is None else exclude
         quantized = Path(tmp) / "int8.onnx"
@@ -188,7 +199,8 @@ def quantize_int8(fp32_onnx: Path, calibration: np.ndarray, out: Path, *,  # typ
                             quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QUInt8,
                             nodes_to_exclude=keep, calibrate_method=CalibrationMethod.MinMax,
-                            extra_options={"ActivationSymmetric": False, "WeightSymmetric": False})
+                            extra_options={"ActivationSymmetric": False, "WeightSymmetric": False,
+                                           "CalibStridedMinMax": 1})
         except Exception as exc:
             raise ExportError(f"ONNX Runtime could not quantize {fp32_onnx}: {exc}") from None
         return _write(onnx.load(str(quantized)), Path(out), "int8", meta)
