@@ -322,6 +322,14 @@ def export_reduced(run: Path, fp32_model: Path, out: Path, precision: str) -> di
     config = run / "config.json"
     if not config.is_file():
         raise TrainerError(f"{run} holds no run: run 'cxr-train fit --out {run}' first")
+    if not Path(fp32_model).is_file():
+        raise TrainerError(f"model file not found: {fp32_model}")
+    import onnx
+
+    source = onnx.load(str(fp32_model), load_external_data=False)
+    given = {p.key: p.value for p in source.metadata_props}.get(Meta.PRECISION, "fp32")
+    if given != "fp32":
+        raise TrainerError(f"{fp32_model} is already {given}: reduce the fp32 model export wrote")
     info = json.loads(config.read_text())
     dataset = load_dataset(Path(info["data"]))
     val, test = require_split(dataset, "val"), require_split(dataset, "test")

@@ -135,3 +135,13 @@ def test_unknown_precision_is_refused_before_any_work(trained_run: Path, tmp_pat
         _export(trained_run, tmp_path / "m.onnx", "int4")
     with pytest.raises(TrainerError, match="precision must be int8 or fp16. Received: precision='fp32'"):
         export_module.export_reduced(trained_run, tmp_path / "m.onnx", tmp_path / "r.onnx", "fp32")
+    with pytest.raises(TrainerError, match="model file not found"):
+        export_module.export_reduced(trained_run, tmp_path / "m.onnx", tmp_path / "r.onnx", "int8")
+
+
+def test_a_reduced_model_is_not_reduced_again(int8_model: tuple[Path, dict], trained_run: Path,
+                                              tmp_path: Path) -> None:
+    from trainer.errors import TrainerError
+
+    with pytest.raises(TrainerError, match="is already int8: reduce the fp32 model export wrote"):
+        export_module.export_reduced(trained_run, int8_model[0], tmp_path / "r.onnx", "fp16")
