@@ -158,7 +158,7 @@ def _write(model: Any, out: Path, precision: str, meta: dict[str, str]) -> Path:
 
 def quantize_int8(fp32_onnx: Path, calibration: np.ndarray, out: Path, *,  # type: ignore[type-arg]
                   exclude: list[str] | None = None) -> Path:
-    """Static int8 quantization (QDQ, per-channel asymmetric uint8 weights, uint8 activations,
+    """Static 8-bit ("int8") quantization (QDQ, per-channel asymmetric uint8 weights, uint8 activations,
     min-max calibration) of the backbone; everything computed from the feature maps stays float32.
 
     Args:
