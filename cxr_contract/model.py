@@ -59,8 +59,14 @@ class Meta:
     CALIBRATION = "calibration"  # JSON: {"method": "temperature", "temperature": T, ...}
     HEATMAP_SCALE = "heatmap_scale"  # raw Grad-CAM value drawn as full colour
     SANITY_CHECK = "sanity_check"  # JSON: cascading-randomisation correlations
-    PRECISION = "precision"  # fp32 | int8 | fp16
+    PRECISION = "precision"  # one of PRECISIONS; absent = fp32 (models exported before int8)
+    #: JSON: a reduced-precision model's verification against its fp32 model on the test split
+    #: (probability, Grad-CAM, AUC, decision and out-of-distribution agreement, with the limits).
+    PRECISION_CHECK = "precision_check"
 
+
+#: What ``cxr-train export --precision`` writes: fp32 (the default), int8 (CPU), fp16 (CUDA).
+PRECISIONS = ("fp32", "int8", "fp16")
 
 REQUIRED_METADATA = (Meta.NAME, Meta.VERSION, Meta.INPUT_SIZE, Meta.THRESHOLD, Meta.WEIGHTS_SHA256)
 #: Required in addition from contract version 2 on.
@@ -90,6 +96,8 @@ class ModelInfo:
     ood_threshold: float | None = None
     #: None for a version 1 model: its heatmaps are scaled per image.
     heatmap_scale: float | None = None
+    #: Numeric precision of the graph's backbone (:data:`PRECISIONS`).
+    precision: str = "fp32"
 
     @property
     def has_ood_gate(self) -> bool:
@@ -129,6 +137,9 @@ class ModelInfo:
             raise ContractError(f"{source}: {Meta.LABELS} is not a JSON list") from None
         if labels != LABELS:  # the worker reports the second label's probability
             raise ContractError(f"{source}: labels {list(labels)} are not {list(LABELS)}")
+        precision = meta.get(Meta.PRECISION, "fp32")
+        if precision not in PRECISIONS:
+            raise ContractError(f"{source}: {Meta.PRECISION}={precision!r} is not one of {', '.join(PRECISIONS)}")
         return cls(
             name=meta[Meta.NAME],
             version=meta[Meta.VERSION],
@@ -139,6 +150,7 @@ class ModelInfo:
             intended_use=meta.get(Meta.INTENDED_USE, ""),
             ood_threshold=ood,
             heatmap_scale=scale,
+            precision=precision,
         )
 
 

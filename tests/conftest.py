@@ -30,21 +30,22 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
-def onnx_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 64-px ResNet-50 trained for one epoch on 60 phantoms, exported and verified by
-    ``cxr-train export`` (contract version 2: ``logit`` and ``ood_score`` too): the
-    worker's tests need a model that follows the contract, not a good one, so a failed
-    saliency sanity check is recorded, not refused. ``CXR_TEST_MODEL`` may name one
-    exported earlier, to save a minute when iterating locally."""
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 64-px ResNet-50 run trained for one epoch on 60 phantoms (``cxr-train fit``'s run
+    folder), for the tests that export it. With ``CXR_TEST_MODEL`` set, the run folder beside
+    that model (``run/``) is copied instead of trained, when it is there: export writes
+    into the run's metrics.json, and a shared cache must not change under other sessions."""
+    import shutil
+
+    base = tmp_path_factory.mktemp("model")
     cached = os.environ.get("CXR_TEST_MODEL")
-    if cached and Path(cached).is_file():
-        return Path(cached)
+    if cached and (Path(cached).parent / "run" / "model.keras").is_file():
+        shutil.copytree(Path(cached).parent / "run", base / "run", ignore=shutil.ignore_patterns("checkpoints"))
+        return base / "run"
     from trainer.config import load_config
-    from trainer.export import export
     from trainer.fit import fit
     from trainer.phantoms import write_phantoms
 
-    base = tmp_path_factory.mktemp("model")
     # 128-px phantoms, as the tests send them, and enough of them (42 in training) for the
     # out-of-distribution gate's density to pass phantoms it has not seen: with 16 at 64 px
     # the gate held every unseen phantom out (1 epoch still; the model need not be good).
@@ -53,8 +54,27 @@ def onnx_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
                              "train": {"epochs": 1, "batch_size": 8},
                              "evaluate": {"bootstrap": 10}})
     fit(base / "data", base / "run", cfg, verbose=0)
-    export(base / "run", base / "model.onnx", threshold=0.5, version="test-1", allow_insensitive_saliency=True)
-    return base / "model.onnx"
+    return base / "run"
+
+
+@pytest.fixture(scope="session")
+def onnx_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """:func:`trained_run` exported and verified by ``cxr-train export`` (contract version 2:
+    ``logit`` and ``ood_score`` too): the worker's tests need a model that follows the
+    contract, not a good one, so a failed saliency sanity check is recorded, not refused.
+    ``CXR_TEST_MODEL`` may name one exported earlier, to save a minute when iterating locally;
+    ``CXR_TEST_PRECISION=int8`` (or fp16) exports the run at that precision instead, so the
+    worker's tests run against a reduced-precision model."""
+    precision = os.environ.get("CXR_TEST_PRECISION", "fp32")
+    cached = os.environ.get("CXR_TEST_MODEL")
+    if cached and Path(cached).is_file() and precision == "fp32":
+        return Path(cached)
+    from trainer.export import export
+
+    run = request.getfixturevalue("trained_run")
+    model = tmp_path_factory.mktemp("onnx") / f"model-{precision}.onnx"
+    export(run, model, threshold=0.5, version="test-1", allow_insensitive_saliency=True, precision=precision)
+    return model
 
 
 @pytest.fixture

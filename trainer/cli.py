@@ -66,6 +66,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--model-version", default=None)
     s.add_argument("--allow-insensitive-saliency", action="store_true",
                    help="write the model even if its Grad-CAM fails the saliency sanity check")
+    s.add_argument("--precision", default="fp32", choices=("fp32", "int8", "fp16"),
+                   help="int8: static quantization for the CPU (calibrated on the validation split); fp16: for "
+                        "the CUDA provider. Either is verified against fp32 on the test split and refused "
+                        "past the limits (README: Reduced precision)")
+    s.add_argument("--from-model", type=Path, default=None, metavar="FP32_ONNX",
+                   help="with --precision int8|fp16: reduce this model, written by export from --run before, "
+                        "instead of repeating the fp32 steps")
     return p
 
 
@@ -137,10 +144,12 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         return {"threshold": r["threshold"], "calibration": r["calibration"], "metrics": r["metrics"],
                 "ci95": r["ci95"], "calibration_quality": r["calibration_quality"],
                 "faithfulness": r["faithfulness"], "localisation": loc}
-    from trainer.export import export
+    from trainer.export import export, export_reduced
 
+    if args.from_model is not None:
+        return export_reduced(args.run, args.from_model, args.out, args.precision)
     return export(args.run, args.out, threshold=args.threshold, version=args.model_version,
-                  allow_insensitive_saliency=args.allow_insensitive_saliency)
+                  allow_insensitive_saliency=args.allow_insensitive_saliency, precision=args.precision)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,9 +9,13 @@ Before a model is written, export
 * verifies the graph with ONNX Runtime against TensorFlow's GradientTape: probability,
   logit, the pre-ReLU Grad-CAM sum and the channel weights alpha, each scaled by its own
   magnitude, on images of both classes, and the gate's score;
-* runs the saliency sanity check (:mod:`trainer.sanity`).
+* runs the saliency sanity check (:mod:`trainer.sanity`);
+* with ``--precision int8|fp16``, reduces the verified fp32 graph (:mod:`trainer.quantize`,
+  int8 calibrated on the validation split) and compares it with the fp32 graph on the test
+  split against :data:`trainer.quantize.LIMITS`.
 
-A model that fails verification, or the sanity check unless allowed, is not written.
+A model that fails verification, the sanity check unless allowed, or the precision limits is
+not written.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from cxr_contract.model import (
     LABELS,
     LOGIT_OUTPUT,
     OOD_SCORE_OUTPUT,
+    PRECISIONS,
     PROBABILITY_OUTPUT,
     RESEARCH_USE,
     SYNTHETIC_USE,
@@ -50,6 +55,7 @@ from trainer.evaluate import load_run
 from trainer.fit import load_image
 from trainer.model import feature_model, gradcam_parts, gradcam_tape_parts
 from trainer.ood import METHOD, MahalanobisGate, conformal_threshold, fit_gate
+from trainer.quantize import LIMITS, check_limits, compare, convert_fp16, failures, quantize_int8, run_model
 from trainer.sanity import sanity_check
 
 OPSET = 17
@@ -59,6 +65,9 @@ REL_TOL = 1e-4
 #: Outputs present only while verifying, pruned before the model is written.
 RAW_OUTPUT, ALPHA_OUTPUT = "gradcam_raw", "gradcam_alpha"
 BATCH = 32
+#: At most this many validation images calibrate an int8 model (seeded draw beyond it):
+#: min-max ranges settle long before, and calibration runs the whole graph on each.
+CALIBRATION_MAX = 256
 
 
 def weights_sha256(model: keras.Model) -> str:
@@ -244,11 +253,101 @@ def _update_metrics(run: Path, key: str, value: Any) -> None:
     os.replace(tmp, path)
 
 
-def export(run: Path, out: Path, *, threshold: float | None = None, version: str | None = None,
-           allow_insensitive_saliency: bool = False) -> dict[str, Any]:
-    """Fit the gate, export, verify, sanity-check, attach metadata, write ``out`` atomically."""
+def _write_model(proto: Any, out: Path) -> None:
+    """Serialise ``proto`` to ``out`` through a temporary file in the same folder (atomic)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".onnx.tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(proto.SerializeToString())
+    os.replace(tmp, out)
+
+
+def calibration_records(val: list[Record], seed: int) -> list[Record]:
+    """The validation records that calibrate an int8 model: all, or a seeded
+    :data:`CALIBRATION_MAX` of them."""
+    if len(val) <= CALIBRATION_MAX:
+        return list(val)
+    pick = np.random.default_rng(seed).choice(len(val), CALIBRATION_MAX, replace=False)
+    return [val[i] for i in sorted(pick)]
+
+
+def reduce_and_verify(fp32_path: Path, precision: str, calibrate: list[Record], test: list[Record], workdir: Path,
+                      fp32_on_test: dict[str, np.ndarray[Any, Any]] | None = None) -> tuple[Any, dict[str, Any]]:
+    """The exported fp32 model at ``fp32_path`` reduced to ``precision`` and compared with it on
+    the ``test`` records (its outputs there may be passed in); returns the reduced model, with
+    ``precision_check`` in its metadata, and the numbers. Nothing is refused here."""
     import onnx
 
+    meta = {p.key: p.value for p in onnx.load(str(fp32_path), load_external_data=False).metadata_props}
+    size = int(meta[Meta.INPUT_SIZE])
+    reduced = workdir / f"{precision}.onnx"
+    if precision == "int8":
+        quantize_int8(fp32_path, _load(calibrate, size), reduced)
+    else:
+        convert_fp16(fp32_path, reduced)
+    images = _load(test, size)
+    ref = run_model(fp32_path, images) if fp32_on_test is None else {
+        PROBABILITY_OUTPUT: fp32_on_test[PROBABILITY_OUTPUT].reshape(-1), GRADCAM_OUTPUT: fp32_on_test[GRADCAM_OUTPUT],
+        OOD_SCORE_OUTPUT: fp32_on_test[OOD_SCORE_OUTPUT].reshape(-1)}
+    numbers = compare(ref, run_model(reduced, images), np.array([r.label for r in test]),
+                      threshold=float(meta[Meta.THRESHOLD]), ood_threshold=float(meta[Meta.OOD_THRESHOLD]),
+                      heatmap_scale=float(meta[Meta.HEATMAP_SCALE]))
+    check = {"precision": precision, "against": "fp32 model", "split": "test", **numbers,
+             "limits": {k: f"{'<=' if kind == 'max' else '>='} {bound:g}" for k, (kind, bound) in LIMITS.items()},
+             "passed": not failures(numbers)}
+    model = onnx.load(str(reduced))
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
+                                        Meta.PRECISION_CHECK: json.dumps(check, separators=(",", ":"))})
+    return model, check
+
+
+def _accept_reduced(run: Path, model: Any, check: dict[str, Any], out: Path) -> None:
+    """Record the numbers in metrics.json whether they pass or not (a refusal names them, like
+    the sanity check), then refuse past the limits or write ``out``."""
+    _update_metrics(run, "precision_check", check)
+    check_limits(check, check["precision"])
+    _write_model(model, out)
+
+
+def export_reduced(run: Path, fp32_model: Path, out: Path, precision: str) -> dict[str, Any]:
+    """A model ``export`` already wrote (fp32) reduced to ``precision``, verified on the run's
+    test split (int8 calibrated on its validation split) and written to ``out``: what
+    ``export --precision`` does after the fp32 steps, without repeating them.
+
+    Raises:
+        ExportError: a limit of :data:`trainer.quantize.LIMITS` is missed (nothing written).
+    """
+    if precision not in PRECISIONS or precision == "fp32":
+        raise TrainerError(f"precision must be int8 or fp16. Received: precision={precision!r}")
+    config = run / "config.json"
+    if not config.is_file():
+        raise TrainerError(f"{run} holds no run: run 'cxr-train fit --out {run}' first")
+    if not Path(fp32_model).is_file():
+        raise TrainerError(f"model file not found: {fp32_model}")
+    import onnx
+
+    source = onnx.load(str(fp32_model), load_external_data=False)
+    given = {p.key: p.value for p in source.metadata_props}.get(Meta.PRECISION, "fp32")
+    if given != "fp32":
+        raise TrainerError(f"{fp32_model} is already {given}: reduce the fp32 model export wrote")
+    info = json.loads(config.read_text())
+    dataset = load_dataset(Path(info["data"]))
+    val, test = require_split(dataset, "val"), require_split(dataset, "test")
+    seed = int(info.get("config", {}).get("train", {}).get("seed", 0))
+    with tempfile.TemporaryDirectory() as tmp:
+        model, check = reduce_and_verify(Path(fp32_model), precision, calibration_records(val, seed), test, Path(tmp))
+    _accept_reduced(run, model, check, out)
+    return {"model": str(out), "precision": precision, "precision_check": check}
+
+
+def export(run: Path, out: Path, *, threshold: float | None = None, version: str | None = None,
+           allow_insensitive_saliency: bool = False, precision: str = "fp32") -> dict[str, Any]:
+    """Fit the gate, export, verify, sanity-check, attach metadata, reduce the precision if
+    asked and verify that against fp32, write ``out`` atomically."""
+    import onnx
+
+    if precision not in PRECISIONS:
+        raise TrainerError(f"precision must be one of {', '.join(PRECISIONS)}. Received: precision={precision!r}")
     model, cfg, info = load_run(run)
     metrics_path = run / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
@@ -281,6 +380,9 @@ def export(run: Path, out: Path, *, threshold: float | None = None, version: str
     on_val = run_onnx(proto, val, size)
     ood_threshold, bound = conformal_threshold(on_val[OOD_SCORE_OUTPUT], ex.ood_false_gate_rate)
     test = dataset.splits.get("test") or []
+    if precision != "fp32" and not test:
+        raise TrainerError(f"--precision {precision} is verified against fp32 on the test split, and "
+                           f"{info['data']} has none")
     on_test = run_onnx(proto, test, size) if test else None
     timings["ood_threshold_s"] = time.perf_counter() - t0
     ood = {
@@ -338,7 +440,7 @@ def export(run: Path, out: Path, *, threshold: float | None = None, version: str
         Meta.HEATMAP_SCALE: f"{scale:.6g}",
         Meta.SANITY_CHECK: json.dumps({k: v for k, v in sanity.items() if k != "per_image"},
                                       **compact),  # type: ignore[arg-type]
-        Meta.PRECISION: "fp32",
+        Meta.PRECISION: "fp32",  # the reduced model's own precision replaces it
         Meta.EXPORTED: datetime.now(UTC).isoformat(timespec="seconds"),
         Meta.TENSORFLOW: tf.__version__,
         Meta.GIT_COMMIT: info.get("versions", {}).get("git_commit", "unknown"),
@@ -348,12 +450,21 @@ def export(run: Path, out: Path, *, threshold: float | None = None, version: str
     onnx.helper.set_model_props(proto, meta)
     proto.doc_string = (f"{cfg.model.name}: pneumonia probability, logit, Grad-CAM at {layer} and an "
                         f"out-of-distribution score. {meta[Meta.INTENDED_USE]}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".onnx.tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(proto.SerializeToString())
-    os.replace(tmp, out)
+    precision_check = None
+    if precision == "fp32":
+        _write_model(proto, out)
+    else:
+        assert on_test is not None  # a test split was required above
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            _write_model(proto, Path(tmp) / "fp32.onnx")
+            reduced, precision_check = reduce_and_verify(Path(tmp) / "fp32.onnx", precision,
+                                                         calibration_records(val, cfg.train.seed), test, Path(tmp),
+                                                         on_test)
+        timings["precision_s"] = time.perf_counter() - t0
+        _accept_reduced(run, reduced, precision_check, out)
     kept = (Meta.NAME, Meta.VERSION, Meta.THRESHOLD, Meta.INPUT_SIZE, Meta.OOD_THRESHOLD, Meta.HEATMAP_SCALE)
-    return {"model": str(out), "metadata": {k: meta[k] for k in kept}, "verification": check, "ood": ood,
+    return {"model": str(out), "precision": precision, "metadata": {k: meta[k] for k in kept},
+            "verification": check, "precision_check": precision_check, "ood": ood,
             "sanity_check": {k: v for k, v in sanity.items() if k != "per_image"},
             "seconds": {k: round(v, 2) for k, v in timings.items()}}

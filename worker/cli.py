@@ -109,7 +109,8 @@ def _load_model(settings: Settings) -> Any:
                       batch_size=m.batch_size, pad_batches=m.pad_batches)
     logger.info("model loaded", extra={"model": model.info.name, "version": model.info.version,
                                        "input_size": model.info.input_size, "threshold": model.info.threshold,
-                                       **model.execution, "intended_use": model.info.intended_use})
+                                       **model.execution, "intended_use": model.info.intended_use,
+                                       "precision": model.info.precision})
     return model
 
 

@@ -25,6 +25,11 @@ def test_a_version_2_model_has_its_gate_and_scale() -> None:
     assert set(required_outputs(2)) == {"probability", "gradcam", "logit", "ood_score"}
 
 
+def test_precision_is_read_and_defaults_to_fp32_for_models_exported_before_it() -> None:
+    assert ModelInfo.from_metadata(V2, "old.onnx").precision == "fp32"
+    assert ModelInfo.from_metadata({**V2, Meta.PRECISION: "int8"}, "q.onnx").precision == "int8"
+
+
 @pytest.mark.parametrize(("meta", "words"), [
     ({**V2, Meta.CONTRACT_VERSION: str(CONTRACT_VERSION + 1)}, "newer than this software"),
     ({k: v for k, v in V2.items() if k != Meta.OOD_THRESHOLD}, "lack ood_threshold"),
@@ -33,6 +38,7 @@ def test_a_version_2_model_has_its_gate_and_scale() -> None:
     ({**V2, Meta.INPUT_SIZE: "big"}, "not a number"),
     ({**V2, Meta.LABELS: json.dumps(["Pneumonia", "No Finding"])}, "are not"),
     ({**V2, Meta.LABELS: "[unclosed"}, "not a JSON list"),
+    ({**V2, Meta.PRECISION: "int4"}, "precision='int4' is not one of fp32, int8, fp16"),
 ])
 def test_bad_metadata_is_one_error_naming_the_model_and_key(meta: dict[str, str], words: str) -> None:
     with pytest.raises(ContractError) as err:

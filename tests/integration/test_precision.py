@@ -1,0 +1,147 @@
+"""``cxr-train export --precision int8|fp16`` on the shared 64-px test run: each reduced model
+is compared with the fp32 graph on the test split and written only within the limits; the
+worker loads the int8 model, says so, and answers phantoms with it; a quantization that also
+reduces the head, the gradient rule and the Mahalanobis score misses a limit and is refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from cxr_contract.model import Meta
+from trainer import export as export_module
+from trainer.dicom_phantoms import cr_dataset
+from trainer.errors import ExportError
+from trainer.phantoms import make_phantom
+from trainer.quantize import LIMITS, failures
+from worker.config import Settings
+from worker.model import OnnxModel
+from worker.pipeline import Processor, Result, process_files
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+def _meta(path: Path) -> dict[str, str]:
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+def _export(run: Path, out: Path, precision: str) -> dict:
+    return export_module.export(run, out, threshold=0.5, version="test-1", allow_insensitive_saliency=True,
+                                precision=precision)
+
+
+@pytest.fixture(scope="module")
+def int8_model(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("int8") / "model-int8.onnx"
+    return out, _export(trained_run, out, "int8")
+
+
+@pytest.fixture(scope="module")
+def fp32_model(onnx_model: Path, trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's fp32 test model, exported from :func:`trained_run` (a fresh export only
+    where ``CXR_TEST_PRECISION`` made the session's model a reduced one)."""
+    if _meta(onnx_model).get(Meta.PRECISION, "fp32") == "fp32":
+        return onnx_model
+    out = tmp_path_factory.mktemp("fp32") / "model.onnx"
+    _export(trained_run, out, "fp32")
+    return out
+
+
+def _phantom_files(folder: Path, n: int) -> list[Path]:
+    files = []
+    for i in range(n):
+        image, _ = make_phantom(np.random.default_rng(100 + i), 128, bool(i % 2))
+        cr_dataset(image).save_as(folder / f"{i}.dcm", enforce_file_format=True)
+        files.append(folder / f"{i}.dcm")
+    return files
+
+
+def test_int8_export_is_verified_and_the_worker_answers_with_it(int8_model: tuple[Path, dict], trained_run: Path,
+                                                                tmp_path: Path) -> None:
+    path, result = int8_model
+    check = result["precision_check"]
+    assert result["precision"] == "int8" and check["passed"] is True and check["images"] >= 10
+    assert not failures(check) and set(LIMITS) <= set(check)
+    assert check["probability_max_abs_diff"] <= 0.02 and check["ood_verdict_agreement"] >= 0.99
+    meta = _meta(path)
+    assert meta[Meta.PRECISION] == "int8"
+    assert json.loads(meta[Meta.PRECISION_CHECK]) == check
+    assert json.loads((trained_run / "metrics.json").read_text())["precision_check"] == check
+    graph = onnx.load(str(path)).graph
+    assert any(n.op_type == "QuantizeLinear" for n in graph.node)
+    # The Mahalanobis score and the Grad-CAM sum stay float32: no quantized tensor reaches them.
+    producers = {o: n for n in graph.node for o in n.output}
+    for output in ("ood_score", "gradcam"):
+        assert producers[output].op_type not in ("DequantizeLinear", "QuantizeLinear")
+
+    model = OnnxModel(path, providers="cpu")
+    assert model.info.precision == "int8"
+    processor = Processor(Settings(select={"min_size": 32}, model={"batch_size": 2}), model)
+    answered = list(process_files(iter(_phantom_files(tmp_path, 4)), processor))
+    assert len(answered) == 4
+    for _, r in answered:
+        assert isinstance(r, Result) and 0.0 <= r.probability <= 1.0 and r.sc is not None
+
+    # The CLI's log names the precision of the model it loaded.
+    env = {**os.environ, "CXR_MODEL__PATH": str(path), "CXR_SELECT__MIN_SIZE": "32"}
+    out = subprocess.run([sys.executable, "-m", "worker.cli", "process", str(tmp_path / "0.dcm"),
+                          "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
+                         env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    loaded = [line for line in (out.stdout + out.stderr).splitlines() if "model loaded" in line]
+    assert loaded and '"precision": "int8"' in loaded[0], loaded
+
+
+def test_fp16_export_passes_its_verification(trained_run: Path, fp32_model: Path, tmp_path: Path) -> None:
+    """The fp32 steps are export's own, tested above; the reduction of an exported model
+    (what ``export --precision fp16`` does after them) runs alone here, to save their minute."""
+    result = export_module.export_reduced(trained_run, fp32_model, tmp_path / "model-fp16.onnx", "fp16")
+    assert result["precision_check"]["passed"] is True
+    meta = _meta(tmp_path / "model-fp16.onnx")
+    assert meta[Meta.PRECISION] == "fp16" and json.loads(meta[Meta.PRECISION_CHECK])["precision"] == "fp16"
+    model = OnnxModel(tmp_path / "model-fp16.onnx", providers="cpu")
+    assert model.info.precision == "fp16"
+    (p,) = model.predict(np.full((1, 64, 64, 1), 0.5, np.float32))
+    assert 0.0 <= p.probability <= 1.0 and p.gradcam.dtype == np.float32
+
+
+def test_quantizing_the_head_and_the_gate_too_is_refused(trained_run: Path, fp32_model: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Everything quantized (nothing kept float32), calibrated on one image: the
+    out-of-distribution score moves by ~100% and its verdicts flip. Export names the limit."""
+    real = export_module.quantize_int8
+    monkeypatch.setattr(export_module, "quantize_int8",
+                        lambda fp32, calibration, out: real(fp32, calibration[:1], out, exclude=[]))
+    with pytest.raises(ExportError, match=r"int8 model differs from the fp32 model on \d+ test images: "
+                                          r".*ood_verdict_agreement [0-9.]+ \(limit >= 0.99\)"):
+        export_module.export_reduced(trained_run, fp32_model, tmp_path / "broken.onnx", "int8")
+    assert not (tmp_path / "broken.onnx").exists() and not list(tmp_path.glob("*.tmp"))
+    recorded = json.loads((trained_run / "metrics.json").read_text())["precision_check"]
+    assert recorded["passed"] is False and recorded["ood_verdict_agreement"] < 0.99
+
+
+def test_unknown_precision_is_refused_before_any_work(trained_run: Path, tmp_path: Path) -> None:
+    from trainer.errors import TrainerError
+
+    with pytest.raises(TrainerError, match="precision must be one of fp32, int8, fp16. Received: precision='int4'"):
+        _export(trained_run, tmp_path / "m.onnx", "int4")
+    with pytest.raises(TrainerError, match="precision must be int8 or fp16. Received: precision='fp32'"):
+        export_module.export_reduced(trained_run, tmp_path / "m.onnx", tmp_path / "r.onnx", "fp32")
+    with pytest.raises(TrainerError, match="model file not found"):
+        export_module.export_reduced(trained_run, tmp_path / "m.onnx", tmp_path / "r.onnx", "int8")
+
+
+def test_a_reduced_model_is_not_reduced_again(int8_model: tuple[Path, dict], trained_run: Path,
+                                              tmp_path: Path) -> None:
+    from trainer.errors import TrainerError
+
+    with pytest.raises(TrainerError, match="is already int8: reduce the fp32 model export wrote"):
+        export_module.export_reduced(trained_run, int8_model[0], tmp_path / "r.onnx", "fp16")

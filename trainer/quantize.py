@@ -1,0 +1,321 @@
+"""Reduced-precision copies of an exported model (int8 for the CPU, fp16 for CUDA) and their
+verification against the fp32 model they came from.
+
+Only the backbone is reduced: every node computed from the feature maps ``A`` (the head, the
+forward-only gradient rule that gives Grad-CAM's alpha, the einsum sum_k alpha_k A_k and the
+Mahalanobis out-of-distribution score) stays float32. The head and the gradient rule are a
+handful of small matrix products, so keeping them costs nothing measurable; quantizing them
+moves the logit and alpha by the quantization step of a Dense kernel, and the Mahalanobis
+distance of pooled features squares every error (README "Reduced precision" has the numbers).
+
+Nothing here imports TensorFlow: the worker's benchmarks call it with ONNX Runtime alone.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxr_contract.model import (
+    GRADCAM_OUTPUT,
+    INPUT_NAME,
+    OOD_SCORE_OUTPUT,
+    PROBABILITY_OUTPUT,
+    Meta,
+)
+from trainer.errors import ExportError
+from trainer.stats import auc
+
+Array = np.ndarray[Any, Any]
+
+#: Calibration images fed to ONNX Runtime's calibrator at a time. Its min-max calibrator
+#: keeps every intermediate tensor until it computes the ranges (hundreds of MB per 224-px
+#: image); strided calibration reduces each batch first (min and max merge exactly), so
+#: memory holds one batch whatever the number of images.
+CALIBRATION_BATCH = 4
+
+#: Limits a reduced-precision model must meet against its fp32 model on the test split
+#: (issue 12). ``max`` limits are upper bounds, ``min`` lower bounds.
+LIMITS: dict[str, tuple[str, float]] = {
+    "probability_max_abs_diff": ("max", 0.02),
+    "gradcam_mean_pearson": ("min", 0.95),
+    "auc_abs_diff": ("max", 0.005),
+    "decision_agreement": ("min", 0.99),
+    "ood_verdict_agreement": ("min", 0.99),
+}
+
+
+def _load(path: Path) -> Any:
+    import onnx
+
+    if not Path(path).is_file():
+        raise ExportError(f"model file not found: {path}")
+    return onnx.load(str(path))
+
+
+def _metadata(model: Any) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def feature_tensor(model: Any) -> str:
+    """Name of the feature-map tensor ``A`` (the output of the metadata's feature layer).
+
+    tf2onnx names a Keras layer's ops ``<model>/<layer>[_N]/<Op>``; the last node whose name
+    carries the feature layer is the layer's output.
+
+    Raises:
+        ExportError: the model has no ``feature_layer`` metadata, or no node of that layer.
+    """
+    layer = _metadata(model).get(Meta.FEATURE_LAYER)
+    if not layer:
+        raise ExportError(f"the model has no {Meta.FEATURE_LAYER!r} metadata: cannot tell the backbone "
+                          "from the head (export it with cxr-train export)")
+    pattern = re.compile(rf"(^|/){re.escape(layer)}(_\d+)?/")
+    hits = [n for n in model.graph.node if pattern.search(n.name)]
+    if not hits:
+        raise ExportError(f"no node of the feature layer {layer!r} in the graph")
+    return str(hits[-1].output[0])
+
+
+def backbone_nodes(model: Any, feature: str) -> set[str]:
+    """Names of the nodes the feature maps depend on (the tensor's ancestors, itself included)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    seen: set[str] = set()
+    stack = [feature]
+    while stack:
+        node = producer.get(stack.pop())
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        stack.extend(node.input)
+    return seen
+
+
+def float_nodes(model: Any) -> list[str]:
+    """Nodes that stay float32: all computed from the feature maps (head, gradient rule,
+    Grad-CAM sum, Mahalanobis score)."""
+    backbone = backbone_nodes(model, feature_tensor(model))
+    return [n.name for n in model.graph.node if n.name not in backbone]
+
+
+def _name_nodes(model: Any) -> None:
+    """Give every node a unique name: exclusion lists refer to nodes by name."""
+    seen: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{i}_unnamed"
+        seen.add(node.name)
+
+
+class _Calibration:
+    """ONNX Runtime's CalibrationDataReader over an image array, in batches; ``set_range`` lets
+    the calibrator reduce each batch to its ranges before reading the next (strided min-max)."""
+
+    def __init__(self, images: Array) -> None:
+        self._batches = [images[i:i + CALIBRATION_BATCH] for i in range(0, len(images), CALIBRATION_BATCH)]
+        self._todo: Iterator[Array] = iter(self._batches)
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._todo = iter(self._batches[start_index:end_index])
+
+    def get_next(self) -> dict[str, Array] | None:
+        batch = next(self._todo, None)
+        return None if batch is None else {INPUT_NAME: batch}
+
+
+def _check_calibration(calibration: Array, size: int) -> Array:
+    calibration = np.asarray(calibration, np.float32)
+    if calibration.ndim != 4 or calibration.shape[1:] != (size, size, 1) or not len(calibration):
+        raise ExportError(f"calibration images must be [N, {size}, {size}, 1] with N >= 1. "
+                          f"Received: shape={calibration.shape}")
+    if not np.isfinite(calibration).all():
+        raise ExportError("calibration images contain values that are not finite")
+    return calibration
+
+
+def _write(model: Any, out: Path, precision: str, meta: dict[str, str]) -> Path:
+    """Write ``model`` atomically with the fp32 model's metadata and its precision."""
+    import onnx
+
+    merged = {**meta, **_metadata(model), Meta.PRECISION: precision}
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, merged)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".onnx.tmp", delete=False) as f:
+        f.write(model.SerializeToString())
+    Path(f.name).replace(out)
+    return out
+
+
+def quantize_int8(fp32_onnx: Path, calibration: np.ndarray, out: Path, *,  # type: ignore[type-arg]
+                  exclude: list[str] | None = None) -> Path:
+    """Static 8-bit ("int8") quantization (QDQ, per-channel asymmetric uint8 weights, uint8 activations,
+    min-max calibration) of the backbone; everything computed from the feature maps stays float32.
+
+    Args:
+        fp32_onnx: a model written by ``cxr-train export`` (it names its feature layer).
+        calibration: validation images ``[N, S, S, 1]`` in [0, 1], as the model takes them.
+        out: where the int8 model is written (atomically), metadata copied, ``precision=int8``.
+        exclude: nodes kept float32; default :func:`float_nodes` (``[]`` quantizes everything,
+            which verification refuses: see the README).
+
+    Returns:
+        ``out``. Nothing is verified here: :func:`compare` and :func:`check_limits` do that.
+    """
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    source = _load(Path(fp32_onnx))
+    meta = _metadata(source)
+    size = int(meta.get(Meta.INPUT_SIZE, "0"))
+    images = _check_calibration(calibration, size)
+    with tempfile.TemporaryDirectory() as tmp:
+        # ORT's recommended pre-processing: fuses each batch-norm Mul/Add into its Conv, so
+        # the quantized unit is the whole conv layer, and infers the shapes the quantizer needs.
+        prepared = Path(tmp) / "prepared.onnx"
+        try:
+            quant_pre_process(str(fp32_onnx), str(prepared), skip_symbolic_shape=True)
+        except Exception as exc:
+            raise ExportError(f"ONNX Runtime cannot prepare {fp32_onnx} for quantization: {exc}") from None
+        model = onnx.load(str(prepared))
+        _name_nodes(model)
+        # Kept beside pre-processing's own marker, which tells quantize_static it has run.
+        onnx.helper.set_model_props(model, {**_metadata(model), **meta})
+        onnx.save(model, str(prepared))
+        keep = float_nodes(model) if exclude is None else exclude
+        quantized = Path(tmp) / "int8.onnx"
+        try:
+            quantize_static(str(prepared), str(quantized), _Calibration(images),  # type: ignore[arg-type]
+                            quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QUInt8,
+                            nodes_to_exclude=keep, calibrate_method=CalibrationMethod.MinMax,
+                            extra_options={"ActivationSymmetric": False, "WeightSymmetric": False,
+                                           "CalibStridedMinMax": 1})
+        except Exception as exc:
+            raise ExportError(f"ONNX Runtime could not quantize {fp32_onnx}: {exc}") from None
+        return _write(onnx.load(str(quantized)), Path(out), "int8", meta)
+
+
+def convert_fp16(fp32_onnx: Path, out: Path, *, exclude: list[str] | None = None) -> Path:
+    """float16 copy for the CUDA provider: inputs and outputs stay float32, and so does every
+    node computed from the feature maps (default :func:`float_nodes`).
+
+    Returns:
+        ``out``, metadata copied with ``precision=fp16``.
+    """
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    source = _load(Path(fp32_onnx))
+    meta = _metadata(source)
+    _name_nodes(source)
+    keep = float_nodes(source) if exclude is None else exclude
+    try:
+        half = convert_float_to_float16(source, keep_io_types=True, node_block_list=keep)
+    except Exception as exc:
+        raise ExportError(f"cannot convert {fp32_onnx} to float16: {exc}") from None
+    _drop_duplicate_nodes(half)
+    return _write(half, Path(out), "fp16", meta)
+
+
+def _drop_duplicate_nodes(model: Any) -> None:
+    """Remove repeated identical nodes. The float16 converter inserts one Cast back to float32
+    per float32 consumer of a tensor, all with the same name and output, which ONNX refuses."""
+    seen: set[bytes] = set()
+    kept = []
+    for node in model.graph.node:
+        key = node.SerializeToString(deterministic=True)
+        if key not in seen:
+            seen.add(key)
+            kept.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+
+
+def run_model(path: Path, images: Array, batch: int = 32) -> dict[str, Array]:
+    """probability [N], gradcam [N, h, w] and ood_score [N] of a model on CPU, in batches."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [PROBABILITY_OUTPUT, GRADCAM_OUTPUT, OOD_SCORE_OUTPUT]
+    chunks: dict[str, list[Array]] = {n: [] for n in names}
+    for i in range(0, len(images), batch):
+        got = session.run(names, {INPUT_NAME: images[i:i + batch].astype(np.float32)})
+        for n, v in zip(names, got, strict=True):
+            chunks[n].append(v)
+    out = {n: np.concatenate(v) for n, v in chunks.items()}
+    out[PROBABILITY_OUTPUT] = out[PROBABILITY_OUTPUT].reshape(-1)
+    out[OOD_SCORE_OUTPUT] = out[OOD_SCORE_OUTPUT].reshape(-1)
+    return out
+
+
+def map_pearson(ref: Array, got: Array, scale: float) -> Array:
+    """Pearson correlation of each pair of maps. A map with no variance (all zero after the
+    ReLU, or a 1x1 grid) has none: the pair counts 1 when the maps differ nowhere by more than
+    1% of ``scale`` (the value drawn as full colour), else 0."""
+    n = len(ref)
+    a = ref.reshape(n, -1).astype(np.float64)
+    b = got.reshape(n, -1).astype(np.float64)
+    a_c, b_c = a - a.mean(axis=1, keepdims=True), b - b.mean(axis=1, keepdims=True)
+    den = np.sqrt((a_c**2).sum(axis=1) * (b_c**2).sum(axis=1))
+    flat = den <= 1e-12 * max(scale, 1e-12) ** 2
+    r = np.where(flat, 0.0, (a_c * b_c).sum(axis=1) / np.where(flat, 1.0, den))
+    same = np.abs(a - b).max(axis=1) <= 0.01 * scale
+    return np.where(flat, same.astype(np.float64), r)
+
+
+def compare(ref: dict[str, Array], got: dict[str, Array], labels: Array, *, threshold: float,
+            ood_threshold: float, heatmap_scale: float) -> dict[str, Any]:
+    """The verification numbers of a reduced-precision model (``got``) against fp32 (``ref``),
+    outputs as :func:`run_model` returns them, on the same images."""
+    p_ref, p_got = ref[PROBABILITY_OUTPUT], got[PROBABILITY_OUTPUT]
+    auc_ref, auc_got = auc(labels, p_ref), auc(labels, p_got)
+    auc_diff = abs(auc_ref - auc_got) if math.isfinite(auc_ref) and math.isfinite(auc_got) else None
+    return {
+        "images": len(p_ref),
+        "probability_max_abs_diff": float(np.abs(p_got.astype(np.float64) - p_ref).max()),
+        "gradcam_mean_pearson": float(map_pearson(ref[GRADCAM_OUTPUT], got[GRADCAM_OUTPUT], heatmap_scale).mean()),
+        "auc_fp32": auc_ref if math.isfinite(auc_ref) else None,
+        "auc": auc_got if math.isfinite(auc_got) else None,
+        "auc_abs_diff": auc_diff,
+        "decision_agreement": float(np.mean((p_ref >= threshold) == (p_got >= threshold))),
+        # A score that is not finite is outside, as the worker decides.
+        "ood_verdict_agreement": float(np.mean(~(ref[OOD_SCORE_OUTPUT] <= ood_threshold)
+                                               == ~(got[OOD_SCORE_OUTPUT] <= ood_threshold))),
+        "ood_score_max_rel_diff": float(np.abs(got[OOD_SCORE_OUTPUT] - ref[OOD_SCORE_OUTPUT]).max()
+                                        / max(float(np.abs(ref[OOD_SCORE_OUTPUT]).max()), 1e-12)),
+    }
+
+
+def failures(numbers: dict[str, Any]) -> list[str]:
+    """Each limit of :data:`LIMITS` the numbers miss, as ``name value (limit op bound)``. A
+    number that could not be computed (AUC with one class in the split) is not a failure; a
+    NaN is."""
+    bad = []
+    for key, (kind, bound) in LIMITS.items():
+        value = numbers.get(key)
+        if value is None:
+            continue
+        ok = value <= bound if kind == "max" else value >= bound
+        if not ok or not math.isfinite(value):
+            bad.append(f"{key} {value:.4g} (limit {'<=' if kind == 'max' else '>='} {bound:g})")
+    return bad
+
+
+def check_limits(numbers: dict[str, Any], precision: str) -> None:
+    """Raise one ExportError naming every limit the reduced-precision model misses."""
+    bad = failures(numbers)
+    if bad:
+        raise ExportError(f"{precision} model differs from the fp32 model on {numbers['images']} test images: "
+                          f"{', '.join(bad)}; no model written")
