@@ -9,14 +9,13 @@ Measures, on this machine and in one run:
   with 1 and 4 concurrent storescu processes, each phase's stages (receive, decode, infer,
   build, send) from the worker's own ``cxr_stage_seconds`` histogram, the worker's peak RSS
   and the load average (the machine may be shared: compare runs made back to back);
-- the cost of the Grad-CAM output over plain inference (same weights, probability-only graph);
 - the cost of the out-of-distribution gate: the contract-v2 graph (``logit`` and ``ood_score``,
   a class-conditional Mahalanobis distance with a shared 2048x2048 precision matrix on the
   pooled conv5 features) against the v1 graph, same weights, same run;
 - the cost of the heatmap faithfulness: the one extra run over the 2N perturbed inputs
   (and their imputation) against the v2 inference of the batch;
-- the alternatives a user would pick: Grad-CAM as the Keras example computes it (GradientTape)
-  and, where torch is installed, pytorch-grad-cam on a torchvision ResNet-50 of the same shape.
+The Grad-CAM comparisons (pytorch-grad-cam, GradientTape under ``tf.function``, the model
+without its Grad-CAM output, int8) are ``benchmarks/bench_gradcam.py``.
 
 Usage: python benchmarks/bench_worker.py [--quick] [--trust-only]
        python benchmarks/bench_worker.py --e2e [--model MODEL.onnx | --int8] [--worker-root OTHER_CHECKOUT] [--tag NAME]
@@ -44,93 +43,43 @@ from benchmarks.common import report, summary, timed  # noqa: E402
 SIZE = 224
 
 
-def export_models(work: Path) -> tuple[Path, Path, Any]:
-    """The same random-weight ResNet-50 exported twice: with and without the Grad-CAM output."""
+def export_models(work: Path) -> tuple[Path, Path]:
+    """``(v1, v2)``: the benchmark's random-weight contract-v2 ResNet-50 (``benchmarks.models``)
+    and the same graph cut back to the contract-v1 outputs (probability and Grad-CAM: no logit,
+    no out-of-distribution score), so the gate's cost is the difference of the two."""
     import onnx
-    import tensorflow as tf
-    import tf2onnx
+    from onnx.utils import Extractor
 
-    from trainer.config import ModelSection
-    from trainer.export import to_onnx
-    from trainer.model import build_model
+    from benchmarks.models import export_random
+    from cxr_contract.model import INPUT_NAME, V1_OUTPUTS
 
-    model = build_model(ModelSection(image_size=SIZE, weights="none"))
-    full = to_onnx(model, "conv5_block3_out", SIZE)
-    onnx.helper.set_model_props(full, {"name": "bench-resnet50", "version": "bench", "input_size": str(SIZE),
-                                       "threshold": "0.5", "weights_sha256": "0" * 64})
-    spec = (tf.TensorSpec([None, SIZE, SIZE, 1], tf.float32, name="image"),)
-
-    @tf.function(input_signature=spec)
-    def plain(image: tf.Tensor) -> dict[str, tf.Tensor]:
-        return {"probability": model(image, training=False)}
-
-    prob_only, _ = tf2onnx.convert.from_function(plain, input_signature=spec, opset=17)
-    paths = (work / "gradcam.onnx", work / "plain.onnx")
-    paths[0].write_bytes(full.SerializeToString())
-    paths[1].write_bytes(prob_only.SerializeToString())
-    return paths[0], paths[1], model
+    v2, _, _ = export_random(work)
+    full = onnx.load(str(v2))
+    v1 = Extractor(full).extract_model([INPUT_NAME], list(V1_OUTPUTS))
+    v1.opset_import.extend([o for o in full.opset_import if o not in v1.opset_import])
+    v1.ir_version = full.ir_version
+    path = work / "v1.onnx"
+    path.write_bytes(v1.SerializeToString())
+    return path, v2
 
 
-def add_ood_head(full: Path, target: Path) -> Path:
-    """The v1 graph plus what contract v2 adds: ``logit`` and ``ood_score``.
-
-    The gate is the cost shape of the Mahalanobis detector of Lee et al. (2018) that
-    ``cxr-train export`` fits: pooled conv5 features, a distance to each of two class means
-    under one shared precision matrix, the smaller of the two. The weights are random (only
-    the cost is measured), and the threshold is set so that every image is answered.
-    """
-    import onnx
+def bench_trust(v1: Path, v2: Path, repeat: int) -> dict[str, Any]:
+    """Gate (v2 graph vs v1 graph, same weights) and faithfulness (one extra run of 2N) in the same
+    process. The Grad-CAM comparisons with GradientTape and pytorch-grad-cam moved to
+    ``benchmarks/bench_gradcam.py``."""
     import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
 
-    m = onnx.load(str(full))
-    g = m.graph
-    producer = {o: n for n in g.node for o in n.output}
-    logit_in = producer["probability"].input[0]
-    feat = next(o for n in g.node for o in n.output if "conv5_block3_out" in n.name and n.op_type == "Relu")
-    probe = onnx.ModelProto()
-    probe.CopyFrom(m)
-    probe.graph.output.append(helper.make_tensor_value_info(feat, TensorProto.FLOAT, None))
-    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    (shape,) = [a.shape for a in session.run([feat], {"image": np.zeros((1, SIZE, SIZE, 1), np.float32)})]
-    axes, channels = ([2, 3], shape[1]) if shape[1] > shape[-1] else ([1, 2], shape[-1])
-    rng = np.random.default_rng(0)
-    root = rng.standard_normal((channels, channels)).astype(np.float32) / channels
-    g.initializer.extend([
-        numpy_helper.from_array(root @ root.T, "ood_precision"),
-        numpy_helper.from_array(rng.standard_normal((2, 1, channels)).astype(np.float32), "ood_means"),
-    ])
-    g.node.extend([
-        helper.make_node("ReduceMean", [feat], ["ood_pooled"], axes=axes, keepdims=0),  # [N, C]
-        helper.make_node("Sub", ["ood_pooled", "ood_means"], ["ood_diff"]),  # [2, N, C]
-        helper.make_node("MatMul", ["ood_diff", "ood_precision"], ["ood_proj"]),
-        helper.make_node("Mul", ["ood_proj", "ood_diff"], ["ood_sq"]),
-        helper.make_node("ReduceSum", ["ood_sq", "ood_axis"], ["ood_dist"], keepdims=0),  # [2, N]
-        helper.make_node("ReduceMin", ["ood_dist"], ["ood_score"], axes=[0], keepdims=0),  # [N]
-        helper.make_node("Identity", [logit_in], ["logit"]),
-    ])
-    g.initializer.append(numpy_helper.from_array(np.array([2], np.int64), "ood_axis"))
-    g.output.extend([helper.make_tensor_value_info("logit", TensorProto.FLOAT, ["N", 1]),
-                     helper.make_tensor_value_info("ood_score", TensorProto.FLOAT, ["N"])])
-    props = {p.key: p.value for p in m.metadata_props}
-    props.update({"contract_version": "2", "ood_threshold": "1e30", "heatmap_scale": "1.0", "version": "bench-v2"})
-    del m.metadata_props[:]
-    onnx.helper.set_model_props(m, props)
-    onnx.save(m, str(target))
-    return target
-
-
-def bench_trust(full: Path, v2: Path, repeat: int) -> dict[str, Any]:
-    """Gate (v2 graph vs v1 graph) and faithfulness (one extra run of 2N) in the same process."""
     from cxr_contract import faithfulness
     from worker.model import OnnxModel
 
     out: dict[str, Any] = {}
-    v1_model, v2_model = OnnxModel(full, providers="cpu"), OnnxModel(v2, providers="cpu")
+    s_v1 = ort.InferenceSession(str(v1), providers=["CPUExecutionProvider"])
+    s_v2 = ort.InferenceSession(str(v2), providers=["CPUExecutionProvider"])
+    v2_model = OnnxModel(v2, providers="cpu")
     for batch in (1, 8):
         x = np.random.default_rng(1).random((batch, SIZE, SIZE, 1), dtype=np.float32)
-        t_v1 = timed(lambda x=x: v1_model.predict(x), repeat)
-        t_v2 = timed(lambda x=x: v2_model.predict(x), repeat)
+        t_v1 = timed(lambda x=x: s_v1.run(None, {"image": x}), repeat)
+        t_v2 = timed(lambda x=x: s_v2.run(None, {"image": x}), repeat)
         cams = [p.gradcam for p in v2_model.predict(x)]
         t_faith = timed(lambda x=x, cams=cams: v2_model.faithfulness(x, cams), repeat)
         pairs = list(zip(x, cams, strict=True))
@@ -142,40 +91,6 @@ def bench_trust(full: Path, v2: Path, repeat: int) -> dict[str, Any]:
         out[f"faithfulness_b{batch}"] = {**summary(t_faith), "ms_per_image": per * np.median(t_faith)}
         out[f"faithfulness_imputation_b{batch}"] = {**summary(t_impute), "ms_per_image": per * np.median(t_impute)}
         out[f"faithfulness_overhead_b{batch}_pct"] = 100 * np.median(t_faith) / np.median(t_v2)
-    return out
-
-
-def bench_inference(full: Path, plain: Path, model: Any, repeat: int) -> dict[str, Any]:
-    import onnxruntime as ort
-    import tensorflow as tf
-
-    from trainer.model import gradcam_tape
-
-    out: dict[str, Any] = {}
-    s_full = ort.InferenceSession(str(full), providers=["CPUExecutionProvider"])
-    s_plain = ort.InferenceSession(str(plain), providers=["CPUExecutionProvider"])
-    for batch in (1, 8):
-        x = np.random.default_rng(0).random((batch, SIZE, SIZE, 1), dtype=np.float32)
-        t_full = timed(lambda x=x: s_full.run(None, {"image": x}), repeat)
-        t_plain = timed(lambda x=x: s_plain.run(None, {"image": x}), repeat)
-        out[f"onnx_gradcam_b{batch}"] = {**summary(t_full), "ms_per_image": 1000 * np.median(t_full) / batch}
-        out[f"onnx_plain_b{batch}"] = {**summary(t_plain), "ms_per_image": 1000 * np.median(t_plain) / batch}
-        out[f"gradcam_overhead_b{batch}_pct"] = 100 * (np.median(t_full) / np.median(t_plain) - 1)
-        t_tape = timed(lambda x=x: gradcam_tape(model, "conv5_block3_out", tf.constant(x)), max(3, repeat // 3))
-        out[f"keras_gradienttape_b{batch}"] = {**summary(t_tape), "ms_per_image": 1000 * np.median(t_tape) / batch}
-    try:
-        import torch
-        import torchvision
-        from pytorch_grad_cam import GradCAM
-
-        net = torchvision.models.resnet50(weights=None, num_classes=1).eval()
-        cam = GradCAM(model=net, target_layers=[net.layer4[-1]])
-        for batch in (1, 8):
-            x = torch.rand(batch, 3, SIZE, SIZE)
-            t = timed(lambda x=x: cam(input_tensor=x), max(3, repeat // 3))
-            out[f"pytorch_grad_cam_b{batch}"] = {**summary(t), "ms_per_image": 1000 * np.median(t) / batch}
-    except ImportError as exc:
-        out["pytorch_grad_cam"] = f"not installed ({exc.name}); pip install grad-cam torch torchvision"
     return out
 
 
@@ -494,7 +409,6 @@ def main() -> None:
     p.add_argument("--tag", default="", help="suffix of the JSON file name (e.g. before, after)")
     args = p.parse_args()
     repeat = 5 if args.quick else 20
-    inference: dict[str, Any] = {}
     stages: dict[str, Any] = {}
     e2e: dict[str, Any] = {}
     trust: dict[str, Any] = {}
@@ -503,13 +417,11 @@ def main() -> None:
         work = Path(tmp)
         if not args.e2e:
             t = time.perf_counter()
-            full, plain, model = export_models(work)
-            v2 = add_ood_head(full, work / "v2.onnx")
+            v1, v2 = export_models(work)
             export_s = time.perf_counter() - t
-            trust = bench_trust(full, v2, repeat)
+            trust = bench_trust(v1, v2, repeat)
         if not args.trust_only:
             if not args.e2e:
-                inference = bench_inference(full, plain, model, repeat)
                 stages = bench_stages(v2, repeat)
                 stages_no_faith = bench_stages(v2, repeat, faithfulness=False)
                 stages["build_sc_sr_without_faithfulness"] = stages_no_faith["build_sc_sr"]
@@ -526,7 +438,7 @@ def main() -> None:
         rows.append((f"stage {k} (RG1 1955x1841)", f"p50 {v['p50_ms']:.1f} ms  p95 {v['p95_ms']:.1f} ms"))
     if e2e:
         rows += end_to_end_rows(e2e)
-    for k, v in [*inference.items(), *trust.items()]:
+    for k, v in trust.items():
         if isinstance(v, dict):
             rows.append((k, f"{v['ms_per_image']:.1f} ms/image (p50 {v['p50_ms']:.1f}, p95 {v['p95_ms']:.1f} ms)"))
         elif isinstance(v, float):
@@ -536,7 +448,7 @@ def main() -> None:
     name = "bench_worker_trust" if args.trust_only else "bench_worker_e2e" if args.e2e else "bench_worker"
     report(name + (f"_{args.tag}" if args.tag else ""), rows,
            {"input_size": SIZE, "export_seconds": export_s, "stages": stages, "end_to_end": e2e,
-            "inference": inference, "trust": trust})
+            "trust": trust})
 
 
 if __name__ == "__main__":
