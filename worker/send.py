@@ -15,6 +15,7 @@ only the object in flight is charged; the objects after it were never attempted.
 
 from __future__ import annotations
 
+import copy
 import heapq
 import itertools
 import json
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -88,6 +90,8 @@ def store(dest: Destination, paths: list[Path], settings: SendSection, calling_a
     ae.network_timeout = settings.network_timeout
     for sop_class, syntax in {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in readable}:
         ae.add_requested_context(sop_class, syntax)
+        if UID(syntax).is_compressed:  # a PACS that takes no JPEG gets the same pixels uncompressed
+            ae.add_requested_context(sop_class, list(UNCOMPRESSED))
     answer: dict[str, int] = {}
 
     def on_acse(event: evt.Event) -> None:
@@ -114,7 +118,7 @@ def store(dest: Destination, paths: list[Path], settings: SendSection, calling_a
                 results.append(SendError(f"{dest}: association lost before this object", attempted=False))
                 continue
             try:
-                status = assoc.send_c_store(ds)
+                status = assoc.send_c_store(as_accepted(ds, assoc))
             except ValueError:  # the PACS accepted no presentation context for this SOP class
                 results.append(SendError(f"{dest}: SOP class {ds.SOPClassUID} not accepted", permanent=True))
                 continue
@@ -129,6 +133,27 @@ def store(dest: Destination, paths: list[Path], settings: SendSection, calling_a
         if assoc.is_established:
             assoc.release()
     return results
+
+
+#: Proposed beside a compressed object's own transfer syntax, for a PACS that accepts no other.
+UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+
+def as_accepted(ds: Any, assoc: Any) -> Any:
+    """``ds`` as the association can carry it: itself when the PACS accepted its transfer
+    syntax (or it is uncompressed), else a decompressed copy when the PACS accepted only an
+    uncompressed one for its SOP class (the file in the outbox is left as it is)."""
+    syntax = UID(str(ds.file_meta.TransferSyntaxUID))
+    accepted = {str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts
+                if str(cx.abstract_syntax) == str(ds.SOPClassUID)}
+    if not syntax.is_compressed or syntax in accepted or not accepted & set(UNCOMPRESSED):
+        return ds
+    plain = copy.deepcopy(ds)
+    # pylibjpeg / Pillow; YBR becomes RGB, Lossy Image Compression stays "01". The same
+    # instance in another encoding keeps its UID (pydicom would make a new one: the SR and
+    # the outbox name this one).
+    plain.decompress(generate_instance_uid=False)
+    return plain
 
 
 def echo(dest: Destination, calling_ae: str, timeout: float = 10.0, tls: ssl.SSLContext | None = None) -> int:

@@ -230,3 +230,38 @@ def test_a_warning_status_counts_as_delivered(tmp_path: Path, status: int) -> No
         assert not list(outbox.spool.dead.iterdir())
     finally:
         server.shutdown()
+
+
+def test_a_pacs_that_takes_no_compressed_syntax_gets_the_object_decompressed(tmp_path: Path) -> None:
+    """The SC goes out compressed (issue 11); a PACS that accepts only uncompressed transfer
+    syntaxes for its SOP class still gets it, decompressed, with the same pixels."""
+    from pydicom.uid import JPEG2000Lossless
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    received: list[object] = []
+
+    def on_store(event: evt.Event) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        received.append(ds)
+        return 0x0000
+
+    scp = AE(ae_title="PACS")
+    scp.supported_contexts = AllStoragePresentationContexts  # pynetdicom's default: uncompressed only
+    port = free_port()
+    server = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        pixels = (np.arange(64 * 64).reshape(64, 64) % 251).astype(np.uint8)
+        ds = cr_dataset(pixels)
+        expected = ds.pixel_array.copy()
+        ds.compress(JPEG2000Lossless)
+        outbox = make_outbox(tmp_path, port)
+        outbox.put("item", encode(ds), str(ds.SOPInstanceUID))
+        assert outbox.send_due() == 1
+        assert outbox.depth() == 0 and not list(outbox.spool.dead.iterdir())
+        [got] = received
+        assert got.SOPInstanceUID == ds.SOPInstanceUID  # type: ignore[attr-defined]  # the same instance
+        assert not got.file_meta.TransferSyntaxUID.is_compressed  # type: ignore[attr-defined]
+        assert np.array_equal(got.pixel_array, expected)  # type: ignore[attr-defined]
+    finally:
+        server.shutdown()
