@@ -3,6 +3,7 @@ as a subprocess, and a small ONNX model exported by the trainer itself."""
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -27,6 +28,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.path.is_relative_to(integration):
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_tensorflow_memory() -> Iterator[None]:
+    """After each module, drop Keras' global graph state: models built in-process by one module's
+    fits and exports otherwise stay allocated until the process ends."""
+    yield
+    if "keras" in sys.modules:
+        import keras
+
+        keras.backend.clear_session()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
