@@ -97,9 +97,7 @@ def choose_threshold(y: Array, p: Array, cfg: TrainConfig) -> float:
     """Youden's J on validation, or the configured fixed threshold."""
     if cfg.evaluate.threshold_rule == "fixed":
         return cfg.evaluate.fixed_threshold
-    fpr, tpr, thresholds = roc_curve(y, p)
-    best = int(np.argmax(tpr - fpr))
-    return float(np.clip(thresholds[best], 0.0, 1.0))
+    return stats.youden_threshold(y, p)
 
 
 def point_metrics(y: Array, p: Array, threshold: float) -> dict[str, float]:

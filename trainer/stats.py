@@ -214,3 +214,17 @@ def view_alone_auc(y: Array, views: Sequence[str], patient_ids: Sequence[str], n
     """
     score = np.array([1.0 if v == "AP" else 0.0 for v in views])
     return auc_with_ci(np.asarray(y), score, patient_ids, n, seed)
+
+
+def youden_threshold(y: Sequence[int] | np.ndarray[Any, Any], p: Sequence[float] | np.ndarray[Any, Any]) -> float:
+    """The probability threshold that maximises Youden's J (sensitivity + specificity - 1).
+
+    Always one of the probabilities in ``p``: roc_curve's first point (nothing called positive)
+    has no real threshold (inf, or max + 1 in older scikit-learn), and choosing it for a model
+    with J <= 0 everywhere would store 1.0, "never positive". Ties go to the highest threshold.
+    """
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, thresholds = roc_curve(np.asarray(y), np.asarray(p, np.float64))
+    best = 1 + int(np.argmax(tpr[1:] - fpr[1:]))
+    return float(np.clip(thresholds[best], 0.0, 1.0))

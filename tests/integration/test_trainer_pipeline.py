@@ -313,8 +313,6 @@ def _rsna_like_release(tmp_path: Path, n_per_class: int) -> tuple[Path, Path]:
     return labels, images
 
 
-@pytest.mark.xfail(reason="failed on main after session 3's merges (not yet diagnosed; see the closing note); "
-                   "tracked, not hidden", strict=False)
 def test_evaluate_on_rsna_dicoms_calibrates_and_reports_every_number_with_intervals(tmp_path: Path) -> None:
     labels, images = _rsna_like_release(tmp_path, 20)
     data, run = tmp_path / "data", tmp_path / "run"
@@ -322,7 +320,7 @@ def test_evaluate_on_rsna_dicoms_calibrates_and_reports_every_number_with_interv
     assert sum(v["images"] for v in prepared.values()) == 40
     cfg = tmp_path / "tiny.toml"
     cfg.write_text('[model]\nimage_size = 64\nweights = "none"\n[train]\nepochs = 2\nbatch_size = 8\n'
-                   "learning_rate = 1e-3\n[evaluate]\nbootstrap = 100\n")
+                   "learning_rate = 1e-3\ndeterministic = true\n[evaluate]\nbootstrap = 100\n")
     cxr_train("fit", "--data", str(data), "--out", str(run), "--config", str(cfg))
     out = cxr_train("evaluate", "--run", str(run), "--boxes", str(labels), "--pointing-tolerance", "0.05")
     m = json.loads((run / "metrics.json").read_text())

@@ -134,3 +134,16 @@ def test_energy_iou_and_priors() -> None:
     assert localise.data_prior([]) is None
     s = localise.scores(region.astype(float), region)
     assert s == {"pointing_game": 1.0, "pointing_game_zero_tolerance": 1.0, "energy_in_region": 1.0, "iou": 1.0}
+
+
+def test_youden_threshold_is_always_a_validation_probability() -> None:
+    y = np.array([0, 0, 0, 1, 1, 1])
+    separable = np.array([0.1, 0.2, 0.3, 0.6, 0.7, 0.8])
+    assert stats.youden_threshold(y, separable) == pytest.approx(0.6)
+    # A model that ranks every positive below every negative (J <= 0 at every real threshold):
+    # the stored threshold is still one of its probabilities, never 1.0 ("never positive").
+    inverted = separable[::-1].copy()
+    chosen = stats.youden_threshold(y, inverted)
+    assert chosen in inverted and chosen < 1.0
+    # All the same (a collapsed model): that value.
+    assert stats.youden_threshold(y, np.full(6, 0.4666)) == pytest.approx(0.4666)
