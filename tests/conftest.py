@@ -140,17 +140,12 @@ class WorkerProcess:
         return self.log.read_text(errors="replace").splitlines() if self.log.exists() else []
 
 
-@pytest.fixture
-def make_worker(tmp_path: Path, onnx_model: Path) -> Iterator[object]:
-    started: list[WorkerProcess] = []
-
-    def factory(destinations: list[str], extra: str = "", port: int | None = None,
-                metrics_port: int = 0, dicom_extra: str = "") -> WorkerProcess:
-        port = port or free_port()
-        spool = tmp_path / "spool"
-        config = tmp_path / f"worker-{port}.toml"
-        dests = ", ".join(f'"{d}"' for d in destinations)
-        config.write_text(f"""
+def write_worker_config(config: Path, *, port: int, spool: Path, model: Path, metrics_port: int, audit: Path,
+                        destinations: list[str], extra: str = "", dicom_extra: str = "") -> Path:
+    """The worker configuration the integration tests start from: loopback, a short batch
+    wait, small phantoms selected, fast retries; ``extra`` adds sections (TOML) after it."""
+    dests = ", ".join(f'"{d}"' for d in destinations)
+    config.write_text(f"""
 [dicom]
 ae_title = "CXR-GRADCAM"
 bind = "127.0.0.1"
@@ -160,20 +155,34 @@ port = {port}
 dir = "{spool}"
 reserve_mb = 0
 [model]
-path = "{onnx_model}"
+path = "{model}"
 batch_wait_ms = 100
 [select]
 min_size = 32
 [metrics]
 port = {metrics_port}
 [audit]
-path = "{tmp_path / 'audit.jsonl'}"
+path = "{audit}"
 [send]
 destinations = [{dests}]
 retry_initial_s = 0.5
 retry_max_interval_s = 2
 {extra}
 """)
+    return config
+
+
+@pytest.fixture
+def make_worker(tmp_path: Path, onnx_model: Path) -> Iterator[object]:
+    started: list[WorkerProcess] = []
+
+    def factory(destinations: list[str], extra: str = "", port: int | None = None,
+                metrics_port: int = 0, dicom_extra: str = "") -> WorkerProcess:
+        port = port or free_port()
+        spool = tmp_path / "spool"
+        config = write_worker_config(tmp_path / f"worker-{port}.toml", port=port, spool=spool, model=onnx_model,
+                                     metrics_port=metrics_port, audit=tmp_path / "audit.jsonl",
+                                     destinations=destinations, extra=extra, dicom_extra=dicom_extra)
         w = WorkerProcess(config, port, spool, tmp_path / "worker.log", metrics_port=metrics_port)
         w.start()
         started.append(w)

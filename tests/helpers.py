@@ -58,6 +58,28 @@ def dciodvfy_errors(path: Path) -> list[str]:
     return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
 
 
+def make_pki(d: Path) -> Path:
+    """In ``d``: a CA (``ca``), a server certificate for 127.0.0.1 (``server``) and a client
+    certificate (``client``) signed by it, and a rogue CA (``rogue-ca``) with its own client
+    (``rogue``); each as ``NAME.crt`` and ``NAME.key``. Returns ``d``."""
+    openssl = require_tool("/usr/bin/openssl")
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], cwd=d, check=True, capture_output=True, timeout=60)
+
+    for ca in ("ca", "rogue-ca"):
+        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{ca}.key", "-out", f"{ca}.crt",
+            "-subj", f"/CN={ca}", "-days", "2")
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    for name, ca in (("server", "ca"), ("client", "ca"), ("rogue", "rogue-ca")):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", f"/CN={name}")
+        san = ("-extfile", "san.ext") if name == "server" else ()
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key", "-CAcreateserial",
+            "-out", f"{name}.crt", "-days", "2", *san)
+    return d
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

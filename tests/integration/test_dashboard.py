@@ -27,7 +27,7 @@ import pydicom
 import pytest
 
 from cxr_contract.feedback import read_export
-from tests.conftest import ROOT, WorkerProcess
+from tests.conftest import ROOT, WorkerProcess, write_worker_config
 from tests.helpers import (
     CANARY_ID,
     CANARY_NAME,
@@ -106,26 +106,9 @@ def site(tmp_path_factory: pytest.TempPathFactory, onnx_model: Path) -> Iterator
     pacs.start()
     port, metrics_port, dash_port = free_port(), free_port(), free_port()
     url = f"https://127.0.0.1:{dash_port}"
-    config = tmp / "worker.toml"
-    config.write_text(f"""
-[dicom]
-bind = "127.0.0.1"
-port = {port}
-[spool]
-dir = "{tmp / 'spool'}"
-reserve_mb = 0
-[model]
-path = "{onnx_model}"
-batch_wait_ms = 100
-[select]
-min_size = 32
-[metrics]
-port = {metrics_port}
-[audit]
-path = "{tmp / 'audit.jsonl'}"
-[send]
-destinations = ["PACS@127.0.0.1:{pacs.port}"]
-retry_initial_s = 0.5
+    config = write_worker_config(tmp / "worker.toml", port=port, spool=tmp / "spool", model=onnx_model,
+                                 metrics_port=metrics_port, audit=tmp / "audit.jsonl",
+                                 destinations=[f"PACS@127.0.0.1:{pacs.port}"], extra=f"""
 [dashboard]
 port = {dash_port}
 public_url = "{url}"

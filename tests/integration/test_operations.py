@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import free_port, http, metric, phantom_file, require_tool, wait_for, wait_port
+from tests.helpers import free_port, http, make_pki, metric, phantom_file, require_tool, wait_for, wait_port
 
 pytestmark = pytest.mark.integration
 
@@ -62,22 +62,7 @@ def test_unlisted_address_gets_no_association(make_worker: Any, pacs: Any) -> No
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A CA, a server and a client certificate from it, and a rogue CA with its own client."""
-    openssl = require_tool("/usr/bin/openssl")
-    d = tmp_path_factory.mktemp("pki")
-
-    def run(*args: str) -> None:
-        subprocess.run([openssl, *args], cwd=d, check=True, capture_output=True, timeout=60)
-
-    for ca in ("ca", "rogue-ca"):
-        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{ca}.key", "-out", f"{ca}.crt",
-            "-subj", f"/CN={ca}", "-days", "2")
-    for name, ca in (("server", "ca"), ("client", "ca"), ("rogue", "rogue-ca")):
-        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-            "-subj", f"/CN={name}")
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key", "-CAcreateserial",
-            "-out", f"{name}.crt", "-days", "2")
-    return d
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def test_dicom_tls(make_worker: Any, pacs: Any, pki: Path, tmp_path: Path) -> None:

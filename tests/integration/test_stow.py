@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import socket
 import ssl
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ from tests.helpers import (
     free_port,
     http,
     log_records,
+    make_pki,
     metric,
     phantom_file,
     require_tool,
@@ -179,20 +179,7 @@ def test_an_object_the_server_refuses_fails_alone(orthanc: OrthancPACS, tmp_path
 # -- TLS -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A CA and a server certificate for 127.0.0.1 signed by it."""
-    openssl = require_tool("/usr/bin/openssl")
-    d = tmp_path_factory.mktemp("pki")
-
-    def run(*args: str) -> None:
-        subprocess.run([openssl, *args], cwd=d, check=True, capture_output=True, timeout=60)
-
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=test-ca",
-        "-days", "2")
-    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=pacs")
-    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out",
-        "server.crt", "-days", "2", "-extfile", "san.ext")
-    return d
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 class TlsFront:
