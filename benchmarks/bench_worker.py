@@ -182,6 +182,10 @@ def quantize_e2e_model(fp32: Path, target: Path, size: int = SIZE) -> Path:
 
 STAGES = ("receive", "decode", "infer", "build", "send")
 STORESCU, STORESCP = "/usr/bin/storescu", "/usr/bin/storescp"
+#: DCMTK leaves Nagle's algorithm on unless told; Orthanc (``TcpNoDelay``, default true) and
+#: most PACS switch it off. The stand-in sender and PACS do as a PACS does (``--peer-nagle``:
+#: leave it on, which adds DCMTK's delayed-ACK stalls, ~40 ms per object, to the worker's numbers).
+PEER_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
 def rg1_copies(folder: Path, n: int) -> list[Path]:
@@ -259,7 +263,7 @@ class Outputs:
         self.folder = folder
         folder.mkdir(parents=True)
         self.proc = subprocess.Popen([STORESCP, "+xa", "-aet", "RECV", "-od", str(folder), str(port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=PEER_ENV)
 
     def count(self) -> int:
         return sum(1 for _ in os.scandir(self.folder))
@@ -280,7 +284,36 @@ class Outputs:
 
 def storescu(port: int, files: list[Path]) -> subprocess.Popen[bytes]:
     return subprocess.Popen([STORESCU, "-aet", "BENCH", "-aec", "CXR-GRADCAM", "127.0.0.1", str(port),
-                             *map(str, files)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             *map(str, files)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=PEER_ENV)
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_s() -> tuple[float, float]:
+    """``(busy, total)`` CPU seconds of the whole machine so far (all cores, from /proc/stat)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    tick = os.sysconf("SC_CLK_TCK")
+    return (sum(values) - idle) / tick, sum(values) / tick
+
+
+class CpuUse:
+    """The worker's CPU seconds per image and the machine's busy fraction over one phase:
+    how much of the two cores the phase used, and how much the worker itself took."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.worker0 = process_cpu_s(pid)
+        self.busy0, self.total0 = machine_busy_s()
+
+    def result(self, images: int) -> dict[str, float]:
+        busy, total = machine_busy_s()
+        return {"worker_cpu_ms_per_image": 1000 * (process_cpu_s(self.pid) - self.worker0) / images,
+                "machine_busy_fraction": (busy - self.busy0) / max(total - self.total0, 1e-9)}
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -323,6 +356,7 @@ def bench_end_to_end(model: Path, work: Path, *, root: Path, latency_images: int
         # Latency at a steady low rate: the next image starts interval_s after the last one did.
         before = stage_histograms(mport)
         load = os.getloadavg()
+        cpu = CpuUse(worker.pid)
         latencies = []
         for _ in range(latency_images):
             t0 = time.perf_counter()
@@ -332,11 +366,12 @@ def bench_end_to_end(model: Path, work: Path, *, root: Path, latency_images: int
             time.sleep(max(0.0, interval_s - (time.perf_counter() - t0)))
         out["latency"] = {**summary(latencies), "interval_s": interval_s,
                           "stages": stage_delta(before, stage_histograms(mport)),
-                          "load_average_1m": [load[0], os.getloadavg()[0]]}
+                          "load_average_1m": [load[0], os.getloadavg()[0]], **cpu.result(latency_images)}
         for n in senders:
             batch = [next(queue) for _ in range(throughput_images)]
             before = stage_histograms(mport)
             load = os.getloadavg()
+            cpu = CpuUse(worker.pid)
             t0 = time.perf_counter()
             procs = [storescu(wport, batch[k::n]) for k in range(n)]
             for p in procs:
@@ -345,7 +380,8 @@ def bench_end_to_end(model: Path, work: Path, *, root: Path, latency_images: int
             elapsed = outputs.wait_for(done, 600) - t0
             out[f"senders_{n}"] = {"images": len(batch), "seconds": elapsed, "images_per_s": len(batch) / elapsed,
                                    "stages": stage_delta(before, stage_histograms(mport)),
-                                   "load_average_1m": [load[0], os.getloadavg()[0]]}
+                                   "load_average_1m": [load[0], os.getloadavg()[0]],
+                                   **cpu.result(len(batch))}
         out["worker_peak_rss_mib"] = peak_rss_mib(worker.pid)
         out["send_failures"] = counter_total(mport, "cxr_send_failures_total")
     finally:
@@ -380,6 +416,10 @@ def end_to_end_rows(e2e: dict[str, Any]) -> list[tuple[str, str]]:
                      f"{v['images_per_s']:.2f} images/s{goal} ({v['images']} images in {v['seconds']:.1f} s, "
                      f"load {v['load_average_1m'][0]:.1f})"))
     for k, v in phases:
+        if "worker_cpu_ms_per_image" in v:
+            rows.append((f"  worker CPU per image ({k.replace('_', ' ')})",
+                         f"{v['worker_cpu_ms_per_image']:.0f} ms (machine busy "
+                         f"{100 * v['machine_busy_fraction']:.0f} % of its {os.cpu_count()} cores)"))
         for stage, s in v["stages"].items():
             rows.append((f"  stage {stage} ({k.replace('_', ' ')})", f"mean {s['mean_ms']:.0f} ms, "
                          f"p50 ~{s['p50_ms']:.0f} ms, p95 ~{s['p95_ms']:.0f} ms (n={s['n']})"))
@@ -407,7 +447,11 @@ def main() -> None:
     p.add_argument("--interval", type=float, default=2.0, help="seconds between latency images")
     p.add_argument("--throughput-images", type=int, default=24, help="per number of senders")
     p.add_argument("--tag", default="", help="suffix of the JSON file name (e.g. before, after)")
+    p.add_argument("--peer-nagle", action="store_true",
+                   help="leave Nagle's algorithm on in DCMTK's storescu/storescp (DCMTK's default)")
     args = p.parse_args()
+    if args.peer_nagle:
+        PEER_ENV.pop("TCP_NODELAY", None)
     repeat = 5 if args.quick else 20
     stages: dict[str, Any] = {}
     e2e: dict[str, Any] = {}

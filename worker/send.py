@@ -33,6 +33,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from worker import compat
 from worker.audit import AuditTrail
 from worker.codes import REJECTED_PERMANENT, AuditOutcome, is_permanent, stored
 from worker.config import Destination, DicomWebDestination, SecuritySection, SendSection
@@ -100,7 +101,8 @@ def store(dest: Destination, paths: list[Path], settings: SendSection, calling_a
         if isinstance(result, int):
             answer["result"] = int(result)
 
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=[(evt.EVT_ACSE_RECV, on_acse)],
+    handlers: list[Any] = [(evt.EVT_ACSE_RECV, on_acse), (evt.EVT_CONN_OPEN, compat.no_delay)]
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=handlers,
                          tls_args=(tls, dest.host) if tls is not None else None)
     if not assoc.is_established:
         permanent = answer.get("result") == REJECTED_PERMANENT
