@@ -19,6 +19,7 @@ without its Grad-CAM output, int8) are ``benchmarks/bench_gradcam.py``.
 
 Usage: python benchmarks/bench_worker.py [--quick] [--trust-only]
        python benchmarks/bench_worker.py --e2e [--model MODEL.onnx | --int8] [--worker-root OTHER_CHECKOUT] [--tag NAME]
+           [--no-faithfulness] [--worker-env CXR_SECTION__KEY=VALUE ...] [--peer-nagle]
 """
 
 from __future__ import annotations
@@ -322,7 +323,8 @@ def peak_rss_mib(pid: int) -> float:
 
 
 def bench_end_to_end(model: Path, work: Path, *, root: Path, latency_images: int, interval_s: float,
-                     throughput_images: int, senders: tuple[int, ...] = (1, 4), warmup: int = 3) -> dict[str, Any]:
+                     throughput_images: int, senders: tuple[int, ...] = (1, 4), warmup: int = 3,
+                     worker_env: dict[str, str] | None = None) -> dict[str, Any]:
     """``cxr-worker serve`` (run from the source tree ``root``) between DCMTK storescu and storescp.
 
     Latency: one image at a time, ``interval_s`` apart (a steady low rate), from starting
@@ -337,12 +339,12 @@ def bench_end_to_end(model: Path, work: Path, *, root: Path, latency_images: int
     outputs = Outputs(work / "out", rport)
     log = open(work / "worker.log", "ab")  # noqa: SIM115 (closed when the worker has stopped)
     env = {**os.environ, "PYTHONPATH": str(root), "CXR_SPOOL__RESERVE_MB": "0", "CXR_METRICS__PORT": str(mport),
-           "CXR_AUDIT__PATH": str(work / "audit.jsonl")}
+           "CXR_AUDIT__PATH": str(work / "audit.jsonl"), **(worker_env or {})}
     worker = subprocess.Popen(
         [sys.executable, "-m", "worker.cli", "serve", "--bind", "127.0.0.1", "--port", str(wport), "--model",
          str(model), "--spool", str(work / "spool"), "--destination", f"RECV@127.0.0.1:{rport}"],
         cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
-    out: dict[str, Any] = {"worker_root": str(root), "model": str(model)}
+    out: dict[str, Any] = {"worker_root": str(root), "model": str(model), "worker_env": worker_env or {}}
     try:
         wait_port(wport, 120)
         wait_port(rport, 30)
@@ -447,6 +449,10 @@ def main() -> None:
     p.add_argument("--interval", type=float, default=2.0, help="seconds between latency images")
     p.add_argument("--throughput-images", type=int, default=24, help="per number of senders")
     p.add_argument("--tag", default="", help="suffix of the JSON file name (e.g. before, after)")
+    p.add_argument("--no-faithfulness", action="store_true",
+                   help="the worker without the per-image heatmap faithfulness (model.faithfulness = false)")
+    p.add_argument("--worker-env", action="append", default=[], metavar="CXR_SECTION__KEY=VALUE",
+                   help="a setting for the worker under test (repeatable), e.g. CXR_MODEL__BATCH_WAIT_MS=0")
     p.add_argument("--peer-nagle", action="store_true",
                    help="leave Nagle's algorithm on in DCMTK's storescu/storescp (DCMTK's default)")
     args = p.parse_args()
@@ -476,7 +482,9 @@ def main() -> None:
             e2e = bench_end_to_end(e2e_model.resolve(), work / "e2e", root=args.worker_root.resolve(),
                                    latency_images=max(4, round(args.latency_images * quick)),
                                    interval_s=args.interval,
-                                   throughput_images=max(4, round(args.throughput_images * quick)))
+                                   throughput_images=max(4, round(args.throughput_images * quick)),
+                                   worker_env={**({"CXR_MODEL__FAITHFULNESS": "false"} if args.no_faithfulness else {}),
+                                               **dict(kv.split("=", 1) for kv in args.worker_env)})
     rows = [("export both models (s)", f"{export_s:.1f}")] if not args.e2e else []
     for k, v in stages.items():
         rows.append((f"stage {k} (RG1 1955x1841)", f"p50 {v['p50_ms']:.1f} ms  p95 {v['p95_ms']:.1f} ms"))
