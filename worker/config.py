@@ -136,6 +136,11 @@ class DicomWebDestination(_Section):
             raise ValueError(f"{self.url}: {where} must hold one line USER:PASSWORD for auth = 'basic'")
         if self.auth == "bearer" and any(c.isspace() for c in text):
             raise ValueError(f"{self.url}: {where} must hold one token without spaces for auth = 'bearer'")
+        try:  # HTTP sends both in an ISO-8859-1 header; requests would fail mid-request otherwise
+            text.encode("latin-1")
+        except UnicodeEncodeError:
+            raise ValueError(f"{self.url}: {where} holds characters outside ISO-8859-1 (Latin-1), "
+                             "which HTTP Basic and Bearer credentials cannot carry") from None
         return text
 
     @property

@@ -145,19 +145,36 @@ class StowClient:
     def _store_one(self, ds: Dataset) -> tuple[SendError | None, bool]:
         """(the object's outcome, whether the destination rather than the object failed)."""
         uid = str(ds.SOPInstanceUID)
+        answered: list[int] = []  # the HTTP status, once a response has arrived
+        hook = lambda response, *args, **kwargs: answered.append(response.status_code)  # noqa: E731
+        self.session.hooks["response"].append(hook)
         try:
             answer = self.client.store_instances([ds])
         except requests.HTTPError as exc:
             status = exc.response.status_code if exc.response is not None else 0
             err = _judge(str(self.dest), uid, status, _failure_reasons(exc.response))
             return err, err is not None and not err.permanent
-        except (requests.ConnectionError, requests.Timeout) as exc:
-            # requests' messages name the URL (never credentials) and the cause; SSLError is one.
-            return SendError(f"{self.dest}: {type(exc).__name__}: {_cause(exc)}"), True
-        except ValueError:  # a 2xx whose body is not DICOM JSON/XML: the server said stored
-            logger.warning("STOW-RS answer not readable; counted as stored", extra={"destination": str(self.dest),
-                                                                                   "sop_instance_uid": uid})
-            return None, False
+        except Exception as exc:
+            if answered and 200 <= answered[-1] < 300:
+                # The server said stored; only its answer's body (DICOM JSON/XML) is unreadable
+                # (requests' own JSONDecodeError included).
+                logger.warning("STOW-RS answer not readable (%s); counted as stored", type(exc).__name__,
+                               extra={"destination": str(self.dest), "sop_instance_uid": uid})
+                return None, False
+            if isinstance(exc, requests.RequestException):
+                # Refused or lost connection, timeout, TLS (requests' messages name the URL, never
+                # credentials), or a request requests would not send (a bad URL or header): the
+                # destination, not the object; retried until the horizon and shown as down.
+                return SendError(f"{self.dest}: {type(exc).__name__}: {_cause(exc)}"), True
+            if answered:  # a response that was not 2xx yet raised no HTTPError: the server's
+                return SendError(f"{self.dest}: HTTP {answered[-1]} ({type(exc).__name__})"), True
+            # Nothing was sent: the object could not be encoded (permanent), or the request
+            # could not be made (e.g. credentials that HTTP cannot carry; the destination's).
+            if isinstance(exc, UnicodeError):
+                return SendError(f"{self.dest}: request not sent: {type(exc).__name__}"), True
+            return SendError(f"{self.dest}: cannot encode the object ({type(exc).__name__})", permanent=True), False
+        finally:
+            self.session.hooks["response"].remove(hook)
         return _judge(str(self.dest), uid, HTTPStatus.OK, _reasons_in(answer)), False
 
     def check(self) -> None:

@@ -283,3 +283,76 @@ def test_a_stalled_dicomweb_destination_does_not_hold_up_a_c_store_one(tmp_path:
         scp.stop()
         silent.close()
 
+
+
+class _OddServer:
+    """An HTTP server that answers every STOW-RS POST with a fixed status, content type and body,
+    as a misconfigured proxy or a non-conformant archive might; counts the requests it got."""
+
+    def __init__(self, status: int, content_type: str | None, body: bytes) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        outer = self
+        self.posts = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                outer.posts += 1
+                self.send_response(status)
+                if content_type:
+                    self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/dicom-web"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("content_type, body", [
+    ("application/dicom+json", b"{not json"),
+    ("application/dicom+xml", b"<NativeDicomModel><unclosed"),
+    (None, b"stored, thanks"),
+])
+def test_a_2xx_with_an_unreadable_answer_counts_as_stored(tmp_path: Path, content_type: str | None,
+                                                          body: bytes) -> None:
+    server = _OddServer(200, content_type, body)
+    try:
+        outbox = Outbox(Spool(tmp_path / "spool"), SendSection(destinations=[server.url], acse_timeout=5,
+                                                               dimse_timeout=10), "CXR-GRADCAM")
+        ds = cr_dataset(np.full((64, 64), 70, np.uint8))
+        outbox.put("sc", encode(ds), str(ds.SOPInstanceUID))
+        assert outbox.send_due() == 1 and outbox.depth() == 0 and server.posts == 1
+    finally:
+        server.close()
+
+
+def test_credentials_http_cannot_carry_are_never_counted_as_stored(tmp_path: Path) -> None:
+    """A password rotated to one outside Latin-1: nothing is sent, the object stays in the outbox
+    with the reason, and a corrected file delivers it (the credentials are read again each round)."""
+    server = _OddServer(200, None, b"")
+    try:
+        cred = secret_file(tmp_path / "cred", "cxr:password")
+        settings = SendSection(destinations=[{"url": server.url, "auth": "basic", "credentials_file": cred}],
+                               acse_timeout=5, dimse_timeout=10, retry_initial_s=0.01)
+        secret_file(tmp_path / "cred", "cxr:pass€word")
+        outbox = Outbox(Spool(tmp_path / "spool"), settings, "CXR-GRADCAM")
+        ds = cr_dataset(np.full((64, 64), 60, np.uint8))
+        outbox.put("sc", encode(ds), str(ds.SOPInstanceUID))
+        assert outbox.send_due() == 0 and outbox.depth() == 1 and server.posts == 0
+        [state] = [json.loads(p.read_text()) for p in outbox.spool.outbox.glob("*/*.json")]
+        assert "ISO-8859-1" in state["last_error"] and "pass€word" not in state["last_error"]
+        secret_file(tmp_path / "cred", "cxr:password")
+        wait_for(lambda: outbox.send_due() == 1, 10, "delivery with corrected credentials")
+        assert outbox.depth() == 0 and server.posts == 1
+    finally:
+        server.close()

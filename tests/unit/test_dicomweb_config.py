@@ -112,3 +112,16 @@ def test_the_failed_sop_sequence_decides_over_the_http_status() -> None:
     assert _judge("d", "1.2", 409, {"9.9": 0xC000}).permanent is True  # type: ignore[union-attr]
     assert _judge("d", "1.2", 503, {"9.9": 0xC000}).permanent is False  # type: ignore[union-attr]
     assert _judge("d", "1.2", 200, {}) is None and _judge("d", "1.2", 202, {"9.9": 0xC000}) is None
+
+
+@pytest.mark.parametrize("auth, text", [("basic", "cxr:pass€word"), ("bearer", "tok€n")])
+def test_credentials_http_cannot_carry_are_refused_without_quoting_them(tmp_path: Path, auth: str,
+                                                                        text: str) -> None:
+    (tmp_path / "cred").write_text("cxr:ascii" if auth == "basic" else "ascii")
+    dest = DicomWebDestination(url="https://pacs.example.org/rs", auth=auth, credentials_file=tmp_path / "cred")
+    (tmp_path / "cred").write_text(text)  # rotated after start
+    with pytest.raises(ValueError, match=r"outside ISO-8859-1") as caught:
+        dest.secret()
+    assert text not in str(caught.value)
+    with pytest.raises(ValueError, match=r"outside ISO-8859-1"):  # and refused at start
+        DicomWebDestination(url="https://pacs.example.org/rs", auth=auth, credentials_file=tmp_path / "cred")
