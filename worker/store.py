@@ -279,18 +279,23 @@ def _hasher() -> Any:
 def preview_of(unit_image: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     """The stored preview: 8-bit, long side at most PREVIEW_LONG_SIDE (never upscaled).
 
-    A uint8 image that already fits is returned as it is (the recorder makes the preview
-    on the worker's thread and hands it over).
+    A uint8 image (the worker's ``Result.unit_image``, the SC's 0-255 display image) is
+    resized as it is and never scaled; one that already fits is returned unchanged (the
+    recorder makes the preview on the worker's thread and hands it over). A float unit
+    image in [0, 1] (the store's own callers and tests) becomes 0-255.
     """
     import cv2
 
-    if unit_image.dtype == np.uint8 and max(unit_image.shape[:2]) <= PREVIEW_LONG_SIDE:
-        return unit_image
-    img: np.ndarray[Any, Any] = np.asarray(unit_image, np.float32)
+    img: np.ndarray[Any, Any] = np.asarray(unit_image)
+    is_uint8 = img.dtype == np.uint8
+    if not is_uint8:
+        img = np.asarray(img, np.float32)
     rows, cols = img.shape[:2]
     if max(rows, cols) > PREVIEW_LONG_SIDE:
         f = PREVIEW_LONG_SIDE / max(rows, cols)
         img = cv2.resize(img, (max(1, round(cols * f)), max(1, round(rows * f))), interpolation=cv2.INTER_AREA)
+    if is_uint8:
+        return img
     return np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
@@ -435,8 +440,8 @@ class ResultStore:
 
         Args:
             new: The answer and its identifiers.
-            unit_image: The windowed grayscale image in [0, 1] the SC was drawn on, or its
-                :func:`preview_of` already made.
+            unit_image: The windowed grayscale image the SC was drawn on: uint8 0-255 (the
+                worker's) or float in [0, 1]; or its :func:`preview_of` already made.
             gradcam: The raw Grad-CAM grid [h, w] at the model's feature resolution.
 
         Returns:

@@ -177,3 +177,18 @@ def test_a_full_recorder_queue_refuses_at_once(store: ResultStore) -> None:
     recorder._queue.put_nowait((new("1.9.1"), preview_of(np.zeros((4, 4))), np.zeros((2, 2))))  # noqa: SLF001
     with pytest.raises(StoreError, match="queue full"):
         recorder.submit(new("1.9.2"), np.zeros((4, 4)), np.zeros((2, 2)))
+
+
+def test_a_large_uint8_image_is_previewed_as_it_is_shown_not_scaled_again(store: ResultStore) -> None:
+    # What the worker hands over: Result.unit_image, the SC's uint8 0-255 display image, at a
+    # real CR/DX size (the 128-px test images never reached the resize).
+    image = np.tile(np.linspace(0, 255, 1800).round().astype(np.uint8), (2048, 1))
+    expected = cv2.resize(image, (900, 1024), interpolation=cv2.INTER_AREA)
+    preview = preview_of(image)
+    assert preview.dtype == np.uint8 and preview.shape == (1024, 900)
+    np.testing.assert_array_equal(preview, expected)
+    assert (preview == 255).mean() < 0.01  # not saturated white
+    rid = store.record(new("1.9.1"), image, np.zeros((2, 2)))
+    row = store.get(rid) if rid is not None else None
+    assert row is not None
+    np.testing.assert_array_equal(cv2.imread(str(store.media_dir / row.preview_path), cv2.IMREAD_UNCHANGED), expected)
