@@ -344,9 +344,11 @@ class Recorder:
         while self.store is None and self._open is not None:
             try:
                 self.store = self._open()
-            except StoreError as exc:  # the message names the URL without its password
+            except Exception as exc:  # any error: a dead thread would count every record as "queue full"
                 self.on_error()
-                logger.error("results are not recorded for the dashboard (retrying in %.0f s): %s", self.retry_s, exc)
+                # A StoreError's message names the URL without its password; of anything else, the type only.
+                why = str(exc) if isinstance(exc, StoreError) else type(exc).__name__
+                logger.error("results are not recorded for the dashboard (retrying in %.0f s): %s", self.retry_s, why)
                 if self._closing.wait(self.retry_s):
                     return
         while (item := self._queue.get()) is not None:
@@ -405,9 +407,11 @@ class ResultStore:
             if self.engine.dialect.name == "sqlite":
                 event.listen(self.engine, "connect", _sqlite_pragmas)
             migrate(self.engine)
-        except (SQLAlchemyError, OSError, ImportError) as exc:
-            raise StoreError(f"results database {self.engine_name(url)}: {type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+        except Exception as exc:  # e.g. Alembic's "Can't locate revision" after a newer worker migrated
+            # Opening and migrating touch the schema only, never a patient's row: the first
+            # line names the cause (a driver's later lines may hold SQL parameters).
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise StoreError(f"results database {self.engine_name(url)}: {type(exc).__name__}: {first}") from None
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._lock = threading.Lock()
 

@@ -192,3 +192,32 @@ def test_a_large_uint8_image_is_previewed_as_it_is_shown_not_scaled_again(store:
     row = store.get(rid) if rid is not None else None
     assert row is not None
     np.testing.assert_array_equal(cv2.imread(str(store.media_dir / row.preview_path), cv2.IMREAD_UNCHANGED), expected)
+
+
+def test_a_database_migrated_by_a_newer_worker_is_a_store_error_and_the_recorder_lives(tmp_path: Path) -> None:
+    import sqlite3
+    import time
+
+    # A newer worker migrated the shared database: this one's Alembic cannot locate the revision.
+    db = tmp_path / "r.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) PRIMARY KEY)")
+        conn.execute("INSERT INTO alembic_version VALUES ('9999_newer')")
+    with pytest.raises(StoreError, match=r"results database sqlite:///.*r\.db: CommandError"):
+        ResultStore(sqlite_url(db), tmp_path / "m")
+    errors: list[int] = []
+    attempts: list[int] = []
+
+    def opener() -> ResultStore:
+        attempts.append(1)
+        if len(attempts) == 1:  # an error the store does not wrap: the thread must survive it too
+            raise RuntimeError("unexpected")
+        return ResultStore(sqlite_url(db), tmp_path / "m")
+
+    recorder = Recorder(opener, on_error=lambda: errors.append(1), retry_s=0.05)
+    deadline = time.monotonic() + 30
+    while len(errors) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(errors) >= 3 and recorder._thread.is_alive()  # noqa: SLF001 (it retries, it does not die)
+    recorder.close()
+    assert not recorder._thread.is_alive()  # noqa: SLF001
