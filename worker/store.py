@@ -674,7 +674,8 @@ class ResultStore:
         Returns:
             How many results were deleted.
         """
-        cutoff = (now or utcnow()) - timedelta(days=retention_days)
+        now = now or utcnow()
+        cutoff = now - timedelta(days=retention_days)
         with self.session() as s, s.begin():
             old = list(s.scalars(select(Result).where(Result.answered_at < cutoff)))
             files = [(r.preview_path, r.grid_path) for r in old]
@@ -687,9 +688,14 @@ class ResultStore:
         for path in self.media_dir.rglob("*"):
             if path.is_file() and path.suffix in (".png", ".npy") and path.stat().st_mtime < stamp:
                 path.unlink(missing_ok=True)
+        # The recorder makes the day's folder, then writes into it: today's (and, for a record
+        # begun just before midnight, yesterday's) folder stays even when empty.
+        days = [self.media_dir / (now - timedelta(days=d)).strftime("%Y/%m/%d") for d in (0, 1)]
+        keep = {folder for day in days for folder in (day, day.parent, day.parent.parent)}
         for folder in sorted((p for p in self.media_dir.rglob("*") if p.is_dir()), reverse=True):
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # only empty day folders go
+            if folder not in keep:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only empty day folders go
         if old:
             logger.info("retention sweep", extra={"results_deleted": len(old), "retention_days": retention_days})
         return len(old)

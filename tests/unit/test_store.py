@@ -221,3 +221,15 @@ def test_a_database_migrated_by_a_newer_worker_is_a_store_error_and_the_recorder
     assert len(errors) >= 3 and recorder._thread.is_alive()  # noqa: SLF001 (it retries, it does not die)
     recorder.close()
     assert not recorder._thread.is_alive()  # noqa: SLF001
+
+
+def test_the_retention_sweep_keeps_today_s_empty_folder(store: ResultStore) -> None:
+    # The recorder makes the day's folder, then writes into it: a sweep in between must not
+    # take the folder away (that record would be lost). Empty folders of past days go.
+    now = datetime.now(UTC)
+    today = store.media_dir / now.strftime("%Y/%m/%d")
+    old = store.media_dir / (now - timedelta(days=40)).strftime("%Y/%m/%d")
+    today.mkdir(parents=True)
+    old.mkdir(parents=True)
+    store.sweep(30, now=now)
+    assert today.is_dir() and not old.exists()
