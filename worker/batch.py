@@ -38,7 +38,7 @@ class BatchHandler:
                  audit: AuditTrail | None = None, store: Recorder | None = None) -> None:
         self.processor = processor
         self.store = store  # the dashboard's database; None when not recording
-        self._decode_seconds: dict[Path, float] = {}
+        self._decode_seconds: dict[Path, float] = {}  # of the batch being handled only
         self.audit = audit
         self.max_crashes = max_crashes  # 0 = never give up on an instance the worker died on
         self.on_output = on_output  # wakes the sending thread
@@ -96,6 +96,9 @@ class BatchHandler:
             self.metrics.infrastructure_errors.labels(stage).inc()
             raise InfrastructureError(f"{stage}: {type(exc).__name__}: {exc}") from exc
         finally:
+            # Decode times live for one batch: an item quarantined, failed to build or
+            # requeued never reaches _record's pop, and a long-running worker must not keep them.
+            self._decode_seconds.clear()
             self.on_output()
 
     def _decode_all(self, claimed: list[Path], pending: list[Path]) -> list[Decoded]:

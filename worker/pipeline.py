@@ -229,8 +229,7 @@ class Processor:
         info = self.model.info
         uids = output_uids(item.ds, info.version, self.build_settings.uid_prefix)
         notice = info.intended_use if info.synthetic else ""
-        public = self.settings.dashboard.public_url
-        link = review_url(public, uid_of(item.ds), info.version) if public else ""
+        link = review_link(self.settings, uid_of(item.ds), info.version)
         if trust.withheld:
             rgb = render_withheld(item.unit_image, reason=trust.gate_line(info), model_name=info.name,
                                   model_version=info.version, notice=notice, link=link)
@@ -246,6 +245,13 @@ class Processor:
         sr = build_report(item.ds, sc, pred.probability, info, uids, self.build_settings, trust=trust,
                           review_url=link or None)
         return sc, sr, rgb
+
+
+def review_link(settings: Settings, sop_instance_uid: str, model_version: str) -> str:
+    """The dashboard's review link the SC and SR carry: only when ``dashboard.public_url`` is
+    set and ``dashboard.record`` is on (a link to a result never stored leads nowhere)."""
+    d = settings.dashboard
+    return review_url(d.public_url, sop_instance_uid, model_version) if d.public_url and d.record else ""
 
 
 def process_files(paths: Iterable[Path], processor: Processor

@@ -279,18 +279,23 @@ def _hasher() -> Any:
 def preview_of(unit_image: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     """The stored preview: 8-bit, long side at most PREVIEW_LONG_SIDE (never upscaled).
 
-    A uint8 image that already fits is returned as it is (the recorder makes the preview
-    on the worker's thread and hands it over).
+    A uint8 image (the worker's ``Result.unit_image``, the SC's 0-255 display image) is
+    resized as it is and never scaled; one that already fits is returned unchanged (the
+    recorder makes the preview on the worker's thread and hands it over). A float unit
+    image in [0, 1] (the store's own callers and tests) becomes 0-255.
     """
     import cv2
 
-    if unit_image.dtype == np.uint8 and max(unit_image.shape[:2]) <= PREVIEW_LONG_SIDE:
-        return unit_image
-    img: np.ndarray[Any, Any] = np.asarray(unit_image, np.float32)
+    img: np.ndarray[Any, Any] = np.asarray(unit_image)
+    is_uint8 = img.dtype == np.uint8
+    if not is_uint8:
+        img = np.asarray(img, np.float32)
     rows, cols = img.shape[:2]
     if max(rows, cols) > PREVIEW_LONG_SIDE:
         f = PREVIEW_LONG_SIDE / max(rows, cols)
         img = cv2.resize(img, (max(1, round(cols * f)), max(1, round(rows * f))), interpolation=cv2.INTER_AREA)
+    if is_uint8:
+        return img
     return np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
@@ -339,9 +344,11 @@ class Recorder:
         while self.store is None and self._open is not None:
             try:
                 self.store = self._open()
-            except StoreError as exc:  # the message names the URL without its password
+            except Exception as exc:  # any error: a dead thread would count every record as "queue full"
                 self.on_error()
-                logger.error("results are not recorded for the dashboard (retrying in %.0f s): %s", self.retry_s, exc)
+                # A StoreError's message names the URL without its password; of anything else, the type only.
+                why = str(exc) if isinstance(exc, StoreError) else type(exc).__name__
+                logger.error("results are not recorded for the dashboard (retrying in %.0f s): %s", self.retry_s, why)
                 if self._closing.wait(self.retry_s):
                     return
         while (item := self._queue.get()) is not None:
@@ -400,9 +407,11 @@ class ResultStore:
             if self.engine.dialect.name == "sqlite":
                 event.listen(self.engine, "connect", _sqlite_pragmas)
             migrate(self.engine)
-        except (SQLAlchemyError, OSError, ImportError) as exc:
-            raise StoreError(f"results database {self.engine_name(url)}: {type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+        except Exception as exc:  # e.g. Alembic's "Can't locate revision" after a newer worker migrated
+            # Opening and migrating touch the schema only, never a patient's row: the first
+            # line names the cause (a driver's later lines may hold SQL parameters).
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise StoreError(f"results database {self.engine_name(url)}: {type(exc).__name__}: {first}") from None
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._lock = threading.Lock()
 
@@ -435,8 +444,8 @@ class ResultStore:
 
         Args:
             new: The answer and its identifiers.
-            unit_image: The windowed grayscale image in [0, 1] the SC was drawn on, or its
-                :func:`preview_of` already made.
+            unit_image: The windowed grayscale image the SC was drawn on: uint8 0-255 (the
+                worker's) or float in [0, 1]; or its :func:`preview_of` already made.
             gradcam: The raw Grad-CAM grid [h, w] at the model's feature resolution.
 
         Returns:
@@ -665,7 +674,8 @@ class ResultStore:
         Returns:
             How many results were deleted.
         """
-        cutoff = (now or utcnow()) - timedelta(days=retention_days)
+        now = now or utcnow()
+        cutoff = now - timedelta(days=retention_days)
         with self.session() as s, s.begin():
             old = list(s.scalars(select(Result).where(Result.answered_at < cutoff)))
             files = [(r.preview_path, r.grid_path) for r in old]
@@ -678,9 +688,14 @@ class ResultStore:
         for path in self.media_dir.rglob("*"):
             if path.is_file() and path.suffix in (".png", ".npy") and path.stat().st_mtime < stamp:
                 path.unlink(missing_ok=True)
+        # The recorder makes the day's folder, then writes into it: today's (and, for a record
+        # begun just before midnight, yesterday's) folder stays even when empty.
+        days = [self.media_dir / (now - timedelta(days=d)).strftime("%Y/%m/%d") for d in (0, 1)]
+        keep = {folder for day in days for folder in (day, day.parent, day.parent.parent)}
         for folder in sorted((p for p in self.media_dir.rglob("*") if p.is_dir()), reverse=True):
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # only empty day folders go
+            if folder not in keep:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only empty day folders go
         if old:
             logger.info("retention sweep", extra={"results_deleted": len(old), "retention_days": retention_days})
         return len(old)

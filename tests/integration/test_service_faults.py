@@ -247,9 +247,31 @@ def test_an_onnx_runtime_error_requeues_the_batch(onnx_model: Path, tmp_path: Pa
     assert len(list(spool.queue.iterdir())) == 2 and not any(spool.quarantined.iterdir())
     assert metrics.infrastructure_errors.labels("infer")._value.get() == 1
     assert not handler.model_answered
+    assert handler._decode_seconds == {}  # noqa: SLF001 (a requeued batch leaves no decode time behind)
     model.info = info
     handler.handle(spool.claim(8))
     assert handler.model_answered and metrics.processed._value.get() == 2 and spool.depth() == 0
+
+
+def test_an_instance_that_fails_to_build_is_quarantined_and_leaves_no_decode_time(onnx_model: Path,
+                                                                                   tmp_path: Path) -> None:
+    """A header that decodes but that highdicom refuses to copy (a StudyDate of four digits)
+    is quarantined; its decode time is dropped with it (a long-running worker must not
+    keep one per failed instance)."""
+    settings = Settings(select={"min_size": 32}, send={"destinations": ["PACS@127.0.0.1:1"]})
+    spool, metrics = Spool(tmp_path / "spool"), Metrics()
+    handler = BatchHandler(Processor(settings, OnnxModel(onnx_model, providers="cpu")), spool,
+                           Outbox(spool, settings.send, "CXR"), metrics, output_reserve_mb=0)
+    phantom(spool.incoming / "good", 94)
+    bad = phantom(spool.incoming / "bad", 95)
+    bad.StudyDate = "2020"
+    bad.save_as(spool.incoming / "bad", enforce_file_format=True)
+    for name in ("good", "bad"):
+        spool.accept(spool.incoming / name)
+    handler.handle(spool.claim(8))
+    assert metrics.processed._value.get() == 1 and metrics.failed._value.get() == 1
+    assert len(list(spool.quarantined.iterdir())) >= 1
+    assert handler._decode_seconds == {}  # noqa: SLF001
 
 
 def test_a_bug_in_our_code_is_not_called_bad_input(tmp_path: Path) -> None:

@@ -108,3 +108,19 @@ def test_the_command_exports_once_and_names_a_folder_in_use(tmp_path: Path, stor
     assert err == [f"cxr-worker feedback: error: {tmp_path / 'fb'}: exists and is not an empty folder; "
                    "feedback exports never mix"]
     assert main(["feedback", "export", "--config", str(config), "--out", str(tmp_path / "x"), "--since", "May"]) == 1
+
+
+def test_the_export_holds_the_worker_s_uint8_image_as_shown(tmp_path: Path) -> None:
+    # The worker records Result.unit_image, the SC's uint8 0-255 image, at a real CR/DX size:
+    # the training PNG is its INTER_AREA reduction, not a saturated white.
+    s = ResultStore(sqlite_url(tmp_path / "r.db"), tmp_path / "media")
+    image = np.tile(np.linspace(0, 255, 1800).round().astype(np.uint8), (2048, 1))
+    rid = s.record(NewResult(study_instance_uid="1.2.3", series_instance_uid="1.2.3.1", sop_instance_uid="1.2.3.1.1",
+                             probability=0.9, decision="positive", threshold=0.5, model_name="cxr",
+                             model_version="test-1"), image, np.ones((4, 4)))
+    assert rid is not None
+    s.add_feedback(rid, s.add_user("alice", "reader", "correct horse").id, True, "pneumonia")
+    export_feedback(s, tmp_path / "fb", load_or_create_key(tmp_path / "key"))
+    fb = read_export(tmp_path / "fb")
+    exported = cv2.imread(str(fb.image_file(fb.labels[0])), cv2.IMREAD_UNCHANGED)
+    np.testing.assert_array_equal(exported, cv2.resize(image, (900, 1024), interpolation=cv2.INTER_AREA))

@@ -294,3 +294,16 @@ def test_parametric_map_of_a_radiograph_is_impossible_with_highdicom() -> None:
         hd.pm.ParametricMap([source], heat, hd.UID(), 9003, hd.UID(), 1, "cxr-gradcam", "m", "1", "0",
                             contains_recognizable_visual_features=False, real_world_value_mappings=[mapping],
                             window_center=127.5, window_width=256.0)
+
+
+def test_the_review_link_is_printed_only_when_results_are_recorded() -> None:
+    from worker.config import get_settings
+    from worker.links import review_url
+    from worker.pipeline import review_link
+
+    url = "https://cxr.example.org"
+    on = get_settings(None, {"dashboard": {"public_url": url}})
+    assert review_link(on, "1.2.3.4", "v1") == review_url(url, "1.2.3.4", "v1")
+    # Not recorded: a link would lead readers to a result the dashboard never stored.
+    assert review_link(get_settings(None, {"dashboard": {"public_url": url, "record": False}}), "1.2.3.4", "v1") == ""
+    assert review_link(get_settings(None, {}), "1.2.3.4", "v1") == ""

@@ -177,3 +177,59 @@ def test_a_full_recorder_queue_refuses_at_once(store: ResultStore) -> None:
     recorder._queue.put_nowait((new("1.9.1"), preview_of(np.zeros((4, 4))), np.zeros((2, 2))))  # noqa: SLF001
     with pytest.raises(StoreError, match="queue full"):
         recorder.submit(new("1.9.2"), np.zeros((4, 4)), np.zeros((2, 2)))
+
+
+def test_a_large_uint8_image_is_previewed_as_it_is_shown_not_scaled_again(store: ResultStore) -> None:
+    # What the worker hands over: Result.unit_image, the SC's uint8 0-255 display image, at a
+    # real CR/DX size (the 128-px test images never reached the resize).
+    image = np.tile(np.linspace(0, 255, 1800).round().astype(np.uint8), (2048, 1))
+    expected = cv2.resize(image, (900, 1024), interpolation=cv2.INTER_AREA)
+    preview = preview_of(image)
+    assert preview.dtype == np.uint8 and preview.shape == (1024, 900)
+    np.testing.assert_array_equal(preview, expected)
+    assert (preview == 255).mean() < 0.01  # not saturated white
+    rid = store.record(new("1.9.1"), image, np.zeros((2, 2)))
+    row = store.get(rid) if rid is not None else None
+    assert row is not None
+    np.testing.assert_array_equal(cv2.imread(str(store.media_dir / row.preview_path), cv2.IMREAD_UNCHANGED), expected)
+
+
+def test_a_database_migrated_by_a_newer_worker_is_a_store_error_and_the_recorder_lives(tmp_path: Path) -> None:
+    import sqlite3
+    import time
+
+    # A newer worker migrated the shared database: this one's Alembic cannot locate the revision.
+    db = tmp_path / "r.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) PRIMARY KEY)")
+        conn.execute("INSERT INTO alembic_version VALUES ('9999_newer')")
+    with pytest.raises(StoreError, match=r"results database sqlite:///.*r\.db: CommandError"):
+        ResultStore(sqlite_url(db), tmp_path / "m")
+    errors: list[int] = []
+    attempts: list[int] = []
+
+    def opener() -> ResultStore:
+        attempts.append(1)
+        if len(attempts) == 1:  # an error the store does not wrap: the thread must survive it too
+            raise RuntimeError("unexpected")
+        return ResultStore(sqlite_url(db), tmp_path / "m")
+
+    recorder = Recorder(opener, on_error=lambda: errors.append(1), retry_s=0.05)
+    deadline = time.monotonic() + 30
+    while len(errors) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(errors) >= 3 and recorder._thread.is_alive()  # noqa: SLF001 (it retries, it does not die)
+    recorder.close()
+    assert not recorder._thread.is_alive()  # noqa: SLF001
+
+
+def test_the_retention_sweep_keeps_today_s_empty_folder(store: ResultStore) -> None:
+    # The recorder makes the day's folder, then writes into it: a sweep in between must not
+    # take the folder away (that record would be lost). Empty folders of past days go.
+    now = datetime.now(UTC)
+    today = store.media_dir / now.strftime("%Y/%m/%d")
+    old = store.media_dir / (now - timedelta(days=40)).strftime("%Y/%m/%d")
+    today.mkdir(parents=True)
+    old.mkdir(parents=True)
+    store.sweep(30, now=now)
+    assert today.is_dir() and not old.exists()
