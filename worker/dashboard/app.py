@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 from datetime import UTC, date, datetime, timedelta
 from importlib import resources
 from pathlib import Path
@@ -31,7 +32,7 @@ from starlette.staticfiles import StaticFiles
 from worker.audit import AuditTrail
 from worker.config import Settings
 from worker.dashboard import operations
-from worker.dashboard.auth import LoginLimiter, csrf_ok, csrf_token, session_secret
+from worker.dashboard.auth import LoginLimiter, csrf_ok, csrf_token, password_fingerprint, session_secret
 from worker.store import LABELS, Result, ResultStore, Worklist
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,8 @@ class Dashboard:
         account = self.store.get_user(int(user.get("id", -1)))  # disabled or reset since the login: out
         if account is None or account.disabled or account.role != user.get("role"):
             return None
+        if not secrets.compare_digest(str(user.get("password", "")), password_fingerprint(account.password_hash)):
+            return None  # the password was reset since this login
         return user
 
     def need_user(self, request: Request) -> dict[str, Any] | Response:
@@ -125,8 +128,11 @@ class Dashboard:
         self.limiter.succeeded(*keys)
         request.session.clear()  # a new session (and CSRF token) at each login: no fixation
         expires = datetime.now(UTC) + timedelta(hours=self.settings.dashboard.session_hours)
+        # The hash as stored now: authenticate() may just have rehashed it with newer parameters.
+        account = self.store.get_user(user.id) or user
         request.session["user"] = {"id": user.id, "name": user.name, "role": user.role,
-                                   "expires": expires.timestamp()}
+                                   "expires": expires.timestamp(),
+                                   "password": password_fingerprint(account.password_hash)}
         csrf_token(request.session)
         self.audit.user_authentication(user.name, address, login=True, success=True)
         return RedirectResponse(target, status_code=303)

@@ -1,12 +1,14 @@
 """Sessions, CSRF tokens and the login rate limit of the dashboard.
 
 The session is Starlette's signed cookie (itsdangerous): it holds the user's id, name,
-role, a CSRF token and when the login expires; the user on every action is the one the
-session names, never a form field, so one reader cannot act as another.
+role, a fingerprint of the password hash, a CSRF token and when the login expires; the
+user on every action is the one the session names, never a form field, so one reader
+cannot act as another.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import threading
@@ -28,6 +30,15 @@ def session_secret(path: Path) -> str:
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32))
     return path.read_text().strip()
+
+
+def password_fingerprint(password_hash: str) -> str:
+    """What a session keeps of its account's password hash: a reset changes it, and the session ends.
+
+    A digest, not the hash: the cookie is signed but readable, and an Argon2 hash in it
+    would be an offline guessing target.
+    """
+    return hashlib.sha256(password_hash.encode()).hexdigest()[:16]
 
 
 def csrf_token(session: dict[str, Any]) -> str:

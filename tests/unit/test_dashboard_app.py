@@ -1,0 +1,90 @@
+"""The dashboard application in-process: Starlette's TestClient against a SQLite store in a temp folder.
+
+No server and no browser (tests/integration/test_dashboard.py has those); these check what a
+session is worth after its account changes, and the `cxr-worker user` commands that change it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+from worker.cli import main
+from worker.config import Settings, get_settings
+from worker.dashboard.app import create_app
+from worker.store import ResultStore
+
+PASSWORD, NEW_PASSWORD = "alice-reads-films", "alice-has-a-new-one"
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "worker.toml"
+    path.write_text(f'[spool]\ndir = "{tmp_path / "spool"}"\n[audit]\npath = "{tmp_path / "audit.jsonl"}"\n')
+    return path
+
+
+@pytest.fixture
+def settings(config: Path) -> Settings:
+    return get_settings(config)
+
+
+@pytest.fixture
+def store(settings: Settings) -> Iterator[ResultStore]:
+    s = ResultStore.from_settings(settings)
+    s.add_user("alice", "reader", PASSWORD)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def client(settings: Settings, store: ResultStore) -> Iterator[TestClient]:
+    with TestClient(create_app(settings, store, secret="k" * 64), follow_redirects=False) as c:
+        yield c
+
+
+def login(client: TestClient, password: str = PASSWORD) -> int:
+    m = re.search(r'name="csrf" value="([^"]+)"', client.get("/login").text)
+    assert m, "no CSRF token on the login page"
+    r = client.post("/login", data={"username": "alice", "password": password, "csrf": m[1], "next": "/"})
+    return r.status_code
+
+
+def logged_in(client: TestClient) -> bool:
+    r = client.get("/")
+    assert r.status_code in (200, 303), r.status_code
+    return r.status_code == 200
+
+
+def test_a_password_reset_ends_the_sessions_made_before_it(client: TestClient, store: ResultStore) -> None:
+    assert login(client) == 303 and logged_in(client)
+    store.add_user("alice", "reader", NEW_PASSWORD)  # `cxr-worker user add alice` again, same role
+    assert not logged_in(client)
+    assert login(client, PASSWORD) == 401
+    assert login(client, NEW_PASSWORD) == 303 and logged_in(client)
+
+
+def test_a_disabled_account_loses_its_session_and_cannot_log_in(
+        client: TestClient, config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert login(client) == 303 and logged_in(client)
+    assert main(["user", "disable", "alice", "--config", str(config)]) == 0
+    assert "alice disabled" in capsys.readouterr().out
+    assert not logged_in(client)
+    assert login(client) == 401
+    assert main(["user", "list", "--config", str(config)]) == 0
+    assert capsys.readouterr().out.split() == ["alice", "reader", "disabled"]
+    assert main(["user", "enable", "alice", "--config", str(config)]) == 0
+    assert login(client) == 303 and logged_in(client)
+
+
+def test_disabling_an_unknown_account_is_one_clear_error(config: Path, store: ResultStore,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["user", "disable", "mallory", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "cxr-worker user: error: no dashboard account named 'mallory'"
+    assert main(["user", "disable", "--config", str(config)]) == 1
+    assert "needs a NAME" in capsys.readouterr().err
