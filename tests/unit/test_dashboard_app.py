@@ -7,6 +7,8 @@ session is worth after its account changes, and the `cxr-worker user` commands t
 from __future__ import annotations
 
 import re
+import socket
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -119,3 +121,27 @@ def test_the_operations_page_and_plots_survive_a_result_from_the_future(
     for name in operations.PLOTS:
         r = client.get(f"/operations/{name}.svg")
         assert r.status_code == 200 and r.headers["content-type"] == "image/svg+xml"
+
+
+def test_a_slow_worker_metrics_scrape_does_not_hold_other_requests(config: Path, store: ResultStore) -> None:
+    """The operations page waits on the worker's /metrics; meanwhile the event loop serves others.
+
+    The "worker" accepts the connection into its backlog and answers nothing until the second
+    request has been answered; a handler that blocked the event loop would make that request
+    wait for the scrape's own timeout instead, and finish after the page.
+    """
+    store.add_user("carol", "admin", "carol-runs-the-service")
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        silent.settimeout(30)  # a page that never scrapes fails the test instead of hanging it
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/metrics"
+        settings = get_settings(config, {"dashboard": {"metrics_url": url}})
+        with TestClient(create_app(settings, store, secret="k" * 64), follow_redirects=False) as client:
+            assert login(client, "carol-runs-the-service", "carol") == 303
+            done: list[str] = []
+            page = threading.Thread(target=lambda: done.append(f"operations {client.get('/operations').status_code}"))
+            page.start()
+            conn, _ = silent.accept()  # the page's scrape has connected: it now waits for an answer
+            done.append(f"login {client.get('/login').status_code}")
+            conn.close()  # the worker goes away: the page says so and answers
+            page.join(30)
+    assert done == ["login 200", "operations 200"]
