@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("dashboard", help="review and operations web application (runs until SIGTERM)")
     s.add_argument("--config", type=Path, help="the worker's TOML file ([dashboard] section)")
     s = sub.add_parser("user", help="dashboard accounts")
-    s.add_argument("action", choices=["add", "list"])
+    s.add_argument("action", choices=["add", "list", "disable", "enable"])
     s.add_argument("name", nargs="?")
     s.add_argument("--role", choices=["reader", "admin"], default="reader")
     s.add_argument("--config", type=Path)
@@ -67,14 +67,19 @@ def _store(settings: Settings) -> Any:
 
 
 def _user(args: argparse.Namespace, settings: Settings) -> int:
-    """``user add NAME --role R`` reads the password from stdin (a prompt on a terminal)."""
+    """``user add NAME --role R`` reads the password from stdin (a prompt on a terminal);
+    ``user disable|enable NAME`` keeps the account but refuses (or allows again) its logins."""
     store = _store(settings)
     if args.action == "list":
         for u in store.users():
             print("\t".join([u.name, u.role] + (["disabled"] if u.disabled else [])))
         return 0
     if not args.name:
-        raise ConfigError("user add needs a NAME")
+        raise ConfigError(f"user {args.action} needs a NAME")
+    if args.action in ("disable", "enable"):  # a disabled account's logins end at their next request
+        store.set_disabled(args.name, args.action == "disable")
+        print(f"user {args.name} {args.action}d")
+        return 0
     if sys.stdin.isatty():
         import getpass
 

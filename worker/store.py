@@ -655,6 +655,18 @@ class ResultStore:
                     row.password_hash = hasher.hash(password)
         return user
 
+    def set_disabled(self, name: str, disabled: bool) -> None:
+        """Disable an account (its logins end at their next request) or enable it again.
+
+        Raises:
+            StoreError: no account has this name.
+        """
+        with self.session() as s, s.begin():
+            user = s.scalar(select(User).where(User.name == name))
+            if user is None:
+                raise StoreError(f"no dashboard account named {name!r}")
+            user.disabled = disabled
+
     def get_user(self, user_id: int) -> User | None:
         with self.session() as s:
             return s.get(User, user_id)

@@ -7,12 +7,19 @@ never slow the DICOM service; it shares only the results database and the audit 
 
 Every page but the login needs a session; every POST carries the session's CSRF token;
 the acting user is always the session's. Responses that hold PHI are not cached.
+
+Handlers that query the database, verify a password or scrape the worker are plain ``def``
+(Starlette runs them in its threadpool) or hand that work to ``run_in_threadpool``: on the
+event loop it would hold every other reader's request.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import secrets
+import threading
+import time
 from datetime import UTC, date, datetime, timedelta
 from importlib import resources
 from pathlib import Path
@@ -21,6 +28,8 @@ from urllib.parse import urlencode
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import FormData
 from starlette.middleware import Middleware
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.requests import Request
@@ -31,12 +40,14 @@ from starlette.staticfiles import StaticFiles
 from worker.audit import AuditTrail
 from worker.config import Settings
 from worker.dashboard import operations
-from worker.dashboard.auth import LoginLimiter, csrf_ok, csrf_token, session_secret
+from worker.dashboard.auth import LoginLimiter, csrf_ok, csrf_token, password_fingerprint, session_secret
 from worker.store import LABELS, Result, ResultStore, Worklist
 
 logger = logging.getLogger(__name__)
 
 PAGE_SIZE = 50
+#: How long one operations snapshot serves: a page view and its three plots compute it once.
+SNAPSHOT_TTL_S = 5.0
 SECURITY_HEADERS = {
     # Scripts and styles only from this server: an injected <script> would not run even unescaped.
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; script-src 'self'; style-src 'self'; "
@@ -71,6 +82,8 @@ class Dashboard:
         self.templates.filters["pct"] = lambda v: "—" if v is None else f"{100 * v:.0f}%"
         self.templates.filters["num"] = lambda v, n=2: "—" if v is None or not math.isfinite(v) else f"{v:.{n}f}"
         self.templates.filters["person"] = lambda v: str(v or "").replace("^", ", ", 1).replace("^", " ")
+        self._snapshot: tuple[float, operations.Snapshot] | None = None
+        self._snapshot_lock = threading.Lock()
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -90,6 +103,8 @@ class Dashboard:
         account = self.store.get_user(int(user.get("id", -1)))  # disabled or reset since the login: out
         if account is None or account.disabled or account.role != user.get("role"):
             return None
+        if not secrets.compare_digest(str(user.get("password", "")), password_fingerprint(account.password_hash)):
+            return None  # the password was reset since this login
         return user
 
     def need_user(self, request: Request) -> dict[str, Any] | Response:
@@ -107,6 +122,9 @@ class Dashboard:
 
     async def login(self, request: Request) -> Response:
         form = await request.form()
+        return await run_in_threadpool(self._login, request, form)  # Argon2 takes tens of ms of CPU
+
+    def _login(self, request: Request, form: FormData) -> Response:
         target = _safe_next(str(form.get("next") or "/"))
         if not csrf_ok(request.session, form.get("csrf")):
             return self.render(request, "login.html", 403, error="The form expired; please try again.", next=target)
@@ -125,14 +143,20 @@ class Dashboard:
         self.limiter.succeeded(*keys)
         request.session.clear()  # a new session (and CSRF token) at each login: no fixation
         expires = datetime.now(UTC) + timedelta(hours=self.settings.dashboard.session_hours)
+        # The hash as stored now: authenticate() may just have rehashed it with newer parameters.
+        account = self.store.get_user(user.id) or user
         request.session["user"] = {"id": user.id, "name": user.name, "role": user.role,
-                                   "expires": expires.timestamp()}
+                                   "expires": expires.timestamp(),
+                                   "password": password_fingerprint(account.password_hash)}
         csrf_token(request.session)
         self.audit.user_authentication(user.name, address, login=True, success=True)
         return RedirectResponse(target, status_code=303)
 
     async def logout(self, request: Request) -> Response:
         form = await request.form()
+        return await run_in_threadpool(self._logout, request, form)
+
+    def _logout(self, request: Request, form: FormData) -> Response:
         user = self.user(request)
         if not csrf_ok(request.session, form.get("csrf")):
             return Response("forged request refused", status_code=403, media_type="text/plain")
@@ -143,7 +167,7 @@ class Dashboard:
 
     # -- pages ----------------------------------------------------------------------------
 
-    async def worklist(self, request: Request) -> Response:
+    def worklist(self, request: Request) -> Response:
         user = self.need_user(request)
         if isinstance(user, Response):
             return user
@@ -160,7 +184,7 @@ class Dashboard:
                            page=page, pages=max(1, math.ceil(total / PAGE_SIZE)), versions=self.store.model_versions(),
                            query=lambda **kw: urlencode({**filters, **kw}))
 
-    async def review_link(self, request: Request) -> Response:
+    def review_link(self, request: Request) -> Response:
         """``/r/<key>``: the short link printed on the SC and carried by the SR."""
         user = self.need_user(request)
         if isinstance(user, Response):
@@ -178,7 +202,7 @@ class Dashboard:
                                message="No such result (it may have passed the retention period).")
         return row
 
-    async def result(self, request: Request) -> Response:
+    def result(self, request: Request) -> Response:
         user = self.need_user(request)
         if isinstance(user, Response):
             return user
@@ -193,10 +217,13 @@ class Dashboard:
                            current=self.store.current(history), labels=LABELS, saved=request.query_params.get("saved"))
 
     async def feedback(self, request: Request) -> Response:
-        user = self.need_user(request)
+        user = await run_in_threadpool(self.need_user, request)
         if isinstance(user, Response):
             return Response("login required", status_code=401, media_type="text/plain")
         form = await request.form()
+        return await run_in_threadpool(self._feedback, request, user, form)
+
+    def _feedback(self, request: Request, user: dict[str, Any], form: FormData) -> Response:
         if not csrf_ok(request.session, form.get("csrf")):
             return Response("forged request refused (missing or wrong CSRF token)", status_code=403,
                             media_type="text/plain")
@@ -212,7 +239,7 @@ class Dashboard:
                                     row.sop_instance_uid, action="U", detail="reader feedback recorded")
         return RedirectResponse(f"/results/{row.id}?saved=1", status_code=303)
 
-    async def preview(self, request: Request) -> Response:
+    def preview(self, request: Request) -> Response:
         if self.user(request) is None:
             return Response("login required", status_code=401, media_type="text/plain")
         row = self._result_or_404(request)
@@ -223,7 +250,7 @@ class Dashboard:
             return Response("preview no longer stored", status_code=404, media_type="text/plain")
         return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, no-store"})
 
-    async def grid(self, request: Request) -> Response:
+    def grid(self, request: Request) -> Response:
         """The raw Grad-CAM grid scaled as the SC scales it (a 0-1 heat per cell); the page draws it."""
         if self.user(request) is None:
             return Response("login required", status_code=401, media_type="text/plain")
@@ -243,16 +270,16 @@ class Dashboard:
         return self.render(request, "message.html", 403, title="Administrators only",
                            message="The operations page is for administrators; ask one for access.")
 
-    async def operations_page(self, request: Request) -> Response:
+    def operations_page(self, request: Request) -> Response:
         user = self.need_user(request)
         if isinstance(user, Response):
             return user
         if (refused := self.forbidden_unless_admin(request, user)) is not None:
             return refused
-        snap = operations.snapshot(self.store, self.metrics_url)
+        snap = self.snapshot()
         return self.render(request, "operations.html", s=snap, names=operations.WORKER_METRICS)
 
-    async def plot(self, request: Request) -> Response:
+    def plot(self, request: Request) -> Response:
         user = self.user(request)
         if user is None:
             return Response("login required", status_code=401, media_type="text/plain")
@@ -261,7 +288,18 @@ class Dashboard:
         draw = operations.PLOTS.get(request.path_params["name"])
         if draw is None:
             return Response("no such plot", status_code=404, media_type="text/plain")
-        return Response(draw(operations.snapshot(self.store, None)), media_type="image/svg+xml")
+        return Response(draw(self.snapshot()), media_type="image/svg+xml")
+
+    def snapshot(self) -> operations.Snapshot:
+        """The operations numbers, computed at most once per SNAPSHOT_TTL_S (12 weeks of rows and a scrape).
+
+        The lock makes the page's three plots, requested at once, wait for one computation.
+        """
+        with self._snapshot_lock:
+            now = time.monotonic()
+            if self._snapshot is None or now - self._snapshot[0] > SNAPSHOT_TTL_S:
+                self._snapshot = (now, operations.snapshot(self.store, self.metrics_url))
+            return self._snapshot[1]
 
 
 def _safe_next(value: str | None) -> str:

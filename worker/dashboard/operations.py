@@ -71,7 +71,9 @@ def snapshot(store: ResultStore, metrics_url: str | None, now: datetime | None =
     snap.answered_24h, snap.answered_7d = len(day), len(week)
     snap.per_hour = [0] * 24
     for r in day:
-        hours_ago = int((now - r.answered_at).total_seconds() // 3600)
+        # A result can be answered "after" now: another worker host's clock runs ahead on a shared
+        # PostgreSQL, or the row committed between `now` and the query. It counts in the last hour.
+        hours_ago = max(0, int((now - r.answered_at).total_seconds() // 3600))
         snap.per_hour[23 - min(23, hours_ago)] += 1
     latencies = [r.latency_s for r in day if r.latency_s is not None]
     if latencies:
