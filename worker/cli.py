@@ -136,6 +136,8 @@ def _process(args: argparse.Namespace, settings: Settings) -> int:
 
     from worker.pipeline import Processor, Skipped, encode, process_files
 
+    # Offline answers are not recorded for the dashboard, so they carry no review link to it.
+    settings = settings.model_copy(update={"dashboard": settings.dashboard.model_copy(update={"record": False})})
     processor = Processor(settings, _load_model(settings))
     args.out.mkdir(parents=True, exist_ok=True)
     failures = 0

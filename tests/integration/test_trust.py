@@ -264,7 +264,9 @@ def test_serve_withholds_out_of_distribution_inputs_and_answers_phantoms(
 @pytest.mark.parametrize("action", ["withhold", "flag"])
 def test_process_gates_like_serve(v2: OnnxModel, onnx_model: Path, tmp_path: Path, action: str) -> None:
     files = inputs(tmp_path / "in")
-    env = {**os.environ, "CXR_SELECT__MIN_SIZE": "32", "CXR_MODEL__OOD_ACTION": action}
+    # A dashboard URL is configured, but offline answers are never recorded: no review link.
+    env = {**os.environ, "CXR_SELECT__MIN_SIZE": "32", "CXR_MODEL__OOD_ACTION": action,
+           "CXR_DASHBOARD__PUBLIC_URL": "https://dashboard.example.org"}
     out = subprocess.run([sys.executable, "-m", "worker.cli", "process", str(tmp_path / "in"), "--out",
                           str(tmp_path / "out"), "--model", str(onnx_model)],
                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
@@ -276,6 +278,7 @@ def test_process_gates_like_serve(v2: OnnxModel, onnx_model: Path, tmp_path: Pat
         sr = pydicom.dcmread(tmp_path / "out" / f"{name}.sr.dcm")
         assert dciodvfy_errors(tmp_path / "out" / f"{name}.sc.dcm") == []
         assert dciodvfy_errors(tmp_path / "out" / f"{name}.sr.dcm") == []
+        assert b"dashboard.example.org" not in (tmp_path / "out" / f"{name}.sr.dcm").read_bytes()
         if action == "withhold":
             check_outputs(name, sc, sr)
         elif name in ("noise", "constant"):
