@@ -44,7 +44,9 @@ from cxr_contract.model import (
     PROBABILITY_OUTPUT,
     RESEARCH_USE,
     SYNTHETIC_USE,
+    ContractError,
     Meta,
+    ModelInfo,
     required_outputs,
 )
 from trainer import __version__
@@ -326,10 +328,28 @@ def export_reduced(run: Path, fp32_model: Path, out: Path, precision: str) -> di
         raise TrainerError(f"model file not found: {fp32_model}")
     import onnx
 
-    source = onnx.load(str(fp32_model), load_external_data=False)
-    given = {p.key: p.value for p in source.metadata_props}.get(Meta.PRECISION, "fp32")
+    try:
+        source = onnx.load(str(fp32_model), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and kin: not an ONNX file
+        raise TrainerError(f"{fp32_model} is not an ONNX model ({type(exc).__name__})") from None
+    meta = {p.key: p.value for p in source.metadata_props}
+    try:
+        gated = ModelInfo.from_metadata(meta, str(fp32_model)).has_ood_gate
+    except ContractError as exc:
+        raise TrainerError(f"not a model 'cxr-train export' wrote: {exc}") from None
+    if not gated:
+        raise TrainerError(f"{fp32_model} has no out-of-distribution gate (contract version 1): export the run "
+                           "again, then reduce that model")
+    given = meta.get(Meta.PRECISION, "fp32")
     if given != "fp32":
         raise TrainerError(f"{fp32_model} is already {given}: reduce the fp32 model export wrote")
+    # Its numbers are measured on this run's test split: it must be this run's model, or the
+    # check would score a model on images it may have been trained on.
+    keras_model, _, _ = load_run(run)
+    if meta.get(Meta.WEIGHTS_SHA256) != weights_sha256(keras_model):
+        raise TrainerError(f"{fp32_model} was not exported from {run} (its weights differ from the run's "
+                           "model): reduce the model this run's export wrote")
+    del keras_model
     info = json.loads(config.read_text())
     dataset = load_dataset(Path(info["data"]))
     val, test = require_split(dataset, "val"), require_split(dataset, "test")

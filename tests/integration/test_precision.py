@@ -137,6 +137,27 @@ def test_unknown_precision_is_refused_before_any_work(trained_run: Path, tmp_pat
         export_module.export_reduced(trained_run, tmp_path / "m.onnx", tmp_path / "r.onnx", "fp32")
     with pytest.raises(TrainerError, match="model file not found"):
         export_module.export_reduced(trained_run, tmp_path / "m.onnx", tmp_path / "r.onnx", "int8")
+    (tmp_path / "text.onnx").write_text("not a model\n")
+    with pytest.raises(TrainerError, match=r"text.onnx is not an ONNX model \(DecodeError\)"):
+        export_module.export_reduced(trained_run, tmp_path / "text.onnx", tmp_path / "r.onnx", "int8")
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    with pytest.raises(TrainerError, match=r"not a model 'cxr-train export' wrote: .*empty.onnx: metadata_props lack"):
+        export_module.export_reduced(trained_run, tmp_path / "empty.onnx", tmp_path / "r.onnx", "int8")
+
+
+def test_a_model_from_another_run_is_not_reduced_with_this_run_s_data(trained_run: Path, fp32_model: Path,
+                                                                       tmp_path: Path) -> None:
+    import onnx
+
+    from trainer.errors import TrainerError
+
+    other = onnx.load(str(fp32_model))
+    meta = {p.key: p.value for p in other.metadata_props}
+    onnx.helper.set_model_props(other, {**meta, "weights_sha256": "0" * 64})
+    onnx.save(other, str(tmp_path / "other.onnx"))
+    with pytest.raises(TrainerError, match=r"other.onnx was not exported from .*its weights differ"):
+        export_module.export_reduced(trained_run, tmp_path / "other.onnx", tmp_path / "r.onnx", "int8")
+    assert not (tmp_path / "r.onnx").exists()
 
 
 def test_a_reduced_model_is_not_reduced_again(int8_model: tuple[Path, dict], trained_run: Path,
