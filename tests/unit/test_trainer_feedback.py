@@ -99,6 +99,16 @@ def test_exports_under_different_keys_or_malformed_ones_are_refused(tmp_path: Pa
     assert not (tmp_path / "o2").exists()
 
 
+def test_prepare_names_a_labels_file_that_is_not_utf8_in_one_line(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    fb = _export(tmp_path / "fb", [("p1", "i1", "r", "pneumonia")])
+    (fb / "labels.csv").write_bytes((fb / "labels.csv").read_bytes().replace(b"test-1", b"test-1\xff\xfe"))
+    assert main(["prepare", "--feedback", str(fb), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "labels.csv:2: not UTF-8" in err[0] and "Traceback" not in err[0]
+    assert not (tmp_path / "o").exists()
+
+
 def test_prepare_merges_from_the_command_line(tmp_path: Path, base: Dataset,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     fb = _export(tmp_path / "fb", [(f"p{n}", f"i{n}", "r", "pneumonia") for n in range(3)])
