@@ -20,10 +20,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import hmac
+import io
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -229,8 +230,17 @@ def read_export(folder: Path) -> FeedbackExport:
     if not path.is_file():
         raise FeedbackFormatError(f"{path}: missing")
     labels: list[FeedbackLabel] = []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
+    text = _read_utf8(path)
+    pulled = 0  # lines the csv reader has taken; its own line_num can lag behind on an error
+
+    def lines() -> Iterator[str]:
+        nonlocal pulled
+        for line in io.StringIO(text, newline=""):
+            pulled += 1
+            yield line
+
+    reader = csv.DictReader(lines())
+    try:
         missing = [c for c in COLUMNS if c not in (reader.fieldnames or ())]
         if missing:
             raise FeedbackFormatError(f"{path}:1: missing column(s) {', '.join(missing)}")
@@ -252,9 +262,24 @@ def read_export(folder: Path) -> FeedbackExport:
             if not (root / lab.image).is_file():
                 raise FeedbackFormatError(f"{where}: image file not found: {lab.image}")
             labels.append(lab)
+    except csv.Error as exc:
+        raise FeedbackFormatError(f"{path}:{pulled}: not valid CSV: {exc}") from None
     if len(labels) != manifest.labels:
         raise FeedbackFormatError(f"{path}: {len(labels)} label rows, the manifest says {manifest.labels}")
     return FeedbackExport(root, manifest, labels)
+
+
+def _read_utf8(path: Path) -> str:
+    """The text of ``path``; bytes that are not UTF-8 are named by line, not left to a traceback."""
+    # Decoded whole rather than through a text stream: the stream decodes in chunks, so its
+    # error cannot say which line holds the bad byte. labels.csv is one short row per label.
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise FeedbackFormatError(f"{path}:{line}: not UTF-8 (byte {raw[exc.start]:#04x} at offset "
+                                  f"{exc.start})") from None
 
 
 def _check_label(lab: FeedbackLabel, where: str) -> None:

@@ -93,6 +93,11 @@ class MergeCounts:
                 "the set)")
 
 
+def _feedback_image(d: Decision) -> str:
+    """Where a new feedback image lies in the merged set, relative to its folder."""
+    return f"{FEEDBACK_IMAGES}/{d.image_key}.png"
+
+
 def read_exports(folders: Sequence[Path]) -> list[FeedbackExport]:
     """Read every export; refuse a malformed one or a mix of keys."""
     exports = []
@@ -194,19 +199,21 @@ def merge_feedback(
         if d.patient_key not in split_of:
             new_patients[d.patient_key] = new_patients.get(d.patient_key, False) or d.label == 1
     split_of.update(split_by_patient(new_patients, fractions, seed))
-    (out / FEEDBACK_IMAGES).mkdir(parents=True, exist_ok=True)
     for d in new:
-        rel = f"{FEEDBACK_IMAGES}/{d.image_key}.png"
-        shutil.copyfile(d.source, out / rel)
         name = split_of[d.patient_key]
         counts.added[name] += 1
-        splits[name].append(Record(path=str((out / rel).resolve()), label=int(d.label or 0),
+        splits[name].append(Record(path=str((out / _feedback_image(d)).resolve()), label=int(d.label or 0),
                                    patient_id=d.patient_key, view="", image_id=d.image_key,
                                    findings=POSITIVE_FINDING if d.label else ""))
+    # Checked before any file is copied: a refused merge must leave ``out`` (which may be
+    # the base itself, merged in place) as it was.
     for name in SPLITS:
         if not splits[name]:
             raise DataError(f"after merging the feedback, split {name!r} is empty: merge into a dataset "
                             "(--labels/--images or --base) or gather more feedback; nothing was written")
+    (out / FEEDBACK_IMAGES).mkdir(parents=True, exist_ok=True)
+    for d in new:
+        shutil.copyfile(d.source, out / _feedback_image(d))
 
     previous: dict[str, Any] = {}
     if base and (base.root / "summary.json").is_file():

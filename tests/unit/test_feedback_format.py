@@ -132,3 +132,26 @@ def test_an_export_interrupted_before_close_is_refused(tmp_path: Path) -> None:
         read_export(tmp_path / "fb")
     assert writer.close().labels == 1 and read_export(tmp_path / "fb").labels == [
         FeedbackLabel(**{**vars(lab), "image": f"images/{lab.image_key}.png"})]
+
+
+def test_labels_that_are_not_utf8_are_named_by_file_and_line(export: Path) -> None:
+    path = export / LABELS_FILE
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[2] = lines[2].replace(b"v1.2", b"v1.2\xff\xfe")  # line 3 of the file
+    path.write_bytes(b"".join(lines))
+    with pytest.raises(FeedbackFormatError) as err:
+        read_export(export)
+    assert str(err.value).startswith(f"{path}:3: ") and "not UTF-8" in str(err.value)
+
+
+def test_a_manifest_that_is_not_utf8_is_named(export: Path) -> None:
+    (export / MANIFEST_FILE).write_bytes(b'{"format": "\xff\xfe"}')
+    with pytest.raises(FeedbackFormatError, match=r"manifest.json: not valid JSON"):
+        read_export(export)
+
+
+def test_labels_the_csv_module_cannot_parse_are_named_by_file_and_line(export: Path) -> None:
+    _rewrite(export, 3, "model_version", "v" * (csv.field_size_limit() + 1))
+    with pytest.raises(FeedbackFormatError) as err:
+        read_export(export)
+    assert str(err.value).startswith(f"{export / LABELS_FILE}:3: not valid CSV: field larger than field limit")

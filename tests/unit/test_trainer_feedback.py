@@ -99,6 +99,16 @@ def test_exports_under_different_keys_or_malformed_ones_are_refused(tmp_path: Pa
     assert not (tmp_path / "o2").exists()
 
 
+def test_prepare_names_a_labels_file_that_is_not_utf8_in_one_line(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    fb = _export(tmp_path / "fb", [("p1", "i1", "r", "pneumonia")])
+    (fb / "labels.csv").write_bytes((fb / "labels.csv").read_bytes().replace(b"test-1", b"test-1\xff\xfe"))
+    assert main(["prepare", "--feedback", str(fb), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "labels.csv:2: not UTF-8" in err[0] and "Traceback" not in err[0]
+    assert not (tmp_path / "o").exists()
+
+
 def test_prepare_merges_from_the_command_line(tmp_path: Path, base: Dataset,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     fb = _export(tmp_path / "fb", [(f"p{n}", f"i{n}", "r", "pneumonia") for n in range(3)])
@@ -108,3 +118,30 @@ def test_prepare_merges_from_the_command_line(tmp_path: Path, base: Dataset,
     assert sum(len(v) for v in load_dataset(tmp_path / "o").splits.values()) == 3 + sum(
         len(v) for v in base.splits.values())
     assert main(["prepare", "--base", str(base.root), "--out", str(tmp_path / "o3")]) == 1
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_merge_refused_for_an_empty_split_writes_nothing(tmp_path: Path) -> None:
+    # Two patients: the stratified split leaves val empty.
+    fb = _export(tmp_path / "fb", [("p1", "i1", "r", "pneumonia"), ("p2", "i2", "r", "no_pneumonia")])
+    with pytest.raises(DataError, match="split 'val' is empty.*nothing was written"):
+        merge_feedback(None, [fb], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    # Merged in place into a set built from feedback: the readers' doubt empties its val split,
+    # and the refusal must leave the set as it was, a new image of a kept patient included.
+    first = _export(tmp_path / "first", [(f"p{n}", f"img{n}", "a", "pneumonia" if n % 2 else "no_pneumonia")
+                                          for n in range(20)])
+    merge_feedback(None, [first], tmp_path / "set")
+    base = load_dataset(tmp_path / "set")
+    doubted = [n for n in range(20) if _where(base, f"img{n}")[0] == "val"]  # type: ignore[index]
+    kept = next(n for n in range(20) if n not in doubted)
+    assert doubted
+    second = _export(tmp_path / "second", [(f"p{n}", f"img{n}", "b", "uncertain") for n in doubted]
+                     + [(f"p{kept}", "followup", "b", "pneumonia")], minutes=60)
+    before = _files(tmp_path / "set")
+    with pytest.raises(DataError, match="split 'val' is empty"):
+        merge_feedback(base, [second], tmp_path / "set")
+    assert _files(tmp_path / "set") == before
