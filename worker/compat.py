@@ -13,9 +13,7 @@ pydicom and pylibjpeg are used through public functions only (``openjpeg.get_par
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import socket
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -138,21 +136,6 @@ def dul_state(assoc: Any) -> str:
 def raw_socket(assoc: Any) -> Any:
     """The association's socket object, or None. Private: ``dul.socket.socket``."""
     return getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
-
-
-def no_delay(event: Any) -> None:
-    """``EVT_CONN_OPEN`` handler: switch off Nagle's algorithm on the association's socket.
-
-    A C-STORE is written as several PDUs (command, then data set); with Nagle on, the last
-    small one waits for the peer's delayed ACK, 40 ms on Linux, once or twice per object:
-    an SC and an SR to a local DCMTK storescp took 180 ms instead of 15. DCMTK and Orthanc
-    (``TcpNoDelay``) disable it themselves; pynetdicom has no option for it.
-    Uses :func:`raw_socket`.
-    """
-    sock = raw_socket(getattr(event, "assoc", None))
-    if sock is not None:
-        with contextlib.suppress(OSError):  # closed already: nothing to tune
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def register_server(ae: Any, server: Any) -> None:

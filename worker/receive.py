@@ -306,10 +306,9 @@ class Receiver:
         server = cast(GuardedServer, ae.make_server(
             (d.bind, port),
             ssl_context=server_context(sec) if tls else None,
-            evt_handlers=[(evt.EVT_CONN_OPEN, compat.no_delay), (evt.EVT_C_ECHO, self.handle_echo),
-                          (evt.EVT_C_STORE, self.handle_store), (evt.EVT_REJECTED, self.handle_rejected),
-                          (evt.EVT_CONN_CLOSE, self.handle_closed), (evt.EVT_ABORTED, self.handle_closed),
-                          (evt.EVT_RELEASED, self.handle_closed)],
+            evt_handlers=[(evt.EVT_C_ECHO, self.handle_echo), (evt.EVT_C_STORE, self.handle_store),
+                          (evt.EVT_REJECTED, self.handle_rejected), (evt.EVT_CONN_CLOSE, self.handle_closed),
+                          (evt.EVT_ABORTED, self.handle_closed), (evt.EVT_RELEASED, self.handle_closed)],
             server_class=GuardedServer,
         ))
         server.allow = self.allow

@@ -33,7 +33,6 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from worker import compat
 from worker.audit import AuditTrail
 from worker.codes import REJECTED_PERMANENT, AuditOutcome, is_permanent, stored
 from worker.config import Destination, DicomWebDestination, SecuritySection, SendSection
@@ -101,8 +100,7 @@ def store(dest: Destination, paths: list[Path], settings: SendSection, calling_a
         if isinstance(result, int):
             answer["result"] = int(result)
 
-    handlers: list[Any] = [(evt.EVT_ACSE_RECV, on_acse), (evt.EVT_CONN_OPEN, compat.no_delay)]
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=handlers,
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=[(evt.EVT_ACSE_RECV, on_acse)],
                          tls_args=(tls, dest.host) if tls is not None else None)
     if not assoc.is_established:
         permanent = answer.get("result") == REJECTED_PERMANENT
