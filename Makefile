@@ -51,7 +51,7 @@ lint: install-dev
 # own model, so only the worker-facing integration run trains the shared test model.
 test: system-deps install-dev lint
 	$(PY) -m pytest -q -p no:cacheprovider -m "not integration"
-	$(PY) -m pytest -q -p no:cacheprovider tests/integration --ignore=tests/integration/test_trainer_pipeline.py
+	$(PY) -m pytest -q -p no:cacheprovider -m integration --ignore=tests/integration/test_trainer_pipeline.py
 	$(PY) -m pytest -q -p no:cacheprovider tests/integration/test_trainer_pipeline.py
 
 # Unit tests only (the few that call dciodvfy, hadolint or systemd-analyze are marked `tool`:
