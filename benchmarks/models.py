@@ -19,16 +19,8 @@ def export_random(work: Path, size: int = SIZE) -> tuple[Path, Path, Any]:
     """``(full, no_gradcam, keras_model)``: the contract-v2 ONNX model and the same weights with
     ``probability``, ``logit`` and ``ood_score`` only (the Grad-CAM branch pruned away)."""
     import onnx
-    from onnx.utils import Extractor
 
-    from cxr_contract.model import (
-        CONTRACT_VERSION,
-        GRADCAM_OUTPUT,
-        INPUT_NAME,
-        LABELS,
-        Meta,
-        required_outputs,
-    )
+    from cxr_contract.model import CONTRACT_VERSION, LABELS, Meta
     from trainer.config import ModelSection
     from trainer.export import prune_to_contract, to_onnx, weights_sha256
     from trainer.model import build_model
@@ -44,14 +36,29 @@ def export_random(work: Path, size: int = SIZE) -> tuple[Path, Path, Any]:
             Meta.FEATURE_LAYER: FEATURE_LAYER, Meta.OOD_THRESHOLD: "1e30", Meta.HEATMAP_SCALE: "1",
             Meta.PRECISION: "fp32"}
     onnx.helper.set_model_props(full, meta)
-    keep = [o for o in required_outputs(CONTRACT_VERSION) if o != GRADCAM_OUTPUT]
+    path = work / "gradcam-fp32.onnx"
+    path.write_bytes(full.SerializeToString())
+    return path, without_gradcam(path, work / "no-gradcam-fp32.onnx"), model
+
+
+def without_gradcam(path: Path, out: Path) -> Path:
+    """The model at ``path`` (one of ours) with ``probability``, ``logit`` and ``ood_score`` only:
+    its Grad-CAM branch pruned away, so that the two differ by the Grad-CAM's cost alone. Needs
+    ``onnx`` only (no TensorFlow), so a GPU machine can time a model exported elsewhere."""
+    import onnx
+    from onnx.utils import Extractor
+
+    from cxr_contract.model import GRADCAM_OUTPUT, INPUT_NAME
+
+    full = onnx.load(str(path))
+    keep = [o.name for o in full.graph.output if o.name != GRADCAM_OUTPUT]
     plain = Extractor(full).extract_model([INPUT_NAME], keep)
     plain.opset_import.extend([o for o in full.opset_import if o not in plain.opset_import])
     plain.ir_version = full.ir_version
-    paths = (work / "gradcam-fp32.onnx", work / "no-gradcam-fp32.onnx")
-    paths[0].write_bytes(full.SerializeToString())
-    paths[1].write_bytes(plain.SerializeToString())
-    return paths[0], paths[1], model
+    del plain.metadata_props[:]
+    plain.metadata_props.extend(full.metadata_props)
+    out.write_bytes(plain.SerializeToString())
+    return out
 
 
 def images(n: int, size: int = SIZE, seed: int = 0) -> np.ndarray[Any, Any]:

@@ -57,3 +57,31 @@ def test_cuda_requested_runs_on_cuda_or_says_in_one_line_it_fell_back(
     assert len(fell_back) == 1 and fell_back[0].levelno == logging.WARNING, caplog.text
     assert "cxr-gradcam[gpu]" in fell_back[0].getMessage()
     assert len(model.predict(inputs)) == 3  # and it answers
+
+
+def test_padded_runs_all_have_the_batch_size_shape(onnx_model: Path, inputs: np.ndarray,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA provider rebuilds every convolution's cuDNN plan when the input shape changes
+    (~250 ms a batch on an H100 when inference ran at N and the faithfulness run at 2N): a
+    padded model runs everything, the faithfulness run's 2N perturbed images too, at exactly
+    ``batch_size``, and answers as the plain model does."""
+    plain = OnnxModel(onnx_model, providers="cpu", io_binding="off", pad_batches="off")
+    bound = OnnxModel(onnx_model, providers="cpu", io_binding="on", batch_size=4, pad_batches="on")
+    shapes: list[int] = []
+    run = bound.session.run_with_iobinding
+
+    def recording(binding, *args: object, **kwargs: object) -> None:  # type: ignore[no-untyped-def]
+        run(binding, *args, **kwargs)
+        shapes.append(binding.get_outputs()[0].shape()[0])
+
+    monkeypatch.setattr(bound.session, "run_with_iobinding", recording)
+    cams = [p.gradcam for p in bound.predict(inputs)]  # 3 images: one run of 4
+    got = bound.faithfulness(inputs, cams)  # 6 perturbed images: two runs of 4, not one of 8
+    assert shapes == [4, 4, 4]
+    np.testing.assert_allclose(got, plain.faithfulness(inputs, cams), atol=1e-5)
+    five = np.concatenate([inputs, inputs[:2]])  # a batch longer than batch_size: chunks of 4
+    want = plain.predict(five)
+    for w, g in zip(want, bound.predict(five), strict=True):
+        assert g.probability == pytest.approx(w.probability, abs=1e-6)
+        np.testing.assert_allclose(g.gradcam, w.gradcam, rtol=1e-5, atol=1e-6)
+    assert shapes[3:] == [4, 4]
