@@ -32,6 +32,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import numpy as np  # noqa: E402
+
 from benchmarks.common import report, summary, timed  # noqa: E402
 from benchmarks.models import SIZE, export_random, images, without_gradcam  # noqa: E402
 
@@ -136,6 +138,31 @@ def gradcam_cost(full: Path, repeat: int, batches: tuple[int, ...], *, smoke: bo
     return out
 
 
+def agreement(path: Path, reference: Path, *, smoke: bool = False) -> dict[str, float]:
+    """How far the CUDA path's answers (``path``, bound and padded, batch 8) are from the CPU
+    provider's on ``reference`` (the fp32 model), on 16 images: the numbers export's int8/fp16
+    gate limits (probability, Grad-CAM correlation), and the logit, out-of-distribution score
+    and faithfulness, which random weights leave unsaturated."""
+    from worker.model import OnnxModel
+
+    x = images(16, seed=1)
+    want = OnnxModel(reference, providers="cpu", io_binding="off", pad_batches="off")
+    got = (OnnxModel(path, providers="cpu", batch_size=8, io_binding="on", pad_batches="on") if smoke
+           else OnnxModel(path, providers="cuda", batch_size=8))
+    w, g = want.predict(x), got.predict(x)
+    corr = [float(np.corrcoef(a.gradcam.ravel(), b.gradcam.ravel())[0, 1]) for a, b in zip(w, g, strict=True)]
+    fw = want.faithfulness(x, [p.gradcam for p in w])
+    fg = got.faithfulness(x, [p.gradcam for p in g])
+    pairs = list(zip(w, g, strict=True))
+    return {"max_abs_probability": max(abs(a.probability - b.probability) for a, b in pairs),
+            "max_abs_logit": max(abs((a.logit or 0.0) - (b.logit or 0.0)) for a, b in pairs),
+            "max_rel_ood_score": max(abs((a.ood_score or 0.0) - (b.ood_score or 0.0))
+                                     / max(abs(a.ood_score or 1.0), 1e-9) for a, b in pairs),
+            "min_gradcam_correlation": min(corr),
+            "max_abs_faithfulness": max(abs(a - b) for a, b in zip(fw, fg, strict=True)),
+            "logit_range": [min(a.logit or 0.0 for a in w), max(a.logit or 0.0 for a in w)]}
+
+
 def default_torch_python() -> str | None:
     """bench_gradcam.py's virtualenv where it exists (this benchmark installs nothing)."""
     python = HERE / ".venv-gradcam" / "bin" / "python"
@@ -183,12 +210,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = args.model if args.model is not None else export_random(Path(tmp))[0]
         data["fp32"] = bench_model(fp32, repeat, batches, smoke=args.smoke_on_cpu)
+        data["agreement_fp32"] = agreement(fp32, fp32, smoke=args.smoke_on_cpu)
         data["gradcam_cost_fp32"] = gradcam_cost(fp32, repeat, batches, smoke=args.smoke_on_cpu)
         try:
             from trainer.quantize import convert_fp16
 
             fp16 = convert_fp16(fp32, Path(tmp) / "fp16.onnx")
             data["fp16"] = bench_model(fp16, repeat, batches, smoke=args.smoke_on_cpu)
+            data["agreement_fp16"] = agreement(fp16, fp32, smoke=args.smoke_on_cpu)
         except Exception as exc:  # the fp32 numbers still stand; the table says why fp16 has none
             data["fp16"] = f"not measured: {type(exc).__name__}: {exc}"
     torch_python = None if args.torch_python in (None, "none") else args.torch_python
@@ -209,6 +238,12 @@ def main() -> None:
                 rows.append(("  + faithfulness", cell(got[f"b{b}"]["with_faithfulness"])))
             else:
                 rows.append((f"{precision} batch {b}", got))
+    for precision in ("fp32", "fp16"):
+        agree = data.get(f"agreement_{precision}")
+        if agree:
+            rows.append((f"{precision} vs CPU fp32", f"|dprob| {agree['max_abs_probability']:.1e}  |dlogit| "
+                         f"{agree['max_abs_logit']:.1e}  Grad-CAM r >= {agree['min_gradcam_correlation']:.4f}  "
+                         f"|dfaith| {agree['max_abs_faithfulness']:.1e}"))
     for b in batches:
         cost = data["gradcam_cost_fp32"][f"b{b}"]
         rows.append((f"Grad-CAM cost b{b}", f"{100 * cost['cost']:+.1f} % (fp32: "
