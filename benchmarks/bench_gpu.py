@@ -138,7 +138,7 @@ def gradcam_cost(full: Path, repeat: int, batches: tuple[int, ...], *, smoke: bo
     return out
 
 
-def agreement(path: Path, reference: Path, *, smoke: bool = False) -> dict[str, float]:
+def agreement(path: Path, reference: Path, *, smoke: bool = False) -> dict[str, Any]:
     """How far the CUDA path's answers (``path``, bound and padded, batch 8) are from the CPU
     provider's on ``reference`` (the fp32 model), on 16 images: the numbers export's int8/fp16
     gate limits (probability, Grad-CAM correlation), and the logit, out-of-distribution score
