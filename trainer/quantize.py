@@ -224,7 +224,43 @@ def convert_fp16(fp32_onnx: Path, out: Path, *, exclude: list[str] | None = None
     except Exception as exc:
         raise ExportError(f"cannot convert {fp32_onnx} to float16: {exc}") from None
     _drop_duplicate_nodes(half)
+    _drop_cast_round_trips(half)
     return _write(half, Path(out), "fp16", meta)
+
+
+def _drop_cast_round_trips(model: Any) -> None:
+    """Let float32 values pass between float32 nodes as float32. The float16 converter casts
+    every kept node's output to float16 and back to float32 for the next kept node, so the
+    kept nodes computed in float32 but their values passed through float16 between them: the
+    Mahalanobis sum overflowed it (inf OOD scores for any image far from the training data)
+    and the Grad-CAM and logit lost precision. Each Cast to float16 read only by Casts to
+    float32 goes; those become Identity of its float32 input (names, graph outputs kept)."""
+    from onnx import TensorProto, helper
+
+    def cast_to(node: Any) -> int | None:
+        if node.op_type != "Cast":
+            return None
+        return next((int(a.i) for a in node.attribute if a.name == "to"), None)
+
+    readers: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in model.graph.output}
+    drop = set()
+    kept = []
+    for node in model.graph.node:
+        users = readers.get(node.output[0], []) if node.output else []
+        if (cast_to(node) == TensorProto.FLOAT16 and node.output[0] not in outputs and users
+                and all(cast_to(u) == TensorProto.FLOAT for u in users)):
+            drop.add(node.output[0])
+            for u in users:
+                u.CopyFrom(helper.make_node("Identity", [node.input[0]], list(u.output), name=u.name))
+        else:
+            kept.append(node)
+    if drop:
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
 
 
 def _drop_duplicate_nodes(model: Any) -> None:

@@ -111,6 +111,23 @@ def test_fp16_export_passes_its_verification(trained_run: Path, fp32_model: Path
     assert model.info.precision == "fp16"
     (p,) = model.predict(np.full((1, 64, 64, 1), 0.5, np.float32))
     assert 0.0 <= p.probability <= 1.0 and p.gradcam.dtype == np.float32
+    # Far from the training data the Mahalanobis sum passes 65504: computed in float32 from end
+    # to end it stays finite and the fp32 model's (the converter's float16 round trips between
+    # the kept nodes made it inf).
+    noise = np.random.default_rng(0).random((4, 64, 64, 1), dtype=np.float32)
+    want = OnnxModel(fp32_model, providers="cpu").predict(noise)
+    for w, g in zip(want, model.predict(noise), strict=True):
+        assert np.isfinite(g.ood_score) and g.ood_score == pytest.approx(w.ood_score, rel=2e-3)
+        assert g.logit == pytest.approx(w.logit, abs=2e-2)
+    half = onnx.load(str(tmp_path / "model-fp16.onnx"))
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in half.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    to_half = [n for n in half.graph.node if n.op_type == "Cast" and n.attribute[0].i == onnx.TensorProto.FLOAT16]
+    round_trips = [n.name for n in to_half
+                   if readers.get(n.output[0]) and all(r.op_type == "Cast" for r in readers[n.output[0]])]
+    assert not round_trips
 
 
 def test_quantizing_the_head_and_the_gate_too_is_refused(trained_run: Path, fp32_model: Path, tmp_path: Path,
