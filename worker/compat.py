@@ -58,6 +58,42 @@ def install_acceptor_guards(recv_guard: RecvGuard, receive_guard: ReceiveGuard) 
     DIMSEServiceProvider.receive_primitive = receive_primitive  # type: ignore[assignment,method-assign]
 
 
+_original_serve: Callable[..., None] | None = None
+
+
+def keep_responses_for_the_sender() -> None:
+    """Give a DIMSE response that pynetdicom's association reactor took back to the sender
+    waiting for it (once per process).
+
+    pynetdicom's ``send_c_store`` pauses the association's reactor before sending and takes
+    the response off the DIMSE queue itself. The pause is a flag the reactor sets just
+    before it blocks, so a sender can see it set while the reactor has passed the block and
+    is about to poll the queue: a response that arrives within that window (about a
+    millisecond: a PACS that answers at once, Nagle off) is taken by the reactor, which
+    drops it as an "unexpected service message", and the sender waits out its DIMSE
+    timeout, aborts and resends an object the PACS has stored. Measured with
+    ``benchmarks/bench_send_race.py``.
+
+    Private: ``Association._serve_request`` (where the reactor hands what it polled) and
+    ``_reactor_checkpoint`` (cleared while a sender waits for its response).
+    """
+    global _original_serve
+    if _original_serve is not None:
+        return
+    from pynetdicom.association import Association
+
+    _original_serve = original = Association._serve_request
+
+    def serve(self: Association, msg: Any, context_id: int) -> None:
+        if (self.is_requestor and not self._reactor_checkpoint.is_set()
+                and not msg.is_valid_request and msg.is_valid_response):
+            self.dimse.msg_queue.put((context_id, msg))
+            return
+        original(self, msg, context_id)
+
+    Association._serve_request = serve  # type: ignore[method-assign]
+
+
 def chunk_files_in(folder: Path) -> None:
     """Write pynetdicom's streamed C-STORE data sets into ``folder``.
 
