@@ -6,6 +6,7 @@ import contextlib
 import io
 import logging
 import os
+import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -136,6 +137,20 @@ def preload_cuda_libraries(ort: Any) -> str:
     return " ".join(said.getvalue().split())
 
 
+_imputer_pool: ThreadPoolExecutor | None = None
+_imputer_lock = threading.Lock()
+
+
+def _imputers() -> ThreadPoolExecutor:
+    """The threads the faithfulness imputation runs on: one pool per process, whatever the
+    number of models loaded (a reload, the tests)."""
+    global _imputer_pool
+    with _imputer_lock:
+        if _imputer_pool is None:
+            _imputer_pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="cxr-impute")
+        return _imputer_pool
+
+
 def padded_length(n: int, multiple: int) -> int:
     """``n`` rounded up to a multiple of ``multiple``: the batch shapes a padded run uses."""
     return -(-n // multiple) * multiple if n else 0
@@ -207,7 +222,6 @@ class OnnxModel:
         self.io_binding = io_binding == "on" or (io_binding == "auto" and self.on_cuda)
         self.pad_to = batch_size if pad_batches == "on" or (pad_batches == "auto" and self.on_cuda) else 0
         self._ort = ort
-        self._imputer_pool: ThreadPoolExecutor | None = None
         self.path = path
         if CUDA in chosen and not self.on_cuda:
             logger.log(logging.WARNING if providers == "cuda" else logging.INFO,
@@ -261,12 +275,6 @@ class OnnxModel:
             got = binding.copy_outputs_to_cpu()
         return [out[:n] for out in got]
 
-    def _imputers(self) -> ThreadPoolExecutor:
-        if self._imputer_pool is None:
-            self._imputer_pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
-                                                    thread_name_prefix="cxr-impute")
-        return self._imputer_pool
-
     @property
     def has_logit(self) -> bool:
         """Whether heatmap faithfulness can be computed (it needs the unsaturated logit)."""
@@ -305,7 +313,7 @@ class OnnxModel:
             return []
         # The imputation (two Gaussian blurs per perturbed image, ~3 ms each, in OpenCV, which
         # releases the GIL) runs on a few threads: on a GPU it is most of the faithfulness cost.
-        pairs = list(self._imputers().map(faithfulness.perturbed_inputs, inputs, gradcams))
+        pairs = list(_imputers().map(faithfulness.perturbed_inputs, inputs, gradcams))
         stacked = np.stack([hot for hot, _ in pairs] + [rand for _, rand in pairs]).astype(np.float32)
         (logit,) = self._run([LOGIT_OUTPUT], stacked)
         logit = logit.reshape(-1)
