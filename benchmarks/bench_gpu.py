@@ -198,6 +198,8 @@ def main() -> None:
                         help="check this script without a GPU: the same path on the CPU, batch 1 and 8, "
                              "2 runs each; prints, writes no JSON (its numbers are no GPU's)")
     args = parser.parse_args()
+    if args.model is not None and not args.model.is_file():
+        parser.error(f"--model: no such file: {args.model}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     why = None if args.smoke_on_cpu else gpu_unusable()
     if why is not None:

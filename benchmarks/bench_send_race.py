@@ -59,7 +59,8 @@ def child(variant: str, rounds: int, senders: int) -> dict[str, Any]:
     from worker.config import Destination, SendSection
 
     nodelay, guard = VARIANTS[variant]
-    send.TCP_NODELAY = nodelay
+    if not nodelay:  # the handler looked up at each association: DCMTK's and pynetdicom's default
+        send.no_delay = lambda event: None  # type: ignore[assignment]
     if not guard:  # mark the guard installed without installing it: pynetdicom as it is
         compat._original_serve = object()  # type: ignore[assignment]
     port = free_port()

@@ -55,8 +55,6 @@ def without_gradcam(path: Path, out: Path) -> Path:
     plain = Extractor(full).extract_model([INPUT_NAME], keep)
     plain.opset_import.extend([o for o in full.opset_import if o not in plain.opset_import])
     plain.ir_version = full.ir_version
-    del plain.metadata_props[:]
-    plain.metadata_props.extend(full.metadata_props)
     out.write_bytes(plain.SerializeToString())
     return out
 

@@ -247,18 +247,16 @@ def _drop_cast_round_trips(model: Any) -> None:
         for name in node.input:
             readers.setdefault(name, []).append(node)
     outputs = {o.name for o in model.graph.output}
-    drop = set()
     kept = []
     for node in model.graph.node:
         users = readers.get(node.output[0], []) if node.output else []
         if (cast_to(node) == TensorProto.FLOAT16 and node.output[0] not in outputs and users
                 and all(cast_to(u) == TensorProto.FLOAT for u in users)):
-            drop.add(node.output[0])
             for u in users:
                 u.CopyFrom(helper.make_node("Identity", [node.input[0]], list(u.output), name=u.name))
         else:
             kept.append(node)
-    if drop:
+    if len(kept) < len(model.graph.node):
         del model.graph.node[:]
         model.graph.node.extend(kept)
 

@@ -140,17 +140,14 @@ def store(dest: Destination, paths: list[Path], settings: SendSection, calling_a
     return results
 
 
-#: Nagle's algorithm off on the sender's connections, as Orthanc and DCMTK's ``TCP_NODELAY=1``
-#: do: a C-STORE is several PDUs, and with Nagle on the last one waits for the PACS's delayed
-#: ACK (~40 ms per object on Linux). Safe only with :func:`compat.keep_responses_for_the_sender`,
-#: since the faster answers otherwise race pynetdicom's reactor (README "Benchmarks").
-TCP_NODELAY = True
-
-
 def no_delay(event: evt.Event) -> None:
-    """EVT_CONN_OPEN: switch Nagle's algorithm off on the association's socket."""
+    """EVT_CONN_OPEN: switch Nagle's algorithm off on the association's socket, as Orthanc and
+    DCMTK's ``TCP_NODELAY=1`` do: a C-STORE is several PDUs, and with Nagle on the last one waits
+    for the PACS's delayed ACK (~40 ms per object on Linux). Safe only with
+    :func:`compat.keep_responses_for_the_sender`, since the faster answers otherwise race
+    pynetdicom's reactor (README "Benchmarks")."""
     sock = compat.raw_socket(event.assoc)
-    if TCP_NODELAY and sock is not None:
+    if sock is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
