@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from worker.codes import SUCCESS
 from worker.config import DicomWebDestination, Settings, get_settings, parse_destination
 from worker.errors import ConfigError, WorkerError
+from worker.status import SUCCESS
 
 logger = logging.getLogger("worker")
 

@@ -183,7 +183,7 @@ def test_sc_and_sr_carry_the_review_link(site: Site) -> None:
     assert r.status_code == 303 and re.fullmatch(r"/results/\d+", r.headers["location"])
     assert "Canary" in c.get(r.headers["location"]).text
     # The SC prints it: the lowest text lines differ from an SC rendered without a link.
-    from worker.build import render_heatmap_overlay
+    from worker.outputs import render_heatmap_overlay
 
     args: dict[str, Any] = {"probability": 0.9, "threshold": 0.5, "model_name": "m", "model_version": "1"}
     image, cam = np.full((256, 256), 0.5), np.ones((4, 4))
