@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             if sc_png is not None:
                 name.write_bytes(sc_png)
             verdict = {"Present": "pneumonia", "Absent": "no pneumonia"}.get(
-                presence, "withheld: outside the training distribution")  # SR finding Indeterminate
+                presence, "withheld: outside the training distribution")  # SR finding Not Evaluated
             table.add_row(label, "-" if probability != probability else f"{probability:.3f}", verdict,
                           "SC + SR", f"{seconds:.1f}")
         console.print(table)

@@ -111,11 +111,17 @@ def _load_model(settings: Settings) -> Any:
         raise ConfigError("no model: pass --model PATH, set [model] path, or CXR_MODEL__PATH")
     m = settings.model
     model = OnnxModel(settings.model.path, providers=m.providers, threads=m.threads, io_binding=m.io_binding,
-                      batch_size=m.batch_size, pad_batches=m.pad_batches)
-    logger.info("model loaded", extra={"model": model.info.name, "version": model.info.version,
-                                       "input_size": model.info.input_size, "threshold": model.info.threshold,
-                                       **model.execution, "intended_use": model.info.intended_use,
-                                       "precision": model.info.precision})
+                      batch_size=m.batch_size, pad_batches=m.pad_batches, site_prevalence=m.site_prevalence,
+                      target_sensitivity=m.target_sensitivity)
+    info = model.info
+    logger.info("model loaded", extra={"model": info.name, "version": info.version,
+                                       "input_size": info.input_size, "threshold": info.threshold,
+                                       **model.execution, "intended_use": info.intended_use,
+                                       "precision": info.precision, "prevalence": info.assumed_prevalence,
+                                       "model_prevalence": model.exported_info.prevalence,
+                                       "graph_threshold": model.exported_info.threshold})
+    logger.info("model card", extra={"model": info.name, "version": info.version,
+                                     "card": info.model_card or "none (exported before model cards)"})
     return model
 
 

@@ -213,9 +213,10 @@ class Processor:
     def _answer_one(self, item: Decoded, pred: Prediction, gate: str | None, faithfulness: float | None,
                     infer_seconds: float) -> Result | Exception:
         ood = pred.ood_score if pred.ood_score is not None and math.isfinite(pred.ood_score) else None
+        not_finite = str(pred.ood_score) if pred.ood_score is not None and ood is None else ""
         try:
             trust = Trust(ood_score=ood, gate=gate, withheld=gate is not None and self.withhold,
-                          faithfulness=faithfulness)
+                          faithfulness=faithfulness, ood_not_finite=not_finite)
             sc, sr, rgb = self._build(item, pred, trust)
             encoded = (encode(sc), encode(sr))
         except Exception as exc:  # highdicom refuses odd headers with many types; sorted by the caller
@@ -240,6 +241,7 @@ class Processor:
                 threshold=info.threshold, model_name=info.name, model_version=info.version,
                 opacity=self.build_settings.opacity, notice=notice, heatmap_scale=info.heatmap_scale,
                 paint_negative=self.paint_negative, faithfulness=trust.faithfulness, warning=flag, link=link,
+                prevalence=info.assumed_prevalence,
             )
         sc = build_secondary_capture(item.ds, rgb, uids, info, self.build_settings, trust=trust)
         sr = build_report(item.ds, sc, pred.probability, info, uids, self.build_settings, trust=trust,
