@@ -17,10 +17,12 @@ from worker.outputs.codes import (
     ASSUMED_PREVALENCE,
     CHEST_XR_SINGLE_VIEW,
     HEATMAP_FAITHFULNESS,
+    NO_OOD_EVIDENCE,
     NOT_EVALUATED,
     OOD_EVIDENCE,
     OOD_REASONS,
     OOD_SCORE,
+    OOD_STATEMENT,
     OOD_THRESHOLD,
     OUTSIDE_DISTRIBUTION,
     PNEUMONIA,
@@ -29,8 +31,6 @@ from worker.outputs.codes import (
     PRIVATE_SCHEME,
     REVIEW_LINK,
     TRAINING_DISTRIBUTION,
-    NO_OOD_EVIDENCE,
-    OOD_STATEMENT,
 )
 from worker.outputs.common import (
     BuildSettings,
