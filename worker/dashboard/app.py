@@ -37,10 +37,12 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Redire
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from cxr_contract.prevalence import format_pair
 from worker.audit import AuditTrail
 from worker.config import Settings
 from worker.dashboard import operations
 from worker.dashboard.auth import LoginLimiter, csrf_ok, csrf_token, password_fingerprint, session_secret
+from worker.dashboard.cards import ModelCards
 from worker.store import LABELS, Result, ResultStore, Worklist
 
 logger = logging.getLogger(__name__)
@@ -82,6 +84,9 @@ class Dashboard:
         self.templates.filters["pct"] = lambda v: "—" if v is None else f"{100 * v:.0f}%"
         self.templates.filters["num"] = lambda v, n=2: "—" if v is None or not math.isfinite(v) else f"{v:.{n}f}"
         self.templates.filters["person"] = lambda v: str(v or "").replace("^", ", ", 1).replace("^", " ")
+        # Probability and threshold at the precision that shows which side of it the image lies.
+        self.templates.filters["pair"] = lambda r: format_pair(r.probability, r.threshold)
+        self.cards = ModelCards(settings.model.path)
         self._snapshot: tuple[float, operations.Snapshot] | None = None
         self._snapshot_lock = threading.Lock()
 
@@ -214,6 +219,7 @@ class Dashboard:
         self.audit.instances_viewed(user["name"], self.client(request), row.study_instance_uid, row.sop_class_uid,
                                     row.sop_instance_uid, detail="result viewed in the dashboard")
         return self.render(request, "result.html", r=row, history=history, mine=mine[-1] if mine else None,
+                           card=self.cards.get(row.model_version),
                            current=self.store.current(history), labels=LABELS, saved=request.query_params.get("saved"))
 
     async def feedback(self, request: Request) -> Response:
