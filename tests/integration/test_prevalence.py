@@ -22,6 +22,7 @@ from trainer.dicom_phantoms import cr_dataset
 from trainer.phantoms import make_phantom
 from worker.cli import main as cxr_worker
 from worker.config import get_settings
+from worker.dashboard.accounts import Accounts
 from worker.model import OnnxModel
 from worker.pipeline import Processor, Result, process_files
 from worker.store import NewResult, ResultStore
@@ -113,7 +114,7 @@ pseudonym_key_file = "{tmp_path / 'keys' / 'feedback.key'}"
     processor = Processor(settings, OnnxModel(onnx_model, providers="cpu"))
     store = ResultStore(settings.dashboard.store_url(settings.spool.dir),
                         settings.dashboard.store_media(settings.spool.dir))
-    reader = store.add_user("reader.one", "reader", "correct horse")
+    reader = Accounts(store).add_user("reader.one", "reader", "correct horse")
     for path, result in process_files(list(truth), processor):
         assert isinstance(result, Result), f"{path}: {result}"
         rid = _record(store, processor, path, result)

@@ -168,7 +168,7 @@ def test_a_result_shows_the_side_of_its_threshold_and_its_models_card(tmp_path: 
                     f'[model]\npath = "{tmp_path / "models" / "cxr-1.0.onnx"}"\n')
     settings = get_settings(path)
     store = ResultStore.from_settings(settings)
-    store.add_user("alice", "reader", PASSWORD)
+    Accounts(store).add_user("alice", "reader", PASSWORD)
     new = NewResult(study_instance_uid="1.2.3", series_instance_uid="1.2.3.4", sop_instance_uid="1.2.3.4.5",
                     probability=0.49945, decision="positive", threshold=0.49918, model_name="cxr",
                     model_version="1.0")
