@@ -173,7 +173,9 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         loc = {k: v for k, v in r["localisation"].items() if k != "methods"}
         return {"threshold": r["threshold"], "calibration": r["calibration"], "metrics": r["metrics"],
                 "ci95": r["ci95"], "calibration_quality": r["calibration_quality"],
-                "faithfulness": r["faithfulness"], "localisation": loc}
+                "faithfulness": r["faithfulness"], "localisation": loc, "prevalence": r["prevalence"]["value"],
+                "gate": {k: v for k, v in r["gate"].items() if k in ("split", "hard_negatives")},
+                "model_card": r["model_card"]}
     from trainer.export import export, export_reduced
 
     if args.from_model is not None:

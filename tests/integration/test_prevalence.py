@@ -5,6 +5,9 @@ dashboard's feedback that the worker loads and reports with."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,7 @@ from worker.pipeline import Processor, Result, process_files
 from worker.store import NewResult, ResultStore
 
 pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def phantom_inputs(n: int, positive: bool, seed: int, size: int) -> np.ndarray[Any, Any]:
@@ -145,3 +149,14 @@ pseudonym_key_file = "{tmp_path / 'keys' / 'feedback.key'}"
     prevalence = [float(i.MeasuredValueSequence[0].NumericValue) for i in walk(result.sr.ContentSequence)
                   if i.ValueType == "NUM" and i.ConceptNameCodeSequence[0].CodeValue == "PREVALENCE"]
     assert prevalence == [10.0]
+
+    # The worker's start-up log names the prevalence it reports at and the model card it has
+    # (none: the test model was exported with a threshold by hand, without evaluate's card).
+    env = {**os.environ, "CXR_MODEL__PATH": str(site_model), "CXR_SELECT__MIN_SIZE": "32"}
+    run = subprocess.run([sys.executable, "-m", "worker.cli", "process", str(next(iter(truth))), "--out",
+                          str(tmp_path / "out")], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = (run.stdout + run.stderr).splitlines()
+    loaded = json.loads(next(line for line in lines if '"model loaded"' in line))
+    assert loaded["prevalence"] == 0.1 and loaded["model_prevalence"] == 0.5 and loaded["version"] == "test-1+site"
+    assert any('"model card"' in line and "exported before model cards" in line for line in lines)
