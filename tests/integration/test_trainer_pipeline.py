@@ -92,6 +92,10 @@ def test_phantom_run_learns_localises_and_exports(phantom_run: dict) -> None:
     assert [s["stage"] for s in sanity["stages"]] == ["head", "conv5_block3", "conv5"]
     assert sanity == {k: v for k, v in metrics["sanity_check"].items() if k != "per_image"}
     assert info_v2.heatmap_scale is not None and info_v2.heatmap_scale > 0
+    # The prevalence the calibration assumes, the operating point's curve and the model card's summary.
+    assert info_v2.prevalence == pytest.approx(metrics["prevalence"]["value"], rel=1e-5)
+    assert info_v2.operating_curve and info_v2.model_card["card"] == "model_card.md"
+    assert (run / "model_card.md").is_file()
     images = np.random.default_rng(0).random((3, 160, 160, 1), dtype=np.float32)
     prob, logit, cam, ood = session.run(["probability", "logit", "gradcam", "ood_score"], {"image": images})
     assert prob.shape == logit.shape == (3, 1) and cam.shape == (3, 5, 5) and ood.shape == (3,)
