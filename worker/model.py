@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import os
 import threading
 from collections.abc import Iterable, Iterator
@@ -79,7 +80,8 @@ def outside_distribution(prediction: Prediction, info: ModelInfo) -> bool:
     A score that is not finite counts as outside: nothing can vouch for that input."""
     if prediction.ood_score is None or info.ood_threshold is None:
         return False
-    return not prediction.ood_score <= info.ood_threshold
+    score = prediction.ood_score
+    return not (math.isfinite(score) and score <= info.ood_threshold)
 
 
 CUDA = "CUDAExecutionProvider"
