@@ -133,7 +133,11 @@ class ModelInfo:
         probability, and the prevalence that probability assumes."""
         if adjustment is None:
             return self
-        return replace(self, threshold=adjustment.threshold, reported_prevalence=adjustment.to_prevalence)
+        moved = adjustment.threshold
+        # Unmoved, the threshold stays the recorded value itself, not its round trip through the
+        # log-odds: a probability exactly at the threshold keeps its decision.
+        threshold = self.threshold if abs(moved - self.threshold) < 1e-12 else moved
+        return replace(self, threshold=threshold, reported_prevalence=adjustment.to_prevalence)
 
     def adjustment(self, site_prevalence: float | None = None,
                    target_sensitivity: float | None = None) -> prior.Adjustment | None:
