@@ -152,12 +152,15 @@ def _process(args: argparse.Namespace, settings: Settings) -> int:
             stem = path.stem
             (args.out / f"{stem}.sc.dcm").write_bytes(encode(result.sc))
             (args.out / f"{stem}.sr.dcm").write_bytes(encode(result.sr))
+            if result.gsps is not None:
+                (args.out / f"{stem}.gsps.dcm").write_bytes(encode(result.gsps))
             if args.png:
                 cv2.imwrite(str(args.out / f"{stem}.sc.png"), cv2.cvtColor(result.rgb, cv2.COLOR_RGB2BGR))
             rows.append({"input": str(path), "probability": round(result.probability, 4),
                          "decision": "withheld" if result.withheld else "positive" if result.positive else "negative",
                          "gate": result.gate, "ood_score": result.ood_score, "faithfulness": result.faithfulness,
-                         "sc": str(args.out / f"{stem}.sc.dcm"), "sr": str(args.out / f"{stem}.sr.dcm")})
+                         "sc": str(args.out / f"{stem}.sc.dcm"), "sr": str(args.out / f"{stem}.sr.dcm"),
+                         "gsps": str(args.out / f"{stem}.gsps.dcm") if result.gsps is not None else None})
     print(json.dumps(rows, indent=2))
     return 1 if failures else 0
 

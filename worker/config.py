@@ -253,6 +253,14 @@ class OutputSection(_Section):
     sc_compression: Literal["jpeg", "jpeg2000", "none"] = Field(
         "jpeg", description="SC transfer syntax: JPEG Baseline (lossy), JPEG 2000 (lossy) or uncompressed")
     sc_quality: int = Field(90, ge=1, le=100, description="JPEG quality; JPEG 2000 aims at quality / 2 dB PSNR")
+    gsps: bool = Field(True, description=(
+        "send a Grayscale Softcopy Presentation State that outlines the heatmap over the original image "
+        "beside the SC (viewers with GSPS show it as a layer to switch off); on because it costs a few kB "
+        "and shows the result on the radiologist's own image. Env: CXR_OUTPUT__GSPS"))
+    gsps_series_number: int = Field(9003, ge=0, description="Series Number of the GSPS series; beside the SC's "
+                                    "9001 and the SR's 9002. Env: CXR_OUTPUT__GSPS_SERIES_NUMBER")
+    gsps_series_description: str = Field("AI Heatmap Outline", max_length=64, description=(
+        "Series Description of the GSPS series, as a PACS lists it. Env: CXR_OUTPUT__GSPS_SERIES_DESCRIPTION"))
 
 
 _DESTINATION_KINDS = ("dimse", "dicomweb")

@@ -36,6 +36,7 @@ from worker.model import GATE_OOD_SCORE, OnnxModel, Prediction, outside_distribu
 from worker.outputs import (
     BuildSettings,
     Trust,
+    build_presentation_state,
     build_report,
     build_secondary_capture,
     decision,
@@ -100,8 +101,15 @@ class Result:
     faithfulness: float | None = None
     #: The raw Grad-CAM grid at the model's feature resolution (recorded for the dashboard).
     gradcam: np.ndarray[Any, Any] | None = None
-    #: The SC and SR as sent (:func:`encode`), written while the batch was built.
-    encoded: tuple[bytes, bytes] | None = None
+    #: The outline over the source (``output.gsps``), None when off or no heatmap is drawn.
+    gsps: Dataset | None = None
+    #: :attr:`objects` as sent (:func:`encode`), written while the batch was built.
+    encoded: tuple[bytes, ...] | None = None
+
+    @property
+    def objects(self) -> tuple[Dataset, ...]:
+        """What is sent for this instance: the SC, the SR and, when built, the GSPS."""
+        return (self.sc, self.sr) if self.gsps is None else (self.sc, self.sr, self.gsps)
 
 
 def read_dataset(path: Path) -> Dataset:
@@ -216,16 +224,17 @@ class Processor:
         try:
             trust = Trust(ood_score=ood, gate=gate, withheld=gate is not None and self.withhold,
                           faithfulness=faithfulness)
-            sc, sr, rgb = self._build(item, pred, trust)
-            encoded = (encode(sc), encode(sr))
+            sc, sr, gsps, rgb = self._build(item, pred, trust)
+            encoded = tuple(encode(ds) for ds in (sc, sr, gsps) if ds is not None)
         except Exception as exc:  # highdicom refuses odd headers with many types; sorted by the caller
             return exc
         positive = not trust.withheld and decision(pred.probability, self.model.info.threshold)
         return Result(uid_of(item.ds), pred.probability, positive, sc, sr, item.unit_image, rgb,
                       infer_seconds, gate=trust.gate, withheld=trust.withheld, ood_score=ood,
-                      faithfulness=trust.faithfulness, encoded=encoded, gradcam=pred.gradcam)
+                      faithfulness=trust.faithfulness, gsps=gsps, encoded=encoded, gradcam=pred.gradcam)
 
-    def _build(self, item: Decoded, pred: Prediction, trust: Trust) -> tuple[Dataset, Dataset, np.ndarray[Any, Any]]:
+    def _build(self, item: Decoded, pred: Prediction, trust: Trust
+               ) -> tuple[Dataset, Dataset, Dataset | None, np.ndarray[Any, Any]]:
         info = self.model.info
         uids = output_uids(item.ds, info.version, self.build_settings.uid_prefix)
         notice = info.intended_use if info.synthetic else ""
@@ -244,7 +253,14 @@ class Processor:
         sc = build_secondary_capture(item.ds, rgb, uids, info, self.build_settings, trust=trust)
         sr = build_report(item.ds, sc, pred.probability, info, uids, self.build_settings, trust=trust,
                           review_url=link or None)
-        return sc, sr, rgb
+        # The outline only where the SC draws a heatmap: never for a withheld answer, and for a
+        # negative decision only when the site paints those too.
+        drawn = not trust.withheld and (self.paint_negative or decision(pred.probability, info.threshold))
+        gsps = None
+        if self.build_settings.gsps and drawn:
+            gsps = build_presentation_state(item.ds, pred.gradcam, pred.probability, info, uids,
+                                            self.build_settings, trust=trust)
+        return sc, sr, gsps, rgb
 
 
 def review_link(settings: Settings, sop_instance_uid: str, model_version: str) -> str:
