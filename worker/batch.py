@@ -146,6 +146,9 @@ class BatchHandler:
             self.outbox.put(key(str(obj.SOPInstanceUID)), data, str(obj.SOPInstanceUID),
                             study_instance_uid=str(obj.get("StudyInstanceUID", "")),
                             sop_class_uid=str(obj.SOPClassUID))
+        if result.oru is not None:  # named after the SR it summarises: a re-run overwrites it
+            self.outbox.put(key(f"oru-{result.sr.SOPInstanceUID}"), result.oru, result.sop_instance_uid,
+                            study_instance_uid=str(item.ds.get("StudyInstanceUID", "")), hl7=True)
         self.spool.mark_done(key(result.sop_instance_uid, self.processor.model.info.version))
         received = self._received_at(item.path)
         self.spool.finish(item.path)

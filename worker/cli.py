@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from worker.config import DicomWebDestination, Settings, get_settings, parse_destination
+from worker.config import DicomWebDestination, Hl7Destination, Settings, get_settings, parse_destination
 from worker.errors import ConfigError, WorkerError
 from worker.status import SUCCESS
 
@@ -183,6 +183,16 @@ def main(argv: list[str] | None = None) -> int:
                 StowClient(dest, SendSection(acse_timeout=args.timeout, dimse_timeout=args.timeout),
                            settings.security).check()
                 print(f"QIDO-RS {dest}: answered")
+                return 0
+            if isinstance(dest, Hl7Destination):
+                from worker.mllp import MllpClient
+
+                try:
+                    MllpClient(dest.model_copy(update={"timeout_s": args.timeout})).check()
+                except OSError as exc:
+                    print(f"MLLP {dest}: no connection ({type(exc).__name__})", file=sys.stderr)
+                    return 1
+                print(f"MLLP {dest}: connected")
                 return 0
             status = echo(dest, settings.dicom.ae_title, args.timeout)
             print(f"C-ECHO {args.destination}: status 0x{status:04X}")

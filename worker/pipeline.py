@@ -26,7 +26,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filewriter import dcmwrite
 
 from cxr_contract.pixels import resize_for_model
-from worker.config import Settings
+from worker.config import Hl7Destination, Settings
 from worker.decode import dataset_to_unit_image
 from worker.errors import DecodeError, UnsupportedInput, WorkerError
 from worker.faults import Fault, fault_of
@@ -45,6 +45,7 @@ from worker.outputs import (
     render_heatmap_overlay,
     render_withheld,
 )
+from worker.outputs.oru import build_oru
 from worker.selection import ineligible_reason, invalid_uid
 
 logger = logging.getLogger(__name__)
@@ -103,6 +104,8 @@ class Result:
     gradcam: np.ndarray[Any, Any] | None = None
     #: The outline over the source (``output.gsps``), None when off or no heatmap is drawn.
     gsps: Dataset | None = None
+    #: The ORU^R01 for the RIS (ER7 bytes), None without an HL7 destination.
+    oru: bytes | None = None
     #: :attr:`objects` as sent (:func:`encode`), written while the batch was built.
     encoded: tuple[bytes, ...] | None = None
 
@@ -150,6 +153,8 @@ class Processor:
         self.paint_negative = o.heatmap_for_negative
         self.withhold = settings.model.ood_action == "withhold"
         self.faithfulness = settings.model.faithfulness and model.has_logit
+        #: An ORU^R01 per answered or withheld image, when an HL7 destination will take it.
+        self.oru = any(isinstance(d, Hl7Destination) for d in settings.send.destinations)
         #: Images of one batch built at the same time (the machine's cores, at most 4).
         self.build_threads = build_threads if build_threads is not None else min(4, os.cpu_count() or 1)
 
@@ -226,12 +231,17 @@ class Processor:
                           faithfulness=faithfulness)
             sc, sr, gsps, rgb = self._build(item, pred, trust)
             encoded = tuple(encode(ds) for ds in (sc, sr, gsps) if ds is not None)
+            oru = None
+            if self.oru:
+                info = self.model.info
+                oru = build_oru(item.ds, pred.probability, info, output_uids(item.ds, info.version,
+                                self.build_settings.uid_prefix), self.build_settings, self.settings.hl7, trust=trust)
         except Exception as exc:  # highdicom refuses odd headers with many types; sorted by the caller
             return exc
         positive = not trust.withheld and decision(pred.probability, self.model.info.threshold)
         return Result(uid_of(item.ds), pred.probability, positive, sc, sr, item.unit_image, rgb,
                       infer_seconds, gate=trust.gate, withheld=trust.withheld, ood_score=ood,
-                      faithfulness=trust.faithfulness, gsps=gsps, encoded=encoded, gradcam=pred.gradcam)
+                      faithfulness=trust.faithfulness, gsps=gsps, oru=oru, encoded=encoded, gradcam=pred.gradcam)
 
     def _build(self, item: Decoded, pred: Prediction, trust: Trust
                ) -> tuple[Dataset, Dataset, Dataset | None, np.ndarray[Any, Any]]:
