@@ -231,17 +231,25 @@ class Processor:
                           faithfulness=faithfulness)
             sc, sr, gsps, rgb = self._build(item, pred, trust)
             encoded = tuple(encode(ds) for ds in (sc, sr, gsps) if ds is not None)
-            oru = None
-            if self.oru:
-                info = self.model.info
-                oru = build_oru(item.ds, pred.probability, info, output_uids(item.ds, info.version,
-                                self.build_settings.uid_prefix), self.build_settings, self.settings.hl7, trust=trust)
+            oru = self._oru(item, pred, trust) if self.oru else None
         except Exception as exc:  # highdicom refuses odd headers with many types; sorted by the caller
             return exc
         positive = not trust.withheld and decision(pred.probability, self.model.info.threshold)
         return Result(uid_of(item.ds), pred.probability, positive, sc, sr, item.unit_image, rgb,
                       infer_seconds, gate=trust.gate, withheld=trust.withheld, ood_score=ood,
                       faithfulness=trust.faithfulness, gsps=gsps, oru=oru, encoded=encoded, gradcam=pred.gradcam)
+
+    def _oru(self, item: Decoded, pred: Prediction, trust: Trust) -> bytes | None:
+        """The ORU^R01; None, logged, when the image's values do not make a valid v2.5.1 message
+        (the DICOM outputs still go out)."""
+        info = self.model.info
+        try:
+            return build_oru(item.ds, pred.probability, info,
+                             output_uids(item.ds, info.version, self.build_settings.uid_prefix),
+                             self.build_settings, self.settings.hl7, trust=trust)
+        except UnsupportedInput as exc:  # its message names the field, never the value
+            logger.error("ORU^R01 not built: %s", exc, extra={"sop_instance_uid": uid_of(item.ds)})
+            return None
 
     def _build(self, item: Decoded, pred: Prediction, trust: Trust
                ) -> tuple[Dataset, Dataset, Dataset | None, np.ndarray[Any, Any]]:
@@ -268,8 +276,11 @@ class Processor:
         drawn = not trust.withheld and (self.paint_negative or decision(pred.probability, info.threshold))
         gsps = None
         if self.build_settings.gsps and drawn:
-            gsps = build_presentation_state(item.ds, pred.gradcam, pred.probability, info, uids,
-                                            self.build_settings, trust=trust)
+            try:
+                gsps = build_presentation_state(item.ds, pred.gradcam, pred.probability, info, uids,
+                                                self.build_settings, trust=trust)
+            except Exception as exc:  # the SC and SR stand without it; never a value in the log
+                logger.warning("GSPS not built: %s", type(exc).__name__, extra={"sop_instance_uid": uid_of(item.ds)})
         return sc, sr, gsps, rgb
 
 

@@ -134,7 +134,7 @@ def build_presentation_state(
     contours = heat_contours(gradcam, rows, cols, model.heatmap_scale)
     heat_layer = hd.pr.GraphicLayer(
         layer_name=HEATMAP_LAYER, order=1, display_color=_YELLOW,
-        description=f"Grad-CAM heatmap of {model.name} at {', '.join(f'{v:.0%}' for v in LEVELS)} of its scale",
+        description=f"AI Grad-CAM heatmap at {' and '.join(f'{v:.0%}' for v in LEVELS)} of its scale",
     )
     text_layer = hd.pr.GraphicLayer(layer_name=TEXT_LAYER, order=2, display_color=_WHITE,
                                      description="AI result: probability and decision")
@@ -157,7 +157,7 @@ def build_presentation_state(
         sop_instance_uid=uids.gsps_instance, instance_number=1, manufacturer=settings.manufacturer,
         manufacturer_model_name=model.name, software_versions=model.version,
         device_serial_number="", content_label="AI_HEATMAP",
-        content_description=f"Grad-CAM outline of {model.name} {model.version}; AI-generated",
+        content_description=f"AI Grad-CAM outline, {model.name} {model.version}"[:64],  # LO: 64 characters
         graphic_annotations=annotations, graphic_layers=[heat_layer, text_layer],
         institution_name=settings.institution_name,
         # P-values run dark to light; a MONOCHROME1 source runs light to dark, so its
