@@ -167,10 +167,16 @@ def build_presentation_state(
             if source.get("PhotometricInterpretation") == "MONOCHROME1" else hd.PresentationLUTShapeValues.IDENTITY),
     )
     gsps.SeriesDescription = settings.gsps_series_description
-    # Laterality is Type 2C in General Series: the source's side when it has one, else empty
-    # ("unknown"; a chest is unpaired, but a presentation state carries no Body Part Examined).
+    # Laterality is Type 2C in General Series (PS3.3 C.7.3.1): the source's side when it has one,
+    # absent for an unpaired body part such as the chest (said by Body Part Examined), else
+    # empty, which the standard reserves for "unknown".
     laterality = str(source.get("Laterality") or "")
-    gsps.Laterality = laterality if laterality in ("R", "L") else ""
+    if "BodyPartExamined" in source:
+        gsps.BodyPartExamined = source.BodyPartExamined
+    if laterality in ("R", "L"):
+        gsps.Laterality = laterality
+    elif str(source.get("BodyPartExamined", "")).upper() != "CHEST":
+        gsps.Laterality = ""
     add_contributing_equipment(gsps, model, settings)
     # A presentation state has no Content Date/Time; Series Date/Time (Type 3) say when it was made.
     gsps.SeriesDate, gsps.SeriesTime = gsps.PresentationCreationDate, gsps.PresentationCreationTime
