@@ -3,6 +3,7 @@ Creator items every output object carries (Contributing Equipment against the SR
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,15 @@ def test_a_withheld_answer_gets_no_gsps() -> None:
     with pytest.raises(WorkerError, match="withheld"):
         build_presentation_state(source, hot_gradcam(), 0.9, MODEL_V2, output_uids(source, "2.0.0"), SETTINGS,
                                  trust=trust)
+
+
+def test_a_long_model_name_still_makes_a_valid_gsps(tmp_path: Path) -> None:
+    """Descriptions that name the model are LO (64 characters): a long name must not break them."""
+    source = synthetic_cr()
+    model = dataclasses.replace(MODEL_V2, name="a-model-name-of-sixty-four-characters-".ljust(64, "x"))
+    gsps = build_presentation_state(source, hot_gradcam(), 0.9, model, output_uids(source, "2"), SETTINGS)
+    gsps.save_as(tmp_path / "gsps.dcm", enforce_file_format=True)
+    assert dciodvfy_errors(tmp_path / "gsps.dcm") == []
 
 
 def test_gsps_is_on_by_default_and_can_be_turned_off() -> None:
