@@ -1,4 +1,5 @@
-"""The per-instance stages wired together: decode -> infer + Grad-CAM -> build SC/SR.
+"""The per-instance stages wired together: decode -> infer + Grad-CAM -> build SC/SR/GSPS
+(and the ORU^R01 when an HL7 destination takes it).
 
 :class:`Processor` answers instances; :func:`process_files` runs it offline
 (``cxr-worker process``). The service around it lives in :mod:`worker.service` (life

@@ -257,10 +257,6 @@ class Outbox:
         """The payload file's suffix: ``.hl7`` for an HL7 message, ``.dcm`` for a DICOM object."""
         return ".hl7" if dkey in self._hl7 else ".dcm"
 
-    def has_hl7(self) -> bool:
-        """Whether an HL7 destination is configured (the pipeline then builds an ORU^R01)."""
-        return bool(self._hl7)
-
     def _index(self, dkey: str, name: str, state: OutboxState) -> None:
         self._states[dkey][name] = state
         heapq.heappush(self._due[dkey], (state.next_attempt, next(self._seq), name))
