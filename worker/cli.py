@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--config", type=Path)
     f.add_argument("--since", help="results answered since this date (2026-01-31) or ISO date-time (UTC)")
 
-    s = sub.add_parser("echo", help="C-ECHO a DICOM node, or QIDO-RS a DICOMweb base URL")
+    s = sub.add_parser("echo", help="C-ECHO a DICOM node, QIDO-RS a DICOMweb base URL, or connect to an MLLP one")
     s.add_argument("destination", metavar="AET@HOST:PORT|URL")
     s.add_argument("--config", type=Path)
     s.add_argument("--timeout", type=float, default=10.0)

@@ -138,3 +138,14 @@ def test_mllp_inside_tls_is_verified_against_tls_ca(tmp_path: Path, port: int) -
         assert rogue.send_due() == 0  # a server its CA did not sign: nothing sent
     assert len(ris.received) == 1
     assert "SSLCertVerificationError" in states(rogue)[0]["last_error"]
+
+
+def test_cxr_worker_echo_checks_an_hl7_destination(port: int, capsys: pytest.CaptureFixture[str]) -> None:
+    from worker.cli import main
+
+    assert main(["echo", f"mllp://127.0.0.1:{port}", "--timeout", "2"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"MLLP mllp://127.0.0.1:{port}: no connection (ConnectionRefusedError)"
+    with Ris(port, ["AA"]):
+        assert main(["echo", f"mllp://127.0.0.1:{port}", "--timeout", "2"]) == 0
+    assert "connected" in capsys.readouterr().out
