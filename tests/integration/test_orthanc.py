@@ -101,3 +101,5 @@ def test_orthanc_routes_study_and_receives_sc_sr_and_gsps_and_the_ris_an_oru(
     sent = [r for r in logged + [json.loads(line) for line in worker.log_lines() if line.startswith("{")]
             if r.get("message") == "sent" and r.get("destination") == f"mllp://127.0.0.1:{ris_port}"]
     assert sent
+    log = "\n".join(worker.log_lines())  # the ORU carried the patient; the log names none of it
+    assert str(src.PatientName.family_name) not in log and str(src.PatientBirthDate) not in log
