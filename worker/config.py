@@ -40,6 +40,7 @@ from worker.errors import ConfigError
 
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE: 16 chars, no backslash
 _URL_RE = re.compile(r"^\s*https?://", re.IGNORECASE)
+_MLLP_RE = re.compile(r"^\s*mllps?://", re.IGNORECASE)
 _DEST_RE = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:@\s]+):(?P<port>\d{1,5})$")
 
 
@@ -160,17 +161,68 @@ class DicomWebDestination(_Section):
         return self.url
 
 
+class Hl7Destination(_Section):
+    """An HL7 v2 destination (the RIS): ORU^R01 messages over MLLP, ``mllp://HOST:PORT``, or
+    ``mllps://HOST:PORT`` for MLLP inside TLS (1.2 or newer, the server verified against
+    ``tls_ca``, or the system's CAs when unset)."""
+
+    mllp: str = Field(description="mllp://HOST:PORT or mllps://HOST:PORT (TLS); 2575 is MLLP's registered port")
+    tls_ca: Path | None = Field(None, description="CA bundle that signs the server's certificate (mllps:// only)")
+    timeout_s: float = Field(30.0, gt=0, description="seconds to connect and to wait for the ACK; a timeout is "
+                             "retried like a network error")
+
+    @field_validator("mllp")
+    @classmethod
+    def _check_mllp(cls, value: str) -> str:
+        parts = urlsplit(value.strip())
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if parts.scheme.lower() not in ("mllp", "mllps") or not parts.hostname or port is None \
+                or parts.path not in ("", "/") or parts.username is not None:
+            raise ValueError(f"HL7 destination must be mllp://HOST:PORT or mllps://HOST:PORT, received {value!r}")
+        return f"{parts.scheme.lower()}://{parts.hostname}:{port}"
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> Hl7Destination:
+        if self.tls_ca is not None and not self.tls:
+            raise ValueError(f"{self.mllp}: tls_ca is set but the scheme is mllp://; use mllps:// for TLS")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.mllp.startswith("mllps://")
+
+    @property
+    def host(self) -> str:
+        return str(urlsplit(self.mllp).hostname)
+
+    @property
+    def port(self) -> int:
+        return int(urlsplit(self.mllp).port or 0)
+
+    def __str__(self) -> str:
+        return self.mllp
+
+
 def redact(text: str) -> str:
     """``text`` with the USER:PASSWORD of any URL in it replaced, for error messages."""
     return re.sub(r"(https?://)[^/@\s]*@", r"\1***@", str(text))
 
 
-def parse_destination(text: str) -> Destination | DicomWebDestination:
-    """``AET@HOST:PORT`` (C-STORE) or ``http(s)://HOST[:PORT]/PATH`` (DICOMweb STOW-RS, no credentials).
+def parse_destination(text: str) -> Destination | DicomWebDestination | Hl7Destination:
+    """``AET@HOST:PORT`` (C-STORE), ``http(s)://HOST[:PORT]/PATH`` (DICOMweb STOW-RS, no credentials)
+    or ``mllp(s)://HOST:PORT`` (HL7 ORU^R01).
 
     Raises:
         ValueError: one line, naming the value.
     """
+    if _MLLP_RE.match(text):
+        try:
+            return Hl7Destination(mllp=text)
+        except ValidationError as exc:
+            raise ValueError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
     if not _URL_RE.match(text):
         return Destination.parse(text)
     try:
@@ -271,20 +323,30 @@ class OutputSection(_Section):
     sc_compression: Literal["jpeg", "jpeg2000", "none"] = Field(
         "jpeg", description="SC transfer syntax: JPEG Baseline (lossy), JPEG 2000 (lossy) or uncompressed")
     sc_quality: int = Field(90, ge=1, le=100, description="JPEG quality; JPEG 2000 aims at quality / 2 dB PSNR")
+    gsps: bool = Field(True, description=(
+        "send a Grayscale Softcopy Presentation State that outlines the heatmap over the original image "
+        "beside the SC (viewers with GSPS show it as a layer to switch off); on because it costs a few kB "
+        "and shows the result on the radiologist's own image. Env: CXR_OUTPUT__GSPS"))
+    gsps_series_number: int = Field(9003, ge=0, description="Series Number of the GSPS series; beside the SC's "
+                                    "9001 and the SR's 9002. Env: CXR_OUTPUT__GSPS_SERIES_NUMBER")
+    gsps_series_description: str = Field("AI Heatmap Outline", max_length=64, description=(
+        "Series Description of the GSPS series, as a PACS lists it. Env: CXR_OUTPUT__GSPS_SERIES_DESCRIPTION"))
 
 
-_DESTINATION_KINDS = ("dimse", "dicomweb")
+_DESTINATION_KINDS = ("dimse", "dicomweb", "hl7")
 
 
 def _destination_kind(value: Any) -> str:
     if isinstance(value, DicomWebDestination) or (isinstance(value, dict) and "url" in value):
         return "dicomweb"
+    if isinstance(value, Hl7Destination) or (isinstance(value, dict) and "mllp" in value):
+        return "hl7"
     return "dimse"
 
 
-#: A C-STORE or a DICOMweb destination; an error names the kind it was read as.
-AnyDestination = Annotated[Annotated[Destination, Tag("dimse")] | Annotated[DicomWebDestination, Tag("dicomweb")],
-                           Discriminator(_destination_kind)]
+#: A C-STORE, a DICOMweb or an HL7 destination; an error names the kind it was read as.
+AnyDestination = Annotated[Annotated[Destination, Tag("dimse")] | Annotated[DicomWebDestination, Tag("dicomweb")]
+                           | Annotated[Hl7Destination, Tag("hl7")], Discriminator(_destination_kind)]
 
 
 class SendSection(_Section):
@@ -305,13 +367,13 @@ class SendSection(_Section):
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]
         # A URL becomes a table here so that pydantic reports its errors with their place.
-        return [({"url": v} if _URL_RE.match(v) else Destination.parse(v)) if isinstance(v, str) else v
-                for v in value]
+        return [({"url": v} if _URL_RE.match(v) else {"mllp": v} if _MLLP_RE.match(v) else Destination.parse(v))
+                if isinstance(v, str) else v for v in value]
 
     @field_validator("destinations")
     @classmethod
-    def _check_http(cls, value: list[Destination | DicomWebDestination], info: ValidationInfo
-                    ) -> list[Destination | DicomWebDestination]:
+    def _check_http(cls, value: list[Destination | DicomWebDestination | Hl7Destination], info: ValidationInfo
+                    ) -> list[Destination | DicomWebDestination | Hl7Destination]:
         names = [str(d) for d in value]
         if len(set(names)) < len(names):
             twice = sorted({n for n in names if names.count(n) > 1})
@@ -322,6 +384,22 @@ class SendSection(_Section):
                 raise ValueError(f"{dest.url}: http:// is allowed only for loopback (results and credentials "
                                  "would cross the network in clear text); use https:// or set send.allow_http = true")
         return value
+
+
+class Hl7Section(_Section):
+    """What the ORU^R01 to an HL7 destination says about its sender and receiver, and when it
+    asks the RIS to move the study up the worklist."""
+
+    triage_threshold: float | None = Field(None, ge=0.0, le=1.0, description=(
+        "probability at or above which the ORU flags the study as urgent (TQ1-9 priority 'S', OBX-8 'A'); "
+        "unset uses the model's own decision threshold, so 'urgent' means 'positive'. Set it higher to "
+        "flag only the most likely findings, lower to flag more. Env: CXR_HL7__TRIAGE_THRESHOLD"))
+    sending_application: str = Field("CXR-GRADCAM", min_length=1, max_length=20, description=(
+        "MSH-3, how the RIS knows us. Env: CXR_HL7__SENDING_APPLICATION"))
+    sending_facility: str = Field("", max_length=20, description="MSH-4. Env: CXR_HL7__SENDING_FACILITY")
+    receiving_application: str = Field("", max_length=20, description="MSH-5, e.g. the RIS's name. "
+                                       "Env: CXR_HL7__RECEIVING_APPLICATION")
+    receiving_facility: str = Field("", max_length=20, description="MSH-6. Env: CXR_HL7__RECEIVING_FACILITY")
 
 
 class SecuritySection(_Section):
@@ -444,6 +522,7 @@ class Settings(BaseSettings):
     select: SelectSection = SelectSection()
     output: OutputSection = OutputSection()
     send: SendSection = SendSection()
+    hl7: Hl7Section = Hl7Section()
     security: SecuritySection = SecuritySection()
     metrics: MetricsSection = MetricsSection()
     audit: AuditSection = AuditSection()

@@ -5,6 +5,7 @@ or is down holds up no other."""
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 import ssl
@@ -20,6 +21,7 @@ import requests
 from dicomweb_client import DICOMwebClient
 
 from cxr_demo.orthanc import DICOMWEB_PLUGIN, OrthancPACS
+from tests.dicom_outputs import MODEL_V2, hot_gradcam
 from tests.helpers import (
     Storescp,
     free_port,
@@ -35,6 +37,7 @@ from tests.helpers import (
 )
 from trainer.dicom_phantoms import cr_dataset
 from worker.config import SecuritySection, SendSection
+from worker.outputs import BuildSettings, build_presentation_state, output_uids
 from worker.pipeline import encode
 from worker.send import Outbox
 from worker.spool import Spool
@@ -157,7 +160,7 @@ def test_worker_stows_results_that_wado_returns_as_built_through_a_restart_and_r
 
 def test_an_object_the_server_refuses_fails_alone(orthanc: OrthancPACS, tmp_path: Path) -> None:
     """Orthanc lists an object it cannot index in the STOW-RS Failed SOP Sequence (reason C000):
-    that object is dead-lettered, the one sent beside it is stored."""
+    that object is dead-lettered, the ones sent beside it (an image and its GSPS) are stored."""
     running(orthanc)
     cred = secret_file(tmp_path / "cred", f"{USER}:{PASSWORD}")
     settings = SendSection(destinations=[{"url": orthanc.dicomweb_url, "auth": "basic", "credentials_file": cred}],
@@ -168,12 +171,17 @@ def test_an_object_the_server_refuses_fails_alone(orthanc: OrthancPACS, tmp_path
     del bad.SeriesInstanceUID  # Orthanc cannot index an instance without its series
     outbox.put("a-bad", encode(bad), str(bad.SOPInstanceUID))
     outbox.put("b-good", encode(good), str(good.SOPInstanceUID))
-    assert outbox.send_due() == 1
+    gsps = build_presentation_state(good, hot_gradcam(), 0.9, MODEL_V2, output_uids(good, MODEL_V2.version),
+                                    BuildSettings())
+    outbox.put("c-gsps", encode(gsps), str(gsps.SOPInstanceUID))
+    assert outbox.send_due() == 2
     assert outbox.depth() == 0
     [dead] = [json.loads(p.read_text()) for p in outbox.spool.dead.glob("*.json")]
     assert dead["sop_instance_uid"] == bad.SOPInstanceUID and "failure reason 0xC000" in dead["last_error"]
     back = web_client(orthanc).retrieve_instance(good.StudyInstanceUID, good.SeriesInstanceUID, good.SOPInstanceUID)
     assert back.PixelData == good.PixelData
+    assert web_client(orthanc).retrieve_instance(gsps.StudyInstanceUID, gsps.SeriesInstanceUID,
+                                                 gsps.SOPInstanceUID) == pydicom.dcmread(io.BytesIO(encode(gsps)))
 
 
 # -- TLS -------------------------------------------------------------------------------------
