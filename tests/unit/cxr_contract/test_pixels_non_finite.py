@@ -1,16 +1,15 @@
-"""NaN and infinities in the pixel steps: each step replaces them before any OpenCV kernel sees
-them, so its output is defined (and the same on AVX2 and AVX-512 CPUs): NaN and -inf count as
-the darkest value, +inf as the brightest; a blur or an area average never spreads them."""
+"""NaN and infinities in the shared pixel steps and the faithfulness imputation: each replaces
+them before any OpenCV kernel sees them, so its output is defined (and the same on AVX2 and
+AVX-512 CPUs): NaN and -inf count as the darkest value, +inf as the brightest; a blur or an area
+average never spreads them."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from pydicom.dataset import Dataset
 
 from cxr_contract import faithfulness
 from cxr_contract.pixels import all_finite, finite_or_ends, resize_for_model, to_unit_range
-from worker.decode import apply_voi, fit_dimension, unit_table
 
 BAD = {"nan": np.nan, "+inf": np.inf, "-inf": -np.inf}
 
@@ -60,34 +59,6 @@ def test_finite_or_ends_leaves_a_finite_image_alone_and_checks_in_one_pass() -> 
     # A sum that overflows float32 is not a false "all finite"; it only costs a copy.
     huge = np.full((4, 4), 3e38, np.float32)
     np.testing.assert_array_equal(finite_or_ends(huge), huge)
-
-
-def _windowed() -> Dataset:
-    ds = Dataset()
-    ds.WindowCenter, ds.WindowWidth = 500, 400
-    ds.PhotometricInterpretation, ds.BitsStored, ds.PixelRepresentation = "MONOCHROME2", 16, 0
-    return ds
-
-
-@pytest.mark.parametrize("name", BAD)
-@pytest.mark.parametrize("windowed", [True, False], ids=["window", "percentiles"])
-def test_decode_float_path_gives_a_finite_unit_image(name: str, windowed: bool) -> None:
-    image = _with(_ramp(), BAD[name])
-    out = apply_voi(image, _windowed() if windowed else Dataset())
-    assert np.isfinite(out).all() and out.min() >= 0.0 and out.max() <= 1.0
-    assert (out[40:44, 20:24] == (1.0 if name == "+inf" else 0.0)).all()
-    shrunk = fit_dimension(out, 16)
-    assert shrunk.shape == (16, 16) and np.isfinite(shrunk).all()
-
-
-@pytest.mark.parametrize("slope", ["inf", "-inf", "nan"])
-def test_decode_table_path_with_a_non_finite_rescale_gives_a_finite_table(slope: str) -> None:
-    ds = Dataset()
-    ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = float(slope), 0.0, "US"
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    domain = np.arange(0, 16, dtype=np.uint16)
-    table = unit_table(domain, np.ones(16, np.int64), ds)
-    assert table.dtype == np.float32 and np.isfinite(table).all()
 
 
 @pytest.mark.parametrize("name", BAD)

@@ -1,5 +1,5 @@
 """The comparison of a reduced-precision model with its fp32 model: each number and each
-limit (issue 12), on outputs built by hand so the expected values are known."""
+limit, on outputs built by hand so the expected values are known."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def test_compare_counts_decisions_verdicts_and_auc() -> None:
         check_limits(n, "int8")
 
 
-def test_limits_are_the_issues_and_missing_auc_is_not_a_failure() -> None:
+def test_limits_and_missing_auc_is_not_a_failure() -> None:
     assert LIMITS == {"probability_max_abs_diff": ("max", 0.02), "gradcam_mean_pearson": ("min", 0.95),
                       "auc_abs_diff": ("max", 0.005), "decision_agreement": ("min", 0.99),
                       "ood_verdict_agreement": ("min", 0.99), "ood_score_max_rel_diff": ("max", 0.25)}
