@@ -24,6 +24,7 @@ from worker.dashboard.accounts import Accounts
 from worker.dashboard.app import create_app
 from worker.store import NewResult, ResultStore
 
+LOOPBACK = "http://127.0.0.1"  # the Host header the dashboard accepts by default (TestClient's is "testserver")
 PASSWORD, NEW_PASSWORD = "alice-reads-films", "alice-has-a-new-one"
 
 
@@ -49,7 +50,7 @@ def store(settings: Settings) -> Iterator[ResultStore]:
 
 @pytest.fixture
 def client(settings: Settings, store: ResultStore) -> Iterator[TestClient]:
-    with TestClient(create_app(settings, store, secret="k" * 64), follow_redirects=False) as c:
+    with TestClient(create_app(settings, store, secret="k" * 64), base_url=LOOPBACK, follow_redirects=False) as c:
         yield c
 
 
@@ -136,7 +137,8 @@ def test_a_slow_worker_metrics_scrape_does_not_hold_other_requests(config: Path,
         silent.settimeout(30)  # a page that never scrapes fails the test instead of hanging it
         url = f"http://127.0.0.1:{silent.getsockname()[1]}/metrics"
         settings = get_settings(config, {"dashboard": {"metrics_url": url}})
-        with TestClient(create_app(settings, store, secret="k" * 64), follow_redirects=False) as client:
+        app = create_app(settings, store, secret="k" * 64)
+        with TestClient(app, base_url=LOOPBACK, follow_redirects=False) as client:
             assert login(client, "carol-runs-the-service", "carol") == 303
             done: list[str] = []
             page = threading.Thread(target=lambda: done.append(f"operations {client.get('/operations').status_code}"))

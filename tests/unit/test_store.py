@@ -46,7 +46,7 @@ def test_migrations_are_idempotent_and_the_schema_is_alembics(tmp_path: Path) ->
     ResultStore(url, tmp_path / "m").record(new("1.9.1"), np.zeros((10, 10)), np.zeros((2, 2)))
     again = ResultStore(url, tmp_path / "m")  # a second process opening the same database
     with again.engine.connect() as conn:
-        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0001"
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0002"
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
     assert again.worklist(Worklist())[1] == 1
 
