@@ -37,6 +37,8 @@ pytestmark = pytest.mark.integration
 PASSWORDS = {"alice": "alice-reads-films", "bob": "bob-reads-films-too", "carol": "carol-runs-the-service",
              "dave": "dave-is-guessed-at"}
 ROLES = {"carol": "admin"}
+#: A model version that matplotlib would read as (bad) math text: it broke the disagreement plot.
+DOLLARS = "v$\\x$1"
 
 
 @dataclass
@@ -86,7 +88,7 @@ def _seed(spool: Path) -> ResultStore:
     store = ResultStore(f"sqlite:///{spool / 'results' / 'results.db'}", spool / "results" / "media")
     if store.worklist(Worklist())[1] == 0:
         rng = np.random.default_rng(3)
-        for i, version in enumerate(("1.0", "v$1 =cmd")):  # "$" once broke the disagreement plot
+        for i, version in enumerate(("1.0", DOLLARS)):
             store.record(NewResult(
                 study_instance_uid=f"2.25.10{i}", series_instance_uid=f"2.25.20{i}", sop_instance_uid=f"2.25.30{i}",
                 sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1", accession_number=f"ACC-{i}", patient_id=CANARY_ID,
@@ -301,7 +303,7 @@ def test_patient_data_files_are_private_whatever_the_umask(tmp_path: Path) -> No
 def test_a_dollar_in_a_model_version_and_huge_numbers_are_no_server_error(proxied: Dashboard,
                                                                           seeded: tuple[Path, ResultStore]) -> None:
     store = seeded[1]
-    rid = result_id(store, "v$1 =cmd")
+    rid = result_id(store, DOLLARS)
     carol = next(u for u in Accounts(store).users() if u.name == "carol")
     store.add_feedback(rid, carol.id, False, "no_pneumonia")
     admin = proxied.login("carol", forwarded_for="10.7.0.1")
