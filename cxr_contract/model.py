@@ -66,6 +66,12 @@ class Meta:
     #: JSON: a reduced-precision model's verification against its fp32 model on the test split
     #: (probability, Grad-CAM, AUC, decision and out-of-distribution agreement, with the limits).
     PRECISION_CHECK = "precision_check"
+    #: int8 only: which signedness of activations/weights export chose on its CPU (``s8s8``,
+    #: ``u8s8``, ``u8u8``), with the variants it tried in ``precision_check``.
+    INT8_VARIANT = "int8_variant"
+    #: JSON: a few probe inputs (uint8, zlib, base64) with the fp32 model's outputs on them and
+    #: the limits; the worker checks a reduced model against them at load (:mod:`cxr_contract.probes`).
+    PROBES = "probes"
     #: The share of pneumonia the graph's calibrated probability assumes (that of the split the
     #: temperature was fitted on). Absent (older models): the training split's, from TRAINING_DATA.
     PREVALENCE = "prevalence"

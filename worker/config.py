@@ -90,16 +90,18 @@ class DicomWebDestination(_Section):
     def _check_url(cls, value: str) -> str:
         parts = urlsplit(value.strip())
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"DICOMweb destination must be http(s)://HOST[:PORT]/PATH, received {redact(value)!r}")
+            raise ValueError("DICOMweb destination must be http(s)://HOST[:PORT]/PATH, received "
+                             f"{shown_url(value)!r}")
         if parts.username is not None or parts.password is not None:
-            raise ValueError(f"DICOMweb destination {redact(value)!r}: credentials in the URL are refused; "
+            raise ValueError(f"DICOMweb destination {shown_url(value)!r}: credentials in the URL are refused; "
                              "use credentials_file or credentials_env")
         if parts.query or parts.fragment:
-            raise ValueError(f"DICOMweb destination {value!r}: a base URL has no query or fragment")
+            raise ValueError(f"DICOMweb destination {shown_url(value)!r}: a base URL has no query or fragment "
+                             "(credentials go in credentials_file or credentials_env)")
         try:
             parts.port  # noqa: B018 (raises on a port out of range)
         except ValueError:
-            raise ValueError(f"DICOMweb destination {value!r}: port out of range") from None
+            raise ValueError(f"DICOMweb destination {shown_url(value)!r}: port out of range") from None
         return value.strip().rstrip("/")
 
     @model_validator(mode="after")
@@ -208,7 +210,29 @@ class Hl7Destination(_Section):
 
 def redact(text: str) -> str:
     """``text`` with the USER:PASSWORD of any URL in it replaced, for error messages."""
-    return re.sub(r"(https?://)[^/@\s]*@", r"\1***@", str(text))
+    return re.sub(r"(https?://)[^/@]*@", r"\1***@", str(text), flags=re.IGNORECASE)
+
+
+def shown_url(value: str) -> str:
+    """A URL as messages may show it: the parsed scheme, host, port and path only (never its
+    user, password, query or fragment, which may hold credentials such as ``?apikey=``)."""
+    try:
+        parts = urlsplit(str(value).strip())
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "(unparsable URL)"
+    return f"{parts.scheme}://{parts.hostname or ''}{port}{parts.path}"
+
+
+def _shown_input(value: Any) -> str:
+    """A rejected input for an error message, with any URL in it shown by :func:`shown_url`."""
+    if isinstance(value, str) and _URL_RE.match(value):
+        return repr(shown_url(value))
+    if isinstance(value, dict):
+        return repr({k: shown_url(v) if isinstance(v, str) and _URL_RE.match(v) else v for k, v in value.items()})
+    if isinstance(value, list):
+        return "[" + ", ".join(_shown_input(v) for v in value) + "]"
+    return repr(value)
 
 
 def parse_destination(text: str) -> Destination | DicomWebDestination | Hl7Destination:
@@ -259,6 +283,10 @@ class SpoolSection(_Section):
                              "quarantined; 0 = never")
     done_retention_days: float = Field(30.0, gt=0, description="done/ markers (duplicate detection) are "
                                        "pruned after this age")
+    quarantine_retention_days: float = Field(
+        30.0, gt=0, description="days a file stays in quarantine/ and dead/ (whole DICOM files with PHI, kept for "
+        "a look at what failed) before it is deleted; default as the results' retention. "
+        "CXR_SPOOL__QUARANTINE_RETENTION_DAYS")
 
 
 class ModelSection(_Section):
@@ -275,6 +303,21 @@ class ModelSection(_Section):
         "auto", description="run through an ONNX Runtime I/O binding: one copy to the device and back")
     pad_batches: Literal["auto", "on", "off"] = Field(
         "auto", description="pad runs to multiples of batch_size: CUDA chooses its algorithms once per shape")
+    probe_check: Literal["refuse", "fallback", "off"] = Field(
+        "refuse", description="what to do when a reduced-precision (int8/fp16) model answers the probe inputs "
+        "stored in it, on this machine, outside the limits its export verified against fp32 (int8 kernels differ "
+        "between CPUs): refuse to start (the default: no answer is better than an unverified one), fallback (load "
+        "fallback_path instead, with a warning and the cxr_model_probe_fallback metric at 1) or off (no check). "
+        "Env CXR_MODEL__PROBE_CHECK")
+    fallback_path: Path | None = Field(
+        None, description="the fp32 model loaded when probe_check = fallback and the model fails its probe check; "
+        "required by fallback, none by default. Env CXR_MODEL__FALLBACK_PATH")
+
+    @model_validator(mode="after")
+    def _fallback_named(self) -> ModelSection:
+        if self.probe_check == "fallback" and self.fallback_path is None:
+            raise ValueError("model.probe_check = 'fallback' needs model.fallback_path (an fp32 model)")
+        return self
     site_prevalence: float | None = Field(
         None, ge=0.001, le=0.999,
         description="share of this site's images that show pneumonia (0.001-0.999, a fraction, e.g. 0.1 for "
@@ -487,6 +530,26 @@ class DashboardSection(_Section):
                                     "default http://<metrics.bind>:<metrics.port>/metrics")
     session_hours: float = Field(8.0, gt=0, description="a login lasts this long")
     secure_cookies: bool | None = Field(None, description="Secure flag of the session cookie; default: on with TLS")
+    trusted_proxies: list[str] = Field(
+        default_factory=list, description="addresses of reverse proxies whose X-Forwarded-For and "
+        "X-Forwarded-Proto are believed (the login limit and the audit trail then see the reader's address); "
+        "default none: any client could otherwise choose its own address. CXR_DASHBOARD__TRUSTED_PROXIES")
+    allowed_hosts: list[str] | None = Field(
+        None, description="Host header values accepted (others get HTTP 400), against DNS rebinding; default "
+        "the loopback names, the bind address and public_url's host. CXR_DASHBOARD__ALLOWED_HOSTS")
+    max_body_bytes: int = Field(
+        65536, ge=1024, description="request bodies larger than this many bytes are refused (HTTP 413) before "
+        "they are read; the largest form (feedback with a 2,000-character comment) is under 30 KB. "
+        "CXR_DASHBOARD__MAX_BODY_BYTES")
+    login_concurrency: int = Field(
+        4, ge=1, le=64, description="password checks (Argon2, tens of ms of CPU and 64 MiB each) running at "
+        "once; more logins wait for a free slot up to 10 s, then get HTTP 503. CXR_DASHBOARD__LOGIN_CONCURRENCY")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="seconds a connection may take to send its request headers before it is "
+        "closed (slow-header clients would otherwise hold connections forever). CXR_DASHBOARD__HEADER_TIMEOUT_S")
+    max_connections: int = Field(
+        100, ge=1, description="concurrent connections served; beyond, HTTP 503 (a review site has tens of "
+        "readers). CXR_DASHBOARD__MAX_CONNECTIONS")
 
     @model_validator(mode="after")
     def _check_tls(self) -> DashboardSection:
@@ -597,7 +660,7 @@ def get_settings(path: Path | None = None, flags: dict[str, dict[str, Any]] | No
                   else "flags" if key in given.get(section, {}) else path or "settings")
         # redact(): a URL with USER:PASSWORD in it is refused, and must not be echoed.
         raise ConfigError(redact(
-            f"{source}: {where}: {err['msg']} (received {err.get('input')!r}; environment {env})"
+            f"{source}: {where}: {err['msg']} (received {_shown_input(err.get('input'))}; environment {env})"
         )) from None
     finally:
         _toml_file.reset(token)

@@ -297,7 +297,7 @@ class _OddServer:
     """An HTTP server that answers every STOW-RS POST with a fixed status, content type and body,
     as a misconfigured proxy or a non-conformant archive might; counts the requests it got."""
 
-    def __init__(self, status: int, content_type: str | None, body: bytes) -> None:
+    def __init__(self, status: int, content_type: str | None, body: bytes, location: str = "") -> None:
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         outer = self
@@ -310,6 +310,8 @@ class _OddServer:
                 self.send_response(status)
                 if content_type:
                     self.send_header("Content-Type", content_type)
+                if location:
+                    self.send_header("Location", location)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -364,3 +366,22 @@ def test_credentials_http_cannot_carry_are_never_counted_as_stored(tmp_path: Pat
         assert outbox.depth() == 0 and server.posts == 1
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_a_failed_delivery_never_followed(tmp_path: Path, status: int) -> None:
+    """A destination answering 3xx towards a host outside send.destinations: nothing goes there."""
+    elsewhere = _OddServer(200, None, b"")
+    server = _OddServer(status, None, b"", location=elsewhere.url + "/studies")
+    try:
+        outbox = Outbox(Spool(tmp_path / "spool"), SendSection(destinations=[server.url], acse_timeout=5,
+                                                               dimse_timeout=10), "CXR-GRADCAM")
+        ds = cr_dataset(np.full((64, 64), 80, np.uint8))
+        outbox.put("sc", encode(ds), str(ds.SOPInstanceUID))
+        assert outbox.send_due() == 0 and outbox.depth() == 1
+        assert server.posts == 1 and elsewhere.posts == 0
+        [state] = [json.loads(p.read_text()) for p in outbox.spool.outbox.glob("*/*.json")]
+        assert f"HTTP {status}" in state["last_error"]
+    finally:
+        server.close()
+        elsewhere.close()
