@@ -64,7 +64,7 @@ test-unit: install-dev
 # The site goes to build/site; the benchmark tables are generated from benchmarks/results/*.json
 # at build time (scripts/mkdocs_hooks.py), the configuration page by `make config-docs`.
 docs: install-dev
-	$(VENV)/bin/mkdocs build --strict --quiet --site-dir build/site
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir build/site
 
 config-docs: install-dev
 	$(PY) scripts/config_docs.py
