@@ -47,7 +47,7 @@ PNEUMONIA_PROBABILITY = Code("PNEUMONIA-PROB", PRIVATE_SCHEME, "Probability of p
 #: The finding's value when the model is not asked: SNOMED CT's qualifier "Indeterminate".
 INDETERMINATE = Code("82334004", "SCT", "Indeterminate")
 #: Whether the image is inside what the model was trained on. No standard concept exists for
-#: an algorithm's training distribution, so these are private (scheme 99CXR, see README);
+#: an algorithm's training distribution, so these are private (scheme 99CXR, see docs/conformance.md);
 #: a viewer shows the value's meaning, which is the sentence itself.
 TRAINING_DISTRIBUTION = Code("OOD-STATUS", PRIVATE_SCHEME, "Relation to model's training distribution")
 OUTSIDE_DISTRIBUTION = Code("OOD-OUTSIDE", PRIVATE_SCHEME, "Outside the model's training distribution")
@@ -587,7 +587,7 @@ def build_secondary_capture(
 
 def _trust_content(model: ModelInfo, trust: Trust) -> tuple[list[hd.sr.QualitativeEvaluation],
                                                              list[hd.sr.Measurement]]:
-    """The SR items that say how far to trust the answer (codes: README, conformance)."""
+    """The SR items that say how far to trust the answer (codes: docs/conformance.md)."""
     evaluations, measurements = [], []
     if trust.gate is not None or model.has_ood_gate:
         outside = trust.gate is not None
