@@ -192,8 +192,9 @@ def _md_table(model: type[BaseModel], prefix: tuple[str, ...], env: bool, headin
             out += ["",
                     "| key | default | " + ("environment | " if env else "") + "meaning |",
                     "|---|---|" + ("---|" if env else "") + "---|"]
-        example = key.example
-        meaning = _md(key.description(env)) + (f" (e.g. `{toml_value(example)}`)" if example is not None else "")
+        shown = toml_value(key.example) if key.example is not None else ""
+        # A long example (a list of tables) would turn the cell into a paragraph: the TOML file has it.
+        meaning = _md(key.description(env)) + (f" (e.g. `{shown}`)" if shown and len(shown) <= 60 else "")
         out.append(f"| `{key.path[-1]}` | {_md_default(key)} | " + (f"`{key.env}` | " if env else "")
                    + f"{meaning} |")
     return out
@@ -249,7 +250,16 @@ DESTINATIONS_INTRO = """
 `send.destinations` takes strings (`AET@HOST:PORT` for C-STORE, a DICOMweb base URL) or tables. A
 C-STORE table has `ae_title`, `host` and `port`; a DICOMweb table has `url` and, when the service
 needs credentials, `auth` with exactly one of `credentials_file` and `credentials_env` (never the
-credentials themselves). See [the worker](worker.md) for how each is used.
+credentials themselves). See [the worker](worker.md) for how each is used. For example:
+
+```toml
+[send]
+destinations = [
+  "PACS@10.0.0.5:104",
+  {url = "https://pacs.example.org/dicom-web", auth = "bearer", credentials_file = "/run/secrets/pacs-token"},
+  {url = "https://vna.example.org/dicomweb", auth = "basic", credentials_env = "VNA_CREDENTIALS"},
+]
+```
 """
 
 TRAINER_INTRO = """
