@@ -30,8 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+import worker.config  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
-from worker.config import Destination, DicomWebDestination, Settings  # noqa: E402
+from worker.config import Settings  # noqa: E402
 
 WORKER_ENV_PREFIX = "CXR_"
 WIDTH = 100
@@ -69,7 +70,8 @@ class Key:
         """The description, without a mention of the environment variable (the outputs add it)."""
         text = " ".join((self.field.description or "").split())
         if env:
-            text = re.sub(rf"[\s;,(]*(environment( variable)?:?\s*)?`?{re.escape(self.env)}`?\)?", "", text)
+            text = re.sub(rf"[\s;,.(]*((environment( variable)?|env):?\s*)?`?{re.escape(self.env)}`?\)?", "", text,
+                          flags=re.IGNORECASE)
         return text.strip().rstrip(".")
 
 
@@ -87,10 +89,22 @@ def keys(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> Iterator[Key]:
             yield Key((*prefix, name), field, model)
 
 
+def destination_tables() -> list[type[BaseModel]]:
+    """The worker's models that are not sections: the kinds of table ``send.destinations`` takes.
+
+    Found rather than listed, so that a new kind of destination is documented (and must be
+    described) without editing this script.
+    """
+    sections = {k.owner for k in keys(Settings)}
+    return [cls for cls in vars(worker.config).values()
+            if isinstance(cls, type) and issubclass(cls, BaseModel) and cls.__module__ == "worker.config"
+            and not cls.__name__.startswith("_") and cls is not Settings and cls not in sections]
+
+
 def all_keys() -> list[Key]:
     """The worker's, its destination tables' and the trainer's keys: everything that needs a description."""
-    return [*keys(Settings), *keys(Destination, ("send", "destinations[]")),
-            *keys(DicomWebDestination, ("send", "destinations[]")), *keys(TrainConfig)]
+    tables = [k for cls in destination_tables() for k in keys(cls, ("send", "destinations[]"))]
+    return [*keys(Settings), *tables, *keys(TrainConfig)]
 
 
 def missing_descriptions() -> list[str]:
@@ -250,7 +264,8 @@ DESTINATIONS_INTRO = """
 `send.destinations` takes strings (`AET@HOST:PORT` for C-STORE, a DICOMweb base URL) or tables. A
 C-STORE table has `ae_title`, `host` and `port`; a DICOMweb table has `url` and, when the service
 needs credentials, `auth` with exactly one of `credentials_file` and `credentials_env` (never the
-credentials themselves). See [the worker](worker.md) for how each is used. For example:
+credentials themselves); an HL7 table names an `mllp://` or `mllps://` address. See [the worker](worker.md)
+for how each is used; each kind of table and its keys are listed below. For example:
 
 ```toml
 [send]
@@ -279,10 +294,10 @@ def configuration_md() -> str:
     lines = [CONFIGURATION_INTRO.rstrip("\n"), "", "## Worker keys"]
     lines += _md_table(Settings, (), env=True)
     lines += DESTINATIONS_INTRO.rstrip("\n").splitlines()
-    lines += ["", "C-STORE:"]
-    lines += _md_table(Destination, ("send", "destinations[]"), env=False, headings=False)
-    lines += ["", "DICOMweb:"]
-    lines += _md_table(DicomWebDestination, ("send", "destinations[]"), env=False, headings=False)
+    for cls in destination_tables():
+        doc = " ".join((cls.__doc__ or cls.__name__).strip().split("\n\n")[0].split())
+        lines += ["", f"`{cls.__name__}`: {_md(doc)}"]
+        lines += _md_table(cls, ("send", "destinations[]"), env=False, headings=False)
     lines += TRAINER_INTRO.rstrip("\n").splitlines()
     lines += _md_table(TrainConfig, (), env=False)
     return "\n".join(lines) + "\n"
