@@ -164,7 +164,7 @@ def export_e2e_model(target: Path, size: int = SIZE) -> Path:
 
 def quantize_e2e_model(fp32: Path, target: Path, size: int = SIZE) -> Path:
     """The end-to-end model reduced to int8 by ``trainer.quantize.quantize_int8``,
-    calibrated on the real chest and 15 phantoms (the README's runs)."""
+    calibrated on the real chest and 15 phantoms (the runs in docs/benchmarks.md)."""
     import pydicom
     from pydicom.data import get_testdata_file
 

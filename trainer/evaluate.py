@@ -64,7 +64,7 @@ class LogitModel:
         if not dense or dense[-1].units != 1:
             raise TrainerError(f"model {model.name!r}: the last Dense layer must have one unit (the pneumonia logit)")
         last = dense[-1]
-        features = keras.Model(model.inputs, last.input)
+        features = keras.Model(model.input, last.input)  # a tensor in, as called (see feature_model)
         # Traced once for any batch size: an eager call of a functional model runs layer by
         # layer in Python, and predict() retraces per call.
         self.features = tf.function(lambda x: features(x, training=False), reduce_retracing=True,

@@ -81,7 +81,7 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 #: The distributions that install the ``onnxruntime`` package folder: two at once overwrite each other.
 ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")
-#: What the README's "GPU" section tells a user with both installed to run.
+#: What docs/install.md ("GPU") tells a user with both installed to run.
 ORT_SWAP = "pip uninstall -y onnxruntime && pip install --force-reinstall --no-deps onnxruntime-gpu"
 
 
@@ -105,7 +105,7 @@ def clashing_onnxruntime(installed: Iterable[str]) -> str | None:
     if len(both) < 2:
         return None
     return (f"both {' and '.join(both)} are installed and share one package folder; for the CUDA provider "
-            f"run: {ORT_SWAP} (README \"GPU\")")
+            f"run: {ORT_SWAP} (docs/install.md#gpu)")
 
 
 def _installed_onnxruntimes() -> list[str]:
@@ -236,10 +236,11 @@ class OnnxModel:
         if CUDA in chosen and not self.on_cuda:
             logger.log(logging.WARNING if providers == "cuda" else logging.INFO,
                        "CUDA provider present but unusable (no GPU visible, or its CUDA/cuDNN libraries are "
-                       "missing: `pip install cxr-gradcam[gpu]` brings them, README \"GPU\"); running on the CPU")
+                       "missing: `pip install cxr-gradcam[gpu]` brings them, docs/install.md#gpu); running on the CPU")
         elif providers == "cuda" and not self.on_cuda:
             logger.warning("execution provider 'cuda' requested but this ONNX Runtime has no CUDA provider (the CPU "
-                           "build is installed: `pip install cxr-gradcam[gpu]`, README \"GPU\"); running on the CPU")
+                           "build is installed: `pip install cxr-gradcam[gpu]`, docs/install.md#gpu); "
+                           "running on the CPU")
         if self.on_cuda:
             # The first run of each input shape chooses cuDNN's algorithms (seconds): do it
             # before the worker reports ready rather than on the first study.
@@ -297,7 +298,7 @@ class OnnxModel:
         Padded, a batch longer than ``batch_size`` (the faithfulness run's 2N) runs in chunks of
         ``batch_size``, so the CUDA provider only ever sees one input shape: at each change of
         shape it rebuilds every convolution's cuDNN plan, which cost ~250 ms per batch on an H100
-        when inference and the faithfulness run alternated between N and 2N (README "GPU").
+        when inference and the faithfulness run alternated between N and 2N (docs/install.md, "GPU").
         """
         if self.pad_to and len(batch) > self.pad_to:
             parts = [self._run(names, batch[i:i + self.pad_to]) for i in range(0, len(batch), self.pad_to)]

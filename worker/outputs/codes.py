@@ -21,7 +21,7 @@ PNEUMONIA_PROBABILITY = Code("PNEUMONIA-PROB", PRIVATE_SCHEME, "Probability of p
 #: The finding's value when the model is not asked: SNOMED CT's qualifier "Indeterminate".
 INDETERMINATE = Code("82334004", "SCT", "Indeterminate")
 #: Whether the image is inside what the model was trained on. No standard concept exists for
-#: an algorithm's training distribution, so these are private (scheme 99CXR, see README);
+#: an algorithm's training distribution, so these are private (scheme 99CXR, see docs/conformance.md);
 #: a viewer shows the value's meaning, which is the sentence itself.
 TRAINING_DISTRIBUTION = Code("OOD-STATUS", PRIVATE_SCHEME, "Relation to model's training distribution")
 OUTSIDE_DISTRIBUTION = Code("OOD-OUTSIDE", PRIVATE_SCHEME, "Outside the model's training distribution")

@@ -47,7 +47,7 @@ from worker.outputs.common import (
 
 def _trust_content(model: ModelInfo, trust: Trust) -> tuple[list[hd.sr.QualitativeEvaluation],
                                                              list[hd.sr.Measurement]]:
-    """The SR items that say how far to trust the answer (codes: README, conformance)."""
+    """The SR items that say how far to trust the answer (codes: docs/conformance.md)."""
     evaluations, measurements = [], []
     if trust.gate is not None or model.has_ood_gate:
         outside = trust.gate is not None
