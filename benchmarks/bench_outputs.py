@@ -1,8 +1,8 @@
 """Size and build time of the Secondary Capture for the real RG1 chest (1955 x 1841 CR), per
-``output.sc_compression``: none (before issue 11), jpeg (the default) and jpeg2000.
+``output.sc_compression``: none, jpeg (the default) and jpeg2000.
 
 Build = ``build_secondary_capture`` (highdicom's SC plus the encoding); encode = the encoding
-alone, the part issue 11 adds. Writes ``benchmarks/results/bench_outputs.json`` and, to look at
+alone, the part compression adds. Writes ``benchmarks/results/bench_outputs.json`` and, to look at
 the burned-in text and colour bar at 100 %, ``previews/bench_outputs_<compression>.png`` there (the
 decoded SC; not committed, 3-4 MB each).
 
@@ -25,8 +25,9 @@ from pydicom.data import get_testdata_file
 
 from benchmarks.common import OUT, report, summary, timed
 from cxr_contract.model import ModelInfo
-from worker.build import BuildSettings, _compress, build_secondary_capture, output_uids, render_heatmap_overlay
 from worker.decode import dataset_to_unit_image
+from worker.outputs import BuildSettings, build_secondary_capture, output_uids, render_heatmap_overlay
+from worker.outputs.sc import _compress
 
 MODEL = ModelInfo(name="bench-model", version="1.0.0", input_size=224, threshold=0.5, weights_sha256="ab" * 32,
                   contract_version=2, ood_threshold=10.0, heatmap_scale=4.0)
