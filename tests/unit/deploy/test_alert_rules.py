@@ -13,7 +13,7 @@ import yaml
 from tests.helpers import require_tool
 from worker.metrics import Metrics
 
-RULES_DIR = Path(__file__).resolve().parent.parent.parent / "deploy" / "prometheus"
+RULES_DIR = Path(__file__).resolve().parents[3] / "deploy" / "prometheus"
 RULES = RULES_DIR / "cxr-gradcam.rules.yml"
 
 pytestmark = pytest.mark.tool
