@@ -54,6 +54,7 @@ class Service:
         self.drift = DriftMonitor(model.info, settings.drift)
         self.metrics.drift_limits(model.info.version, settings.drift, model.info.drift_reference is not None,
                                   model.info.false_gate_rate)
+        self.metrics.drift(model.info.version, self.drift.state)  # the window's series exist from the start
         self.metrics.model.info({"name": model.info.name, "version": model.info.version,
                                  "input_size": str(model.info.input_size), "threshold": str(model.info.threshold),
                                  **model.execution, "precision": model.info.precision})
