@@ -26,6 +26,10 @@ import numpy as np
 #: bins. A bin's reference fraction then has a sampling error well under its size, and the
 #: PSI's own noise, about (bins - 1) * (1/n_window + 1/n_reference), stays far below 0.1.
 VALUES_PER_BIN, MIN_BINS, MAX_BINS = 10, 2, 10
+#: Below this many validation images a reference's own sampling error is a lasting offset of the
+#: PSI (its cut points are quantiles of a handful of values: the median of 8 leaves anywhere from
+#: 20 to 80 % of the population on one side), so the worker computes no PSI against it.
+MIN_REFERENCE = 100
 
 
 @dataclass(frozen=True)

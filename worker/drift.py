@@ -5,7 +5,8 @@ Over a sliding window of the last ``drift.window`` images the model ran on, two 
 
 * the population stability index of the calibrated probabilities against the model's
   reference bins (``drift_reference`` in its metadata; a model exported before it has
-  none, and the index then says "no reference");
+  none, and the index then says "no reference"; one from a validation split under
+  :data:`cxr_contract.drift.MIN_REFERENCE` images is too noisy to use, and it says so);
 * the one-sided binomial p-value of the images the ``ood_score`` gate held out, against the
   gate's conformal false-gate rate. Input-check gates (blank, clipped) are not counted: the
   conformal bound says nothing about them.
@@ -22,7 +23,7 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass
 
-from cxr_contract.drift import binomial_sf, psi
+from cxr_contract.drift import MIN_REFERENCE, binomial_sf, psi
 from cxr_contract.model import ModelInfo
 from worker.config import DriftSection
 
@@ -52,7 +53,12 @@ class DriftMonitor:
     def __init__(self, info: ModelInfo, settings: DriftSection) -> None:
         self.info = info
         self.settings = settings
-        self.reference = info.drift_reference
+        given = info.drift_reference
+        #: Why there is or is no PSI: shown on the operations page.
+        self.reference_status = ("no reference" if given is None else
+                                 f"reference too small (n={given.n} < {MIN_REFERENCE} validation images)"
+                                 if given.n < MIN_REFERENCE else f"validation split (n={given.n})")
+        self.reference = given if given is not None and given.n >= MIN_REFERENCE else None
         self.false_gate_rate = info.false_gate_rate
         self._probabilities: deque[float] = deque(maxlen=settings.window)
         self._gated: deque[bool] = deque(maxlen=settings.window)
@@ -90,6 +96,6 @@ class DriftMonitor:
             "window": self.settings.window, "min_images": self.settings.min_images,
             "psi_limit": self.settings.psi_limit, "gated_alpha": self.settings.gated_alpha,
             "false_gate_rate": self.false_gate_rate,
-            "reference": "validation split" if self.reference is not None else "no reference",
+            "reference": self.reference_status, "has_reference": self.reference is not None,
             "history": history,
         }

@@ -95,8 +95,8 @@ class Metrics:
                                registry=r)
         self.drift_psi_limit = Gauge("cxr_drift_psi_limit", "drift.psi_limit: the drift alarm fires above this PSI",
                                      v, registry=r)
-        self.drift_reference = Gauge("cxr_drift_reference", "1 when the model carries a drift reference, "
-                                     "0: no reference (exported before it)", v, registry=r)
+        self.drift_reference = Gauge("cxr_drift_reference", "1 when the PSI has a reference, 0: none "
+                                     "(exported before them) or from too few validation images", v, registry=r)
         self.model = Info("cxr_model", "The loaded model", registry=r)
 
     def drift_limits(self, version: str, settings: DriftSection, has_reference: bool,

@@ -52,7 +52,7 @@ class Service:
         self.processor = Processor(settings, model)
         self.metrics = Metrics(ood_threshold=model.info.ood_threshold)
         self.drift = DriftMonitor(model.info, settings.drift)
-        self.metrics.drift_limits(model.info.version, settings.drift, model.info.drift_reference is not None,
+        self.metrics.drift_limits(model.info.version, settings.drift, self.drift.reference is not None,
                                   model.info.false_gate_rate)
         self.metrics.drift(model.info.version, self.drift.state)  # the window's series exist from the start
         self.metrics.model.info({"name": model.info.name, "version": model.info.version,

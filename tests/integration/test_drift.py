@@ -79,8 +79,8 @@ def test_quiet_on_phantoms_alarm_on_a_third_inverted(make_worker: Any, pacs: Any
     assert metric(text, "cxr_ood_score_count") == QUIET and metric(text, "cxr_predicted_probability_count") == QUIET
     assert metric(text, "cxr_heatmap_faithfulness_count") > 0
     if os.environ.get("CXR_TEST_MODEL") is None:  # the suite's own export writes the reference
-        assert drift["reference"] == "validation split"
-    if drift["reference"] == "no reference":  # a model exported before drift references
+        assert drift["reference"] != "no reference"
+    if not drift["has_reference"]:  # exported before references, or too few validation images
         assert metric(text, "cxr_drift_reference") == 0 and math.isnan(metric(text, "cxr_drift_psi"))
     else:
         assert metric(text, "cxr_drift_psi") <= drift["psi_limit"]

@@ -215,8 +215,8 @@ def plot_psi(snap: Snapshot) -> bytes:
     """The population stability index of the window over time, with its alarm limit."""
     fig, ax = _figure()
     minutes, values, alarm = _drift_series(snap, "psi")
-    if snap.drift.get("reference") == "no reference":
-        _no_drift(ax, snap, "no reference: the model was exported before drift references")
+    if snap.drift and not snap.drift.get("has_reference"):
+        _no_drift(ax, snap, str(snap.drift.get("reference", "no reference")))
     elif not np.isfinite(values).any():
         _no_drift(ax, snap, f"collecting: PSI from {snap.drift.get('min_images', '?')} images in the window")
     else:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 from cxr_contract.model import Meta, ModelInfo
 from worker.config import DriftSection
 from worker.drift import DriftMonitor
@@ -37,3 +39,15 @@ def test_metrics_export_the_window_and_nan_without_a_reference() -> None:
     assert 'cxr_ood_score_bucket{le="70.0",model_version="2.0"}' not in text  # no observation yet
     metrics.ood_score.labels("2.0").observe(71.0)
     assert 'cxr_ood_score_bucket{le="77.0",model_version="2.0"} 1.0' in metrics.exposition().decode()
+
+
+def test_a_reference_from_a_handful_of_validation_images_gives_no_psi() -> None:
+    from cxr_contract.drift import MIN_REFERENCE, reference_of
+
+    small = reference_of(np.linspace(0.2, 0.6, 8), np.linspace(50, 70, 8))
+    info = ModelInfo.from_metadata({**META, Meta.DRIFT_REFERENCE: small.to_json()}, "m.onnx")
+    monitor = DriftMonitor(info, DriftSection(window=60, min_images=10))
+    states = [monitor.observe(0.9, ood_gated=False) for _ in range(30)]  # all in one bin: would alarm
+    assert all(s.psi is None and not s.psi_alarm for s in states)
+    assert monitor.describe()["reference"] == f"reference too small (n=8 < {MIN_REFERENCE} validation images)"
+    assert monitor.describe()["has_reference"] is False
