@@ -98,6 +98,8 @@ class Metrics:
         self.drift_reference = Gauge("cxr_drift_reference", "1 when the PSI has a reference, 0: none "
                                      "(exported before them) or from too few validation images", v, registry=r)
         self.model = Info("cxr_model", "The loaded model", registry=r)
+        self.model_fallback = Gauge("cxr_model_probe_fallback", "1 when the configured model failed its load-time "
+                                    "probe check and the fallback model answers instead", registry=r)
 
     def drift_limits(self, version: str, settings: DriftSection, has_reference: bool,
                      false_gate_rate: float | None) -> None:
