@@ -19,6 +19,8 @@ import json
 import math
 from dataclasses import dataclass
 
+from cxr_contract.drift import DriftReference
+
 #: Bumped whenever a name, a shape or the meaning of a metadata key changes.
 CONTRACT_VERSION = 2
 
@@ -63,6 +65,9 @@ class Meta:
     #: JSON: a reduced-precision model's verification against its fp32 model on the test split
     #: (probability, Grad-CAM, AUC, decision and out-of-distribution agreement, with the limits).
     PRECISION_CHECK = "precision_check"
+    #: JSON (:class:`cxr_contract.drift.DriftReference`): the validation split's probabilities and
+    #: ood_scores as quantile bins, the worker's drift reference; absent = "no reference".
+    DRIFT_REFERENCE = "drift_reference"
     #: int8 only: which signedness of activations/weights export chose on its CPU (``s8s8``,
     #: ``u8s8``, ``u8u8``), with the variants it tried in ``precision_check``.
     INT8_VARIANT = "int8_variant"
@@ -104,6 +109,11 @@ class ModelInfo:
     heatmap_scale: float | None = None
     #: Numeric precision of the graph's backbone (:data:`PRECISIONS`).
     precision: str = "fp32"
+    #: The drift reference (:data:`Meta.DRIFT_REFERENCE`); None for models exported before it.
+    drift_reference: DriftReference | None = None
+    #: The gate's conformal bound on gating an in-distribution image (``false_gate_bound`` in
+    #: :data:`Meta.OOD_METHOD`); None without a gate or that record.
+    false_gate_rate: float | None = None
 
     @property
     def has_ood_gate(self) -> bool:
@@ -146,6 +156,13 @@ class ModelInfo:
         precision = meta.get(Meta.PRECISION, "fp32")
         if precision not in PRECISIONS:
             raise ContractError(f"{source}: {Meta.PRECISION}={precision!r} is not one of {', '.join(PRECISIONS)}")
+        reference = None
+        if Meta.DRIFT_REFERENCE in meta:
+            try:
+                reference = DriftReference.from_json(meta[Meta.DRIFT_REFERENCE])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ContractError(f"{source}: {Meta.DRIFT_REFERENCE} is not a drift reference "
+                                    f"({type(exc).__name__}: {exc})") from None
         return cls(
             name=meta[Meta.NAME],
             version=meta[Meta.VERSION],
@@ -157,7 +174,19 @@ class ModelInfo:
             ood_threshold=ood,
             heatmap_scale=scale,
             precision=precision,
+            drift_reference=reference,
+            false_gate_rate=_false_gate_rate(meta) if ood is not None else None,
         )
+
+
+def _false_gate_rate(meta: dict[str, str]) -> float | None:
+    """``false_gate_bound`` from the gate's record, when it is a rate (models exported before
+    the record carried it have none: their gated-rate test says so instead of guessing)."""
+    try:
+        bound = float(json.loads(meta.get(Meta.OOD_METHOD, "{}")).get("false_gate_bound"))
+    except (ValueError, TypeError, AttributeError):
+        return None
+    return bound if 0.0 < bound < 1.0 else None
 
 
 def required_outputs(contract_version: int) -> tuple[str, ...]:

@@ -33,6 +33,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from cxr_contract.drift import reference_of
 from cxr_contract.model import (
     CONTRACT_VERSION,
     GRADCAM_OUTPUT,
@@ -524,6 +525,8 @@ def export(run: Path, out: Path, *, threshold: float | None = None, version: str
         Meta.OOD_METHOD: json.dumps(ood, **compact),  # type: ignore[arg-type]
         Meta.CALIBRATION: json.dumps(calibration, **compact),  # type: ignore[arg-type]
         Meta.HEATMAP_SCALE: f"{scale:.6g}",
+        # The worker's drift reference: what the validation split's answers looked like.
+        Meta.DRIFT_REFERENCE: reference_of(on_val[PROBABILITY_OUTPUT], on_val[OOD_SCORE_OUTPUT]).to_json(),
         Meta.SANITY_CHECK: json.dumps({k: v for k, v in sanity.items() if k != "per_image"},
                                       **compact),  # type: ignore[arg-type]
         Meta.PRECISION: "fp32",  # the reduced model's own precision replaces it

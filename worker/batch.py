@@ -17,9 +17,11 @@ from typing import TYPE_CHECKING
 from pydicom import Dataset, dcmread
 
 from worker.audit import AuditTrail
+from worker.drift import DriftMonitor
 from worker.errors import InfrastructureError
 from worker.faults import Fault, fault_of
 from worker.metrics import Metrics
+from worker.model import GATE_OOD_SCORE
 from worker.pipeline import Decoded, Processor, Result, Skipped, encode, uid_of, withhold_values
 from worker.send import Outbox
 from worker.spool import Spool, key
@@ -35,9 +37,11 @@ class BatchHandler:
 
     def __init__(self, processor: Processor, spool: Spool, outbox: Outbox, metrics: Metrics,
                  output_reserve_mb: float, max_crashes: int = 3, on_output: Callable[[], None] = lambda: None,
-                 audit: AuditTrail | None = None, store: Recorder | None = None) -> None:
+                 audit: AuditTrail | None = None, store: Recorder | None = None,
+                 drift: DriftMonitor | None = None) -> None:
         self.processor = processor
         self.store = store  # the dashboard's database; None when not recording
+        self.drift = drift
         self._decode_seconds: dict[Path, float] = {}  # of the batch being handled only
         self.audit = audit
         self.max_crashes = max_crashes  # 0 = never give up on an instance the worker died on
@@ -163,7 +167,7 @@ class BatchHandler:
                                               result.withheld)
                 except OSError:
                     logger.error("audit trail not writable")
-        self.metrics.probability.observe(result.probability)
+        self._observe(result)
         self.metrics.stage_seconds.labels("infer").observe(result.infer_seconds)
         self.metrics.stage_seconds.labels("build").observe(max(0.0, per_image - result.infer_seconds))
         logger.info("processed", extra={
@@ -173,6 +177,17 @@ class BatchHandler:
             "sc_sop_instance_uid": str(result.sc.SOPInstanceUID),
             "sr_sop_instance_uid": str(result.sr.SOPInstanceUID),
             "gsps_sop_instance_uid": str(result.gsps.SOPInstanceUID) if result.gsps is not None else None})
+
+    def _observe(self, result: Result) -> None:
+        """The per-model-version distributions, and the drift window."""
+        version = self.processor.model.info.version
+        self.metrics.probability.labels(version).observe(result.probability)
+        if result.ood_score is not None:
+            self.metrics.ood_score.labels(version).observe(result.ood_score)
+        if result.faithfulness is not None:
+            self.metrics.faithfulness.labels(version).observe(result.faithfulness)
+        if self.drift is not None:
+            self.metrics.drift(version, self.drift.observe(result.probability, result.gate == GATE_OOD_SCORE))
 
     @staticmethod
     def _received_at(path: Path) -> datetime | None:

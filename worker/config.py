@@ -551,6 +551,28 @@ class MetricsSection(_Section):
                                 "(cxr_destination_up, /healthz); never part of /readyz")
 
 
+class DriftSection(_Section):
+    """Drift and gate alarms: the worker's recent answers against the model's validation split."""
+
+    window: int = Field(500, ge=10, le=100_000, description=(
+        "images: the sliding window both statistics are computed over, the last N images the model ran on "
+        "(CXR_DRIFT__WINDOW). 500 is about a day at a small site: long enough for a PSI of 10 bins to be "
+        "stable (its noise is ~0.02 at 500), short enough that a new scanner shows within a day"))
+    min_images: int = Field(100, ge=1, description=(
+        "images: the PSI is reported once the window holds this many (CXR_DRIFT__MIN_IMAGES); below it a "
+        "10-bin PSI's own noise (~0.1 at 100) would be mistaken for drift. The gated-rate test needs no "
+        "minimum: its p-value is exact for any count"))
+    psi_limit: float = Field(0.25, gt=0, description=(
+        "the population stability index of the window's probabilities above which the probability "
+        "distribution has drifted (CXR_DRIFT__PSI_LIMIT; exported as cxr_drift_psi_limit, which the shipped "
+        "alert rules compare with). 0.25 is the conventional 'significant shift'"))
+    gated_alpha: float = Field(0.001, gt=0, lt=0.5, description=(
+        "the one-sided binomial test's p-value below which the window holds more gated images than the "
+        "gate's conformal false-gate rate explains (CXR_DRIFT__GATED_ALPHA; exported as cxr_drift_gated_alpha). "
+        "0.001, because the test is repeated after every image: in a simulation of in-distribution streams "
+        "at the bound's rate the alarm was on for under 1% of images"))
+
+
 class FeedbackSection(_Section):
     """``cxr-worker feedback export``: readers' labels for the trainer, de-identified."""
 
@@ -661,6 +683,7 @@ class Settings(BaseSettings):
     dashboard: DashboardSection = DashboardSection()
     log: LogSection = LogSection()
     feedback: FeedbackSection = FeedbackSection()
+    drift: DriftSection = DriftSection()
 
     @classmethod
     def settings_customise_sources(

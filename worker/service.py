@@ -22,6 +22,7 @@ import numpy as np
 from worker.audit import AuditTrail
 from worker.batch import BatchHandler
 from worker.config import Settings
+from worker.drift import DriftMonitor
 from worker.errors import InfrastructureError, ModelError
 from worker.health import DestinationMonitor, all_alive, readiness
 from worker.metrics import HealthServer, Metrics
@@ -49,7 +50,11 @@ class Service:
         self.settings = settings
         self.spool = Spool(settings.spool.dir)
         self.processor = Processor(settings, model)
-        self.metrics = Metrics()
+        self.metrics = Metrics(ood_threshold=model.info.ood_threshold)
+        self.drift = DriftMonitor(model.info, settings.drift)
+        self.metrics.drift_limits(model.info.version, settings.drift, self.drift.reference is not None,
+                                  model.info.false_gate_rate)
+        self.metrics.drift(model.info.version, self.drift.state)  # the window's series exist from the start
         self.metrics.model.info({"name": model.info.name, "version": model.info.version,
                                  "input_size": str(model.info.input_size), "threshold": str(model.info.threshold),
                                  **model.execution, "precision": model.info.precision,
@@ -65,7 +70,7 @@ class Service:
         self.handler = BatchHandler(self.processor, self.spool, self.outbox, self.metrics,
                                     output_reserve_mb=settings.spool.reserve_mb / 2,
                                     max_crashes=settings.spool.max_crashes, on_output=self.wake_sender.set,
-                                    audit=self.audit, store=self._open_store())
+                                    audit=self.audit, store=self._open_store(), drift=self.drift)
         self.receiver = Receiver(settings, self.spool, self.wake.set, self.metrics, self.audit)
         self.monitor = DestinationMonitor(settings.send.destinations, settings.dicom.ae_title, self.metrics,
                                           settings.metrics.echo_cache_s, tls=tls, security=settings.security)
@@ -103,7 +108,8 @@ class Service:
         self.monitor.start()
         m = self.settings.metrics
         if m.port:
-            self.health = HealthServer(self.metrics, m.bind, m.port, self.alive, self.ready, self.monitor.detail)
+            self.health = HealthServer(self.metrics, m.bind, m.port, self.alive, self.ready, self.monitor.detail,
+                                       drift=self.drift.describe)
             self.health.metrics_update = self._update_gauges
             self.health.start()
         self.receiver.start()
