@@ -63,6 +63,10 @@ class Meta:
     #: JSON: a reduced-precision model's verification against its fp32 model on the test split
     #: (probability, Grad-CAM, AUC, decision and out-of-distribution agreement, with the limits).
     PRECISION_CHECK = "precision_check"
+    #: Heatmap faithfulness score above which a map is "above chance" (:mod:`cxr_contract.faithfulness`);
+    #: absent: the model makes no faithfulness statement.
+    FAITHFULNESS_CUTOFF = "faithfulness_cutoff"
+    FAITHFULNESS_NULL = "faithfulness_null"  # JSON: how the cut-off was computed, per null family
 
 
 #: What ``cxr-train export --precision`` writes: fp32 (the default), int8 (CPU), fp16 (CUDA).
@@ -98,6 +102,8 @@ class ModelInfo:
     heatmap_scale: float | None = None
     #: Numeric precision of the graph's backbone (:data:`PRECISIONS`).
     precision: str = "fp32"
+    #: None: no null cut-off in the metadata, so no heatmap faithfulness statement.
+    faithfulness_cutoff: float | None = None
 
     @property
     def has_ood_gate(self) -> bool:
@@ -137,6 +143,8 @@ class ModelInfo:
             raise ContractError(f"{source}: {Meta.LABELS} is not a JSON list") from None
         if labels != LABELS:  # the worker reports the second label's probability
             raise ContractError(f"{source}: labels {list(labels)} are not {list(LABELS)}")
+        cutoff = (_number(meta, Meta.FAITHFULNESS_CUTOFF, source, float)
+                  if Meta.FAITHFULNESS_CUTOFF in meta else None)
         precision = meta.get(Meta.PRECISION, "fp32")
         if precision not in PRECISIONS:
             raise ContractError(f"{source}: {Meta.PRECISION}={precision!r} is not one of {', '.join(PRECISIONS)}")
@@ -151,6 +159,7 @@ class ModelInfo:
             ood_threshold=ood,
             heatmap_scale=scale,
             precision=precision,
+            faithfulness_cutoff=cutoff,
         )
 
 

@@ -217,7 +217,10 @@ class ModelSection(_Section):
     threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = its default")
     ood_action: Literal["withhold", "flag"] = Field(
         "withhold", description="an image outside the training distribution: no answer, or an answer labelled so")
-    faithfulness: bool = Field(True, description="score each heatmap with one extra batched model run")
+    faithfulness: bool = Field(True, description=(
+        "state whether the model depends on the region each drawn heatmap points at (positives; negatives "
+        "with output.heatmap_for_negative): one extra batched run of 9 perturbed inputs per such image; needs "
+        "the faithfulness cut-off export stores (CXR_MODEL__FAITHFULNESS)"))
     # The CUDA path (README "GPU"); auto = on where the CUDA provider runs.
     io_binding: Literal["auto", "on", "off"] = Field(
         "auto", description="run through an ONNX Runtime I/O binding: one copy to the device and back")

@@ -23,6 +23,7 @@ import pydicom
 import pytest
 from pydicom import Dataset
 
+from cxr_contract import faithfulness as faithfulness_module
 from tests.helpers import (
     dciodvfy_errors,
     free_port,
@@ -106,11 +107,14 @@ def test_v2_model_gives_logit_and_ood_score_in_the_same_run(v2: OnnxModel, tmp_p
     assert outside_distribution(noise, v2.info), (noise.ood_score, v2.info.ood_threshold)
 
 
-@pytest.mark.parametrize("faithfulness", [True, False])
-def test_faithfulness_costs_one_extra_run_over_the_answered_images(
-    v2: OnnxModel, tmp_path: Path, faithfulness: bool,
+@pytest.mark.parametrize(("faithfulness", "paint_negative"), [(True, False), (True, True), (False, True)])
+def test_faithfulness_costs_one_extra_run_over_the_images_whose_heatmap_is_shown(
+    v2: OnnxModel, tmp_path: Path, faithfulness: bool, paint_negative: bool,
 ) -> None:
-    processor = Processor(settings(faithfulness=faithfulness), v2)
+    if v2.info.faithfulness_cutoff is None:
+        pytest.skip("the test model was exported before the faithfulness cut-off (CXR_TEST_MODEL): export it again")
+    processor = Processor(Settings(select={"min_size": 32}, model={"faithfulness": faithfulness},
+                                   output={"heatmap_for_negative": paint_negative}), v2)
     files = inputs(tmp_path)
     decoded = [processor.decode(tmp_path / f"{name}.dcm") for name in files]
     counting = CountingSession(v2.session)
@@ -121,15 +125,18 @@ def test_faithfulness_costs_one_extra_run_over_the_answered_images(
         v2.session = counting.session
     by_name = dict(zip(files, results, strict=True))
     answered = [r for r in results if not isinstance(r, Exception) and not r.withheld]
+    shown = [r for r in answered if r.positive or paint_negative]
     assert not isinstance(by_name["noise"], Exception) and by_name["noise"].withheld
     assert not isinstance(by_name["constant"], Exception) and by_name["constant"].gate == "uniform"
-    if faithfulness:
-        # One run for the batch, ONE more with the hot- and random-removed input of each answered image.
-        assert counting.runs == [len(files), 2 * len(answered)]
-        assert all(r.faithfulness is not None and math.isfinite(r.faithfulness) for r in answered)
+    if faithfulness and shown:
+        # One run for the batch, ONE more: the hot region and its moved copies removed, per shown map.
+        assert counting.runs == [len(files), faithfulness_module.INPUTS_PER_IMAGE * len(shown)]
+        assert all(r.faithfulness is not None and math.isfinite(r.faithfulness) for r in shown)
     else:
         assert counting.runs == [len(files)]
-        assert all(r.faithfulness is None for r in answered)
+    # No heatmap, no statement about it: a negative drawn without colour is not scored.
+    shown_ids = {id(r) for r in shown}
+    assert all(r.faithfulness is None for r in answered if id(r) not in shown_ids)
 
 
 class FailingExtraRun(CountingSession):
@@ -142,7 +149,7 @@ class FailingExtraRun(CountingSession):
 
 
 def test_a_failed_faithfulness_run_leaves_the_answers_standing(v2: OnnxModel, tmp_path: Path) -> None:
-    processor = Processor(settings(), v2)
+    processor = Processor(Settings(select={"min_size": 32}, output={"heatmap_for_negative": True}), v2)
     files = inputs(tmp_path)
     decoded = [processor.decode(tmp_path / f"{name}.dcm") for name in files]
     failing = FailingExtraRun(v2.session)
@@ -289,4 +296,5 @@ def test_process_gates_like_serve(v2: OnnxModel, onnx_model: Path, tmp_path: Pat
     assert rows["noise"]["gate"] == GATE_OOD_SCORE and rows["constant"]["gate"] == "uniform"
     answered = [n for n, r in rows.items() if n.startswith("phantom") and r["decision"] != "withheld"]
     assert len(answered) >= 2
-    assert all(rows[n]["faithfulness"] is not None for n in answered)
+    # Faithfulness describes a drawn heatmap: positives only (output.heatmap_for_negative is off).
+    assert all((rows[n]["faithfulness"] is not None) == (rows[n]["decision"] == "positive") for n in answered)
