@@ -70,7 +70,7 @@ REL_TOL = 1e-4
 #: The logit's error is scaled by the batch's largest |logit|, and by at least this many logits:
 #: against each image's own logit, an image near the decision boundary (logit ~ 0, which a
 #: real model has somewhere) turned float noise into a refusal of a correct graph.
-LOGIT_SCALE_FLOOR = 1.0
+LOGIT_SCALE_FLOOR = 0.1
 #: Outputs present only while verifying, pruned before the model is written.
 RAW_OUTPUT, ALPHA_OUTPUT = "gradcam_raw", "gradcam_alpha"
 BATCH = 32

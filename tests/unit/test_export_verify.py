@@ -63,10 +63,10 @@ def test_a_perturbed_weight_is_still_refused(setup: dict[str, Any]) -> None:
 
     proto = onnx.ModelProto()
     proto.CopyFrom(setup["proto"])
-    # The output layer's kernel (12 x 1 in the graph): one weight off by 0.1%.
+    # The output layer's kernel (12 x 1 in the graph): its largest weight off by 1%.
     init = next(i for i in proto.graph.initializer if tuple(i.dims) in ((12, 1), (1, 12)))
     w = numpy_helper.to_array(init).copy()
-    w.flat[int(np.argmax(np.abs(w)))] *= 1.001
+    w.flat[int(np.argmax(np.abs(w)))] *= 1.01
     init.CopyFrom(numpy_helper.from_array(w, init.name))
     with pytest.raises(ExportError, match="logit_max_rel_error"):
         verify(proto, setup["model"], LAYER, setup["images"], setup["gate"])
