@@ -249,7 +249,7 @@ class OnnxModel:
     def _run(self, names: list[str], batch: np.ndarray[Any, Any]) -> list[np.ndarray[Any, Any]]:
         """Session runs over ``batch`` (padded and bound as configured), outputs cut back to it.
 
-        Padded, a batch longer than ``batch_size`` (the faithfulness run's 2N) runs in chunks of
+        Padded, a batch longer than ``batch_size`` (the faithfulness run's 9N) runs in chunks of
         ``batch_size``, so the CUDA provider only ever sees one input shape: at each change of
         shape it rebuilds every convolution's cuDNN plan, which cost ~250 ms per batch on an H100
         when inference and the faithfulness run alternated between N and 2N (README "GPU").
