@@ -1,5 +1,5 @@
-"""Sources and models for the output builders' tests (tests/unit/test_build.py, test_outputs.py,
-tests/integration/test_outputs_e2e.py): a real CR, a small synthetic one, a Grad-CAM map."""
+"""Sources and models for the output builders' tests (tests/unit/worker/outputs/test_build.py,
+test_outputs.py, tests/integration/test_outputs_e2e.py): a real CR, a small synthetic one, a Grad-CAM map."""
 
 from __future__ import annotations
 

@@ -42,6 +42,7 @@ from tests.helpers import (
     wait_port,
     walk,
 )
+from worker.dashboard.accounts import Accounts
 from worker.store import ResultStore, Worklist
 
 pytestmark = pytest.mark.integration
@@ -261,7 +262,7 @@ def test_a_forged_form_is_refused(site: Site) -> None:
 def test_one_reader_cannot_act_as_another(site: Site) -> None:
     rid = site.store.worklist(Worklist())[0][-1].id
     alice, bob = site.login("alice"), site.login("bob")
-    users = {u.name: u.id for u in site.store.users()}
+    users = {u.name: u.id for u in Accounts(site.store).users()}
     token = csrf_of(bob.get(f"/results/{rid}").text)
     # A user field in the form is ignored: the acting reader is the session's.
     r = bob.post(f"/results/{rid}/feedback", data={"csrf": token, "agree": "agree", "label": "pneumonia",
