@@ -102,18 +102,19 @@ def moved_regions(hot: Array, n: int = N_RANDOM) -> list[Array]:
     size_y, size_x = hot.shape
     area = max(int(hot.sum()), 1)
     rng = np.random.default_rng(OFFSET_SEED)
-    candidates: list[tuple[float, int, Array]] = []
+    kept: list[Array] = []
+    overlapping: list[tuple[float, int, Array]] = []
     for dy, dx in rng.integers(0, (size_y, size_x), size=(16 * n, 2)):
         moved = np.roll(hot, (int(dy), int(dx)), axis=(0, 1))
         overlap = float(np.logical_and(moved, hot).sum()) / area
         if overlap <= MAX_OVERLAP:
-            candidates.append((0.0, len(candidates), moved))
-            if len(candidates) == n:
-                break
+            kept.append(moved)
+            if len(kept) == n:
+                return kept
         else:
-            candidates.append((overlap, len(candidates), moved))
-    candidates.sort(key=lambda c: (c[0], c[1]))
-    return [c[2] for c in candidates[:n]]
+            overlapping.append((overlap, len(overlapping), moved))
+    overlapping.sort(key=lambda c: (c[0], c[1]))
+    return kept + [c[2] for c in overlapping[:n - len(kept)]]
 
 
 def impute(image: Array, mask: Array, noise: float = NOISE) -> Array:

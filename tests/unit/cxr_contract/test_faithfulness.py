@@ -84,6 +84,13 @@ def test_moved_regions_keep_shape_and_area_and_do_not_depend_on_the_map_values()
     noisy = cam * 1.37 + 1e-6
     image = phantoms(1, 0)[0]
     np.testing.assert_array_equal(f.perturbed_inputs(image, cam), f.perturbed_inputs(image, noisy))
+    # The first copies do not change when more are asked for (each is the next acceptable offset).
+    more = f.moved_regions(hot, 2 * f.N_RANDOM)
+    assert all((a == b).all() for a, b in zip(regions, more[:f.N_RANDOM], strict=True))
+    # A large hot region (over half the image wide) still gets its N_RANDOM copies.
+    big = np.zeros((SIZE, SIZE), bool)
+    big[:, :40] = True
+    assert len(f.moved_regions(big)) == f.N_RANDOM
     # A 2x2 grid (64-px model) still gets N_RANDOM regions, moved by pixels rather than cells.
     coarse = f.moved_regions(f.ranked_cell_mask(np.array([[0.0, 1.0], [0.0, 0.0]]), SIZE))
     assert len(coarse) == f.N_RANDOM and len({r.tobytes() for r in coarse}) == f.N_RANDOM
