@@ -224,8 +224,12 @@ def check_outputs(name: str, sc: Dataset, sr: Dataset) -> bool:
     if presence == "Indeterminate":  # a weak model may gate a phantom now and then
         return False
     assert codes["OOD-STATUS"] == "Within the model's training distribution", name
-    assert any(i.ValueType == "NUM" and i.ConceptNameCodeSequence[0].CodeValue == "HEATMAP-FAITH"
-               for i in walk(sr.ContentSequence)), name
+    # Faithfulness describes a drawn heatmap: a positive answer's (negatives are drawn without colour).
+    faith = any(i.ValueType == "NUM" and i.ConceptNameCodeSequence[0].CodeValue == "HEATMAP-FAITH"
+                for i in walk(sr.ContentSequence))
+    assert faith == (presence == "Present"), name
+    if faith:
+        assert codes["FAITH-VERDICT"] in ("Above chance", "Not above chance"), name
     return True
 
 
