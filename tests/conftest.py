@@ -141,9 +141,12 @@ class WorkerProcess:
 
 
 def write_worker_config(config: Path, *, port: int, spool: Path, model: Path, metrics_port: int, audit: Path,
-                        destinations: list[str], extra: str = "", dicom_extra: str = "") -> Path:
+                        destinations: list[str], extra: str = "", dicom_extra: str = "", gsps: bool = False) -> Path:
     """The worker configuration the integration tests start from: loopback, a short batch
-    wait, small phantoms selected, fast retries; ``extra`` adds sections (TOML) after it."""
+    wait, small phantoms selected, fast retries; ``extra`` adds sections (TOML) after it.
+
+    The GSPS (``output.gsps``, on by default) is off unless ``gsps``: most tests count an SC
+    and an SR per image; those about the GSPS (test_orthanc, test_stow) turn it on."""
     dests = ", ".join(f'"{d}"' for d in destinations)
     config.write_text(f"""
 [dicom]
@@ -163,6 +166,8 @@ min_size = 32
 port = {metrics_port}
 [audit]
 path = "{audit}"
+[output]
+gsps = {str(gsps).lower()}
 [send]
 destinations = [{dests}]
 retry_initial_s = 0.5
@@ -177,12 +182,12 @@ def make_worker(tmp_path: Path, onnx_model: Path) -> Iterator[object]:
     started: list[WorkerProcess] = []
 
     def factory(destinations: list[str], extra: str = "", port: int | None = None,
-                metrics_port: int = 0, dicom_extra: str = "") -> WorkerProcess:
+                metrics_port: int = 0, dicom_extra: str = "", gsps: bool = False) -> WorkerProcess:
         port = port or free_port()
         spool = tmp_path / "spool"
         config = write_worker_config(tmp_path / f"worker-{port}.toml", port=port, spool=spool, model=onnx_model,
                                      metrics_port=metrics_port, audit=tmp_path / "audit.jsonl",
-                                     destinations=destinations, extra=extra, dicom_extra=dicom_extra)
+                                     destinations=destinations, extra=extra, dicom_extra=dicom_extra, gsps=gsps)
         w = WorkerProcess(config, port, spool, tmp_path / "worker.log", metrics_port=metrics_port)
         w.start()
         started.append(w)

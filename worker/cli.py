@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from worker.config import DicomWebDestination, Settings, get_settings, parse_destination
+from worker.config import DicomWebDestination, Hl7Destination, Settings, get_settings, parse_destination
 from worker.errors import ConfigError, WorkerError
 from worker.status import SUCCESS
 
@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--config", type=Path)
     f.add_argument("--since", help="results answered since this date (2026-01-31) or ISO date-time (UTC)")
 
-    s = sub.add_parser("echo", help="C-ECHO a DICOM node, or QIDO-RS a DICOMweb base URL")
+    s = sub.add_parser("echo", help="C-ECHO a DICOM node, QIDO-RS a DICOMweb base URL, or connect to an MLLP one")
     s.add_argument("destination", metavar="AET@HOST:PORT|URL")
     s.add_argument("--config", type=Path)
     s.add_argument("--timeout", type=float, default=10.0)
@@ -154,12 +154,15 @@ def _process(args: argparse.Namespace, settings: Settings) -> int:
             stem = path.stem
             (args.out / f"{stem}.sc.dcm").write_bytes(encode(result.sc))
             (args.out / f"{stem}.sr.dcm").write_bytes(encode(result.sr))
+            if result.gsps is not None:
+                (args.out / f"{stem}.gsps.dcm").write_bytes(encode(result.gsps))
             if args.png:
                 cv2.imwrite(str(args.out / f"{stem}.sc.png"), cv2.cvtColor(result.rgb, cv2.COLOR_RGB2BGR))
             rows.append({"input": str(path), "probability": round(result.probability, 4),
                          "decision": "withheld" if result.withheld else "positive" if result.positive else "negative",
                          "gate": result.gate, "ood_score": result.ood_score, "faithfulness": result.faithfulness,
-                         "sc": str(args.out / f"{stem}.sc.dcm"), "sr": str(args.out / f"{stem}.sr.dcm")})
+                         "sc": str(args.out / f"{stem}.sc.dcm"), "sr": str(args.out / f"{stem}.sr.dcm"),
+                         "gsps": str(args.out / f"{stem}.gsps.dcm") if result.gsps is not None else None})
     print(json.dumps(rows, indent=2))
     return 1 if failures else 0
 
@@ -182,6 +185,16 @@ def main(argv: list[str] | None = None) -> int:
                 StowClient(dest, SendSection(acse_timeout=args.timeout, dimse_timeout=args.timeout),
                            settings.security).check()
                 print(f"QIDO-RS {dest}: answered")
+                return 0
+            if isinstance(dest, Hl7Destination):
+                from worker.mllp import MllpClient
+
+                try:
+                    MllpClient(dest.model_copy(update={"timeout_s": args.timeout})).check()
+                except OSError as exc:
+                    print(f"MLLP {dest}: no connection ({type(exc).__name__})", file=sys.stderr)
+                    return 1
+                print(f"MLLP {dest}: connected")
                 return 0
             status = echo(dest, settings.dicom.ae_title, args.timeout)
             print(f"C-ECHO {args.destination}: status 0x{status:04X}")

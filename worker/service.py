@@ -165,6 +165,9 @@ class Service:
         removed = self.spool.prune_done(self.settings.spool.done_retention_days * 86400)
         if removed:
             logger.info("pruned done markers", extra={"removed": removed})
+        kept = self.spool.prune_kept(self.settings.spool.quarantine_retention_days * 86400)
+        if kept:
+            logger.info("deleted quarantined and dead files past their retention", extra={"removed": kept})
         if self.handler.store is not None and self.handler.store.store is not None:
             try:
                 self.handler.store.store.sweep(self.settings.dashboard.retention_days)
