@@ -40,6 +40,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from cxr_contract.pixels import finite_or_ends
+
 Array = np.ndarray[Any, Any]
 
 #: Fraction of the image's cells in the hot region (rounded to whole Grad-CAM cells, at least one).
@@ -71,10 +73,11 @@ def ranked_cell_mask(gradcam: Array, size: int, fraction: float = FRACTION, *,
                      most_relevant: bool = True) -> Array:
     """Boolean ``[size, size]`` mask of the ``fraction`` hottest (or coldest) Grad-CAM cells.
 
-    Ties are broken by cell index, so a flat map still removes exactly that many cells.
+    Ties are broken by cell index, so a flat map still removes exactly that many cells. A NaN
+    cell counts as 0, +inf as the hottest and -inf as the coldest.
     """
     k = cells_to_remove(gradcam, fraction)
-    flat = np.nan_to_num(np.asarray(gradcam, np.float64)).ravel()
+    flat = np.nan_to_num(np.asarray(gradcam, np.float64)).ravel()  # +-inf: +-the largest float
     order = np.argsort(-flat if most_relevant else flat, kind="stable")[:k]
     cells = np.zeros(flat.size, np.uint8)
     cells[order] = 1
@@ -117,6 +120,7 @@ def moved_regions(hot: Array, n: int = N_RANDOM) -> list[Array]:
     return kept + [c[2] for c in overlapping[:n - len(kept)]]
 
 
+
 def impute(image: Array, mask: Array, noise: float = NOISE) -> Array:
     """Fill ``mask`` with a weighted mean of the pixels around it plus ROAD's noise, in a
     ``[S, S]`` or ``[S, S, 1]`` float image in [0, 1]; same shape, float32.
@@ -124,9 +128,11 @@ def impute(image: Array, mask: Array, noise: float = NOISE) -> Array:
     Like ROAD's noisy linear imputation, each removed pixel becomes a smooth average of its
     kept neighbours (normalised convolution with a Gaussian), so the fill adds no edges for
     the model to react to; the noise (seeded, the same for every image of a size) keeps the
-    fill from being a perfectly smooth, recognisable patch.
+    fill from being a perfectly smooth, recognisable patch. NaN and -inf count as 0, +inf as 1
+    (:func:`~cxr_contract.pixels.finite_or_ends`): a blur would spread a NaN over its whole
+    kernel.
     """
-    arr = np.asarray(image, np.float32)
+    arr = finite_or_ends(np.asarray(image, np.float32), 0.0, 1.0)
     plane = arr[..., 0] if arr.ndim == 3 else arr
     if not mask.any():
         return arr.copy()

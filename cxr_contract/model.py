@@ -67,6 +67,12 @@ class Meta:
     #: absent: the model makes no faithfulness statement.
     FAITHFULNESS_CUTOFF = "faithfulness_cutoff"
     FAITHFULNESS_NULL = "faithfulness_null"  # JSON: how the cut-off was computed, per null family
+    #: int8 only: which signedness of activations/weights export chose on its CPU (``s8s8``,
+    #: ``u8s8``, ``u8u8``), with the variants it tried in ``precision_check``.
+    INT8_VARIANT = "int8_variant"
+    #: JSON: a few probe inputs (uint8, zlib, base64) with the fp32 model's outputs on them and
+    #: the limits; the worker checks a reduced model against them at load (:mod:`cxr_contract.probes`).
+    PROBES = "probes"
 
 
 #: What ``cxr-train export --precision`` writes: fp32 (the default), int8 (CPU), fp16 (CUDA).

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from worker.config import DicomWebDestination, Hl7Destination, Settings, get_settings, parse_destination
-from worker.errors import ConfigError, WorkerError
+from worker.errors import ConfigError, ModelProbeMismatch, WorkerError
 from worker.status import SUCCESS
 
 logger = logging.getLogger("worker")
@@ -112,12 +112,25 @@ def _load_model(settings: Settings) -> Any:
     if settings.model.path is None:
         raise ConfigError("no model: pass --model PATH, set [model] path, or CXR_MODEL__PATH")
     m = settings.model
-    model = OnnxModel(settings.model.path, providers=m.providers, threads=m.threads, io_binding=m.io_binding,
-                      batch_size=m.batch_size, pad_batches=m.pad_batches)
+    def load(path: Path) -> OnnxModel:
+        return OnnxModel(path, providers=m.providers, threads=m.threads, io_binding=m.io_binding,
+                         batch_size=m.batch_size, pad_batches=m.pad_batches, probe_check=m.probe_check != "off")
+
+    try:
+        model = load(settings.model.path)
+    except ModelProbeMismatch as exc:
+        if m.probe_check != "fallback" or m.fallback_path is None:
+            raise
+        logger.warning("model failed its probe check on this machine; answering with the fallback model "
+                       "instead", extra={"reason": str(exc), "fallback": str(m.fallback_path)})
+        model = load(m.fallback_path)
+        model.fell_back_from = str(settings.model.path)
     logger.info("model loaded", extra={"model": model.info.name, "version": model.info.version,
                                        "input_size": model.info.input_size, "threshold": model.info.threshold,
                                        **model.execution, "intended_use": model.info.intended_use,
-                                       "precision": model.info.precision})
+                                       "precision": model.info.precision,
+                                       "probe_check": model.probe_check["status"],
+                                       **({"fell_back_from": model.fell_back_from} if model.fell_back_from else {})})
     return model
 
 

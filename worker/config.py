@@ -306,6 +306,21 @@ class ModelSection(_Section):
         "auto", description="run through an ONNX Runtime I/O binding: one copy to the device and back")
     pad_batches: Literal["auto", "on", "off"] = Field(
         "auto", description="pad runs to multiples of batch_size: CUDA chooses its algorithms once per shape")
+    probe_check: Literal["refuse", "fallback", "off"] = Field(
+        "refuse", description="what to do when a reduced-precision (int8/fp16) model answers the probe inputs "
+        "stored in it, on this machine, outside the limits its export verified against fp32 (int8 kernels differ "
+        "between CPUs): refuse to start (the default: no answer is better than an unverified one), fallback (load "
+        "fallback_path instead, with a warning and the cxr_model_probe_fallback metric at 1) or off (no check). "
+        "Env CXR_MODEL__PROBE_CHECK")
+    fallback_path: Path | None = Field(
+        None, description="the fp32 model loaded when probe_check = fallback and the model fails its probe check; "
+        "required by fallback, none by default. Env CXR_MODEL__FALLBACK_PATH")
+
+    @model_validator(mode="after")
+    def _fallback_named(self) -> ModelSection:
+        if self.probe_check == "fallback" and self.fallback_path is None:
+            raise ValueError("model.probe_check = 'fallback' needs model.fallback_path (an fp32 model)")
+        return self
 
 
 class SelectSection(_Section):

@@ -52,7 +52,9 @@ class Service:
         self.metrics = Metrics()
         self.metrics.model.info({"name": model.info.name, "version": model.info.version,
                                  "input_size": str(model.info.input_size), "threshold": str(model.info.threshold),
-                                 **model.execution, "precision": model.info.precision})
+                                 **model.execution, "precision": model.info.precision,
+                                 "probe_check": model.probe_check["status"]})
+        self.metrics.model_fallback.set(1 if model.fell_back_from else 0)
         self.audit = AuditTrail(settings.audit.path, settings.dicom.ae_title)
         tls = client_context(settings.security) if settings.security.send_tls else None
         self.outbox = Outbox(self.spool, settings.send, settings.dicom.ae_title, tls=tls,

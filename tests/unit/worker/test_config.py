@@ -116,3 +116,14 @@ def test_selection_takes_chest_pa_and_skips_the_rest() -> None:
     chest.ViewPosition = "AP"
     chest.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
     assert "SOP class" in str(ineligible_reason(chest, rules))
+
+
+def test_probe_fallback_needs_a_fallback_model() -> None:
+    import pydantic
+
+    from worker.config import ModelSection
+
+    assert ModelSection().probe_check == "refuse"
+    with pytest.raises(pydantic.ValidationError, match="probe_check = 'fallback' needs model.fallback_path"):
+        ModelSection(probe_check="fallback")
+    assert ModelSection(probe_check="fallback", fallback_path="m.onnx").fallback_path is not None
