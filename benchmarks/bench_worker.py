@@ -12,7 +12,7 @@ Measures, on this machine and in one run:
 - the cost of the out-of-distribution gate: the contract-v2 graph (``logit`` and ``ood_score``,
   a class-conditional Mahalanobis distance with a shared 2048x2048 precision matrix on the
   pooled conv5 features) against the v1 graph, same weights, same run;
-- the cost of the heatmap faithfulness: the one extra run over the 2N perturbed inputs
+- the cost of the heatmap faithfulness: the one extra run over the 9N perturbed inputs
   (and their imputation) against the v2 inference of the batch;
 The Grad-CAM comparisons (pytorch-grad-cam, GradientTape under ``tf.function``, the model
 without its Grad-CAM output, int8) are ``benchmarks/bench_gradcam.py``.
@@ -65,7 +65,7 @@ def export_models(work: Path) -> tuple[Path, Path]:
 
 
 def bench_trust(v1: Path, v2: Path, repeat: int) -> dict[str, Any]:
-    """Gate (v2 graph vs v1 graph, same weights) and faithfulness (one extra run of 2N) in the same
+    """Gate (v2 graph vs v1 graph, same weights) and faithfulness (one extra run of 9N) in the same
     process. The Grad-CAM comparisons with GradientTape and pytorch-grad-cam moved to
     ``benchmarks/bench_gradcam.py``."""
     import onnxruntime as ort

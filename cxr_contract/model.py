@@ -68,6 +68,10 @@ class Meta:
     #: JSON (:class:`cxr_contract.drift.DriftReference`): the validation split's probabilities and
     #: ood_scores as quantile bins, the worker's drift reference; absent = "no reference".
     DRIFT_REFERENCE = "drift_reference"
+    #: Heatmap faithfulness score above which a map is "above chance" (:mod:`cxr_contract.faithfulness`);
+    #: absent: the model makes no faithfulness statement.
+    FAITHFULNESS_CUTOFF = "faithfulness_cutoff"
+    FAITHFULNESS_NULL = "faithfulness_null"  # JSON: how the cut-off was computed, per null family
     #: int8 only: which signedness of activations/weights export chose on its CPU (``s8s8``,
     #: ``u8s8``, ``u8u8``), with the variants it tried in ``precision_check``.
     INT8_VARIANT = "int8_variant"
@@ -114,6 +118,8 @@ class ModelInfo:
     #: The gate's conformal bound on gating an in-distribution image (``false_gate_bound`` in
     #: :data:`Meta.OOD_METHOD`); None without a gate or that record.
     false_gate_rate: float | None = None
+    #: None: no null cut-off in the metadata, so no heatmap faithfulness statement.
+    faithfulness_cutoff: float | None = None
 
     @property
     def has_ood_gate(self) -> bool:
@@ -153,6 +159,8 @@ class ModelInfo:
             raise ContractError(f"{source}: {Meta.LABELS} is not a JSON list") from None
         if labels != LABELS:  # the worker reports the second label's probability
             raise ContractError(f"{source}: labels {list(labels)} are not {list(LABELS)}")
+        cutoff = (_number(meta, Meta.FAITHFULNESS_CUTOFF, source, float)
+                  if Meta.FAITHFULNESS_CUTOFF in meta else None)
         precision = meta.get(Meta.PRECISION, "fp32")
         if precision not in PRECISIONS:
             raise ContractError(f"{source}: {Meta.PRECISION}={precision!r} is not one of {', '.join(PRECISIONS)}")
@@ -176,6 +184,7 @@ class ModelInfo:
             precision=precision,
             drift_reference=reference,
             false_gate_rate=_false_gate_rate(meta) if ood is not None else None,
+            faithfulness_cutoff=cutoff,
         )
 
 

@@ -95,9 +95,9 @@ class ExportSection(_Section):
     heatmap_percentile: float = Field(95.0, gt=0, le=100, description="percentile of the peak raw Grad-CAM over "
                                       "validation images called positive that the worker draws as full colour")
     sanity_images: int = Field(16, ge=2, description="validation images the saliency sanity check compares")
-    sanity_max_correlation: float = Field(0.5, gt=-1, lt=1, description="export refuses a model whose maps, "
-                                          "after the head and conv5 are re-initialised, still correlate (mean "
-                                          "Spearman) above this with the trained maps")
+    sanity_max_correlation: float = Field(0.5, gt=0, lt=1, description="a sanity-check stage fails when the "
+                                          "pre-ReLU maps, after its weights are re-initialised, still correlate "
+                                          "(mean absolute Spearman) above this with the trained model's maps")
 
 
 class TrainConfig(_Section):

@@ -326,8 +326,10 @@ class ModelSection(_Section):
     ood_action: Literal["withhold", "flag"] = Field(
         "withhold", description="an image outside the training distribution: withhold = no answer; "
         "flag = answer, labelled as outside")
-    faithfulness: bool = Field(True, description="score each heatmap's faithfulness with one extra batched "
-                               "model run")
+    faithfulness: bool = Field(True, description=(
+        "state whether the model depends on the region each drawn heatmap points at (positives; negatives "
+        "with output.heatmap_for_negative): one extra batched run of 9 perturbed inputs per such image; needs "
+        "the faithfulness cut-off export stores"))
     # The CUDA path (docs/install.md, GPU); auto = on where the CUDA provider runs.
     io_binding: Literal["auto", "on", "off"] = Field(
         "auto", description="run through an ONNX Runtime I/O binding (one copy to the device and back); "

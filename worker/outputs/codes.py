@@ -34,8 +34,14 @@ OOD_REASONS = {
 }
 OOD_SCORE = Code("OOD-SCORE", PRIVATE_SCHEME, "Out-of-distribution score")
 OOD_THRESHOLD = Code("OOD-THRESHOLD", PRIVATE_SCHEME, "Out-of-distribution threshold")
-#: cxr_contract.faithfulness: logit drop for the heatmap's hottest cells minus that for random cells.
+#: cxr_contract.faithfulness: z-score of the logit drop when the heatmap's hottest region is removed,
+#: against the same region moved elsewhere; its cut-off is the model's null quantile.
 HEATMAP_FAITHFULNESS = Code("HEATMAP-FAITH", PRIVATE_SCHEME, "Heatmap faithfulness")
+HEATMAP_FAITHFULNESS_CUTOFF = Code("FAITH-CUTOFF", PRIVATE_SCHEME, "Heatmap faithfulness cut-off")
+#: The verdict: the model depends on the highlighted region more than chance (NOT: the region is the disease).
+HEATMAP_FAITHFULNESS_VERDICT = Code("FAITH-VERDICT", PRIVATE_SCHEME, "Model depends on highlighted region")
+ABOVE_CHANCE = Code("ABOVE-CHANCE", PRIVATE_SCHEME, "Above chance")
+NOT_ABOVE_CHANCE = Code("NOT-ABOVE-CHANCE", PRIVATE_SCHEME, "Not above chance")
 
 #: The SR's TEXT item carrying the dashboard link (worker.links.review_url).
 REVIEW_LINK = hd.sr.CodedConcept("REVIEW-LINK", PRIVATE_SCHEME, "Review in the dashboard")
