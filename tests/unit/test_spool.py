@@ -157,3 +157,19 @@ def test_half_written_outbox_files_are_removed_at_start(tmp_path: Path) -> None:
     assert sorted(p.name for p in folder.iterdir()) == [f"{'a' * 32}.dcm", f"{'a' * 32}.json"]
     assert restarted.depth() == 1
     assert json.loads((folder / f"{'a' * 32}.json").read_text())["sop_instance_uid"] == "1.2.3"
+
+
+def test_readiness_answers_false_when_the_spool_volume_is_gone(tmp_path: Path) -> None:
+    """A load balancer or Kubernetes reads /readyz to take a replica out of rotation: with its
+    spool's volume gone the checks must say so, not raise (a dropped probe connection)."""
+    from worker.config import Settings
+    from worker.health import readiness
+    from worker.receive import Receiver
+
+    spool = Spool(tmp_path / "spool")
+    receiver = Receiver(Settings(spool={"dir": tmp_path / "spool", "reserve_mb": 0}), spool, lambda: None)
+    assert readiness(spool, receiver.room_for_a_data_set(), True, True) == dict.fromkeys(
+        ("model_answered", "spool_writable", "disk_above_reserve", "threads_alive"), True)
+    (tmp_path / "spool").rename(tmp_path / "elsewhere")
+    checks = readiness(spool, receiver.room_for_a_data_set(), True, True)
+    assert checks["spool_writable"] is False and checks["disk_above_reserve"] is False
