@@ -25,8 +25,9 @@ from pydicom.data import get_testdata_file
 
 from benchmarks.common import OUT, report, summary, timed
 from cxr_contract.model import ModelInfo
-from worker.build import BuildSettings, _compress, build_secondary_capture, output_uids, render_heatmap_overlay
 from worker.decode import dataset_to_unit_image
+from worker.outputs import BuildSettings, build_secondary_capture, output_uids, render_heatmap_overlay
+from worker.outputs.sc import _compress
 
 MODEL = ModelInfo(name="bench-model", version="1.0.0", input_size=224, threshold=0.5, weights_sha256="ab" * 32,
                   contract_version=2, ood_threshold=10.0, heatmap_scale=4.0)

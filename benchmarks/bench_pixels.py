@@ -29,13 +29,18 @@ from benchmarks.common import OUT, report, summary, timed  # noqa: E402
 
 
 def load_worker(root: Path) -> tuple[ModuleType, ModuleType]:
-    """``worker.decode`` and ``worker.build`` of the tree at ``root``, without disturbing ours."""
+    """``worker.decode`` and the SC's renderer (``worker.outputs.render``; ``worker.build`` in trees
+    before the outputs package) of the tree at ``root``, without disturbing ours."""
     ours = {k: v for k, v in sys.modules.items() if k == "worker" or k.startswith("worker.")}
     for k in ours:
         del sys.modules[k]
     sys.path.insert(0, str(root))
     try:
-        decode, build = importlib.import_module("worker.decode"), importlib.import_module("worker.build")
+        decode = importlib.import_module("worker.decode")
+        try:
+            build = importlib.import_module("worker.outputs.render")
+        except ModuleNotFoundError:
+            build = importlib.import_module("worker.build")
     finally:
         sys.path.remove(str(root))
         for k in [k for k in sys.modules if k == "worker" or k.startswith("worker.")]:

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import report, summary, timed  # noqa: E402
-from tests.unit.test_store import new  # noqa: E402
+from tests.unit.worker.store.test_results import new  # noqa: E402
 from worker.store import Recorder, ResultStore, Worklist, sqlite_url  # noqa: E402
 
 

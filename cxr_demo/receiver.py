@@ -10,7 +10,7 @@ from pathlib import Path
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from worker.codes import SUCCESS
+from worker.status import SUCCESS
 
 
 def main(folder: str, port: str) -> None:

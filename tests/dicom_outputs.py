@@ -1,5 +1,5 @@
-"""Sources and models for the output builders' tests (tests/unit/test_build.py, test_outputs.py,
-tests/integration/test_outputs_e2e.py): a real CR, a small synthetic one, a Grad-CAM map."""
+"""Sources and models for the output builders' tests (tests/unit/worker/outputs/test_build.py,
+test_outputs.py, tests/integration/test_outputs_e2e.py): a real CR, a small synthetic one, a Grad-CAM map."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def hot_gradcam() -> np.ndarray[Any, Any]:
 def de_identified(source: Dataset) -> Dataset:
     """``source`` as a de-identification pass leaves it: without any Type 2 or Type 3 patient and
     study attribute, and saying so (Patient Identity Removed, with its method)."""
-    from worker.build import PATIENT_STUDY_TYPE2
+    from worker.outputs import PATIENT_STUDY_TYPE2
 
     for keyword in (*PATIENT_STUDY_TYPE2, *PATIENT_STUDY_TYPE3):
         if keyword in source:

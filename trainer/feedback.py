@@ -41,7 +41,8 @@ from cxr_contract.feedback import (
     FeedbackLabel,
     read_export,
 )
-from trainer.data import (
+from trainer.errors import DataError
+from trainer.records import (
     HARD_NEGATIVES,
     POSITIVE_FINDING,
     SPLITS,
@@ -52,7 +53,6 @@ from trainer.data import (
     summarize,
     write_split_folder,
 )
-from trainer.errors import DataError
 
 #: Where the merged set keeps the feedback images, relative to its folder.
 FEEDBACK_IMAGES = "feedback"

@@ -19,7 +19,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from trainer.data import (
+from trainer.errors import DataError
+from trainer.records import (
     NEGATIVE_FINDING,
     POSITIVE_FINDING,
     SPLITS,
@@ -29,7 +30,6 @@ from trainer.data import (
     summarize,
     write_split_folder,
 )
-from trainer.errors import DataError
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, scale: float) -> np.ndarray[Any, Any]:

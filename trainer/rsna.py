@@ -29,7 +29,8 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from trainer.data import (
+from trainer.errors import DataError
+from trainer.records import (
     SPLITS,
     Box,
     Record,
@@ -39,7 +40,6 @@ from trainer.data import (
     summarize,
     write_split_folder,
 )
-from trainer.errors import DataError
 
 RSNA_COLUMNS = ("patientId", "x", "y", "width", "height", "Target")
 #: RSNA's name for Target 1, used as the finding of its records and boxes.

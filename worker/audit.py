@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from worker.codes import AuditOutcome
+from worker.status import AuditOutcome
 
 # PS3.15 A.5.3 / DCM codes: (code, meaning)
 INSTANCES_TRANSFERRED = ("110104", "DICOM Instances Transferred")

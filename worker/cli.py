@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from worker.codes import SUCCESS
 from worker.config import DicomWebDestination, Settings, get_settings, parse_destination
 from worker.errors import ConfigError, WorkerError
+from worker.status import SUCCESS
 
 logger = logging.getLogger("worker")
 
@@ -69,15 +69,17 @@ def _store(settings: Settings) -> Any:
 def _user(args: argparse.Namespace, settings: Settings) -> int:
     """``user add NAME --role R`` reads the password from stdin (a prompt on a terminal);
     ``user disable|enable NAME`` keeps the account but refuses (or allows again) its logins."""
-    store = _store(settings)
+    from worker.dashboard.accounts import Accounts
+
+    accounts = Accounts(_store(settings))
     if args.action == "list":
-        for u in store.users():
+        for u in accounts.users():
             print("\t".join([u.name, u.role] + (["disabled"] if u.disabled else [])))
         return 0
     if not args.name:
         raise ConfigError(f"user {args.action} needs a NAME")
     if args.action in ("disable", "enable"):  # a disabled account's logins end at their next request
-        store.set_disabled(args.name, args.action == "disable")
+        accounts.set_disabled(args.name, args.action == "disable")
         print(f"user {args.name} {args.action}d")
         return 0
     if sys.stdin.isatty():
@@ -88,7 +90,7 @@ def _user(args: argparse.Namespace, settings: Settings) -> int:
             raise ConfigError("the passwords differ")
     else:
         password = sys.stdin.readline().rstrip("\r\n")
-    store.add_user(args.name, args.role, password)
+    accounts.add_user(args.name, args.role, password)
     print(f"user {args.name} ({args.role}) saved")
     return 0
 

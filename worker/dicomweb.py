@@ -8,7 +8,7 @@ the connection alive, so the extra requests cost little.
 Which failures are worth a resend (the outbox's rules, as for C-STORE):
 
 * the response's Failed SOP Sequence names the object: its Failure Reason decides, read as
-  the C-STORE status it is (PS3.18 Table 10.5.3-1; :func:`worker.codes.is_permanent`);
+  the C-STORE status it is (PS3.18 Table 10.5.3-1; :func:`worker.status.is_permanent`);
 * otherwise a 4xx is permanent (the request itself is wrong) except 408 and 429 (the server
   is busy) and 401 and 403: credentials expire and are rotated, and a result must not be
   dead-lettered because a token ran out; they are retried like a server that is down, the
@@ -35,9 +35,9 @@ import requests
 from dicomweb_client import DICOMwebClient
 from pydicom import Dataset, dcmread
 
-from worker.codes import is_permanent
 from worker.config import DicomWebDestination, SecuritySection, SendSection
 from worker.errors import SendError
+from worker.status import is_permanent
 
 logger = logging.getLogger(__name__)
 

@@ -175,7 +175,7 @@ def run_export(settings: Settings, out: Path, since: datetime | None = None) -> 
 def _audit(settings: Settings, report: ExportReport) -> None:
     """One PS3.15 Export record: who exported how many de-identified labels, where."""
     from worker.audit import AuditTrail
-    from worker.codes import AuditOutcome
+    from worker.status import AuditOutcome
 
     trail = AuditTrail(settings.audit.path, settings.dicom.ae_title)
     # AuditTrail has no export method of its own yet; _write is its one record builder.

@@ -26,7 +26,14 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filewriter import dcmwrite
 
 from cxr_contract.pixels import resize_for_model
-from worker.build import (
+from worker.config import Settings
+from worker.decode import dataset_to_unit_image
+from worker.errors import DecodeError, UnsupportedInput, WorkerError
+from worker.faults import Fault, fault_of
+from worker.input_check import input_problem
+from worker.links import review_url
+from worker.model import GATE_OOD_SCORE, OnnxModel, Prediction, outside_distribution
+from worker.outputs import (
     BuildSettings,
     Trust,
     build_report,
@@ -37,13 +44,6 @@ from worker.build import (
     render_heatmap_overlay,
     render_withheld,
 )
-from worker.config import Settings
-from worker.decode import dataset_to_unit_image
-from worker.errors import DecodeError, UnsupportedInput, WorkerError
-from worker.faults import Fault, fault_of
-from worker.input_check import input_problem
-from worker.links import review_url
-from worker.model import GATE_OOD_SCORE, OnnxModel, Prediction, outside_distribution
 from worker.selection import ineligible_reason, invalid_uid
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class Decoded:
 
     The image is decoded once: the model input and the input checks come from the float
     unit image; what is kept to draw the SC on is its uint8 rendering
-    (:func:`worker.build.display_gray`, a quarter of the memory a batch holds per image).
+    (:func:`worker.outputs.render.display_gray`, a quarter of the memory a batch holds per image).
     ``ds`` keeps the header only.
     """
 

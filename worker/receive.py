@@ -41,7 +41,6 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from worker import compat
 from worker.audit import NETWORK_ENTRY, NODE_AUTHENTICATION, AuditTrail, study_uid_of
-from worker.codes import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, AuditOutcome
 from worker.config import Settings
 from worker.metrics import Metrics
 from worker.security import (
@@ -54,6 +53,7 @@ from worker.security import (
 )
 from worker.selection import invalid_uid
 from worker.spool import Spool
+from worker.status import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, AuditOutcome
 
 logger = logging.getLogger(__name__)
 

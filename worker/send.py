@@ -37,12 +37,12 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from worker import compat
 from worker.audit import AuditTrail
-from worker.codes import REJECTED_PERMANENT, AuditOutcome, is_permanent, stored
 from worker.config import Destination, DicomWebDestination, SecuritySection, SendSection
 from worker.dicomweb import StowClient
 from worker.errors import SendError
 from worker.metrics import Metrics
 from worker.spool import Spool, fsync, key
+from worker.status import REJECTED_PERMANENT, AuditOutcome, is_permanent, stored
 
 logger = logging.getLogger(__name__)
 

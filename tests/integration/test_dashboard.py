@@ -42,6 +42,7 @@ from tests.helpers import (
     wait_port,
     walk,
 )
+from worker.dashboard.accounts import Accounts
 from worker.store import ResultStore, Worklist
 
 pytestmark = pytest.mark.integration
@@ -183,7 +184,7 @@ def test_sc_and_sr_carry_the_review_link(site: Site) -> None:
     assert r.status_code == 303 and re.fullmatch(r"/results/\d+", r.headers["location"])
     assert "Canary" in c.get(r.headers["location"]).text
     # The SC prints it: the lowest text lines differ from an SC rendered without a link.
-    from worker.build import render_heatmap_overlay
+    from worker.outputs import render_heatmap_overlay
 
     args: dict[str, Any] = {"probability": 0.9, "threshold": 0.5, "model_name": "m", "model_version": "1"}
     image, cam = np.full((256, 256), 0.5), np.ones((4, 4))
@@ -261,7 +262,7 @@ def test_a_forged_form_is_refused(site: Site) -> None:
 def test_one_reader_cannot_act_as_another(site: Site) -> None:
     rid = site.store.worklist(Worklist())[0][-1].id
     alice, bob = site.login("alice"), site.login("bob")
-    users = {u.name: u.id for u in site.store.users()}
+    users = {u.name: u.id for u in Accounts(site.store).users()}
     token = csrf_of(bob.get(f"/results/{rid}").text)
     # A user field in the form is ignored: the acting reader is the session's.
     r = bob.post(f"/results/{rid}/feedback", data={"csrf": token, "agree": "agree", "label": "pneumonia",

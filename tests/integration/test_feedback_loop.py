@@ -21,6 +21,7 @@ from trainer.dicom_phantoms import cr_dataset
 from trainer.phantoms import make_phantom
 from worker.cli import main as cxr_worker
 from worker.config import get_settings
+from worker.dashboard.accounts import Accounts
 from worker.model import OnnxModel
 from worker.pipeline import Decoded, Processor, Result, process_files
 from worker.store import NewResult, ResultStore
@@ -99,7 +100,9 @@ pseudonym_key_file = "{tmp_path / 'keys' / 'feedback.key'}"
 
     # Readers: both call the first film of patient A differently (a tie), both are unsure of
     # the second; every other film gets the right label, one after a change of mind.
-    r1, r2 = store.add_user("reader.one", "reader", "correct horse"), store.add_user("reader.two", "reader", "pw" * 5)
+    accounts = Accounts(store)
+    r1 = accounts.add_user("reader.one", "reader", "correct horse")
+    r2 = accounts.add_user("reader.two", "reader", "pw" * 5)
     paths = [p for p, _ in studies]
     names = {1: "pneumonia", 0: "no_pneumonia"}
     store.add_feedback(results[paths[0]], r1.id, True, "pneumonia", "looks like LOOP^Patient^A's old film")

@@ -15,9 +15,9 @@ from pydicom.uid import JPEGBaseline8Bit
 from tests.dicom_outputs import de_identified, real_cr
 from tests.helpers import dciodvfy_errors, require_tool
 from tests.sr_templates import check_measurement_report
-from worker.build import PATIENT_STUDY_TYPE2
 from worker.config import Settings
 from worker.model import OnnxModel
+from worker.outputs import PATIENT_STUDY_TYPE2
 from worker.pipeline import Processor, Result, encode, process_files
 
 pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore:The string \"ward\":UserWarning")]

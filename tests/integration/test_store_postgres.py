@@ -1,6 +1,6 @@
 """The results store on a real PostgreSQL server that the test starts (Debian ``postgresql``).
 
-The store tests of tests/unit/test_store.py run again here against PostgreSQL (each on a
+The store tests of tests/unit/worker/store/test_results.py run again here against PostgreSQL (each on a
 fresh database), plus what only a server shows: several processes migrating at once.
 PostgreSQL refuses to run as root, so as root the cluster runs as the ``postgres`` user
 (or ``nobody``) in a folder it owns.
@@ -23,7 +23,7 @@ import pytest
 
 from tests.conftest import ROOT
 from tests.helpers import free_port, wait_port
-from tests.unit.test_store import (  # noqa: F401 (collected again here, with the PostgreSQL store below)
+from tests.unit.worker.store.test_results import (  # noqa: F401 (collected again here, with the PostgreSQL store below)
     new,
     test_feedback_history_is_kept_and_the_latest_row_is_current,
     test_passwords_are_argon2id_and_wrong_ones_fail,
@@ -105,7 +105,8 @@ def store(server: str, tmp_path: Path) -> Iterator[ResultStore]:
 
 def test_several_workers_starting_at_once_migrate_one_schema(server: str, tmp_path: Path) -> None:
     url = _create_database(server)
-    code = ("import sys, numpy as np; from worker.store import ResultStore; from tests.unit.test_store import new;"
+    code = ("import sys, numpy as np; from worker.store import ResultStore;"
+            "from tests.unit.worker.store.test_results import new;"
             "ResultStore(sys.argv[1], sys.argv[2]).record(new(sys.argv[3]), np.zeros((10, 10)), np.zeros((2, 2)))")
     # The StatefulSet's workers and the dashboard, all starting at once: separate processes.
     procs = [subprocess.Popen([sys.executable, "-c", code, url, str(tmp_path / "media"), f"1.9.{i}"], cwd=ROOT,

@@ -40,8 +40,9 @@ from starlette.staticfiles import StaticFiles
 from worker.audit import AuditTrail
 from worker.config import Settings
 from worker.dashboard import operations
+from worker.dashboard.accounts import Accounts
 from worker.dashboard.auth import LoginLimiter, csrf_ok, csrf_token, password_fingerprint, session_secret
-from worker.store import LABELS, Result, ResultStore, Worklist
+from worker.store import LABELS, ResultStore, StoredResult, Worklist
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class Dashboard:
     def __init__(self, settings: Settings, store: ResultStore) -> None:
         self.settings = settings
         self.store = store
+        self.accounts = Accounts(store)
         d = settings.dashboard
         self.tls = d.tls_cert is not None
         self.secure_cookies = self.tls if d.secure_cookies is None else d.secure_cookies
@@ -100,7 +102,7 @@ class Dashboard:
         user = request.session.get("user")
         if not isinstance(user, dict) or user.get("expires", 0) < datetime.now(UTC).timestamp():
             return None
-        account = self.store.get_user(int(user.get("id", -1)))  # disabled or reset since the login: out
+        account = self.accounts.get_user(int(user.get("id", -1)))  # disabled or reset since the login: out
         if account is None or account.disabled or account.role != user.get("role"):
             return None
         if not secrets.compare_digest(str(user.get("password", "")), password_fingerprint(account.password_hash)):
@@ -135,7 +137,7 @@ class Dashboard:
             self.audit.user_authentication(name[:64], address, login=True, success=False)
             return self.render(request, "login.html", 429, next=target,
                                error="Too many failed attempts. Wait a few minutes and try again.")
-        user = self.store.authenticate(name, password) if name and password else None
+        user = self.accounts.authenticate(name, password) if name and password else None
         if user is None:
             self.limiter.failed(*keys)
             self.audit.user_authentication(name[:64], address, login=True, success=False)
@@ -144,7 +146,7 @@ class Dashboard:
         request.session.clear()  # a new session (and CSRF token) at each login: no fixation
         expires = datetime.now(UTC) + timedelta(hours=self.settings.dashboard.session_hours)
         # The hash as stored now: authenticate() may just have rehashed it with newer parameters.
-        account = self.store.get_user(user.id) or user
+        account = self.accounts.get_user(user.id) or user
         request.session["user"] = {"id": user.id, "name": user.name, "role": user.role,
                                    "expires": expires.timestamp(),
                                    "password": password_fingerprint(account.password_hash)}
@@ -195,7 +197,7 @@ class Dashboard:
                                message="No result for this link (it may have passed the retention period).")
         return RedirectResponse(f"/results/{row.id}", status_code=303)
 
-    def _result_or_404(self, request: Request) -> Result | Response:
+    def _result_or_404(self, request: Request) -> StoredResult | Response:
         row = self.store.get(_int(request.path_params["rid"], -1))
         if row is None:
             return self.render(request, "message.html", 404, title="Not found",

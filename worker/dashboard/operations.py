@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.store import Result, ResultStore
+from worker.store import ResultStore, StoredResult
 
 #: Colours of the dashboard's CSS, so plots and page agree.
 INK, MUTED, ACCENT, WARN = "#1f2933", "#7b8794", "#2f6fde", "#d9822b"
@@ -94,7 +94,7 @@ def snapshot(store: ResultStore, metrics_url: str | None, now: datetime | None =
     return snap
 
 
-def _weekly(results: list[Result]) -> dict[str, list[float]]:
+def _weekly(results: list[StoredResult]) -> dict[str, list[float]]:
     weeks: dict[str, list[float]] = defaultdict(list)
     for r in results:
         if r.decision != "withheld":

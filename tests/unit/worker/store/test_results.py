@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
+from worker.dashboard.accounts import Accounts
 from worker.store import NewResult, Recorder, ResultStore, StoreError, Worklist, preview_of, sqlite_url
 
 
@@ -54,8 +55,8 @@ def test_feedback_history_is_kept_and_the_latest_row_is_current(store: ResultSto
     rid = store.record(new("1.9.1"), np.zeros((10, 10)), np.zeros((2, 2)))
     other = store.record(new("1.9.2", decision="negative"), np.zeros((10, 10)), np.zeros((2, 2)))
     assert rid is not None and other is not None
-    a = store.add_user("alice", "reader", "correct horse")
-    b = store.add_user("bob", "reader", "battery staple")
+    a = Accounts(store).add_user("alice", "reader", "correct horse")
+    b = Accounts(store).add_user("bob", "reader", "battery staple")
     store.add_feedback(rid, a.id, False, "no_pneumonia", "first look")
     store.add_feedback(rid, b.id, True, "pneumonia")
     store.add_feedback(rid, a.id, True, "pneumonia", "changed my mind")
@@ -90,15 +91,15 @@ def test_worklist_filters_and_search_take_values_as_data(store: ResultStore) -> 
 
 
 def test_passwords_are_argon2id_and_wrong_ones_fail(store: ResultStore) -> None:
-    user = store.add_user("carol", "admin", "s3cret-pass")
+    user = Accounts(store).add_user("carol", "admin", "s3cret-pass")
     assert user.password_hash.startswith("$argon2id$")
-    assert store.authenticate("carol", "s3cret-pass") is not None
-    assert store.authenticate("carol", "wrong-pass") is None
-    assert store.authenticate("nobody", "s3cret-pass") is None
+    assert Accounts(store).authenticate("carol", "s3cret-pass") is not None
+    assert Accounts(store).authenticate("carol", "wrong-pass") is None
+    assert Accounts(store).authenticate("nobody", "s3cret-pass") is None
     with pytest.raises(StoreError, match="role must be one of"):
-        store.add_user("dave", "root", "long enough")
+        Accounts(store).add_user("dave", "root", "long enough")
     with pytest.raises(StoreError, match="at least 8"):
-        store.add_user("dave", "reader", "short")
+        Accounts(store).add_user("dave", "reader", "short")
 
 
 def test_retention_sweep_deletes_rows_feedback_and_files_together(store: ResultStore) -> None:
@@ -106,7 +107,7 @@ def test_retention_sweep_deletes_rows_feedback_and_files_together(store: ResultS
     old = store.record(new("1.9.1", answered_at=now - timedelta(days=40)), np.zeros((10, 10)), np.zeros((2, 2)))
     fresh = store.record(new("1.9.2"), np.zeros((10, 10)), np.zeros((2, 2)))
     assert old is not None and fresh is not None
-    user = store.add_user("alice", "reader", "correct horse")
+    user = Accounts(store).add_user("alice", "reader", "correct horse")
     store.add_feedback(old, user.id, True, "pneumonia")
     old_row = store.get(old)
     assert old_row is not None

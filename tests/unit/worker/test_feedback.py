@@ -13,6 +13,7 @@ import pytest
 
 from cxr_contract.feedback import key_fingerprint, read_export
 from worker.cli import main
+from worker.dashboard.accounts import Accounts
 from worker.errors import ConfigError
 from worker.feedback import export_feedback, load_or_create_key, parse_since
 from worker.store import NewResult, ResultStore, sqlite_url
@@ -25,7 +26,9 @@ PHI = {"name": "Doe^Jane^Q", "pid": "MRN-4711-XYZ", "acc": "ACC-99887766", "stud
 @pytest.fixture
 def store(tmp_path: Path) -> ResultStore:
     s = ResultStore(sqlite_url(tmp_path / "spool" / "results" / "results.db"), tmp_path / "spool" / "results" / "media")
-    alice, bob = s.add_user(PHI["reader"], "reader", "correct horse"), s.add_user("bob", "reader", "battery staple")
+    accounts = Accounts(s)
+    alice = accounts.add_user(PHI["reader"], "reader", "correct horse")
+    bob = accounts.add_user("bob", "reader", "battery staple")
     for n, (prob, labels) in enumerate([(0.9, ["pneumonia", "pneumonia"]), (0.2, ["no_pneumonia", "pneumonia"]),
                                         (0.6, [])]):
         rid = s.record(NewResult(
@@ -119,7 +122,7 @@ def test_the_export_holds_the_worker_s_uint8_image_as_shown(tmp_path: Path) -> N
                              probability=0.9, decision="positive", threshold=0.5, model_name="cxr",
                              model_version="test-1"), image, np.ones((4, 4)))
     assert rid is not None
-    s.add_feedback(rid, s.add_user("alice", "reader", "correct horse").id, True, "pneumonia")
+    s.add_feedback(rid, Accounts(s).add_user("alice", "reader", "correct horse").id, True, "pneumonia")
     export_feedback(s, tmp_path / "fb", load_or_create_key(tmp_path / "key"))
     fb = read_export(tmp_path / "fb")
     exported = cv2.imread(str(fb.image_file(fb.labels[0])), cv2.IMREAD_UNCHANGED)

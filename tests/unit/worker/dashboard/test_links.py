@@ -9,12 +9,12 @@ import pydicom
 import pytest
 
 from tests.helpers import dciodvfy_errors
-from tests.unit.test_build import MODEL, SETTINGS, hot_gradcam, synthetic_cr, walk
-from worker.build import build_report, build_secondary_capture, output_uids, render_heatmap_overlay
+from tests.unit.worker.outputs.test_build import MODEL, SETTINGS, hot_gradcam, synthetic_cr, walk
 from worker.config import get_settings
 from worker.decode import dataset_to_unit_image
 from worker.errors import ConfigError
 from worker.links import review_key, review_url
+from worker.outputs import build_report, build_secondary_capture, output_uids, render_heatmap_overlay
 
 
 def test_dashboard_defaults_to_loopback_and_sqlite_under_the_spool(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 from pynetdicom.status import STATUS_FAILURE, code_to_category
 
 from worker.audit import AuditTrail
-from worker.codes import (
+from worker.status import (
     CANNOT_UNDERSTAND,
     OUT_OF_RESOURCES,
     SUCCESS,

@@ -15,7 +15,11 @@ from pydicom.uid import UID
 from cxr_contract.model import ModelInfo
 from tests.dicom_outputs import MODEL, MODEL_V2, hot_gradcam, real_cr, synthetic_cr
 from tests.helpers import dciodvfy_errors
-from worker.build import (
+from worker.decode import dataset_to_unit_image
+from worker.errors import UnsupportedInput, WorkerError
+from worker.input_check import UNIFORM
+from worker.model import GATE_OOD_SCORE
+from worker.outputs import (
     WITHHELD_TEXT,
     BuildSettings,
     Trust,
@@ -27,10 +31,6 @@ from worker.build import (
     render_heatmap_overlay,
     render_withheld,
 )
-from worker.decode import dataset_to_unit_image
-from worker.errors import UnsupportedInput, WorkerError
-from worker.input_check import UNIFORM
-from worker.model import GATE_OOD_SCORE
 
 #: Uncompressed, so that the pixel tests below can compare exact values; the compressed SC
 #: (the default) has its own tests in test_outputs.py.

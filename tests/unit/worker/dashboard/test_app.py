@@ -20,6 +20,7 @@ from starlette.testclient import TestClient
 from worker.cli import main
 from worker.config import Settings, get_settings
 from worker.dashboard import operations
+from worker.dashboard.accounts import Accounts
 from worker.dashboard.app import create_app
 from worker.store import NewResult, ResultStore
 
@@ -41,7 +42,7 @@ def settings(config: Path) -> Settings:
 @pytest.fixture
 def store(settings: Settings) -> Iterator[ResultStore]:
     s = ResultStore.from_settings(settings)
-    s.add_user("alice", "reader", PASSWORD)
+    Accounts(s).add_user("alice", "reader", PASSWORD)
     yield s
     s.close()
 
@@ -67,7 +68,7 @@ def logged_in(client: TestClient) -> bool:
 
 def test_a_password_reset_ends_the_sessions_made_before_it(client: TestClient, store: ResultStore) -> None:
     assert login(client) == 303 and logged_in(client)
-    store.add_user("alice", "reader", NEW_PASSWORD)  # `cxr-worker user add alice` again, same role
+    Accounts(store).add_user("alice", "reader", NEW_PASSWORD)  # `cxr-worker user add alice` again, same role
     assert not logged_in(client)
     assert login(client, PASSWORD) == 401
     assert login(client, NEW_PASSWORD) == 303 and logged_in(client)
@@ -114,7 +115,7 @@ def test_a_result_answered_after_now_counts_in_the_last_hour(store: ResultStore)
 
 def test_the_operations_page_and_plots_survive_a_result_from_the_future(
         client: TestClient, store: ResultStore) -> None:
-    store.add_user("carol", "admin", "carol-runs-the-service")
+    Accounts(store).add_user("carol", "admin", "carol-runs-the-service")
     answered(store, "1.9.3", datetime.now(UTC) + timedelta(hours=1))
     assert login(client, "carol-runs-the-service", "carol") == 303
     assert client.get("/operations").status_code == 200
@@ -130,7 +131,7 @@ def test_a_slow_worker_metrics_scrape_does_not_hold_other_requests(config: Path,
     request has been answered; a handler that blocked the event loop would make that request
     wait for the scrape's own timeout instead, and finish after the page.
     """
-    store.add_user("carol", "admin", "carol-runs-the-service")
+    Accounts(store).add_user("carol", "admin", "carol-runs-the-service")
     with socket.create_server(("127.0.0.1", 0)) as silent:
         silent.settimeout(30)  # a page that never scrapes fails the test instead of hanging it
         url = f"http://127.0.0.1:{silent.getsockname()[1]}/metrics"

@@ -14,7 +14,7 @@ from worker.config import Settings, default_config, get_settings
 from worker.errors import ConfigError
 from worker.selection import ineligible_reason
 
-ROOT = Path(__file__).resolve().parent.parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_shipped_worker_toml_states_the_defaults() -> None:

@@ -13,7 +13,7 @@ from worker.config import DicomWebDestination, get_settings
 from worker.dicomweb import _judge, http_permanent
 from worker.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parent.parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 SECRET = "pw-Never-Shown-93"
 
 

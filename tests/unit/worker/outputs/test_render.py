@@ -8,15 +8,14 @@ import cv2
 import numpy as np
 import pytest
 
-from worker import build
-from worker.build import display_gray, render_heatmap_overlay, render_withheld
+from worker.outputs import display_gray, render, render_heatmap_overlay, render_withheld
 
 
 def _float_blend(unit: np.ndarray, heat: np.ndarray, opacity: float) -> np.ndarray:
     """The overlay as first written: every step in float at full resolution."""
     gray = np.clip(np.nan_to_num(unit.astype(np.float32)), 0.0, 1.0) * 255.0
     alpha = (opacity * heat)[..., None]
-    colour = build._jet(heat).astype(np.float32)
+    colour = render._jet(heat).astype(np.float32)
     return np.rint(gray[..., None] * (1.0 - alpha) + colour * alpha).astype(np.uint8)
 
 
@@ -24,7 +23,7 @@ def _draw_text_everywhere(rgb: np.ndarray, items: list[tuple[str, int, int]], sc
     """The text blend as first written: mask, halo and blend over the whole image."""
     mask = np.zeros(rgb.shape[:2], np.uint8)
     for text, x, y in items:
-        cv2.putText(mask, text, (x, y), build._FONT, scale, 255, max(1, round(scale * 1.5)), cv2.LINE_AA)
+        cv2.putText(mask, text, (x, y), render._FONT, scale, 255, max(1, round(scale * 1.5)), cv2.LINE_AA)
     radius = max(1, round(scale * 1.5))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
     halo = cv2.dilate(mask, kernel)[..., None].astype(np.float32) / 255.0
@@ -49,7 +48,7 @@ def test_text_drawn_in_its_boxes_equals_text_drawn_over_the_whole_image(scale: f
              ("low", 350, 290), ("AI-generated - not for diagnostic use", 200, 150), ("cut", 10, 2)]
     expected = rgb.copy()
     _draw_text_everywhere(expected, items, scale)
-    build._draw_text(rgb, items, scale)
+    render._draw_text(rgb, items, scale)
     np.testing.assert_array_equal(rgb, expected)
 
 
@@ -67,7 +66,7 @@ def test_overlay_is_the_float_blend_to_one_level(chest_like: np.ndarray, heatmap
     lines = ["P(pneumonia) = 0.900", "Pneumonia: POSITIVE (threshold 0.50)",
              *([] if heatmap_scale else ["Heatmap scaled to its own peak (model has no fixed scale)"]),
              "Model: m v", "AI-generated - not for diagnostic use"]
-    build._burn_in(expected, lines, bar=True)
+    render._burn_in(expected, lines, bar=True)
     assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
     assert (got != expected).any(axis=-1).mean() < 0.5  # most pixels identical, not merely close
 

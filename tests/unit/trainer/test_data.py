@@ -20,7 +20,7 @@ from trainer.data import SPLITS, load_dataset, prepare, read_boxes, require_spli
 from trainer.errors import ConfigError, DataError
 from trainer.phantoms import write_phantoms
 
-DATA = Path(__file__).resolve().parent.parent / "data"
+DATA = Path(__file__).resolve().parents[2] / "data"
 LABELS = DATA / "Data_Entry_2017_v2020.csv.gz"
 
 

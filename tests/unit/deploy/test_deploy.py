@@ -17,7 +17,7 @@ from tests.helpers import require_tool
 from worker.config import Settings
 from worker.metrics import Metrics
 
-DEPLOY = Path(__file__).resolve().parent.parent.parent / "deploy"
+DEPLOY = Path(__file__).resolve().parents[3] / "deploy"
 K8S_VERSION = "1.33.0"
 MANIFESTS = sorted(DEPLOY.glob("k8s*/*.yaml"))
 

@@ -33,7 +33,10 @@ from pydicom.uid import (
 from tests.dicom_outputs import MODEL, MODEL_V2, de_identified, hot_gradcam, real_cr, synthetic_cr
 from tests.helpers import dciodvfy_errors, require_tool
 from tests.sr_templates import check_measurement_report
-from worker.build import (
+from worker.config import Settings
+from worker.decode import dataset_to_unit_image
+from worker.model import GATE_OOD_SCORE
+from worker.outputs import (
     PATIENT_STUDY_TYPE2,
     BuildSettings,
     Trust,
@@ -43,9 +46,6 @@ from worker.build import (
     render_heatmap_overlay,
     render_withheld,
 )
-from worker.config import Settings
-from worker.decode import dataset_to_unit_image
-from worker.model import GATE_OOD_SCORE
 
 pytestmark = [pytest.mark.tool, pytest.mark.filterwarnings("ignore:The string \"ward\":UserWarning")]
 PROBABILITY = 0.8734

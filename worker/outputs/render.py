@@ -1,0 +1,260 @@
+"""The pixels of the Secondary Capture: the gray image, the Jet heatmap blended over it, and the
+burned-in text and colour bar."""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import cv2
+import numpy as np
+
+from cxr_contract import faithfulness as faith
+from worker.errors import UnsupportedInput, WorkerError
+from worker.outputs.common import check_probability, decision
+
+#: The first line of a withheld SC, and what the SR says in words.
+WITHHELD_TEXT = "Outside the model's training distribution - no result"
+
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+_BLACK = (0, 0, 0)
+
+def faithfulness_line(value: float) -> str:
+    return f"Heatmap faithfulness: {'high' if faith.is_high(value) else 'low'} ({value:+.2f})"
+
+
+def _jet(heat: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """[0, 1] heat -> uint8 RGB with Jet (red = high); OpenCV colour maps are BGR."""
+    bgr = cv2.applyColorMap(np.rint(np.clip(heat, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def _text_boxes(rgb_shape: tuple[int, ...], items: list[tuple[str, int, int]], scale: float,
+                thickness: int, reach: int) -> list[tuple[int, int, int, int]]:
+    """Disjoint boxes (x0, y0, x1, y1), inside the image, that hold every item's ink and halo.
+
+    Boxes that touch are merged, so no pixel's halo or ink is drawn twice.
+    """
+    rows, cols = rgb_shape[:2]
+    boxes = []
+    for text, x, y in items:
+        (w, h), base = cv2.getTextSize(text, _FONT, scale, thickness)
+        boxes.append([x - reach, y - h - reach, x + w + reach, y + base + reach])
+    merged = True
+    while merged:
+        merged = False
+        for i in range(len(boxes)):
+            for j in range(i + 1, len(boxes)):
+                a, b = boxes[i], boxes[j]
+                if a[0] <= b[2] and b[0] <= a[2] and a[1] <= b[3] and b[1] <= a[3]:
+                    boxes[i] = [min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])]
+                    del boxes[j]
+                    merged = True
+                    break
+            if merged:
+                break
+    out = []
+    for x0, y0, x1, y1 in boxes:
+        x0, y0, x1, y1 = max(0, x0), max(0, y0), min(cols, x1), min(rows, y1)
+        if x1 > x0 and y1 > y0:
+            out.append((x0, y0, x1, y1))
+    return out
+
+
+def _draw_text(rgb: np.ndarray[Any, Any], items: list[tuple[str, int, int]], scale: float) -> None:
+    """White text with a dark halo, in place; items are (text, x, baseline y).
+
+    Drawn only inside the boxes around the text (a few percent of a radiograph): every
+    pixel outside them would come out unchanged, and the float blend below is the most
+    expensive step of an SC when run over the whole image.
+    """
+    thickness = max(1, round(scale * 1.5))
+    # The halo is a dilated mask, not a thicker black pass: OpenCV 5 draws Hershey names with
+    # a vector font whose outline ignores thickness. It makes the text read on bone and heat.
+    radius = max(1, round(scale * 1.5))
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    # Anti-aliased strokes reach about a thickness past the size getTextSize reports.
+    for x0, y0, x1, y1 in _text_boxes(rgb.shape, items, scale, thickness, reach=radius + 2 * thickness + 2):
+        region = rgb[y0:y1, x0:x1]
+        mask = np.zeros(region.shape[:2], np.uint8)
+        for text, x, y in items:
+            cv2.putText(mask, text, (x - x0, y - y0), _FONT, scale, 255, thickness, cv2.LINE_AA)
+        halo = cv2.dilate(mask, kernel)[..., None].astype(np.float32) / 255.0
+        ink = mask[..., None].astype(np.float32) / 255.0
+        out = region.astype(np.float32) * (1.0 - 0.85 * halo)
+        region[...] = np.rint(out * (1.0 - ink) + 255.0 * ink).astype(np.uint8)
+
+
+def _burn_in(rgb: np.ndarray[Any, Any], lines: list[str], *, bar: bool = True) -> None:
+    """Draw the text block (top left) and, with ``bar``, the heat colour bar (top right) in place."""
+    rows, cols = rgb.shape[:2]
+    margin = max(2, round(min(rows, cols) * 0.015))
+    bar_w, bar_h = max(3, round(cols * 0.025)), min(max(8, round(rows * 0.3)), rows - 2 * margin)
+    if not bar:
+        bar_w, bar_h = 0, 0
+    # Text about 2.5 % of the image height, shrunk until the widest line and the bar labels
+    # fit side by side; tiny images clip the text rather than fail.
+    height_1 = cv2.getTextSize("Pg", _FONT, 1.0, 1)[0][1]
+    width_1 = max(cv2.getTextSize(t, _FONT, 1.0, 1)[0][0] for t in lines)
+    label_1 = cv2.getTextSize("high", _FONT, 1.0, 1)[0][0]
+    fit = (cols - bar_w - 4 * margin) / (width_1 + (label_1 if bar else 0))
+    scale = max(0.3, min(rows * 0.025 / height_1, fit))
+    text_h, line_h = round(height_1 * scale), round(height_1 * scale * 1.7)
+    items = [(t, margin, margin + text_h + i * line_h) for i, t in enumerate(lines)]
+    x0, y0 = cols - margin - bar_w, margin
+    if bar and x0 > 0 and bar_h >= 2:
+        ramp = _jet(np.linspace(1.0, 0.0, bar_h, dtype=np.float32)[:, None])  # [bar_h, 1, 3]
+        rgb[y0 : y0 + bar_h, x0 : x0 + bar_w] = ramp
+        cv2.rectangle(rgb, (x0 - 1, y0 - 1), (x0 + bar_w, y0 + bar_h), _BLACK, 1)
+        label_x = x0 - margin - round(label_1 * scale)
+        items += [("high", label_x, y0 + text_h), ("low", label_x, y0 + bar_h)]
+    _draw_text(rgb, items, scale)
+
+
+def display_gray(unit_image: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """The SC's gray background, uint8 [Rows, Columns]: a unit image in [0, 1] times 255,
+    rounded (NaN and below 0 black, above 1 white); a uint8 image is taken as it is."""
+    arr = np.asarray(unit_image)
+    if arr.dtype == np.uint8:
+        return arr
+    # NaN is replaced before any comparison: how a vectorised compare treats NaN differs by
+    # instruction set (OpenCV's threshold kept NaN on AVX-512 and drew it white), numpy's
+    # nan_to_num and clip do not. One copy, then in place; the conversion saturates at 255.
+    clipped = np.array(arr, dtype=np.float32)
+    np.nan_to_num(clipped, copy=False, nan=0.0, posinf=1.0, neginf=0.0)
+    np.clip(clipped, 0.0, 1.0, out=clipped)
+    return np.asarray(cv2.convertScaleAbs(clipped, alpha=255.0))
+
+
+@functools.lru_cache(maxsize=8)
+def _blend_table(opacity: float) -> np.ndarray[Any, Any]:
+    """Every blend of a gray level under a heat level, packed RGBx in uint32, indexed by
+    ``heat * 256 + gray``: the overlay becomes one table lookup per pixel."""
+    heat = np.arange(256, dtype=np.float32) / 255.0
+    alpha = (opacity * heat)[:, None, None]
+    gray = np.arange(256, dtype=np.float32)[None, :, None]
+    colour = _jet(heat[:, None])[:, None, 0, :].astype(np.float32)  # [256, 1, 3]
+    rgb = np.rint(gray * (1.0 - alpha) + colour * alpha).astype(np.uint8).reshape(-1, 3)
+    packed = np.zeros((256 * 256, 4), np.uint8)
+    packed[:, :3] = rgb
+    table: np.ndarray[Any, Any] = packed.view(np.uint32).reshape(-1)
+    table.setflags(write=False)
+    return table
+
+
+def _check_image(unit_image: np.ndarray[Any, Any], gradcam: np.ndarray[Any, Any] | None = None) -> None:
+    shapes = unit_image.shape + (gradcam.shape if gradcam is not None else (1, 1))
+    if unit_image.ndim != 2 or (gradcam is not None and gradcam.ndim != 2) or 0 in shapes:
+        raise UnsupportedInput(
+            f"expected 2-D image and Grad-CAM map. Received: image shape={unit_image.shape}, "
+            f"gradcam shape={None if gradcam is None else gradcam.shape}"
+        )
+
+
+def render_heatmap_overlay(
+    unit_image: np.ndarray[Any, Any],
+    gradcam: np.ndarray[Any, Any],
+    *,
+    probability: float,
+    threshold: float,
+    model_name: str,
+    model_version: str,
+    opacity: float = 0.4,
+    notice: str = "",
+    heatmap_scale: float | None = None,
+    paint_negative: bool = False,
+    faithfulness: float | None = None,
+    warning: list[str] | None = None,
+    link: str = "",
+) -> np.ndarray[Any, Any]:
+    """Blend the Grad-CAM map over the image at the source resolution and burn in the result.
+
+    Args:
+        unit_image: Display-ready grayscale [Rows, Columns]: in [0, 1] (decode.py's unit
+            image), or already uint8 0-255 (:func:`display_gray`, decode.py's display image).
+        gradcam: Raw Grad-CAM map [h, w] >= 0 at the model's feature resolution.
+        probability, threshold: Model output and operating point, both in [0, 1].
+        model_name, model_version: Burned in with the result.
+        opacity: Colour weight where the map is hottest; cold areas stay grayscale.
+        notice: An extra line, e.g. the model's intended use when it is a demo model.
+        heatmap_scale: The raw Grad-CAM value drawn as full colour, fixed per model
+            (``Meta.HEATMAP_SCALE``), so that a barely positive cell stays cold. None (a v1
+            model): each map is scaled by its own peak, and the SC says so.
+        paint_negative: Colour a negative decision's map too (and say what it shows); by
+            default a negative decision is drawn without colour.
+        faithfulness: Heatmap faithfulness, printed below the probability when a map is drawn.
+        warning: Lines printed first, e.g. that the image is outside the training distribution.
+        link: The dashboard's review link (``dashboard.public_url``), printed last.
+
+    Returns:
+        uint8 RGB [Rows, Columns, 3].
+    """
+    _check_image(unit_image, gradcam)
+    if not 0.0 <= opacity <= 1.0:
+        raise WorkerError(f"opacity must be in [0, 1]. Received: opacity={opacity!r}")
+    if heatmap_scale is not None and not (math.isfinite(heatmap_scale) and heatmap_scale > 0):
+        raise WorkerError(f"heatmap_scale must be > 0. Received: heatmap_scale={heatmap_scale!r}")
+    check_probability(probability, threshold)
+    rows, cols = unit_image.shape
+    positive = decision(probability, threshold)
+    painted = positive or paint_negative
+    cam = np.nan_to_num(np.asarray(gradcam, np.float32), nan=0.0, posinf=0.0).clip(min=0.0)
+    scale = heatmap_scale if heatmap_scale is not None else float(cam.max())
+    heat = cam / scale if scale > 0 and painted else np.zeros_like(cam)  # an all-zero map adds no colour
+    gray = display_gray(unit_image)
+    if painted and float(heat.max()) > 0:
+        # Bilinear at full size, then 256 levels (the colour map has no more; saturating at
+        # 255 is the clip to 1), then one lookup of the precomputed blend per pixel: within
+        # one level of the float blend.
+        level = cv2.convertScaleAbs(cv2.resize(heat, (cols, rows), interpolation=cv2.INTER_LINEAR), alpha=255.0)
+        index = np.left_shift(level, 8, dtype=np.uint16)
+        np.bitwise_or(index, gray, out=index)
+        rgbx = _blend_table(float(opacity))[index]
+        rgb = np.asarray(cv2.cvtColor(rgbx.view(np.uint8).reshape(rows, cols, 4), cv2.COLOR_RGBA2RGB))
+    else:
+        rgb = np.asarray(cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB))
+    lines = [*(warning or []), f"P(pneumonia) = {probability:.3f}"]
+    if painted and faithfulness is not None:
+        lines.append(faithfulness_line(faithfulness))
+    lines.append(f"Pneumonia: {'POSITIVE' if positive else 'NEGATIVE'} (threshold {threshold:.2f})")
+    if not painted:
+        lines.append("No heatmap for a negative decision")
+    else:
+        if not positive:
+            lines.append("Heatmap: evidence for pneumonia, below the threshold")
+        if heatmap_scale is None:
+            lines.append("Heatmap scaled to its own peak (model has no fixed scale)")
+    _burn_in(rgb, [
+        *lines,
+        f"Model: {model_name} {model_version}",
+        "AI-generated - not for diagnostic use",
+        *([notice] if notice else []),
+        *([f"Review: {link}"] if link else []),
+    ], bar=painted)
+    return rgb
+
+
+def render_withheld(
+    unit_image: np.ndarray[Any, Any], *, reason: str, model_name: str, model_version: str, notice: str = "",
+    link: str = "",
+) -> np.ndarray[Any, Any]:
+    """The source image in gray, without any heatmap, saying why there is no result.
+
+    Args:
+        unit_image: Display-ready grayscale [Rows, Columns], in [0, 1] or uint8.
+        reason: One line, e.g. ``Trust.gate_line``.
+        model_name, model_version, notice: As for :func:`render_heatmap_overlay`.
+    """
+    _check_image(unit_image)
+    rgb = np.asarray(cv2.cvtColor(display_gray(unit_image), cv2.COLOR_GRAY2RGB))
+    _burn_in(rgb, [
+        WITHHELD_TEXT,
+        *([reason] if reason else []),
+        f"Model: {model_name} {model_version}",
+        "AI-generated - not for diagnostic use",
+        *([notice] if notice else []),
+        *([f"Review: {link}"] if link else []),
+    ], bar=False)
+    return rgb
+

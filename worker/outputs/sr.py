@@ -1,0 +1,212 @@
+"""The TID 1500 Measurement Report: one builder, with the templates of :mod:`highdicom.sr`."""
+
+from __future__ import annotations
+
+import math
+
+import highdicom as hd
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from cxr_contract.model import ModelInfo
+from worker.errors import WorkerError
+from worker.outputs.codes import (
+    ABSENT,
+    CHEST_XR_SINGLE_VIEW,
+    HEATMAP_FAITHFULNESS,
+    INDETERMINATE,
+    OOD_EVIDENCE,
+    OOD_REASONS,
+    OOD_SCORE,
+    OOD_THRESHOLD,
+    OUTSIDE_DISTRIBUTION,
+    PNEUMONIA,
+    PNEUMONIA_PROBABILITY,
+    PRESENT,
+    PRIVATE_SCHEME,
+    REVIEW_LINK,
+    TRAINING_DISTRIBUTION,
+    WITHIN_DISTRIBUTION,
+)
+from worker.outputs.common import (
+    BuildSettings,
+    OutputUIDs,
+    Trust,
+    as_reference,
+    check_probability,
+    decision,
+    derived_uid,
+    patient_orientation,
+    stamp_dates,
+)
+
+
+def _trust_content(model: ModelInfo, trust: Trust) -> tuple[list[hd.sr.QualitativeEvaluation],
+                                                             list[hd.sr.Measurement]]:
+    """The SR items that say how far to trust the answer (codes: README, conformance)."""
+    evaluations, measurements = [], []
+    if trust.gate is not None or model.has_ood_gate:
+        outside = trust.gate is not None
+        evaluations.append(hd.sr.QualitativeEvaluation(
+            name=TRAINING_DISTRIBUTION, value=OUTSIDE_DISTRIBUTION if outside else WITHIN_DISTRIBUTION))
+        if trust.gate is not None:
+            evaluations.append(hd.sr.QualitativeEvaluation(name=OOD_EVIDENCE, value=OOD_REASONS[trust.gate]))
+    if trust.ood_score is not None and model.ood_threshold is not None:
+        measurements += [
+            hd.sr.Measurement(name=OOD_SCORE, value=trust.ood_score, unit=codes.UCUM.NoUnits),
+            hd.sr.Measurement(name=OOD_THRESHOLD, value=model.ood_threshold, unit=codes.UCUM.NoUnits),
+        ]
+    if trust.faithfulness is not None and not trust.withheld:
+        measurements.append(hd.sr.Measurement(
+            name=HEATMAP_FAITHFULNESS, value=trust.faithfulness, unit=codes.UCUM.NoUnits))
+    return evaluations, measurements
+
+
+def acquisition_modality(source: Dataset) -> Code:
+    """The source's Modality as a CID 29 (Acquisition Modality) code; from its SOP class when
+    the attribute is not a CID 29 value."""
+    value = str(source.get("Modality", ""))
+    for keyword in codes.cid29.dir():
+        code = getattr(codes.cid29, keyword)
+        if code.value == value:
+            return Code(code.value, code.scheme_designator, code.meaning)
+    coded = hd.sr.templates._get_coded_modality(source.SOPClassUID)  # noqa: SLF001  # highdicom's own map
+    return Code(coded.value, coded.scheme_designator, coded.meaning)
+
+
+def _image_library(source: Dataset) -> hd.sr.ContainerContentItem:
+    """TID 1600 Image Library with one TID 1601 entry: the image the model read.
+
+    highdicom's :class:`~highdicom.sr.ImageLibrary` demands TID 1603's Imager Pixel Spacing of
+    a CR or DX, which many lack; this entry carries the TID 1602/1603 descriptors the source has
+    values for, and its real acquisition modality (CID 29). The SC is not an acquired image
+    (its Modality "OT" is not in CID 29); it is listed in the evidence instead.
+    """
+    acq = hd.sr.RelationshipTypeValues.HAS_ACQ_CONTEXT
+    pixels = hd.sr.CodedConcept(value="{pixels}", meaning="Pixels", scheme_designator="UCUM")
+    descriptors: list[hd.sr.ContentItem] = [
+        hd.sr.CodeContentItem(name=codes.DCM.Modality, value=acquisition_modality(source), relationship_type=acq),
+        hd.sr.NumContentItem(name=codes.DCM.PixelDataRows, value=int(source.Rows), unit=pixels,
+                             relationship_type=acq),
+        hd.sr.NumContentItem(name=codes.DCM.PixelDataColumns, value=int(source.Columns), unit=pixels,
+                             relationship_type=acq),
+    ]
+    orientation = patient_orientation(source)
+    if orientation:
+        descriptors += [
+            hd.sr.TextContentItem(name=codes.DCM.PatientOrientationRow, value=orientation[0], relationship_type=acq),
+            hd.sr.TextContentItem(name=codes.DCM.PatientOrientationColumn, value=orientation[1],
+                                  relationship_type=acq),
+        ]
+    try:
+        row, col = (float(v) for v in source.get("ImagerPixelSpacing"))
+    except (TypeError, ValueError):
+        row = col = 0.0
+    if row > 0 and col > 0 and math.isfinite(row + col):
+        descriptors += [
+            hd.sr.NumContentItem(name=codes.DCM.HorizontalPixelSpacing, value=col, unit=codes.UCUM.Millimeter,
+                                 relationship_type=acq),
+            hd.sr.NumContentItem(name=codes.DCM.VerticalPixelSpacing, value=row, unit=codes.UCUM.Millimeter,
+                                 relationship_type=acq),
+        ]
+    image = hd.sr.ImageContentItem(
+        name=hd.sr.CodedConcept(value="260753009", meaning="Source", scheme_designator="SCT"),
+        referenced_sop_class_uid=source.SOPClassUID, referenced_sop_instance_uid=source.SOPInstanceUID,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    image.ContentSequence = hd.sr.ContentSequence(descriptors)
+    group = hd.sr.ContainerContentItem(name=codes.DCM.ImageLibraryGroup,
+                                       relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    group.ContentSequence = hd.sr.ContentSequence([image])
+    library = hd.sr.ContainerContentItem(name=codes.DCM.ImageLibrary,
+                                         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    library.ContentSequence = hd.sr.ContentSequence([group])
+    return library
+
+
+
+
+def build_report(
+    source: Dataset, sc: Dataset, probability: float, model: ModelInfo, uids: OutputUIDs,
+    settings: BuildSettings, *, trust: Trust | None = None, review_url: str | None = None,
+) -> hd.sr.Comprehensive3DSR:
+    """A TID 1500 Measurement Report: the probability, the decision and the model identity.
+
+    Args:
+        source: The image the model read.
+        sc: The overlay from :func:`build_secondary_capture`; evidence and Image Library.
+        probability: Model output in [0, 1]; ``model.threshold`` makes the decision.
+        model, uids, settings: The model, output UIDs, site choices.
+        trust: Out-of-distribution gate and heatmap faithfulness. When ``trust.withheld``
+            the finding is Indeterminate and no probability is reported.
+        review_url: The dashboard's link to this result, carried as a TEXT item of the group.
+    """
+    trust = trust or Trust()
+    check_probability(probability, model.threshold)
+    if sc.StudyInstanceUID != source.StudyInstanceUID:
+        raise WorkerError(
+            f"SC and source must share a study. Received: {sc.StudyInstanceUID} "
+            f"and {source.StudyInstanceUID}"
+        )
+    prefix = settings.uid_prefix
+    presence = INDETERMINATE if trust.withheld else PRESENT if decision(probability, model.threshold) else ABSENT
+    evaluations, measurements = _trust_content(model, trust)
+    if not trust.withheld:
+        measurements.insert(0, hd.sr.Measurement(
+            name=PNEUMONIA_PROBABILITY, value=probability, unit=codes.UCUM.NoUnits))
+    device = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=derived_uid(prefix, "device", settings.manufacturer, model.name, model.version),
+            name=model.name,
+            manufacturer_name=settings.manufacturer,
+        ),
+    )
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=derived_uid(prefix, "tracking", uids.sr_instance), identifier="Pneumonia"
+        ),
+        finding_type=PNEUMONIA,
+        algorithm_id=hd.sr.AlgorithmIdentification(
+            name=model.name,
+            version=model.version,
+            parameters=[f"weights_sha256={model.weights_sha256}", f"threshold={model.threshold}"],
+        ),
+        # Name = the finding, value = Present/Absent/Indeterminate: one item a reader cannot misread.
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=PNEUMONIA, value=presence), *evaluations],
+        measurements=measurements,
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
+    )
+    if review_url:  # a PACS viewer shows it as text; the reader opens the case in the dashboard
+        group[0].ContentSequence.append(hd.sr.TextContentItem(
+            name=REVIEW_LINK, value=review_url, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=device),
+        procedure_reported=CHEST_XR_SINGLE_VIEW,
+        imaging_measurements=[group],
+    )
+    root = report[0]
+    # TID 1500 row 5 (Image Library) comes before row 6 (Imaging Measurements).
+    position = next(i for i, item in enumerate(root.ContentSequence)
+                    if item.ConceptNameCodeSequence[0].CodeValue == codes.DCM.ImagingMeasurements.value)
+    root.ContentSequence.insert(position, _image_library(source))
+    # The SC was made for this request: Current Requested Procedure Evidence (PS3.3 C.17.2.3)
+    # lists it beside the source, which the content tree references.
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[as_reference(source), sc], content=root,
+        series_instance_uid=uids.sr_series, series_number=settings.sr_series_number,
+        sop_instance_uid=uids.sr_instance, instance_number=1, manufacturer=settings.manufacturer,
+        series_description=settings.sr_series_description,
+        institution_name=settings.institution_name,
+        # PRELIMINARY and UNVERIFIED: a machine reading that awaits a human's report.
+        is_complete=True, is_final=False, is_verified=False,
+        coding_schemes=[CodingSchemeIdentificationItem(
+            PRIVATE_SCHEME, name="cxr-gradcam concepts",
+            responsible_organization=settings.manufacturer,
+        )],
+    )
+    stamp_dates(sr)
+    return sr
+
