@@ -58,6 +58,8 @@ def test_flags_not_given_leave_the_file_alone_and_sections_merge(tmp_path: Path,
     ("[model]\nproviders = \"tpu\"\n", "model.providers"),
     ("[dicom]\nprot = 1\n", "dicom.prot"),
     ("[dicom\n", "not valid TOML"),
+    ("[processing]\nworkers = 0\n", "processing.workers"),
+    ('[processing]\nworkers = "many"\n', "processing.workers"),
 ])
 def test_bad_values_are_refused_with_the_key(tmp_path: Path, toml: str, match: str) -> None:
     cfg = tmp_path / "w.toml"
@@ -116,3 +118,14 @@ def test_selection_takes_chest_pa_and_skips_the_rest() -> None:
     chest.ViewPosition = "AP"
     chest.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
     assert "SOP class" in str(ineligible_reason(chest, rules))
+
+
+def test_processing_workers_auto_is_the_cores_this_process_may_use(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    assert Settings().processing.count() == 1  # the default: answered in the service's own process
+    monkeypatch.setenv("CXR_PROCESSING__WORKERS", "auto")
+    assert get_settings().processing.count() == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("CXR_PROCESSING__WORKERS", "3")
+    assert get_settings().processing.count() == 3
