@@ -6,7 +6,7 @@ faithfulness run added (its per-batch model work), fp32 and fp16 (``trainer.quan
 In the same run, on the same GPU: the Grad-CAM's cost (the same graph without it) and
 pytorch-grad-cam on torchvision's ResNet-50, the alternative a user would pick.
 
-Design goal (issue 12): >= 2,000 images/s at batch 64 on an H100. Where ONNX Runtime cannot run
+Design goal: >= 2,000 images/s at batch 64 on an H100. Where ONNX Runtime cannot run
 on a GPU it prints "no GPU", writes nothing and exits 0. Needs the ``gpu`` extra and, to export
 the model, TensorFlow (``train`` or ``train-gpu``); ``--model`` times a model of ours exported
 elsewhere instead (ONNX Runtime and ``onnx`` alone). pytorch-grad-cam runs in the interpreter

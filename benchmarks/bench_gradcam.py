@@ -9,7 +9,7 @@ and 8 on the CPU, in one run, 224 px, RANDOM weights (only the cost is measured)
 - our int8 model (``trainer.quantize.quantize_int8``, calibrated on random images);
 - the same fp32 model without the Grad-CAM output (what Grad-CAM costs).
 
-Goals (issue 12): int8 >= 15x faster than pytorch-grad-cam per image at batch 8; the Grad-CAM
+Goals: int8 >= 15x faster than pytorch-grad-cam per image at batch 8; the Grad-CAM
 output costs <= 2 % over the model without it. The machine may be shared: the load average
 is recorded beside each measurement, and the ratios compare numbers of the same run.
 

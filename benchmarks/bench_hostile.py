@@ -1,4 +1,4 @@
-"""Hostile-peer benchmark (not a test): the attacks of issue 9 at full size against a live
+"""Hostile-peer benchmark (not a test): the hostile-peer attacks at full size against a live
 ``cxr-worker serve``, with the worker's peak resident memory above its warm level for each.
 
 Goal: the peak stays within ~1.5 GiB above warm, whatever a peer sends, within the limits

@@ -1,8 +1,8 @@
 """Size and build time of the Secondary Capture for the real RG1 chest (1955 x 1841 CR), per
-``output.sc_compression``: none (before issue 11), jpeg (the default) and jpeg2000.
+``output.sc_compression``: none, jpeg (the default) and jpeg2000.
 
 Build = ``build_secondary_capture`` (highdicom's SC plus the encoding); encode = the encoding
-alone, the part issue 11 adds. Writes ``benchmarks/results/bench_outputs.json`` and, to look at
+alone, the part compression adds. Writes ``benchmarks/results/bench_outputs.json`` and, to look at
 the burned-in text and colour bar at 100 %, ``previews/bench_outputs_<compression>.png`` there (the
 decoded SC; not committed, 3-4 MB each).
 

@@ -6,8 +6,8 @@ sender got no answer for an object the PACS had stored: pynetdicom's association
 took the response (``worker.compat.keep_responses_for_the_sender``). Each variant runs in its
 own process, since the guard is process-wide:
 
-- Nagle on, pynetdicom as it is (the worker before session 5);
-- Nagle off, pynetdicom as it is (session 4's try: faster, and responses lost);
+- Nagle on, pynetdicom as it is (the sender without the guard and with Nagle);
+- Nagle off, pynetdicom as it is (faster, and responses lost);
 - Nagle off with the guard (the worker now).
 
 The DIMSE timeout is 5 s here (60 s by default), so a lost response costs 5 s.

@@ -163,14 +163,14 @@ def export_e2e_model(target: Path, size: int = SIZE) -> Path:
 
 
 def quantize_e2e_model(fp32: Path, target: Path, size: int = SIZE) -> Path:
-    """The end-to-end model reduced to int8 by ``trainer.quantize.quantize_int8`` (issue 12 §1),
+    """The end-to-end model reduced to int8 by ``trainer.quantize.quantize_int8``,
     calibrated on the real chest and 15 phantoms (the README's runs)."""
     import pydicom
     from pydicom.data import get_testdata_file
 
     from cxr_contract.pixels import resize_for_model, to_unit_range
     from trainer.phantoms import make_phantom
-    from trainer.quantize import quantize_int8  # branch precision (issue 12 §1)
+    from trainer.quantize import quantize_int8
     from worker.decode import dataset_to_model_input
 
     rng = np.random.default_rng(0)
@@ -474,7 +474,7 @@ def main() -> None:
     p.add_argument("--model", type=Path, help="end to end on this exported model (e.g. an int8 one); "
                    "default: a 224-px contract-v2 ResNet-50 with random weights, exported for the run")
     p.add_argument("--int8", action="store_true", help="with no --model: reduce the exported model to int8 "
-                   "(trainer.quantize, issue 12 section 1)")
+                   "(trainer.quantize)")
     p.add_argument("--worker-root", type=Path, default=Path(__file__).resolve().parent.parent,
                    help="source tree the worker runs from (another checkout, to compare before and after)")
     p.add_argument("--latency-images", type=int, default=20)

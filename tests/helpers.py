@@ -191,7 +191,7 @@ def phantom_file(path: Path, positive: bool, seed: int, **kw: Any) -> Dataset:
     ds.ReferringPhysicianName = "Zebedee"
     ds.save_as(path, enforce_file_format=True)
     return ds
-# -- a hostile peer (issue 9): raw P-DATA on a real association, memory of a process ------
+# -- a hostile peer: raw P-DATA on a real association, memory of a process ------
 #: Presentation context IDs of the contexts :func:`associate` requests, in its order.
 VERIFICATION_CX, CR_CX = 1, 3
 

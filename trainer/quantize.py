@@ -40,8 +40,8 @@ Array = np.ndarray[Any, Any]
 #: memory holds one batch whatever the number of images.
 CALIBRATION_BATCH = 4
 
-#: Limits a reduced-precision model must meet against its fp32 model on the test split
-#: (issue 12). ``max`` limits are upper bounds, ``min`` lower bounds.
+#: Limits a reduced-precision model must meet against its fp32 model on the test split.
+#: ``max`` limits are upper bounds, ``min`` lower bounds.
 LIMITS: dict[str, tuple[str, float]] = {
     "probability_max_abs_diff": ("max", 0.02),
     "gradcam_mean_pearson": ("min", 0.95),

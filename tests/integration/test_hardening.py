@@ -1,4 +1,4 @@
-"""A hostile or broken peer against a live ``cxr-worker serve`` on loopback (issue 9).
+"""A hostile or broken peer against a live ``cxr-worker serve`` on loopback.
 
 Each test sends what an attacker (or a buggy modality) could, bounded in count and
 time, and checks that the worker refuses it within its limits, says so to the peer,

@@ -233,7 +233,7 @@ def test_a_warning_status_counts_as_delivered(tmp_path: Path, status: int) -> No
 
 
 def test_a_pacs_that_takes_no_compressed_syntax_gets_the_object_decompressed(tmp_path: Path) -> None:
-    """The SC goes out compressed (issue 11); a PACS that accepts only uncompressed transfer
+    """The SC goes out compressed; a PACS that accepts only uncompressed transfer
     syntaxes for its SOP class still gets it, decompressed, with the same pixels."""
     from pydicom.uid import JPEG2000Lossless
     from pynetdicom import AE, AllStoragePresentationContexts, evt

@@ -1,5 +1,5 @@
 """The comparison of a reduced-precision model with its fp32 model: each number and each
-limit (issue 12), on outputs built by hand so the expected values are known."""
+limit, on outputs built by hand so the expected values are known."""
 
 from __future__ import annotations
 

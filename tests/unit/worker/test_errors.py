@@ -20,7 +20,7 @@ def test_a_broken_jpeg2000_frame_is_one_line() -> None:
     with pytest.raises(DecodeError) as err:
         read_pixels(ds)
     message = str(err.value)
-    # The codec's own header parser refuses it before any decoding (issue 9).
+    # The codec's own header parser refuses it before any decoding.
     assert message.startswith("compressed frame header cannot be read")
     assert "\n" not in message and "  " not in message
 

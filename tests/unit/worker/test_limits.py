@@ -1,4 +1,4 @@
-"""The pieces of the limits against hostile input, without a live worker (issue 9)."""
+"""The pieces of the limits against hostile input, without a live worker."""
 
 from __future__ import annotations
 

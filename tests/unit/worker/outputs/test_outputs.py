@@ -1,4 +1,4 @@
-"""Outputs every PACS and viewer takes (issue 11): the compressed SC, the SR checked against its
+"""Outputs every PACS and viewer takes: the compressed SC, the SR checked against its
 templates and rendered by DCMTK, sources without patient/study attributes, and why there is no
 Parametric Map of a radiograph."""
 
@@ -195,8 +195,8 @@ def test_sr_follows_tid_1500_1501_1600_and_dcmtk_reads_it_strictly(case: str, tm
     assert dciodvfy_errors(sr_path) == []
 
 
-def test_checker_finds_what_the_issue_reported(tmp_path: Path) -> None:
-    """The SR as built before issue 11: the SC, coded OT, in the Image Library."""
+def test_checker_finds_an_sc_coded_ot_in_the_image_library(tmp_path: Path) -> None:
+    """The SR as once built: the SC, coded OT, in the Image Library."""
     source = synthetic_cr()
     _, sr_path, _ = build(source, tmp_path)
     sr = pydicom.dcmread(sr_path)
