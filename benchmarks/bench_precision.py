@@ -5,6 +5,7 @@ verification numbers of a trained model.
     python benchmarks/bench_precision.py                      # 224-px ResNet-50, random weights
     python benchmarks/bench_precision.py --verify RUN FP32_ONNX   # + limits on RUN's test split
     python benchmarks/bench_precision.py --model FP32_ONNX      # time an exported model instead
+    python benchmarks/bench_precision.py --variants             # each int8 variant (s8s8, u8s8, u8u8)
 
 Building the random model converts it with tf2onnx, which peaked above 9 GB of memory at 224 px
 here; ``--model`` skips that with any contract-v2 fp32 model that names its feature layer.
@@ -99,10 +100,13 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
     p.add_argument("--fp16", action="store_true", help="also time the fp16 model on the CPU (slow: no fp16 kernels)")
     p.add_argument("--model", type=Path, default=None, help="an exported fp32 model to time instead of a random one")
+    p.add_argument("--variants", action="store_true",
+                   help="time every int8 variant (signedness of activations/weights), not only the one "
+                        "export would choose on this CPU")
     p.add_argument("--verify", nargs=2, metavar=("RUN", "FP32_ONNX"),
                    help="also the limits' numbers of int8 and fp16 against FP32_ONNX on RUN's test split")
     args = p.parse_args()
-    from trainer.quantize import convert_fp16, quantize_int8
+    from trainer.quantize import INT8_VARIANTS, convert_fp16, has_vnni, int8_variants, quantize_int8
 
     data: dict[str, Any] = {"size": args.size, "threads": args.threads or "all",
                             "model": str(args.model) if args.model else "random weights (speed only)"}
@@ -114,8 +118,15 @@ def main() -> int:
             meta = {p.key: p.value for p in onnx.load(str(args.model), load_external_data=False).metadata_props}
             args.size = data["size"] = int(meta[Meta.INPUT_SIZE])
         fp32 = args.model or random_model(args.size, Path(tmp) / "fp32.onnx")
-        int8 = quantize_int8(fp32, phantoms(args.size, 32, 1), Path(tmp) / "int8.onnx")
-        models = {"fp32": fp32, "int8": int8}
+        calibration = phantoms(args.size, 32, 1)
+        data["cpu_vnni"] = has_vnni()
+        # Without --variants, the variant export tries first on this CPU.
+        variants = list(INT8_VARIANTS) if args.variants else [int8_variants()[0]]
+        models = {"fp32": fp32}
+        for v in variants:
+            name = f"int8 {v}" if args.variants else "int8"
+            models[name] = quantize_int8(fp32, calibration, Path(tmp) / f"int8-{v}.onnx", variant=v)
+        data["int8_variants"] = variants
         if args.fp16:
             models["fp16"] = convert_fp16(fp32, Path(tmp) / "fp16.onnx")
         images = phantoms(args.size, 8, 2)
@@ -124,11 +135,13 @@ def main() -> int:
             for name, t in timings.items():
                 data[f"{name}_batch{batch}"] = t
                 rows.append((f"{name} batch {batch} ms/image (p50, min)", f"{t['p50_ms']:.1f}, {t['min_ms']:.1f}"))
-            speedup = timings["fp32"]["p50_ms"] / timings["int8"]["p50_ms"]
-            data[f"int8_speedup_batch{batch}"] = speedup
-            data[f"int8_speedup_batch{batch}_min"] = timings["fp32"]["min_ms"] / timings["int8"]["min_ms"]
-            rows.append((f"int8 speed-up at batch {batch} (p50, min)",
-                         f"{speedup:.2f}x, {data[f'int8_speedup_batch{batch}_min']:.2f}x"))
+            for name in (k for k in models if k.startswith("int8")):
+                key = name.replace(" ", "_")
+                speedup = timings["fp32"]["p50_ms"] / timings[name]["p50_ms"]
+                data[f"{key}_speedup_batch{batch}"] = speedup
+                data[f"{key}_speedup_batch{batch}_min"] = timings["fp32"]["min_ms"] / timings[name]["min_ms"]
+                rows.append((f"{name} speed-up at batch {batch} (p50, min)",
+                             f"{speedup:.2f}x, {data[f'{key}_speedup_batch{batch}_min']:.2f}x"))
         data["model_mb"] = {k: round(v.stat().st_size / 2**20, 1) for k, v in models.items()}
         rows.append(("model size MB", ", ".join(f"{k} {v}" for k, v in data["model_mb"].items())))
 
@@ -143,14 +156,15 @@ def main() -> int:
             ds = load_dataset(Path(info["data"]))
             val, test = require_split(ds, "val"), require_split(ds, "test")
             for precision in ("int8", "fp16"):
-                _, check = reduce_and_verify(model, precision, calibration_records(val, 0), test, Path(tmp))
+                _, check = reduce_and_verify(model, precision, calibration_records(val, 0), test, Path(tmp),
+                                             validation=val)
                 data[f"verify_{precision}"] = check
                 rows.append((f"{precision} vs fp32 on {check['images']} test images",
                              f"max|dp| {check['probability_max_abs_diff']:.4f}, Grad-CAM r "
                              f"{check['gradcam_mean_pearson']:.4f}, dAUC {check['auc_abs_diff']}, decisions "
                              f"{check['decision_agreement']:.3f}, OOD verdicts {check['ood_verdict_agreement']:.3f}"
                              f", passed {check['passed']}"))
-    report("bench_precision", rows, data)
+    report("bench_precision_int8_variants" if args.variants else "bench_precision", rows, data)
     return 0
 
 

@@ -75,6 +75,19 @@ def key_fingerprint(key: bytes) -> str:
     return hashlib.sha256(b"cxr-gradcam-feedback-key\x00" + key).hexdigest()[:16]
 
 
+#: A cell starting with one of these is a formula to a spreadsheet (CSV injection): written with a
+#: leading apostrophe, which spreadsheets show as text and the reader here removes again.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _inert(value: str) -> str:
+    return "'" + value if value.startswith(_FORMULA_START) or value.startswith("'") else value
+
+
+def _uninert(value: str) -> str:
+    return value[1:] if value.startswith("'") else value
+
+
 @dataclass(frozen=True)
 class FeedbackLabel:
     """One reader's label of one image (a row of labels.csv)."""
@@ -93,7 +106,7 @@ class FeedbackLabel:
     def row(self) -> dict[str, str]:
         return {"image": self.image or image_path(self.image_key), "patient_key": self.patient_key,
                 "image_key": self.image_key, "reader": self.reader, "label": self.label,
-                "agree": "yes" if self.agree else "no", "model_version": self.model_version,
+                "agree": "yes" if self.agree else "no", "model_version": _inert(self.model_version),
                 "model_probability": f"{self.model_probability:.6g}",
                 "recorded_at": self.recorded_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
 
@@ -251,7 +264,7 @@ def read_export(folder: Path) -> FeedbackExport:
             lab = FeedbackLabel(
                 patient_key=row["patient_key"], image_key=row["image_key"], reader=row["reader"],
                 label=row["label"], agree=_parse_agree(row["agree"], where),
-                model_version=row["model_version"],
+                model_version=_uninert(row["model_version"]),
                 model_probability=_parse_probability(row["model_probability"], where),
                 recorded_at=_parse_time(row["recorded_at"], where, "recorded_at"), image=row["image"],
             )

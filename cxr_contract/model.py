@@ -63,6 +63,12 @@ class Meta:
     #: JSON: a reduced-precision model's verification against its fp32 model on the test split
     #: (probability, Grad-CAM, AUC, decision and out-of-distribution agreement, with the limits).
     PRECISION_CHECK = "precision_check"
+    #: int8 only: which signedness of activations/weights export chose on its CPU (``s8s8``,
+    #: ``u8s8``, ``u8u8``), with the variants it tried in ``precision_check``.
+    INT8_VARIANT = "int8_variant"
+    #: JSON: a few probe inputs (uint8, zlib, base64) with the fp32 model's outputs on them and
+    #: the limits; the worker checks a reduced model against them at load (:mod:`cxr_contract.probes`).
+    PROBES = "probes"
 
 
 #: What ``cxr-train export --precision`` writes: fp32 (the default), int8 (CPU), fp16 (CUDA).

@@ -7,6 +7,7 @@ functions, so a PNG and the DICOM made from it give the same model input.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import cv2
@@ -32,9 +33,11 @@ def to_unit_range(arr: np.ndarray[Any, Any], *, clip: bool = True) -> np.ndarray
             without a display range of its own); False: min-max, for an image a VOI window
             already brought to its display range.
 
-    A constant image maps to zeros.
+    A constant image maps to zeros. Values that are not finite carry no intensity of their
+    own: NaN and -inf count as the darkest finite value (black), +inf as the brightest
+    (white); an image with no finite value maps to zeros.
     """
-    arr = np.asarray(arr, dtype=np.float64)
+    arr = finite_or_ends(np.asarray(arr, dtype=np.float64))
     if clip and arr.size:
         lo, hi = (float(v) for v in np.percentile(arr, CLIP_PERCENTILES))
         if hi > lo:
@@ -45,6 +48,37 @@ def to_unit_range(arr: np.ndarray[Any, Any], *, clip: bool = True) -> np.ndarray
     return ((arr - lo) / (hi - lo)).astype(np.float32)
 
 
+def all_finite(arr: np.ndarray[Any, Any]) -> bool:
+    """Whether every value is finite, in one summing pass and no full-size temporary: a NaN
+    or an infinity makes the sum non-finite (a sum that overflows only costs a needless copy
+    in the callers, which then replace nothing)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(math.isfinite(float(np.add.reduce(arr, axis=None)))) if arr.size else True
+
+
+def finite_or_ends(arr: np.ndarray[Any, Any], low: float | None = None,
+                   high: float | None = None) -> np.ndarray[Any, Any]:
+    """``arr`` with NaN and -inf replaced by ``low`` and +inf by ``high`` (default: the
+    smallest and largest finite value, 0 where there is none); ``arr`` itself when all
+    values are finite.
+
+    OpenCV's vectorised kernels compare and convert NaN differently on different instruction
+    sets (AVX2, AVX-512), and a NaN spreads through every blur and area average: each pixel
+    step replaces them first, so its output is the same on every CPU.
+    """
+    arr = np.asarray(arr)
+    if all_finite(arr):
+        return arr
+    finite = np.isfinite(arr)
+    if low is None or high is None:
+        some = bool(finite.any())
+        low = (float(arr[finite].min()) if some else 0.0) if low is None else low
+        high = (float(arr[finite].max()) if some else 0.0) if high is None else high
+    return np.where(finite, arr, np.where(arr == np.inf, high, low)).astype(arr.dtype, copy=False)
+
+
 def resize_for_model(arr: np.ndarray[Any, Any], size: int) -> np.ndarray[Any, Any]:
-    """Resize a [0, 1] float image to ``size x size`` with the shared interpolation."""
-    return cv2.resize(np.asarray(arr, dtype=np.float32), (size, size), interpolation=MODEL_INTERPOLATION)
+    """Resize a [0, 1] float image to ``size x size`` with the shared interpolation; NaN and
+    -inf become 0, +inf 1 first (see :func:`finite_or_ends`)."""
+    arr = finite_or_ends(np.asarray(arr, dtype=np.float32), 0.0, 1.0)
+    return cv2.resize(arr, (size, size), interpolation=MODEL_INTERPOLATION)

@@ -119,19 +119,23 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
 
     from cxr_demo.orthanc import OrthancPACS, find_orthanc
-    from worker.config import default_config, get_settings
+    from worker.config import Hl7Destination, default_config, get_settings, parse_destination
 
     p = argparse.ArgumentParser(prog="cxr-demo", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--work", type=Path, default=ROOT / "var" / "demo")
     p.add_argument("--model", type=Path, help="an exported model (default: build the demo model)")
     p.add_argument("--keep-running", action="store_true", help="keep worker and PACS running until Ctrl-C")
     p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--ris", metavar="mllp://HOST:PORT", action="append", default=[],
+                   help="also send an HL7 ORU^R01 per image to this RIS (beside any in the config)")
     args = p.parse_args(argv)
     console = Console()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     settings = get_settings(default_config())
     model = args.model or settings.model.path or build_demo_model(work / "model", console)
+    ris = [*(str(d) for d in settings.send.destinations if isinstance(d, Hl7Destination)),
+           *(str(parse_destination(url)) for url in args.ris)]  # as the worker logs them
 
     orthanc_bin = find_orthanc()
     worker_port = settings.dicom.port
@@ -154,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         log = open(work / "worker.log", "ab")  # noqa: SIM115
         worker = subprocess.Popen(
             [sys.executable, "-m", "worker.cli", "serve", "--config", str(default_config()),
-             "--model", str(model), "--spool", str(work / "spool"), "--destination", destination],
+             "--model", str(model), "--spool", str(work / "spool"), "--destination", destination,
+             *(arg for url in ris for arg in ("--destination", url))],
             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=dashboard_env(work, settings))
         procs.append(worker)
         dashboard_url, demo_password = start_dashboard(work, settings, procs, ROOT)
@@ -173,13 +178,14 @@ def main(argv: list[str] | None = None) -> int:
             c_store("127.0.0.1", worker_port, settings.dicom.ae_title, [f for _, f in studies])
         table = Table(title="cxr-gradcam demo (" + DEMO_LABEL + ")" if model == work / "model" / "model.onnx"
                       else "cxr-gradcam demo")
-        for col in ("image", "probability", "decision", "outputs", "seconds"):
+        for col in ("image", "probability", "decision", "outputs", *(["RIS (ORU^R01)"] if ris else []), "seconds"):
             table.add_column(col)
+        rows: list[tuple[str, Dataset, list[str]]] = []
         for label, path in studies:
             src = pydicom.dcmread(path, stop_before_pixels=True)
             sc_png, sr, seconds = wait_result(src, pacs, work, args.timeout, started)
             if sr is None:
-                table.add_row(label, "-", "no result", "-", f"{seconds:.1f}")
+                rows.append((label, src, [label, "-", "no result", "-", f"{seconds:.1f}"]))
                 continue
             probability, presence = sr_result(sr)
             name = previews / f"{label.replace(' ', '-').replace('(', '').replace(')', '')}.png"
@@ -187,8 +193,18 @@ def main(argv: list[str] | None = None) -> int:
                 name.write_bytes(sc_png)
             verdict = {"Present": "pneumonia", "Absent": "no pneumonia"}.get(
                 presence, "withheld: outside the training distribution")  # SR finding Indeterminate
-            table.add_row(label, "-" if probability != probability else f"{probability:.3f}", verdict,
-                          "SC + SR", f"{seconds:.1f}")
+            rows.append((label, src, [label, "-" if probability != probability else f"{probability:.3f}", verdict,
+                                      "", f"{seconds:.1f}"]))
+        time.sleep(2)  # the GSPS and the ORU leave in the same round as the SR: let them land
+        sent = sent_to_ris(work / "worker.log", ris)
+        for _, src, cells in rows:
+            if cells[3] == "":
+                cells[3] = " + ".join(outputs_arrived(src, pacs, work)) or "-"
+            if ris:
+                uid = str(src.SOPInstanceUID)
+                cells.insert(4, "acknowledged (AA)" if uid in sent else "not acknowledged" if cells[2] != "no result"
+                             else "-")
+            table.add_row(*cells)
         console.print(table)
         console.print(f"PNG previews of the Secondary Captures: {previews}")
         if pacs is not None:
@@ -268,6 +284,40 @@ def wait_result(src: Dataset, pacs: Any, work: Path, timeout: float, started: fl
                     return _local_preview(work, ds), ds, time.monotonic() - started
         time.sleep(1.0)
     return None, None, time.monotonic() - started
+
+
+#: How each output is recognised in the PACS: SC by its series description (its Modality is OT),
+#: SR and GSPS by Modality.
+OUTPUT_NAMES = (("SC", "SeriesDescription", "AI Grad-CAM Pneumonia"), ("SR", "Modality", "SR"),
+                ("GSPS", "Modality", "PR"))
+
+
+def outputs_arrived(src: Dataset, pacs: Any, work: Path) -> list[str]:
+    """Which of the SC, SR and GSPS for ``src`` the PACS holds (each demo study has one image)."""
+    if pacs is not None:
+        tags = [s["MainDicomTags"] for s in pacs.series_of_study(str(src.StudyInstanceUID))]
+    else:
+        tags = [{"SeriesDescription": str(ds.get("SeriesDescription", "")), "Modality": str(ds.Modality)}
+                for ds in (pydicom.dcmread(f, stop_before_pixels=True) for f in (work / "received").glob("*.dcm"))
+                if ds.StudyInstanceUID == src.StudyInstanceUID]
+    return [name for name, key, value in OUTPUT_NAMES if any(t.get(key) == value for t in tags)]
+
+
+def sent_to_ris(log: Path, ris: list[str]) -> set[str]:
+    """SOP Instance UIDs whose ORU^R01 a RIS acknowledged with AA (the worker logs "sent")."""
+    import json
+
+    if not ris or not log.is_file():
+        return set()
+    done = set()
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("message") == "sent" and record.get("destination") in ris:
+            done.add(str(record.get("sop_instance_uid")))
+    return done
 
 
 def _local_preview(work: Path, sr: Dataset) -> bytes | None:

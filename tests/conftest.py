@@ -141,9 +141,12 @@ class WorkerProcess:
 
 
 def write_worker_config(config: Path, *, port: int, spool: Path, model: Path, metrics_port: int, audit: Path,
-                        destinations: list[str], extra: str = "", dicom_extra: str = "") -> Path:
+                        destinations: list[str], extra: str = "", dicom_extra: str = "", gsps: bool = False) -> Path:
     """The worker configuration the integration tests start from: loopback, a short batch
-    wait, small phantoms selected, fast retries; ``extra`` adds sections (TOML) after it."""
+    wait, small phantoms selected, fast retries; ``extra`` adds sections (TOML) after it.
+
+    The GSPS (``output.gsps``, on by default) is off unless ``gsps``: most tests count an SC
+    and an SR per image; those about the GSPS (test_orthanc, test_stow) turn it on."""
     dests = ", ".join(f'"{d}"' for d in destinations)
     config.write_text(f"""
 [dicom]
@@ -163,6 +166,8 @@ min_size = 32
 port = {metrics_port}
 [audit]
 path = "{audit}"
+[output]
+gsps = {str(gsps).lower()}
 [send]
 destinations = [{dests}]
 retry_initial_s = 0.5
@@ -177,7 +182,7 @@ def make_worker(tmp_path: Path, onnx_model: Path) -> Iterator[object]:
     started: list[WorkerProcess] = []
 
     def factory(destinations: list[str], extra: str = "", port: int | None = None,
-                metrics_port: int = 0, dicom_extra: str = "", home: str = "") -> WorkerProcess:
+                metrics_port: int = 0, dicom_extra: str = "", gsps: bool = False, home: str = "") -> WorkerProcess:
         """``home``: a folder of its own for the spool, audit trail and log (a second replica)."""
         port = port or free_port()
         base = tmp_path / home
@@ -185,7 +190,7 @@ def make_worker(tmp_path: Path, onnx_model: Path) -> Iterator[object]:
         spool = base / "spool"
         config = write_worker_config(base / f"worker-{port}.toml", port=port, spool=spool, model=onnx_model,
                                      metrics_port=metrics_port, audit=base / "audit.jsonl",
-                                     destinations=destinations, extra=extra, dicom_extra=dicom_extra)
+                                     destinations=destinations, extra=extra, dicom_extra=dicom_extra, gsps=gsps)
         w = WorkerProcess(config, port, spool, base / "worker.log", metrics_port=metrics_port)
         w.start()
         started.append(w)

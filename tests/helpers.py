@@ -5,12 +5,15 @@ Test modules import helpers from here only, never from each other; fixtures live
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
 import socket
+import ssl
 import struct
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -19,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import hl7
+import hl7.mllp
 import numpy as np
 import pydicom
 import pytest
@@ -297,6 +302,46 @@ def log_records(worker: Any) -> list[dict[str, Any]]:
 def logged(worker: Any, message: str) -> list[dict[str, Any]]:
     """A live worker's JSON log records whose message starts with ``message``."""
     return [r for r in log_records(worker) if isinstance(r, dict) and str(r.get("message", "")).startswith(message)]
+
+
+class Ris:
+    """An MLLP listener that parses every message (python-hl7) and answers with the next of
+    ``answers`` (the last one repeats)."""
+
+    def __init__(self, port: int, answers: list[str], tls: ssl.SSLContext | None = None) -> None:
+        self.port, self.answers, self.tls = port, list(answers), tls
+        self.received: list[hl7.Message] = []
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.server: Any = None
+
+    async def _handle(self, reader: hl7.mllp.HL7StreamReader, writer: hl7.mllp.HL7StreamWriter) -> None:
+        try:
+            while not reader.at_eof():
+                message = await reader.readmessage()
+                self.received.append(message)
+                code = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+                writer.writemessage(message.create_ack(code))
+                await writer.drain()
+        except asyncio.IncompleteReadError:
+            pass
+        finally:
+            writer.close()
+
+    def __enter__(self) -> Ris:
+        self.thread.start()
+        self.server = asyncio.run_coroutine_threadsafe(
+            hl7.mllp.start_hl7_server(self._handle, "127.0.0.1", self.port, ssl=self.tls), self.loop).result(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        async def close() -> None:
+            self.server.close()
+            await self.server.wait_closed()
+
+        asyncio.run_coroutine_threadsafe(close(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
 
 
 # -- a load balancer in front of several workers ------------------------------------------

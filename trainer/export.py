@@ -57,7 +57,19 @@ from trainer.evaluate import load_run
 from trainer.fit import load_image
 from trainer.model import feature_model, gradcam_parts, gradcam_tape_parts
 from trainer.ood import METHOD, MahalanobisGate, conformal_threshold, fit_gate
-from trainer.quantize import LIMITS, check_limits, compare, convert_fp16, failures, quantize_int8, run_model
+from trainer.quantize import (
+    LIMITS,
+    check_limits,
+    compare,
+    convert_fp16,
+    failures,
+    has_vnni,
+    int8_variants,
+    ood_probe_images,
+    probe_record,
+    quantize_int8,
+    run_model,
+)
 from trainer.sanity import sanity_check
 
 OPSET = 17
@@ -70,6 +82,8 @@ BATCH = 32
 #: At most this many validation images calibrate an int8 model (seeded draw beyond it):
 #: min-max ranges settle long before, and calibration runs the whole graph on each.
 CALIBRATION_MAX = 256
+#: Test images (both classes) whose fp32 outputs a reduced model carries for the worker's load check.
+PROBE_IMAGES = 4
 
 
 def weights_sha256(model: keras.Model) -> str:
@@ -273,32 +287,75 @@ def calibration_records(val: list[Record], seed: int) -> list[Record]:
     return [val[i] for i in sorted(pick)]
 
 
+def _verify_reduced(fp32_path: Path, reduced: Path, images: np.ndarray[Any, Any], test: list[Record],
+                    ref: dict[str, np.ndarray[Any, Any]], meta: dict[str, str], val_images: np.ndarray[Any, Any],
+                    false_gate_rate: float, ood_ref: dict[str, np.ndarray[Any, Any]],
+                    ood_images: np.ndarray[Any, Any]) -> dict[str, Any]:
+    """One reduced model's numbers against fp32: its own gate threshold (the split-conformal
+    quantile of ITS validation scores, as export chose fp32's), the test split, and the
+    out-of-distribution probes' verdicts under each model's own threshold."""
+    own_threshold, _ = conformal_threshold(run_model(reduced, val_images)[OOD_SCORE_OUTPUT], false_gate_rate)
+    return compare(ref, run_model(reduced, images), np.array([r.label for r in test]),
+                   threshold=float(meta[Meta.THRESHOLD]), ood_threshold=float(meta[Meta.OOD_THRESHOLD]),
+                   heatmap_scale=float(meta[Meta.HEATMAP_SCALE]), got_ood_threshold=own_threshold,
+                   ood_probes=(ood_ref, run_model(reduced, ood_images)))
+
+
 def reduce_and_verify(fp32_path: Path, precision: str, calibrate: list[Record], test: list[Record], workdir: Path,
-                      fp32_on_test: dict[str, np.ndarray[Any, Any]] | None = None) -> tuple[Any, dict[str, Any]]:
+                      fp32_on_test: dict[str, np.ndarray[Any, Any]] | None = None, *,
+                      validation: list[Record] | None = None,
+                      false_gate_rate: float = 0.01) -> tuple[Any, dict[str, Any]]:
     """The exported fp32 model at ``fp32_path`` reduced to ``precision`` and compared with it on
     the ``test`` records (its outputs there may be passed in); returns the reduced model, with
-    ``precision_check`` in its metadata, and the numbers. Nothing is refused here."""
+    ``precision_check``, its own ``ood_threshold`` (chosen on the ``validation`` records, default
+    ``calibrate``, at ``false_gate_rate``) and the worker's load-time ``probes`` in its
+    metadata, and the numbers. Nothing is refused here.
+
+    int8 tries :func:`trainer.quantize.int8_variants` fastest first on this CPU and keeps the
+    first that passes (or, when none does, the last tried, which export then refuses).
+    """
     import onnx
 
     meta = {p.key: p.value for p in onnx.load(str(fp32_path), load_external_data=False).metadata_props}
     size = int(meta[Meta.INPUT_SIZE])
-    reduced = workdir / f"{precision}.onnx"
-    if precision == "int8":
-        quantize_int8(fp32_path, _load(calibrate, size), reduced)
-    else:
-        convert_fp16(fp32_path, reduced)
     images = _load(test, size)
     ref = run_model(fp32_path, images) if fp32_on_test is None else {
         PROBABILITY_OUTPUT: fp32_on_test[PROBABILITY_OUTPUT].reshape(-1), GRADCAM_OUTPUT: fp32_on_test[GRADCAM_OUTPUT],
         OOD_SCORE_OUTPUT: fp32_on_test[OOD_SCORE_OUTPUT].reshape(-1)}
-    numbers = compare(ref, run_model(reduced, images), np.array([r.label for r in test]),
-                      threshold=float(meta[Meta.THRESHOLD]), ood_threshold=float(meta[Meta.OOD_THRESHOLD]),
-                      heatmap_scale=float(meta[Meta.HEATMAP_SCALE]))
+    val_images = _load(validation if validation is not None else calibrate, size)
+    ood_images = np.stack(list(ood_probe_images(size, images[0]).values()))
+    ood_ref = run_model(fp32_path, ood_images)
+    probes = probe_record(fp32_path, _load(both_classes(test, PROBE_IMAGES), size))
+    heat = float(meta[Meta.HEATMAP_SCALE])
+    tried: list[dict[str, Any]] = []
+    for variant in int8_variants() if precision == "int8" else (None,):
+        reduced = workdir / f"{precision}-{variant or 'fp16'}.onnx"
+        if variant is None:
+            convert_fp16(fp32_path, reduced)
+        else:
+            quantize_int8(fp32_path, _load(calibrate, size), reduced, variant=variant)
+        numbers = _verify_reduced(fp32_path, reduced, images, test, ref, meta, val_images, false_gate_rate,
+                                  ood_ref, ood_images)
+        on_probes = run_model(reduced, probes.inputs)
+        numbers["probes"] = probes.differences(on_probes[PROBABILITY_OUTPUT], on_probes[GRADCAM_OUTPUT],
+                                               on_probes[OOD_SCORE_OUTPUT], heat)
+        bad = failures(numbers) + probes.failures(numbers["probes"])
+        if variant is not None:
+            tried.append({"variant": variant, "passed": not bad, "failures": bad})
+        if not bad:
+            break
     check = {"precision": precision, "against": "fp32 model", "split": "test", **numbers,
+             **({"int8_variant": variant, "int8_tried": tried, "cpu_vnni": has_vnni()} if variant else {}),
              "limits": {k: f"{'<=' if kind == 'max' else '>='} {bound:g}" for k, (kind, bound) in LIMITS.items()},
-             "passed": not failures(numbers)}
+             "passed": not bad}
     model = onnx.load(str(reduced))
+    ood = json.loads(meta.get(Meta.OOD_METHOD, "{}"))
+    ood.update({"threshold": numbers["ood_threshold"], "fp32_threshold": numbers["ood_threshold_fp32"],
+                "threshold_of": f"the {precision} model's own validation scores"})
     onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
+                                        Meta.OOD_THRESHOLD: f"{numbers['ood_threshold']:.6g}",
+                                        Meta.OOD_METHOD: json.dumps(ood, separators=(",", ":")),
+                                        Meta.PROBES: probes.to_json(),
                                         Meta.PRECISION_CHECK: json.dumps(check, separators=(",", ":"))})
     return model, check
 
@@ -309,6 +366,14 @@ def _accept_reduced(run: Path, model: Any, check: dict[str, Any], out: Path) -> 
     _update_metrics(run, "precision_check", check)
     check_limits(check, check["precision"])
     _write_model(model, out)
+
+
+def _false_gate_rate(info: dict[str, Any]) -> float:
+    """The run's configured false-gate rate (the default where its config.json predates it)."""
+    from trainer.config import ExportSection
+
+    given = info.get("config", {}).get("export", {}).get("ood_false_gate_rate")
+    return float(given) if given is not None else float(ExportSection().ood_false_gate_rate)
 
 
 def export_reduced(run: Path, fp32_model: Path, out: Path, precision: str) -> dict[str, Any]:
@@ -355,7 +420,8 @@ def export_reduced(run: Path, fp32_model: Path, out: Path, precision: str) -> di
     val, test = require_split(dataset, "val"), require_split(dataset, "test")
     seed = int(info.get("config", {}).get("train", {}).get("seed", 0))
     with tempfile.TemporaryDirectory() as tmp:
-        model, check = reduce_and_verify(Path(fp32_model), precision, calibration_records(val, seed), test, Path(tmp))
+        model, check = reduce_and_verify(Path(fp32_model), precision, calibration_records(val, seed), test, Path(tmp),
+                                         validation=val, false_gate_rate=_false_gate_rate(info))
     _accept_reduced(run, model, check, out)
     return {"model": str(out), "precision": precision, "precision_check": check}
 
@@ -480,7 +546,8 @@ def export(run: Path, out: Path, *, threshold: float | None = None, version: str
             _write_model(proto, Path(tmp) / "fp32.onnx")
             reduced, precision_check = reduce_and_verify(Path(tmp) / "fp32.onnx", precision,
                                                          calibration_records(val, cfg.train.seed), test, Path(tmp),
-                                                         on_test)
+                                                         on_test, validation=val,
+                                                         false_gate_rate=ex.ood_false_gate_rate)
         timings["precision_s"] = time.perf_counter() - t0
         _accept_reduced(run, reduced, precision_check, out)
     kept = (Meta.NAME, Meta.VERSION, Meta.THRESHOLD, Meta.INPUT_SIZE, Meta.OOD_THRESHOLD, Meta.HEATMAP_SCALE)

@@ -29,10 +29,14 @@ from cxr_contract.model import (
     PROBABILITY_OUTPUT,
     Meta,
 )
-from trainer.errors import ExportError
+from cxr_contract.pixels import resize_for_model, to_unit_range
+from cxr_contract.probes import Probes, as_probe_inputs, map_pearson
+from trainer.errors import DataError, ExportError
 from trainer.stats import auc
 
 Array = np.ndarray[Any, Any]
+
+__all__ = ["map_pearson"]  # kept importable from here: it moved to cxr_contract.probes
 
 #: Calibration images fed to ONNX Runtime's calibrator at a time. Its min-max calibrator
 #: keeps every intermediate tensor until it computes the ranges (hundreds of MB per 224-px
@@ -40,15 +44,64 @@ Array = np.ndarray[Any, Any]
 #: memory holds one batch whatever the number of images.
 CALIBRATION_BATCH = 4
 
-#: Limits a reduced-precision model must meet against its fp32 model on the test split.
-#: ``max`` limits are upper bounds, ``min`` lower bounds.
+#: Limits a reduced-precision model must meet against its fp32 model on the test split and
+#: the out-of-distribution probes. ``max`` limits are upper bounds, ``min`` lower bounds.
 LIMITS: dict[str, tuple[str, float]] = {
     "probability_max_abs_diff": ("max", 0.02),
     "gradcam_mean_pearson": ("min", 0.95),
     "auc_abs_diff": ("max", 0.005),
     "decision_agreement": ("min", 0.99),
     "ood_verdict_agreement": ("min", 0.99),
+    # Per image, against the fp32 score: the gate's verdicts hinge on it near the threshold.
+    "ood_score_max_rel_diff": ("max", 0.25),
 }
+
+#: Each model gates with its own threshold, each the split-conformal quantile of its own
+#: validation scores (with a few hundred images, one of them): an image whose fp32 score lies
+#: within this fraction of the fp32 threshold is a coin toss for either model, so its verdict
+#: is reported (``ood_borderline``) but not held to ``ood_verdict_agreement``.
+OOD_BORDERLINE = 0.05
+#: Scores are compared up to this multiple of the fp32 threshold: beyond it both models call
+#: the image far outside, and min-max calibration clips the activations of inputs it never saw
+#: (uniform noise: fp32 1004, int8 650, threshold 72), which moves nothing that is decided.
+OOD_SCORE_CAP = 2.0
+
+#: int8 variants: (activations, weights) of ONNX Runtime's QDQ quantization. With VNNI
+#: (AVX-512 VNNI or AVX-VNNI) int8 weights take one-instruction 8-bit dot products with 32-bit
+#: sums; without it ONNX Runtime's uint8 x int8 kernels (``vpmaddubsw``) add pairs of products
+#: in 16 bits, which saturate (the demo model's probability moved by 0.23), so there only
+#: uint8 weights (U8U8, widened to 16 bits, exact) are tried.
+INT8_VARIANTS: dict[str, tuple[str, str]] = {
+    "s8s8": ("int8", "int8"),
+    "u8s8": ("uint8", "int8"),
+    "u8u8": ("uint8", "uint8"),
+}
+#: Fastest first, as ``benchmarks/bench_precision.py --variants`` measured them on an AVX-512
+#: VNNI Xeon (224 px, batch 8, least disturbed round): u8s8 12 ms/image, u8u8 29, s8s8 32, fp32
+#: 27. ONNX Runtime's x86 kernels take uint8 activations; int8 ones are shifted first.
+VNNI_ORDER = ("u8s8", "s8s8", "u8u8")
+NO_VNNI_ORDER = ("u8u8",)
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The CPU's feature flags as Linux reports them (empty elsewhere)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def has_vnni(flags: set[str] | None = None) -> bool:
+    """Whether this CPU has 8-bit dot products with 32-bit sums (VNNI)."""
+    return bool(set(VNNI_FLAGS) & (cpu_flags() if flags is None else flags))
+
+
+def int8_variants(vnni: bool | None = None) -> tuple[str, ...]:
+    """The int8 variants export tries on this CPU, fastest first."""
+    return VNNI_ORDER if (has_vnni() if vnni is None else vnni) else NO_VNNI_ORDER
 
 
 def _load(path: Path) -> Any:
@@ -157,9 +210,10 @@ def _write(model: Any, out: Path, precision: str, meta: dict[str, str]) -> Path:
 
 
 def quantize_int8(fp32_onnx: Path, calibration: np.ndarray, out: Path, *,  # type: ignore[type-arg]
-                  exclude: list[str] | None = None) -> Path:
-    """Static 8-bit ("int8") quantization (QDQ, per-channel asymmetric uint8 weights, uint8 activations,
-    min-max calibration) of the backbone; everything computed from the feature maps stays float32.
+                  exclude: list[str] | None = None, variant: str = "u8u8") -> Path:
+    """Static 8-bit ("int8") quantization (QDQ, per-channel asymmetric weights, asymmetric
+    activations, min-max calibration) of the backbone; everything computed from the feature
+    maps stays float32.
 
     Args:
         fp32_onnx: a model written by ``cxr-train export`` (it names its feature layer).
@@ -167,6 +221,8 @@ def quantize_int8(fp32_onnx: Path, calibration: np.ndarray, out: Path, *,  # typ
         out: where the int8 model is written (atomically), metadata copied, ``precision=int8``.
         exclude: nodes kept float32; default :func:`float_nodes` (``[]`` quantizes everything,
             which verification refuses: see the README).
+        variant: one of :data:`INT8_VARIANTS` (activations/weights signedness); recorded in the
+            metadata as ``int8_variant``.
 
     Returns:
         ``out``. Nothing is verified here: :func:`compare` and :func:`check_limits` do that.
@@ -175,6 +231,10 @@ def quantize_int8(fp32_onnx: Path, calibration: np.ndarray, out: Path, *,  # typ
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    if variant not in INT8_VARIANTS:
+        raise ExportError(f"int8 variant must be one of {', '.join(INT8_VARIANTS)}. Received: variant={variant!r}")
+    types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+    activations, weights = (types[t] for t in INT8_VARIANTS[variant])
     source = _load(Path(fp32_onnx))
     meta = _metadata(source)
     size = int(meta.get(Meta.INPUT_SIZE, "0"))
@@ -197,13 +257,13 @@ def quantize_int8(fp32_onnx: Path, calibration: np.ndarray, out: Path, *,  # typ
         try:
             quantize_static(str(prepared), str(quantized), _Calibration(images),  # type: ignore[arg-type]
                             quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QUInt8,
+                            activation_type=activations, weight_type=weights,
                             nodes_to_exclude=keep, calibrate_method=CalibrationMethod.MinMax,
                             extra_options={"ActivationSymmetric": False, "WeightSymmetric": False,
                                            "CalibStridedMinMax": 1})
         except Exception as exc:
             raise ExportError(f"ONNX Runtime could not quantize {fp32_onnx}: {exc}") from None
-        return _write(onnx.load(str(quantized)), Path(out), "int8", meta)
+        return _write(onnx.load(str(quantized)), Path(out), "int8", {**meta, Meta.INT8_VARIANT: variant})
 
 
 def convert_fp16(fp32_onnx: Path, out: Path, *, exclude: list[str] | None = None) -> Path:
@@ -294,29 +354,40 @@ def run_model(path: Path, images: Array, batch: int = 32) -> dict[str, Array]:
     return out
 
 
-def map_pearson(ref: Array, got: Array, scale: float) -> Array:
-    """Pearson correlation of each pair of maps. A map with no variance (all zero after the
-    ReLU, or a 1x1 grid) has none: the pair counts 1 when the maps differ nowhere by more than
-    1% of ``scale`` (the value drawn as full colour), else 0."""
-    n = len(ref)
-    a = ref.reshape(n, -1).astype(np.float64)
-    b = got.reshape(n, -1).astype(np.float64)
-    a_c, b_c = a - a.mean(axis=1, keepdims=True), b - b.mean(axis=1, keepdims=True)
-    den = np.sqrt((a_c**2).sum(axis=1) * (b_c**2).sum(axis=1))
-    flat = den <= 1e-12 * max(scale, 1e-12) ** 2
-    r = np.where(flat, 0.0, (a_c * b_c).sum(axis=1) / np.where(flat, 1.0, den))
-    same = np.abs(a - b).max(axis=1) <= 0.01 * scale
-    return np.where(flat, same.astype(np.float64), r)
+def ood_rel_diff(ref: Array, got: Array) -> Array:
+    """Per image, |got - ref| over |ref| (two equal scores, infinities included, differ by 0)."""
+    ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rel = np.abs(got - ref) / np.maximum(np.abs(ref), 1e-12)
+    return np.where(ref == got, 0.0, rel)
 
 
 def compare(ref: dict[str, Array], got: dict[str, Array], labels: Array, *, threshold: float,
-            ood_threshold: float, heatmap_scale: float) -> dict[str, Any]:
+            ood_threshold: float, heatmap_scale: float, got_ood_threshold: float | None = None,
+            ood_probes: tuple[dict[str, Array], dict[str, Array]] | None = None) -> dict[str, Any]:
     """The verification numbers of a reduced-precision model (``got``) against fp32 (``ref``),
-    outputs as :func:`run_model` returns them, on the same images."""
+    outputs as :func:`run_model` returns them, on the same images.
+
+    Args:
+        got_ood_threshold: the reduced model's own gate threshold (chosen on its own validation
+            scores); default ``ood_threshold``.
+        ood_probes: (fp32, reduced) outputs on out-of-distribution probes (noise, a constant,
+            inverted polarity, a radiograph the model never saw): their gate verdicts and scores
+            count in the out-of-distribution numbers, not in the AUC or the decisions.
+    """
     p_ref, p_got = ref[PROBABILITY_OUTPUT], got[PROBABILITY_OUTPUT]
     auc_ref, auc_got = auc(labels, p_ref), auc(labels, p_got)
     auc_diff = abs(auc_ref - auc_got) if math.isfinite(auc_ref) and math.isfinite(auc_got) else None
-    return {
+    own = ood_threshold if got_ood_threshold is None else got_ood_threshold
+    o_ref, o_got = ref[OOD_SCORE_OUTPUT], got[OOD_SCORE_OUTPUT]
+    if ood_probes is not None:
+        o_ref = np.concatenate([o_ref, ood_probes[0][OOD_SCORE_OUTPUT]])
+        o_got = np.concatenate([o_got, ood_probes[1][OOD_SCORE_OUTPUT]])
+    # A score that is not finite is outside, as the worker decides.
+    out_ref, out_got = ~(o_ref <= ood_threshold), ~(o_got <= own)
+    borderline = np.abs(o_ref - ood_threshold) <= OOD_BORDERLINE * ood_threshold
+    cap = OOD_SCORE_CAP * ood_threshold
+    numbers: dict[str, Any] = {
         "images": len(p_ref),
         "probability_max_abs_diff": float(np.abs(p_got.astype(np.float64) - p_ref).max()),
         "gradcam_mean_pearson": float(map_pearson(ref[GRADCAM_OUTPUT], got[GRADCAM_OUTPUT], heatmap_scale).mean()),
@@ -324,12 +395,22 @@ def compare(ref: dict[str, Array], got: dict[str, Array], labels: Array, *, thre
         "auc": auc_got if math.isfinite(auc_got) else None,
         "auc_abs_diff": auc_diff,
         "decision_agreement": float(np.mean((p_ref >= threshold) == (p_got >= threshold))),
-        # A score that is not finite is outside, as the worker decides.
-        "ood_verdict_agreement": float(np.mean(~(ref[OOD_SCORE_OUTPUT] <= ood_threshold)
-                                               == ~(got[OOD_SCORE_OUTPUT] <= ood_threshold))),
-        "ood_score_max_rel_diff": float(np.abs(got[OOD_SCORE_OUTPUT] - ref[OOD_SCORE_OUTPUT]).max()
-                                        / max(float(np.abs(ref[OOD_SCORE_OUTPUT]).max()), 1e-12)),
+        "ood_verdict_agreement": float(np.mean((out_ref == out_got)[~borderline])) if (~borderline).any() else 1.0,
+        "ood_borderline": {"images": int(borderline.sum()),
+                           "verdict_agreement": float(np.mean((out_ref == out_got)[borderline]))
+                           if borderline.any() else None},
+        # NaN counts as +inf (outside, as the worker decides): far outside, like any score past the cap.
+        "ood_score_max_rel_diff": float(ood_rel_diff(*(np.minimum(np.nan_to_num(o, nan=np.inf, posinf=np.inf), cap)
+                                                       for o in (o_ref, o_got))).max()),
+        "ood_threshold_fp32": float(ood_threshold),
+        "ood_threshold": float(own),
     }
+    if ood_probes is not None:
+        n = len(ood_probes[0][OOD_SCORE_OUTPUT])
+        numbers["ood_probes"] = {"images": n, "outside_fp32": int(out_ref[-n:].sum()),
+                                 "outside": int(out_got[-n:].sum()),
+                                 "verdict_agreement": float(np.mean(out_ref[-n:] == out_got[-n:]))}
+    return numbers
 
 
 def failures(numbers: dict[str, Any]) -> list[str]:
@@ -353,3 +434,40 @@ def check_limits(numbers: dict[str, Any], precision: str) -> None:
     if bad:
         raise ExportError(f"{precision} model differs from the fp32 model on {numbers['images']} test images: "
                           f"{', '.join(bad)}; no model written")
+
+
+#: pydicom's test radiograph (a real CR chest, MONOCHROME1) that no model here trained on.
+REAL_PROBE = "RG1_UNCR.dcm"
+
+
+def ood_probe_images(size: int, image: Array, seed: int = 0) -> dict[str, Array]:
+    """Inputs ``[S, S, 1]`` outside the training distribution for the gate's verdict check:
+    uniform noise, a constant (zeros, as :func:`~cxr_contract.pixels.to_unit_range` gives any
+    constant image), ``image`` with inverted polarity, and a real radiograph no model here
+    was trained on (pydicom's test file, where pydicom's test data is installed)."""
+    rng = np.random.default_rng(seed)
+    probes = {
+        "uniform noise": rng.random((size, size, 1), dtype=np.float32),
+        "constant": np.zeros((size, size, 1), np.float32),
+        "inverted polarity": (1.0 - np.asarray(image, np.float32)).reshape(size, size, 1),
+    }
+    try:
+        from pydicom.data import get_testdata_file
+
+        from trainer.rsna import dicom_pixels
+
+        path = get_testdata_file(REAL_PROBE)
+        if isinstance(path, str):
+            probes["real radiograph (pydicom RG1_UNCR)"] = resize_for_model(to_unit_range(dicom_pixels(path)),
+                                                                            size)[..., None]
+    except (ImportError, OSError, ValueError, DataError):  # no pydicom test data: three probes
+        pass
+    return probes
+
+
+def probe_record(fp32_onnx: Path, images: Array) -> Probes:
+    """The fp32 model's outputs on ``images`` (rounded to their stored 256 levels) with
+    :data:`LIMITS`: what the worker checks a reduced model against at load."""
+    inputs = as_probe_inputs(images)
+    out = run_model(fp32_onnx, inputs)
+    return Probes(inputs, out[PROBABILITY_OUTPUT], out[GRADCAM_OUTPUT], out[OOD_SCORE_OUTPUT], dict(LIMITS))

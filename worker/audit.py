@@ -13,10 +13,13 @@ ParticipantObjectDescription. DCMR has no ID type code for a SOP Instance UID (1
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
 import threading
+import time
+from collections import OrderedDict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,7 @@ NETWORK_ENTRY = ("110108", "Network Entry")  # A-ASSOCIATE refused
 USER_AUTHENTICATION = ("110114", "User Authentication")  # the dashboard's logins (PS3.15 A.5.3.11)
 LOGIN = ("110122", "Login")
 LOGOUT = ("110123", "Logout")
+QUERY = ("110112", "Query")  # the dashboard's worklist views and searches (PS3.15 A.5.3.10)
 
 STUDY_INSTANCE_UID = ("110180", "Study Instance UID")
 
@@ -141,12 +145,26 @@ class AuditTrail:
                     detail=detail)
 
     # -- the dashboard (worker.dashboard): people, not nodes --------------------------------
-    def user_authentication(self, user: str, address: str, login: bool, success: bool) -> None:
+    def user_authentication(self, user: str, address: str, login: bool, success: bool, detail: str = "") -> None:
         """A reader logged in or out, or failed to (PS3.15 A.5.3.11 User Authentication)."""
         self._write(USER_AUTHENTICATION, "E", AuditOutcome.SUCCESS if success else AuditOutcome.MINOR_FAILURE,
                     [{"UserID": user, "NetworkAccessPointID": address, "UserIsRequestor": True},
                      {"UserID": self.source["AuditSourceID"], "UserIsRequestor": False}],
-                    type_code=LOGIN if login else LOGOUT)
+                    type_code=LOGIN if login else LOGOUT, detail=detail)
+
+    def query(self, user: str, address: str, query: dict[str, Any], detail: str = "") -> None:
+        """A reader listed or searched results (PS3.15 A.5.3.10 Query). ``query`` must hold no PHI:
+        the caller replaces a search term by a keyed digest."""
+        text = json.dumps(query, sort_keys=True, ensure_ascii=True)
+        self._write(QUERY, "E", AuditOutcome.SUCCESS,
+                    [{"UserID": user, "NetworkAccessPointID": address, "UserIsRequestor": True},
+                     {"UserID": self.source["AuditSourceID"], "UserIsRequestor": False}],
+                    [{"ParticipantObjectTypeCode": 2, "ParticipantObjectTypeCodeRole": 3,
+                      "ParticipantObjectIDTypeCode": {"code": "worklist", "scheme": "cxr-gradcam",
+                                                      "meaning": "dashboard worklist"},
+                      "ParticipantObjectID": "worklist",
+                      "ParticipantObjectQuery": base64.b64encode(text.encode()).decode("ascii")}],
+                    detail=detail)
 
     def instances_viewed(self, user: str, address: str, study_uid: str, sop_class: str, sop_instance: str,
                          action: str = "R", detail: str = "") -> None:
@@ -155,3 +173,30 @@ class AuditTrail:
         self._write(INSTANCES_ACCESSED, action, AuditOutcome.SUCCESS,
                     [{"UserID": user, "NetworkAccessPointID": address, "UserIsRequestor": True}],
                     [study_object(study_uid, sop_class, sop_instance)], detail=detail)
+
+
+class Repeats:
+    """Which of a key's repeated events to write: the 1st, 10th, 100th, 1,000th... of each window.
+
+    A client refused again and again (wrong passwords, a script) writes a handful of records
+    an hour, each with its count, instead of one each: the audit file is shared with the
+    worker and must not fill its disk. At most ``max_keys`` keys are remembered.
+    """
+
+    def __init__(self, window_s: float = 3600.0, max_keys: int = 10_000) -> None:
+        self.window_s, self.max_keys = window_s, max_keys
+        self._seen: OrderedDict[str, tuple[float, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def note(self, key: str) -> int | None:
+        """Count one event of ``key``; its number in the window when it is to be written, else None."""
+        now = time.monotonic()
+        with self._lock:
+            start, count = self._seen.pop(key, (now, 0))
+            if now - start > self.window_s:
+                start, count = now, 0
+            count += 1
+            self._seen[key] = (start, count)
+            while len(self._seen) > self.max_keys:
+                self._seen.popitem(last=False)
+        return count if count == 10 ** (len(str(count)) - 1) else None

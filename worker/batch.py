@@ -233,8 +233,8 @@ class BatchHandler:
         return ready
 
     def _answer(self, item: Decoded, result: Result, per_image: float) -> None:
-        """Queue the SC and SR for sending, then mark the input done and drop it."""
-        encoded = result.encoded or (encode(result.sc), encode(result.sr))
+        """Queue the SC, SR and GSPS for sending, then mark the input done and drop it."""
+        encoded = result.encoded or tuple(encode(obj) for obj in result.objects)
         marker = key(result.sop_instance_uid, self.processor.model.info.version)
         with self._answering:
             if self.spool.is_done(marker):  # a copy in another batch was answered meanwhile
@@ -242,10 +242,13 @@ class BatchHandler:
                 logger.info("duplicate: already processed", extra={"sop_instance_uid": result.sop_instance_uid})
                 self.spool.finish(item.path)
                 return
-            for obj, data in zip((result.sc, result.sr), encoded, strict=True):
+            for obj, data in zip(result.objects, encoded, strict=True):
                 self.outbox.put(key(str(obj.SOPInstanceUID)), data, str(obj.SOPInstanceUID),
                                 study_instance_uid=str(obj.get("StudyInstanceUID", "")),
                                 sop_class_uid=str(obj.SOPClassUID))
+            if result.oru is not None:  # named after the SR it summarises: a re-run overwrites it
+                self.outbox.put(key(f"oru-{result.sr.SOPInstanceUID}"), result.oru, result.sop_instance_uid,
+                                study_instance_uid=str(item.ds.get("StudyInstanceUID", "")), hl7=True)
             self.spool.mark_done(marker)
         received = self._received_at(item.path)
         self.spool.finish(item.path)
@@ -268,7 +271,8 @@ class BatchHandler:
             "decision": "withheld" if result.withheld else "positive" if result.positive else "negative",
             "gate": result.gate, "ood_score": result.ood_score, "faithfulness": result.faithfulness,
             "sc_sop_instance_uid": str(result.sc.SOPInstanceUID),
-            "sr_sop_instance_uid": str(result.sr.SOPInstanceUID)})
+            "sr_sop_instance_uid": str(result.sr.SOPInstanceUID),
+            "gsps_sop_instance_uid": str(result.gsps.SOPInstanceUID) if result.gsps is not None else None})
 
     @staticmethod
     def _received_at(path: Path) -> datetime | None:

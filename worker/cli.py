@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from worker.config import DicomWebDestination, Settings, get_settings, parse_destination
-from worker.errors import ConfigError, WorkerError
+from worker.config import DicomWebDestination, Hl7Destination, Settings, get_settings, parse_destination
+from worker.errors import ConfigError, ModelProbeMismatch, WorkerError
 from worker.status import SUCCESS
 
 logger = logging.getLogger("worker")
@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--config", type=Path)
     f.add_argument("--since", help="results answered since this date (2026-01-31) or ISO date-time (UTC)")
 
-    s = sub.add_parser("echo", help="C-ECHO a DICOM node, or QIDO-RS a DICOMweb base URL")
+    s = sub.add_parser("echo", help="C-ECHO a DICOM node, QIDO-RS a DICOMweb base URL, or connect to an MLLP one")
     s.add_argument("destination", metavar="AET@HOST:PORT|URL")
     s.add_argument("--config", type=Path)
     s.add_argument("--timeout", type=float, default=10.0)
@@ -112,12 +112,25 @@ def _load_model(settings: Settings) -> Any:
     if settings.model.path is None:
         raise ConfigError("no model: pass --model PATH, set [model] path, or CXR_MODEL__PATH")
     m = settings.model
-    model = OnnxModel(settings.model.path, providers=m.providers, threads=m.threads, io_binding=m.io_binding,
-                      batch_size=m.batch_size, pad_batches=m.pad_batches)
+    def load(path: Path) -> OnnxModel:
+        return OnnxModel(path, providers=m.providers, threads=m.threads, io_binding=m.io_binding,
+                         batch_size=m.batch_size, pad_batches=m.pad_batches, probe_check=m.probe_check != "off")
+
+    try:
+        model = load(settings.model.path)
+    except ModelProbeMismatch as exc:
+        if m.probe_check != "fallback" or m.fallback_path is None:
+            raise
+        logger.warning("model failed its probe check on this machine; answering with the fallback model "
+                       "instead", extra={"reason": str(exc), "fallback": str(m.fallback_path)})
+        model = load(m.fallback_path)
+        model.fell_back_from = str(settings.model.path)
     logger.info("model loaded", extra={"model": model.info.name, "version": model.info.version,
                                        "input_size": model.info.input_size, "threshold": model.info.threshold,
                                        **model.execution, "intended_use": model.info.intended_use,
-                                       "precision": model.info.precision})
+                                       "precision": model.info.precision,
+                                       "probe_check": model.probe_check["status"],
+                                       **({"fell_back_from": model.fell_back_from} if model.fell_back_from else {})})
     return model
 
 
@@ -154,12 +167,15 @@ def _process(args: argparse.Namespace, settings: Settings) -> int:
             stem = path.stem
             (args.out / f"{stem}.sc.dcm").write_bytes(encode(result.sc))
             (args.out / f"{stem}.sr.dcm").write_bytes(encode(result.sr))
+            if result.gsps is not None:
+                (args.out / f"{stem}.gsps.dcm").write_bytes(encode(result.gsps))
             if args.png:
                 cv2.imwrite(str(args.out / f"{stem}.sc.png"), cv2.cvtColor(result.rgb, cv2.COLOR_RGB2BGR))
             rows.append({"input": str(path), "probability": round(result.probability, 4),
                          "decision": "withheld" if result.withheld else "positive" if result.positive else "negative",
                          "gate": result.gate, "ood_score": result.ood_score, "faithfulness": result.faithfulness,
-                         "sc": str(args.out / f"{stem}.sc.dcm"), "sr": str(args.out / f"{stem}.sr.dcm")})
+                         "sc": str(args.out / f"{stem}.sc.dcm"), "sr": str(args.out / f"{stem}.sr.dcm"),
+                         "gsps": str(args.out / f"{stem}.gsps.dcm") if result.gsps is not None else None})
     print(json.dumps(rows, indent=2))
     return 1 if failures else 0
 
@@ -182,6 +198,16 @@ def main(argv: list[str] | None = None) -> int:
                 StowClient(dest, SendSection(acse_timeout=args.timeout, dimse_timeout=args.timeout),
                            settings.security).check()
                 print(f"QIDO-RS {dest}: answered")
+                return 0
+            if isinstance(dest, Hl7Destination):
+                from worker.mllp import MllpClient
+
+                try:
+                    MllpClient(dest.model_copy(update={"timeout_s": args.timeout})).check()
+                except OSError as exc:
+                    print(f"MLLP {dest}: no connection ({type(exc).__name__})", file=sys.stderr)
+                    return 1
+                print(f"MLLP {dest}: connected")
                 return 0
             status = echo(dest, settings.dicom.ae_title, args.timeout)
             print(f"C-ECHO {args.destination}: status 0x{status:04X}")

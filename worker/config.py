@@ -40,6 +40,7 @@ from worker.errors import ConfigError
 
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE: 16 chars, no backslash
 _URL_RE = re.compile(r"^\s*https?://", re.IGNORECASE)
+_MLLP_RE = re.compile(r"^\s*mllps?://", re.IGNORECASE)
 _DEST_RE = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:@\s]+):(?P<port>\d{1,5})$")
 
 
@@ -89,16 +90,18 @@ class DicomWebDestination(_Section):
     def _check_url(cls, value: str) -> str:
         parts = urlsplit(value.strip())
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"DICOMweb destination must be http(s)://HOST[:PORT]/PATH, received {redact(value)!r}")
+            raise ValueError("DICOMweb destination must be http(s)://HOST[:PORT]/PATH, received "
+                             f"{shown_url(value)!r}")
         if parts.username is not None or parts.password is not None:
-            raise ValueError(f"DICOMweb destination {redact(value)!r}: credentials in the URL are refused; "
+            raise ValueError(f"DICOMweb destination {shown_url(value)!r}: credentials in the URL are refused; "
                              "use credentials_file or credentials_env")
         if parts.query or parts.fragment:
-            raise ValueError(f"DICOMweb destination {value!r}: a base URL has no query or fragment")
+            raise ValueError(f"DICOMweb destination {shown_url(value)!r}: a base URL has no query or fragment "
+                             "(credentials go in credentials_file or credentials_env)")
         try:
             parts.port  # noqa: B018 (raises on a port out of range)
         except ValueError:
-            raise ValueError(f"DICOMweb destination {value!r}: port out of range") from None
+            raise ValueError(f"DICOMweb destination {shown_url(value)!r}: port out of range") from None
         return value.strip().rstrip("/")
 
     @model_validator(mode="after")
@@ -160,17 +163,90 @@ class DicomWebDestination(_Section):
         return self.url
 
 
+class Hl7Destination(_Section):
+    """An HL7 v2 destination (the RIS): ORU^R01 messages over MLLP, ``mllp://HOST:PORT``, or
+    ``mllps://HOST:PORT`` for MLLP inside TLS (1.2 or newer, the server verified against
+    ``tls_ca``, or the system's CAs when unset)."""
+
+    mllp: str = Field(description="mllp://HOST:PORT or mllps://HOST:PORT (TLS); 2575 is MLLP's registered port")
+    tls_ca: Path | None = Field(None, description="CA bundle that signs the server's certificate (mllps:// only)")
+    timeout_s: float = Field(30.0, gt=0, description="seconds to connect and to wait for the ACK; a timeout is "
+                             "retried like a network error")
+
+    @field_validator("mllp")
+    @classmethod
+    def _check_mllp(cls, value: str) -> str:
+        parts = urlsplit(value.strip())
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if parts.scheme.lower() not in ("mllp", "mllps") or not parts.hostname or port is None \
+                or parts.path not in ("", "/") or parts.username is not None:
+            raise ValueError(f"HL7 destination must be mllp://HOST:PORT or mllps://HOST:PORT, received {value!r}")
+        return f"{parts.scheme.lower()}://{parts.hostname}:{port}"
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> Hl7Destination:
+        if self.tls_ca is not None and not self.tls:
+            raise ValueError(f"{self.mllp}: tls_ca is set but the scheme is mllp://; use mllps:// for TLS")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.mllp.startswith("mllps://")
+
+    @property
+    def host(self) -> str:
+        return str(urlsplit(self.mllp).hostname)
+
+    @property
+    def port(self) -> int:
+        return int(urlsplit(self.mllp).port or 0)
+
+    def __str__(self) -> str:
+        return self.mllp
+
+
 def redact(text: str) -> str:
     """``text`` with the USER:PASSWORD of any URL in it replaced, for error messages."""
-    return re.sub(r"(https?://)[^/@\s]*@", r"\1***@", str(text))
+    return re.sub(r"(https?://)[^/@]*@", r"\1***@", str(text), flags=re.IGNORECASE)
 
 
-def parse_destination(text: str) -> Destination | DicomWebDestination:
-    """``AET@HOST:PORT`` (C-STORE) or ``http(s)://HOST[:PORT]/PATH`` (DICOMweb STOW-RS, no credentials).
+def shown_url(value: str) -> str:
+    """A URL as messages may show it: the parsed scheme, host, port and path only (never its
+    user, password, query or fragment, which may hold credentials such as ``?apikey=``)."""
+    try:
+        parts = urlsplit(str(value).strip())
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "(unparsable URL)"
+    return f"{parts.scheme}://{parts.hostname or ''}{port}{parts.path}"
+
+
+def _shown_input(value: Any) -> str:
+    """A rejected input for an error message, with any URL in it shown by :func:`shown_url`."""
+    if isinstance(value, str) and _URL_RE.match(value):
+        return repr(shown_url(value))
+    if isinstance(value, dict):
+        return repr({k: shown_url(v) if isinstance(v, str) and _URL_RE.match(v) else v for k, v in value.items()})
+    if isinstance(value, list):
+        return "[" + ", ".join(_shown_input(v) for v in value) + "]"
+    return repr(value)
+
+
+def parse_destination(text: str) -> Destination | DicomWebDestination | Hl7Destination:
+    """``AET@HOST:PORT`` (C-STORE), ``http(s)://HOST[:PORT]/PATH`` (DICOMweb STOW-RS, no credentials)
+    or ``mllp(s)://HOST:PORT`` (HL7 ORU^R01).
 
     Raises:
         ValueError: one line, naming the value.
     """
+    if _MLLP_RE.match(text):
+        try:
+            return Hl7Destination(mllp=text)
+        except ValidationError as exc:
+            raise ValueError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
     if not _URL_RE.match(text):
         return Destination.parse(text)
     try:
@@ -207,6 +283,10 @@ class SpoolSection(_Section):
                              "quarantined; 0 = never")
     done_retention_days: float = Field(30.0, gt=0, description="done/ markers (duplicate detection) are "
                                        "pruned after this age")
+    quarantine_retention_days: float = Field(
+        30.0, gt=0, description="days a file stays in quarantine/ and dead/ (whole DICOM files with PHI, kept for "
+        "a look at what failed) before it is deleted; default as the results' retention. "
+        "CXR_SPOOL__QUARANTINE_RETENTION_DAYS")
 
 
 class ModelSection(_Section):
@@ -223,6 +303,21 @@ class ModelSection(_Section):
         "auto", description="run through an ONNX Runtime I/O binding: one copy to the device and back")
     pad_batches: Literal["auto", "on", "off"] = Field(
         "auto", description="pad runs to multiples of batch_size: CUDA chooses its algorithms once per shape")
+    probe_check: Literal["refuse", "fallback", "off"] = Field(
+        "refuse", description="what to do when a reduced-precision (int8/fp16) model answers the probe inputs "
+        "stored in it, on this machine, outside the limits its export verified against fp32 (int8 kernels differ "
+        "between CPUs): refuse to start (the default: no answer is better than an unverified one), fallback (load "
+        "fallback_path instead, with a warning and the cxr_model_probe_fallback metric at 1) or off (no check). "
+        "Env CXR_MODEL__PROBE_CHECK")
+    fallback_path: Path | None = Field(
+        None, description="the fp32 model loaded when probe_check = fallback and the model fails its probe check; "
+        "required by fallback, none by default. Env CXR_MODEL__FALLBACK_PATH")
+
+    @model_validator(mode="after")
+    def _fallback_named(self) -> ModelSection:
+        if self.probe_check == "fallback" and self.fallback_path is None:
+            raise ValueError("model.probe_check = 'fallback' needs model.fallback_path (an fp32 model)")
+        return self
 
 
 class SelectSection(_Section):
@@ -253,20 +348,30 @@ class OutputSection(_Section):
     sc_compression: Literal["jpeg", "jpeg2000", "none"] = Field(
         "jpeg", description="SC transfer syntax: JPEG Baseline (lossy), JPEG 2000 (lossy) or uncompressed")
     sc_quality: int = Field(90, ge=1, le=100, description="JPEG quality; JPEG 2000 aims at quality / 2 dB PSNR")
+    gsps: bool = Field(True, description=(
+        "send a Grayscale Softcopy Presentation State that outlines the heatmap over the original image "
+        "beside the SC (viewers with GSPS show it as a layer to switch off); on because it costs a few kB "
+        "and shows the result on the radiologist's own image. Env: CXR_OUTPUT__GSPS"))
+    gsps_series_number: int = Field(9003, ge=0, description="Series Number of the GSPS series; beside the SC's "
+                                    "9001 and the SR's 9002. Env: CXR_OUTPUT__GSPS_SERIES_NUMBER")
+    gsps_series_description: str = Field("AI Heatmap Outline", max_length=64, description=(
+        "Series Description of the GSPS series, as a PACS lists it. Env: CXR_OUTPUT__GSPS_SERIES_DESCRIPTION"))
 
 
-_DESTINATION_KINDS = ("dimse", "dicomweb")
+_DESTINATION_KINDS = ("dimse", "dicomweb", "hl7")
 
 
 def _destination_kind(value: Any) -> str:
     if isinstance(value, DicomWebDestination) or (isinstance(value, dict) and "url" in value):
         return "dicomweb"
+    if isinstance(value, Hl7Destination) or (isinstance(value, dict) and "mllp" in value):
+        return "hl7"
     return "dimse"
 
 
-#: A C-STORE or a DICOMweb destination; an error names the kind it was read as.
-AnyDestination = Annotated[Annotated[Destination, Tag("dimse")] | Annotated[DicomWebDestination, Tag("dicomweb")],
-                           Discriminator(_destination_kind)]
+#: A C-STORE, a DICOMweb or an HL7 destination; an error names the kind it was read as.
+AnyDestination = Annotated[Annotated[Destination, Tag("dimse")] | Annotated[DicomWebDestination, Tag("dicomweb")]
+                           | Annotated[Hl7Destination, Tag("hl7")], Discriminator(_destination_kind)]
 
 
 class SendSection(_Section):
@@ -287,13 +392,13 @@ class SendSection(_Section):
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]
         # A URL becomes a table here so that pydantic reports its errors with their place.
-        return [({"url": v} if _URL_RE.match(v) else Destination.parse(v)) if isinstance(v, str) else v
-                for v in value]
+        return [({"url": v} if _URL_RE.match(v) else {"mllp": v} if _MLLP_RE.match(v) else Destination.parse(v))
+                if isinstance(v, str) else v for v in value]
 
     @field_validator("destinations")
     @classmethod
-    def _check_http(cls, value: list[Destination | DicomWebDestination], info: ValidationInfo
-                    ) -> list[Destination | DicomWebDestination]:
+    def _check_http(cls, value: list[Destination | DicomWebDestination | Hl7Destination], info: ValidationInfo
+                    ) -> list[Destination | DicomWebDestination | Hl7Destination]:
         names = [str(d) for d in value]
         if len(set(names)) < len(names):
             twice = sorted({n for n in names if names.count(n) > 1})
@@ -304,6 +409,22 @@ class SendSection(_Section):
                 raise ValueError(f"{dest.url}: http:// is allowed only for loopback (results and credentials "
                                  "would cross the network in clear text); use https:// or set send.allow_http = true")
         return value
+
+
+class Hl7Section(_Section):
+    """What the ORU^R01 to an HL7 destination says about its sender and receiver, and when it
+    asks the RIS to move the study up the worklist."""
+
+    triage_threshold: float | None = Field(None, ge=0.0, le=1.0, description=(
+        "probability at or above which the ORU flags the study as urgent (TQ1-9 priority 'S', OBX-8 'A'); "
+        "unset uses the model's own decision threshold, so 'urgent' means 'positive'. Set it higher to "
+        "flag only the most likely findings, lower to flag more. Env: CXR_HL7__TRIAGE_THRESHOLD"))
+    sending_application: str = Field("CXR-GRADCAM", min_length=1, max_length=20, description=(
+        "MSH-3, how the RIS knows us. Env: CXR_HL7__SENDING_APPLICATION"))
+    sending_facility: str = Field("", max_length=20, description="MSH-4. Env: CXR_HL7__SENDING_FACILITY")
+    receiving_application: str = Field("", max_length=20, description="MSH-5, e.g. the RIS's name. "
+                                       "Env: CXR_HL7__RECEIVING_APPLICATION")
+    receiving_facility: str = Field("", max_length=20, description="MSH-6. Env: CXR_HL7__RECEIVING_FACILITY")
 
 
 class SecuritySection(_Section):
@@ -391,6 +512,26 @@ class DashboardSection(_Section):
                                     "default http://<metrics.bind>:<metrics.port>/metrics")
     session_hours: float = Field(8.0, gt=0, description="a login lasts this long")
     secure_cookies: bool | None = Field(None, description="Secure flag of the session cookie; default: on with TLS")
+    trusted_proxies: list[str] = Field(
+        default_factory=list, description="addresses of reverse proxies whose X-Forwarded-For and "
+        "X-Forwarded-Proto are believed (the login limit and the audit trail then see the reader's address); "
+        "default none: any client could otherwise choose its own address. CXR_DASHBOARD__TRUSTED_PROXIES")
+    allowed_hosts: list[str] | None = Field(
+        None, description="Host header values accepted (others get HTTP 400), against DNS rebinding; default "
+        "the loopback names, the bind address and public_url's host. CXR_DASHBOARD__ALLOWED_HOSTS")
+    max_body_bytes: int = Field(
+        65536, ge=1024, description="request bodies larger than this many bytes are refused (HTTP 413) before "
+        "they are read; the largest form (feedback with a 2,000-character comment) is under 30 KB. "
+        "CXR_DASHBOARD__MAX_BODY_BYTES")
+    login_concurrency: int = Field(
+        4, ge=1, le=64, description="password checks (Argon2, tens of ms of CPU and 64 MiB each) running at "
+        "once; more logins wait for a free slot up to 10 s, then get HTTP 503. CXR_DASHBOARD__LOGIN_CONCURRENCY")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="seconds a connection may take to send its request headers before it is "
+        "closed (slow-header clients would otherwise hold connections forever). CXR_DASHBOARD__HEADER_TIMEOUT_S")
+    max_connections: int = Field(
+        100, ge=1, description="concurrent connections served; beyond, HTTP 503 (a review site has tens of "
+        "readers). CXR_DASHBOARD__MAX_CONNECTIONS")
 
     @model_validator(mode="after")
     def _check_tls(self) -> DashboardSection:
@@ -450,6 +591,7 @@ class Settings(BaseSettings):
     select: SelectSection = SelectSection()
     output: OutputSection = OutputSection()
     send: SendSection = SendSection()
+    hl7: Hl7Section = Hl7Section()
     security: SecuritySection = SecuritySection()
     metrics: MetricsSection = MetricsSection()
     audit: AuditSection = AuditSection()
@@ -524,7 +666,7 @@ def get_settings(path: Path | None = None, flags: dict[str, dict[str, Any]] | No
                   else "flags" if key in given.get(section, {}) else path or "settings")
         # redact(): a URL with USER:PASSWORD in it is refused, and must not be echoed.
         raise ConfigError(redact(
-            f"{source}: {where}: {err['msg']} (received {err.get('input')!r}; environment {env})"
+            f"{source}: {where}: {err['msg']} (received {_shown_input(err.get('input'))}; environment {env})"
         )) from None
     finally:
         _toml_file.reset(token)

@@ -23,7 +23,7 @@ from pydicom.uid import (
     JPEGTransferSyntaxes,
 )
 
-from cxr_contract.pixels import CLIP_PERCENTILES, resize_for_model, to_unit_range
+from cxr_contract.pixels import CLIP_PERCENTILES, finite_or_ends, resize_for_model, to_unit_range
 from worker.errors import DecodeError, UnsupportedInput
 
 SUPPORTED_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2")
@@ -244,12 +244,16 @@ def unit_table(domain: np.ndarray[Any, Any], counts: np.ndarray[Any, Any], ds: D
         values = apply_modality_lut(domain, ds)
     except Exception as exc:
         raise DecodeError(f"modality LUT / rescale cannot be applied: {exc}") from None
+    # A rescale slope or intercept that is not finite makes values that are not: the same
+    # darkest/brightest rule as the float path (to_unit_range) applies to them.
+    values = finite_or_ends(np.asarray(values, np.float64))
     present = counts > 0
     if has_voi(ds):
         try:
             windowed = np.asarray(apply_voi_lut(values, ds, index=0, prefer_lut=True), dtype=np.float64)
         except Exception as exc:
             raise DecodeError(f"VOI LUT / window cannot be applied: {exc}") from None
+        windowed = finite_or_ends(windowed)
         lo, hi = float(windowed[present].min()), float(windowed[present].max())
         unit = (np.zeros(windowed.shape, np.float32) if hi <= lo
                 else ((windowed - lo) / (hi - lo)).astype(np.float32))

@@ -71,7 +71,15 @@ def verify_for(security: SecuritySection) -> str | bool:
 
 class _Session(requests.Session):
     """A session whose ``verify`` is the one it was given: requests lets REQUESTS_CA_BUNDLE in
-    the environment override a session's CA bundle, which would silently drop ``tls_ca``."""
+    the environment override a session's CA bundle, which would silently drop ``tls_ca``.
+
+    It never follows a redirect: the destination is the configured URL, checked at start-up
+    (https, or http on loopback only); a 3xx is a failed delivery, not a new destination.
+    """
+
+    def request(self, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+        kwargs["allow_redirects"] = False
+        return super().request(*args, **kwargs)
 
     def merge_environment_settings(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         merged: dict[str, Any] = super().merge_environment_settings(*args, **kwargs)
@@ -175,7 +183,10 @@ class StowClient:
             return SendError(f"{self.dest}: cannot encode the object ({type(exc).__name__})", permanent=True), False
         finally:
             self.session.hooks["response"].remove(hook)
-        return _judge(str(self.dest), uid, HTTPStatus.OK, _reasons_in(answer)), False
+        status = answered[-1] if answered else HTTPStatus.OK
+        if 300 <= status < 400:  # not followed (see _Session): the object was not stored
+            return SendError(f"{self.dest}: HTTP {status} redirect not followed"), True
+        return _judge(str(self.dest), uid, status, _reasons_in(answer)), False
 
     def check(self) -> None:
         """QIDO-RS ``/studies?limit=1`` (one small query): the server answers and takes our credentials.

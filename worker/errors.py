@@ -33,6 +33,11 @@ class ModelError(WorkerError):
     """The ONNX model is missing or does not follow the model contract."""
 
 
+class ModelProbeMismatch(ModelError):
+    """A reduced-precision model answers its stored probes, on this machine, outside the limits
+    its export verified (int8 kernels differ between CPUs)."""
+
+
 class SendError(WorkerError):
     """A delivery (C-STORE or STOW-RS) to a destination failed (``attempted``: False when it was never tried)."""
 

@@ -7,7 +7,8 @@ already deleted is named (by result number) and skipped; its row went with it in
 sweep, so this only happens when the sweep ran between the query and the read.
 
 De-identification: the folder (:mod:`cxr_contract.feedback`) holds no name, patient ID,
-UID, accession number, birth date, study date or comment. Patients, images and readers
+UID, accession number, birth date, study date or comment, and each label's time only to the
+month. The folder and its files are created 0700/0600. Patients, images and readers
 are HMAC-SHA256 pseudonyms under a site key (``feedback.pseudonym_key_file``, created with
 mode 0600 on first use): the same patient gets the same key in every export, so the
 trainer can split by patient, and nobody without the key can compute it from an ID.
@@ -15,6 +16,7 @@ trainer can split by patient, and nobody without the key can compute it from an 
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import logging
 import os
@@ -146,13 +148,18 @@ def export_feedback(store: ResultStore, out: Path, key: bytes, since: datetime |
                     patient_key=pseudonym(patient, key), image_key=image_key,
                     reader=pseudonym(f"reader:{fb.user.name}", key), label=fb.label, agree=fb.agree,
                     model_version=r.model_version, model_probability=float(r.probability),
-                    recorded_at=fb.created_at))
+                    recorded_at=_month_of(fb.created_at)))
                 report.labels += 1
         except FeedbackFormatError as exc:
             raise FeedbackExportError(f"result {r.id}: {exc}") from None
         report.results += 1
     report.images = writer.close().images
     return report
+
+
+def _month_of(when: datetime) -> datetime:
+    """When a label was given, to the month: the exact time is, in practice, a date of care."""
+    return when.astimezone(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
 
 
 def run_export(settings: Settings, out: Path, since: datetime | None = None) -> ExportReport:
@@ -164,9 +171,14 @@ def run_export(settings: Settings, out: Path, since: datetime | None = None) -> 
     key = load_or_create_key(key_file(settings))
     store = ResultStore(settings.dashboard.store_url(settings.spool.dir),
                         settings.dashboard.store_media(settings.spool.dir))
+    # Pseudonymous is not anonymous: the folder and its files are for the exporting user only.
+    umask = os.umask(0o077)
     try:
         report = export_feedback(store, out, key, since)
+        with contextlib.suppress(OSError):
+            Path(out).chmod(0o700)  # it may have existed, empty, before the export
     finally:
+        os.umask(umask)
         store.close()
     _audit(settings, report)
     return report

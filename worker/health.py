@@ -18,9 +18,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from worker.config import Destination, DicomWebDestination, SecuritySection, SendSection
+from worker.config import Destination, DicomWebDestination, Hl7Destination, SecuritySection, SendSection
 from worker.dicomweb import StowClient
 from worker.metrics import Metrics
+from worker.mllp import MllpClient
 from worker.send import echo
 from worker.spool import Spool
 
@@ -48,7 +49,8 @@ class DestinationMonitor:
     DICOMweb destination one QIDO-RS ``/studies?limit=1`` (it proves the server answers and
     takes our credentials, and costs the server one small query)."""
 
-    def __init__(self, destinations: list[Destination | DicomWebDestination], calling_ae: str, metrics: Metrics,
+    def __init__(self, destinations: list[Destination | DicomWebDestination | Hl7Destination], calling_ae: str,
+                 metrics: Metrics,
                  interval_s: float, tls: ssl.SSLContext | None = None, timeout_s: float = 5.0,
                  security: SecuritySection | None = None) -> None:
         self.destinations = destinations
@@ -76,6 +78,9 @@ class DestinationMonitor:
             try:
                 if isinstance(dest, DicomWebDestination):
                     self.web[name].check()
+                    up, error = True, ""
+                elif isinstance(dest, Hl7Destination):  # a connection (and TLS handshake) is all MLLP offers
+                    MllpClient(dest.model_copy(update={"timeout_s": self.timeout_s})).check()
                     up, error = True, ""
                 else:
                     up, error = echo(dest, self.calling_ae, timeout=self.timeout_s, tls=self.tls) == 0, ""

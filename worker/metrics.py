@@ -58,6 +58,8 @@ class Metrics:
         self.probability = Histogram("cxr_predicted_probability", "Distribution of predicted probabilities",
                                      registry=r, buckets=tuple(round(0.1 * i, 1) for i in range(1, 11)))
         self.model = Info("cxr_model", "The loaded model", registry=r)
+        self.model_fallback = Gauge("cxr_model_probe_fallback", "1 when the configured model failed its load-time "
+                                    "probe check and the fallback model answers instead", registry=r)
 
     def exposition(self) -> bytes:
         return bytes(generate_latest(self.registry))

@@ -24,10 +24,12 @@ from cxr_contract.model import (
     OOD_SCORE_OUTPUT,
     PROBABILITY_OUTPUT,
     ContractError,
+    Meta,
     ModelInfo,
     required_outputs,
 )
-from worker.errors import ModelError
+from cxr_contract.probes import Probes
+from worker.errors import ModelError, ModelProbeMismatch
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +162,8 @@ class OnnxModel:
     """An ONNX Runtime session that returns probability and Grad-CAM in one run."""
 
     def __init__(self, path: str | Path, *, providers: str = "auto", threads: int = 0,
-                 io_binding: str = "auto", batch_size: int = 8, pad_batches: str = "auto") -> None:
+                 io_binding: str = "auto", batch_size: int = 8, pad_batches: str = "auto",
+                 probe_check: bool = True) -> None:
         """Load and check the model.
 
         Args:
@@ -173,6 +176,11 @@ class OnnxModel:
             pad_batches: ``auto`` (on with CUDA), ``on`` or ``off``: run every batch at exactly
                 ``batch_size`` (shorter ones padded, longer ones in chunks), so the CUDA provider
                 sees one input shape and chooses its cuDNN convolution algorithms once, at load.
+            probe_check: run the probe inputs a reduced-precision model carries and compare its
+                answers with the fp32 model's stored ones (:meth:`check_probes`).
+
+        Raises:
+            ModelProbeMismatch: the probe check found answers outside the export's limits.
         """
         import onnxruntime as ort
 
@@ -223,6 +231,8 @@ class OnnxModel:
         self.pad_to = batch_size if pad_batches == "on" or (pad_batches == "auto" and self.on_cuda) else 0
         self._ort = ort
         self.path = path
+        #: The model this one replaced after that one failed its probe check (set by the loader).
+        self.fell_back_from: str | None = None
         if CUDA in chosen and not self.on_cuda:
             logger.log(logging.WARNING if providers == "cuda" else logging.INFO,
                        "CUDA provider present but unusable (no GPU visible, or its CUDA/cuDNN libraries are "
@@ -235,10 +245,45 @@ class OnnxModel:
             # before the worker reports ready rather than on the first study.
             size = self.info.input_size
             self._run(self.outputs, np.zeros((max(self.pad_to, 1), size, size, 1), np.float32))
+        #: The load-time probe check: ``status`` none (the model carries no probes), off, or
+        #: passed with the numbers.
+        self.probe_check: dict[str, Any] = self.check_probes(meta.get(Meta.PROBES)) if probe_check else {
+            "status": "off"}
         if not self.info.has_ood_gate:
             logger.warning("model has no out-of-distribution gate (contract version %d): every image that "
                            "passes the input checks gets an answer, and no heatmap faithfulness is computed",
                            self.info.contract_version)
+
+    def check_probes(self, stored: str | None) -> dict[str, Any]:
+        """Run the probe inputs stored at export and compare the answers with the fp32 model's,
+        on this machine's CPU or GPU, against the export's limits.
+
+        Raises:
+            ModelProbeMismatch: outside the limits (every missed limit named).
+            ModelError: the probes metadata cannot be read.
+        """
+        if stored is None:
+            return {"status": "none"}
+        try:
+            probes = Probes.from_json(stored)
+        except ValueError as exc:
+            raise ModelError(f"{self.path}: {exc}") from None
+        if probes.inputs.shape[1:] != (self.info.input_size, self.info.input_size, 1):
+            raise ModelError(f"{self.path}: probe inputs are {probes.inputs.shape[1:]}, the model takes "
+                             f"{self.info.input_size} px")
+        got = dict(zip(self.outputs, self._run(self.outputs, probes.inputs), strict=True))
+        if OOD_SCORE_OUTPUT not in got:
+            raise ModelError(f"{self.path}: the model carries probes but has no {OOD_SCORE_OUTPUT!r} output")
+        numbers = probes.differences(got[PROBABILITY_OUTPUT], got[GRADCAM_OUTPUT], got[OOD_SCORE_OUTPUT],
+                                     self.info.heatmap_scale or 1.0)
+        bad = probes.failures(numbers)
+        if bad:
+            raise ModelProbeMismatch(
+                f"{self.path}: this {self.info.precision} model answers its {len(probes.inputs)} probe images on "
+                f"this machine ({','.join(self.providers)}) outside the limits its export verified against fp32: "
+                f"{', '.join(bad)} (export it on this kind of machine, or set model.probe_check = \"fallback\" "
+                "with an fp32 model.fallback_path; docs/export.md)")
+        return {"status": "passed", "images": len(probes.inputs), **{k: round(v, 6) for k, v in numbers.items()}}
 
     @property
     def execution(self) -> dict[str, str]:

@@ -55,7 +55,7 @@ Outcome = Skipped | Duplicate | RemoteFailure | Answered
 _processor: Processor | None = None
 
 
-def _start(settings: Settings, threads: int) -> None:
+def _start(settings: Settings, model_path: Path, threads: int) -> None:
     """In each answer process: die with the service, log as it does, load the model once."""
     global _processor
     if sys.platform == "linux":  # a service killed with -9 must not leave answer processes behind
@@ -69,8 +69,10 @@ def _start(settings: Settings, threads: int) -> None:
 
     configure(settings.log.level, settings.log.format)
     m = settings.model
-    model = OnnxModel(m.path, providers=m.providers, threads=m.threads or threads, io_binding=m.io_binding,  # type: ignore[arg-type]
-                      batch_size=m.batch_size, pad_batches=m.pad_batches)
+    # The model the service loaded (the fallback, when the configured one failed its probe check
+    # on this machine): same hardware, so its probes are not run again.
+    model = OnnxModel(model_path, providers=m.providers, threads=m.threads or threads, io_binding=m.io_binding,
+                      batch_size=m.batch_size, pad_batches=m.pad_batches, probe_check=False)
     _processor = Processor(settings, model, build_threads=1)
 
 
@@ -132,8 +134,9 @@ def _answer(paths: list[Path], done: Path) -> tuple[list[Outcome], bool]:
 class AnswerPool:
     """N answer processes; :meth:`answer` runs one batch in one of them."""
 
-    def __init__(self, settings: Settings, processes: int) -> None:
+    def __init__(self, settings: Settings, processes: int, model_path: Path) -> None:
         self.settings = settings
+        self.model_path = Path(model_path)
         self.processes = processes
         # ONNX Runtime's intra-op threads: the cores shared out, so N sessions do not oversubscribe.
         self.threads = max(1, _cores() // processes)
@@ -148,7 +151,7 @@ class AnswerPool:
         """
         # spawn: a fork would copy the service's threads' locks (pynetdicom, ONNX Runtime) mid-use.
         self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=_start, initargs=(self.settings, self.threads))
+                                         initializer=_start, initargs=(self.settings, self.model_path, self.threads))
         for f in [self._pool.submit(_warm_up) for _ in range(self.processes)]:
             f.result(timeout=300)
 

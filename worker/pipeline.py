@@ -1,4 +1,5 @@
-"""The per-instance stages wired together: decode -> infer + Grad-CAM -> build SC/SR.
+"""The per-instance stages wired together: decode -> infer + Grad-CAM -> build SC/SR/GSPS
+(and the ORU^R01 when an HL7 destination takes it).
 
 :class:`Processor` answers instances; :func:`process_files` runs it offline
 (``cxr-worker process``). The service around it lives in :mod:`worker.service` (life
@@ -26,7 +27,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filewriter import dcmwrite
 
 from cxr_contract.pixels import resize_for_model
-from worker.config import Settings
+from worker.config import Hl7Destination, Settings
 from worker.decode import dataset_to_unit_image
 from worker.errors import DecodeError, UnsupportedInput, WorkerError
 from worker.faults import Fault, fault_of
@@ -36,6 +37,7 @@ from worker.model import GATE_OOD_SCORE, OnnxModel, Prediction, outside_distribu
 from worker.outputs import (
     BuildSettings,
     Trust,
+    build_presentation_state,
     build_report,
     build_secondary_capture,
     decision,
@@ -44,6 +46,7 @@ from worker.outputs import (
     render_heatmap_overlay,
     render_withheld,
 )
+from worker.outputs.oru import build_oru
 from worker.selection import ineligible_reason, invalid_uid
 
 logger = logging.getLogger(__name__)
@@ -100,8 +103,17 @@ class Result:
     faithfulness: float | None = None
     #: The raw Grad-CAM grid at the model's feature resolution (recorded for the dashboard).
     gradcam: np.ndarray[Any, Any] | None = None
-    #: The SC and SR as sent (:func:`encode`), written while the batch was built.
-    encoded: tuple[bytes, bytes] | None = None
+    #: The outline over the source (``output.gsps``), None when off or no heatmap is drawn.
+    gsps: Dataset | None = None
+    #: The ORU^R01 for the RIS (ER7 bytes), None without an HL7 destination.
+    oru: bytes | None = None
+    #: :attr:`objects` as sent (:func:`encode`), written while the batch was built.
+    encoded: tuple[bytes, ...] | None = None
+
+    @property
+    def objects(self) -> tuple[Dataset, ...]:
+        """What is sent for this instance: the SC, the SR and, when built, the GSPS."""
+        return (self.sc, self.sr) if self.gsps is None else (self.sc, self.sr, self.gsps)
 
 
 def read_dataset(path: Path) -> Dataset:
@@ -142,6 +154,8 @@ class Processor:
         self.paint_negative = o.heatmap_for_negative
         self.withhold = settings.model.ood_action == "withhold"
         self.faithfulness = settings.model.faithfulness and model.has_logit
+        #: An ORU^R01 per answered or withheld image, when an HL7 destination will take it.
+        self.oru = any(isinstance(d, Hl7Destination) for d in settings.send.destinations)
         #: Images of one batch built at the same time (the machine's cores, at most 4).
         self.build_threads = build_threads if build_threads is not None else min(4, os.cpu_count() or 1)
 
@@ -216,16 +230,30 @@ class Processor:
         try:
             trust = Trust(ood_score=ood, gate=gate, withheld=gate is not None and self.withhold,
                           faithfulness=faithfulness)
-            sc, sr, rgb = self._build(item, pred, trust)
-            encoded = (encode(sc), encode(sr))
+            sc, sr, gsps, rgb = self._build(item, pred, trust)
+            encoded = tuple(encode(ds) for ds in (sc, sr, gsps) if ds is not None)
+            oru = self._oru(item, pred, trust) if self.oru else None
         except Exception as exc:  # highdicom refuses odd headers with many types; sorted by the caller
             return exc
         positive = not trust.withheld and decision(pred.probability, self.model.info.threshold)
         return Result(uid_of(item.ds), pred.probability, positive, sc, sr, item.unit_image, rgb,
                       infer_seconds, gate=trust.gate, withheld=trust.withheld, ood_score=ood,
-                      faithfulness=trust.faithfulness, encoded=encoded, gradcam=pred.gradcam)
+                      faithfulness=trust.faithfulness, gsps=gsps, oru=oru, encoded=encoded, gradcam=pred.gradcam)
 
-    def _build(self, item: Decoded, pred: Prediction, trust: Trust) -> tuple[Dataset, Dataset, np.ndarray[Any, Any]]:
+    def _oru(self, item: Decoded, pred: Prediction, trust: Trust) -> bytes | None:
+        """The ORU^R01; None, logged, when the image's values do not make a valid v2.5.1 message
+        (the DICOM outputs still go out)."""
+        info = self.model.info
+        try:
+            return build_oru(item.ds, pred.probability, info,
+                             output_uids(item.ds, info.version, self.build_settings.uid_prefix),
+                             self.build_settings, self.settings.hl7, trust=trust)
+        except UnsupportedInput as exc:  # its message names the field, never the value
+            logger.error("ORU^R01 not built: %s", exc, extra={"sop_instance_uid": uid_of(item.ds)})
+            return None
+
+    def _build(self, item: Decoded, pred: Prediction, trust: Trust
+               ) -> tuple[Dataset, Dataset, Dataset | None, np.ndarray[Any, Any]]:
         info = self.model.info
         uids = output_uids(item.ds, info.version, self.build_settings.uid_prefix)
         notice = info.intended_use if info.synthetic else ""
@@ -244,7 +272,17 @@ class Processor:
         sc = build_secondary_capture(item.ds, rgb, uids, info, self.build_settings, trust=trust)
         sr = build_report(item.ds, sc, pred.probability, info, uids, self.build_settings, trust=trust,
                           review_url=link or None)
-        return sc, sr, rgb
+        # The outline only where the SC draws a heatmap: never for a withheld answer, and for a
+        # negative decision only when the site paints those too.
+        drawn = not trust.withheld and (self.paint_negative or decision(pred.probability, info.threshold))
+        gsps = None
+        if self.build_settings.gsps and drawn:
+            try:
+                gsps = build_presentation_state(item.ds, pred.gradcam, pred.probability, info, uids,
+                                                self.build_settings, trust=trust)
+            except Exception as exc:  # the SC and SR stand without it; never a value in the log
+                logger.warning("GSPS not built: %s", type(exc).__name__, extra={"sop_instance_uid": uid_of(item.ds)})
+        return sc, sr, gsps, rgb
 
 
 def review_link(settings: Settings, sop_instance_uid: str, model_version: str) -> str:

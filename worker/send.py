@@ -1,6 +1,7 @@
 """Send: C-STORE SCU, or STOW-RS (:mod:`worker.dicomweb`), from a persistent outbox, with exponential backoff.
 
-Each result is a ``.dcm`` file in ``outbox/<destination key>/`` beside a ``.json``
+Each result is a ``.dcm`` file (``.hl7`` for an HL7 message, :mod:`worker.mllp`) in
+``outbox/<destination key>/`` beside a ``.json``
 state (destination, attempts, first and next attempt). Transient failures (no
 association, abort, timeout, 0xA7xx out of resources) are retried with backoff
 until ``retry_horizon_h``, counted from the object's first real attempt; permanent
@@ -37,10 +38,11 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from worker import compat
 from worker.audit import AuditTrail
-from worker.config import Destination, DicomWebDestination, SecuritySection, SendSection
+from worker.config import Destination, DicomWebDestination, Hl7Destination, SecuritySection, SendSection
 from worker.dicomweb import StowClient
 from worker.errors import SendError
 from worker.metrics import Metrics
+from worker.mllp import MllpClient
 from worker.spool import Spool, fsync, key
 from worker.status import REJECTED_PERMANENT, AuditOutcome, is_permanent, stored
 
@@ -66,7 +68,7 @@ class OutboxState:
         return cls(**{k: v for k, v in raw.items() if k in known})
 
 
-def destination_key(dest: Destination | DicomWebDestination) -> str:
+def destination_key(dest: Destination | DicomWebDestination | Hl7Destination) -> str:
     return key(str(dest))
 
 
@@ -207,6 +209,7 @@ class Outbox:
         self.destinations = {destination_key(d): d for d in settings.destinations}
         self._web = {k: StowClient(d, settings, security or SecuritySection()) for k, d in self.destinations.items()
                      if isinstance(d, DicomWebDestination)}
+        self._hl7 = {k: MllpClient(d) for k, d in self.destinations.items() if isinstance(d, Hl7Destination)}
         self._lock = threading.Lock()
         self._states: dict[str, dict[str, OutboxState]] = {k: {} for k in self.destinations}
         self._due: dict[str, list[tuple[float, int, str]]] = {k: [] for k in self.destinations}
@@ -217,7 +220,7 @@ class Outbox:
     def _load(self) -> int:
         """Read every state once, at start; remove what a crash or a full disk left half-written.
 
-        A ``.dcm`` without its ``.json`` was never complete: its input is not marked done
+        A ``.dcm`` (``.hl7``) without its ``.json`` was never complete: its input is not marked done
         and will be processed again, so the file can go.
         """
         removed = 0
@@ -231,8 +234,9 @@ class Outbox:
             for name in names:
                 path = folder / name
                 stem, _, ext = name.partition(".")
-                if ext in ("part", "json.tmp") or (ext == "dcm" and f"{stem}.json" not in present) or \
-                        (ext == "json" and f"{stem}.dcm" not in present):
+                payload = self._suffix(dkey)
+                if ext in ("part", "json.tmp") or (f".{ext}" == payload and f"{stem}.json" not in present) or \
+                        (ext == "json" and f"{stem}{payload}" not in present):
                     path.unlink(missing_ok=True)
                     removed += 1
                     continue
@@ -248,6 +252,10 @@ class Outbox:
                     self._write_state(path, state)
                 self._index(dkey, stem, state)
         return removed
+
+    def _suffix(self, dkey: str) -> str:
+        """The payload file's suffix: ``.hl7`` for an HL7 message, ``.dcm`` for a DICOM object."""
+        return ".hl7" if dkey in self._hl7 else ".dcm"
 
     def _index(self, dkey: str, name: str, state: OutboxState) -> None:
         self._states[dkey][name] = state
@@ -272,13 +280,14 @@ class Outbox:
                 if picked:
                     picked.sort(key=lambda item: (item[1].attempts, item[1].next_attempt))
                     folder = self.spool.outbox / dkey
-                    out[dkey] = [(folder / f"{name}.dcm", state) for name, state in picked]
+                    out[dkey] = [(folder / f"{name}{self._suffix(dkey)}", state) for name, state in picked]
         return out
 
     # -- write ------------------------------------------------------------------------
     def put(self, name: str, data: bytes, sop_instance_uid: str, *, study_instance_uid: str = "",
-            sop_class_uid: str = "") -> None:
-        """Queue one encoded result for every destination, durably.
+            sop_class_uid: str = "", hl7: bool = False) -> None:
+        """Queue one encoded result for every destination of its kind, durably: a DICOM object
+        for the C-STORE and DICOMweb destinations, an HL7 message (``hl7``) for the HL7 ones.
 
         ``name`` is derived from the deterministic output UID, so a re-run after a
         crash overwrites rather than duplicates.
@@ -288,7 +297,10 @@ class Outbox:
         """
         written: list[tuple[str, OutboxState]] = []
         for dkey, dest in self.destinations.items():
+            if (dkey in self._hl7) != hl7:
+                continue
             folder = self.spool.outbox / dkey
+            payload = folder / f"{name}{self._suffix(dkey)}"
             part = folder / f"{name}.part"
             state = OutboxState(str(dest), sop_instance_uid, next_attempt=time.time(),
                                 study_instance_uid=study_instance_uid, sop_class_uid=sop_class_uid)
@@ -296,14 +308,14 @@ class Outbox:
                 folder.mkdir(exist_ok=True)
                 part.write_bytes(data)
                 fsync(part)
-                os.replace(part, folder / f"{name}.dcm")
+                os.replace(part, payload)
                 self._write_state(folder / f"{name}.json", state)
                 fsync(folder)
             except OSError:
                 part.unlink(missing_ok=True)
                 (folder / f"{name}.json.tmp").unlink(missing_ok=True)
                 if not (folder / f"{name}.json").exists():
-                    (folder / f"{name}.dcm").unlink(missing_ok=True)
+                    payload.unlink(missing_ok=True)
                 raise
             written.append((dkey, state))
         with self._lock:
@@ -372,6 +384,8 @@ class Outbox:
         dest = self.destinations[dkey]
         if isinstance(dest, DicomWebDestination):
             return self._web[dkey].store(paths)
+        if isinstance(dest, Hl7Destination):
+            return self._hl7[dkey].store(paths)
         return store(dest, paths, self.settings, self.calling_ae, self.tls)
 
     def _send_to(self, dkey: str, items: list[tuple[Path, OutboxState]], now: float) -> int:

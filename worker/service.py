@@ -53,7 +53,9 @@ class Service:
         self.metrics = Metrics()
         self.metrics.model.info({"name": model.info.name, "version": model.info.version,
                                  "input_size": str(model.info.input_size), "threshold": str(model.info.threshold),
-                                 **model.execution, "precision": model.info.precision})
+                                 **model.execution, "precision": model.info.precision,
+                                 "probe_check": model.probe_check["status"]})
+        self.metrics.model_fallback.set(1 if model.fell_back_from else 0)
         self.audit = AuditTrail(settings.audit.path, settings.dicom.ae_title)
         tls = client_context(settings.security) if settings.security.send_tls else None
         self.outbox = Outbox(self.spool, settings.send, settings.dicom.ae_title, tls=tls,
@@ -61,7 +63,7 @@ class Service:
         self.wake = threading.Event()
         processes = settings.processing.count()
         # More than one: answer processes; the service's process keeps the spool, outbox and listeners.
-        self.pool = AnswerPool(settings, processes) if processes > 1 else None
+        self.pool = AnswerPool(settings, processes, model.path) if processes > 1 else None
         self.wake_sender = threading.Event()
         self.stopping = threading.Event()
         self.handler = BatchHandler(self.processor, self.spool, self.outbox, self.metrics,
@@ -175,6 +177,9 @@ class Service:
         removed = self.spool.prune_done(self.settings.spool.done_retention_days * 86400)
         if removed:
             logger.info("pruned done markers", extra={"removed": removed})
+        kept = self.spool.prune_kept(self.settings.spool.quarantine_retention_days * 86400)
+        if kept:
+            logger.info("deleted quarantined and dead files past their retention", extra={"removed": kept})
         if self.handler.store is not None and self.handler.store.store is not None:
             try:
                 self.handler.store.store.sweep(self.settings.dashboard.retention_days)

@@ -244,6 +244,27 @@ class Spool:
                     continue
         return removed
 
+    def prune_kept(self, older_than_s: float, now: float | None = None) -> int:
+        """Delete files in quarantine/ and dead/ (whole DICOM files, with PHI) older than ``older_than_s``.
+
+        Age counts from the move into the folder (the inode's change time: a rename sets it, while
+        the modification time is still the receive's). Returns how many files went.
+        """
+        cutoff = (time.time() if now is None else now) - older_than_s
+        removed = 0
+        for folder in (self.quarantined, self.dead):
+            for path in sorted(folder.rglob("*"), reverse=True):  # files before the folders holding them
+                try:
+                    if path.is_dir():
+                        if path != folder and not any(path.iterdir()):
+                            path.rmdir()
+                    elif path.lstat().st_ctime < cutoff:
+                        path.unlink()
+                        removed += 1
+                except (FileNotFoundError, OSError):
+                    continue
+        return removed
+
     def depth(self) -> int:
         with self._lock:
             return len(self._queued) + len(self._claimed)

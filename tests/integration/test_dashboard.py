@@ -446,6 +446,38 @@ def test_a_reader_reviews_a_result_in_the_browser(site: Site, browser: Any) -> N
             shutil.copyfile(shots / f"{name}.png", DOCS / f"dashboard-{name}.png")
 
 
+def test_a_long_model_name_wraps_beside_its_label(site: Site, browser: Any) -> None:
+    """At 1440x900 a long model name and version once wrapped under its "Model" label and ran into it."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from worker.store import NewResult
+
+    real = site.store.worklist(Worklist())[0][0]
+    rid = site.store.record(NewResult(
+        study_instance_uid="2.25.11", series_instance_uid="2.25.12", sop_instance_uid="2.25.13",
+        probability=0.7, decision="positive", threshold=0.5, model_name="cxr-resnet50-pneumonia-nih-rsna-finetuned",
+        model_version="2026.11.30-rsna-feedback-round-7+fp16-calibrated", sop_class_uid=real.sop_class_uid),
+        np.full((64, 64), 0.5), np.ones((4, 4)))
+    wait = WebDriverWait(browser, 30)
+    browser.get(f"{site.url}/results/{rid}")
+    if browser.find_elements(By.NAME, "username"):
+        browser.find_element(By.NAME, "username").send_keys("alice")
+        browser.find_element(By.NAME, "password").send_keys(PASSWORDS["alice"])
+        browser.find_element(By.CSS_SELECTOR, "button.primary").click()
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, ".answer .row")))
+    rows = browser.execute_script(
+        "return Array.from(document.querySelectorAll('.answer .row')).map(r => {"
+        "  const a = r.children[0].getBoundingClientRect(), b = r.children[1].getBoundingClientRect();"
+        "  return [r.children[0].textContent, a.right, b.left, b.right, r.getBoundingClientRect().right]; })")
+    model = [r for r in rows if r[0] == "Model"]
+    assert model, rows
+    _, label_right, value_left, value_right, row_right = model[0]
+    assert label_right + 4 <= value_left and value_right <= row_right + 0.5, model[0]
+    browser.save_screenshot(str(site.tmp / "screenshots" / "long-model-name.png"))
+
+
 def test_too_many_failed_logins_are_refused_even_with_the_right_password(site: Site) -> None:
     # Last in the module: it locks 127.0.0.1 out for the limiter's window.
     c = site.client()

@@ -46,3 +46,23 @@ def test_de_identified_rg1_is_answered_with_a_jpeg_sc_and_a_clean_sr(onnx_model:
     assert decoded.returncode == 0, decoded.stderr
     assert check_measurement_report(sr) == []
     assert dciodvfy_errors(sc_path) == [] and dciodvfy_errors(sr_path) == []
+
+
+@pytest.mark.parametrize("gsps", [True, False], ids=["gsps-on", "gsps-off"])
+def test_the_pipeline_sends_a_gsps_on_the_source_as_output_gsps_says(gsps: bool, onnx_model: Path,
+                                                                     tmp_path: Path) -> None:
+    path = tmp_path / "rg1.dcm"
+    real_cr().save_as(path, enforce_file_format=True)
+    settings = Settings(model={"ood_action": "flag"}, output={"heatmap_for_negative": True, "gsps": gsps})
+    [(_, result)] = list(process_files([path], Processor(settings, OnnxModel(onnx_model, providers="cpu"))))
+    assert isinstance(result, Result), result
+    assert result.encoded is not None and len(result.encoded) == len(result.objects) == (3 if gsps else 2)
+    if not gsps:
+        assert result.gsps is None
+        return
+    (tmp_path / "gsps.dcm").write_bytes(result.encoded[2])
+    back = pydicom.dcmread(tmp_path / "gsps.dcm")
+    assert back.SOPClassUID == "1.2.840.10008.5.1.4.1.1.11.1" and back.PresentationLUTShape == "INVERSE"
+    assert back.ReferencedSeriesSequence[0].ReferencedImageSequence[0].ReferencedSOPInstanceUID == \
+        real_cr().SOPInstanceUID
+    assert dciodvfy_errors(tmp_path / "gsps.dcm") == []

@@ -5,6 +5,7 @@ or is down holds up no other."""
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 import ssl
@@ -20,6 +21,7 @@ import requests
 from dicomweb_client import DICOMwebClient
 
 from cxr_demo.orthanc import DICOMWEB_PLUGIN, OrthancPACS
+from tests.dicom_outputs import MODEL_V2, hot_gradcam
 from tests.helpers import (
     Storescp,
     free_port,
@@ -35,6 +37,7 @@ from tests.helpers import (
 )
 from trainer.dicom_phantoms import cr_dataset
 from worker.config import SecuritySection, SendSection
+from worker.outputs import BuildSettings, build_presentation_state, output_uids
 from worker.pipeline import encode
 from worker.send import Outbox
 from worker.spool import Spool
@@ -157,7 +160,7 @@ def test_worker_stows_results_that_wado_returns_as_built_through_a_restart_and_r
 
 def test_an_object_the_server_refuses_fails_alone(orthanc: OrthancPACS, tmp_path: Path) -> None:
     """Orthanc lists an object it cannot index in the STOW-RS Failed SOP Sequence (reason C000):
-    that object is dead-lettered, the one sent beside it is stored."""
+    that object is dead-lettered, the ones sent beside it (an image and its GSPS) are stored."""
     running(orthanc)
     cred = secret_file(tmp_path / "cred", f"{USER}:{PASSWORD}")
     settings = SendSection(destinations=[{"url": orthanc.dicomweb_url, "auth": "basic", "credentials_file": cred}],
@@ -168,12 +171,17 @@ def test_an_object_the_server_refuses_fails_alone(orthanc: OrthancPACS, tmp_path
     del bad.SeriesInstanceUID  # Orthanc cannot index an instance without its series
     outbox.put("a-bad", encode(bad), str(bad.SOPInstanceUID))
     outbox.put("b-good", encode(good), str(good.SOPInstanceUID))
-    assert outbox.send_due() == 1
+    gsps = build_presentation_state(good, hot_gradcam(), 0.9, MODEL_V2, output_uids(good, MODEL_V2.version),
+                                    BuildSettings())
+    outbox.put("c-gsps", encode(gsps), str(gsps.SOPInstanceUID))
+    assert outbox.send_due() == 2
     assert outbox.depth() == 0
     [dead] = [json.loads(p.read_text()) for p in outbox.spool.dead.glob("*.json")]
     assert dead["sop_instance_uid"] == bad.SOPInstanceUID and "failure reason 0xC000" in dead["last_error"]
     back = web_client(orthanc).retrieve_instance(good.StudyInstanceUID, good.SeriesInstanceUID, good.SOPInstanceUID)
     assert back.PixelData == good.PixelData
+    assert web_client(orthanc).retrieve_instance(gsps.StudyInstanceUID, gsps.SeriesInstanceUID,
+                                                 gsps.SOPInstanceUID) == pydicom.dcmread(io.BytesIO(encode(gsps)))
 
 
 # -- TLS -------------------------------------------------------------------------------------
@@ -289,7 +297,7 @@ class _OddServer:
     """An HTTP server that answers every STOW-RS POST with a fixed status, content type and body,
     as a misconfigured proxy or a non-conformant archive might; counts the requests it got."""
 
-    def __init__(self, status: int, content_type: str | None, body: bytes) -> None:
+    def __init__(self, status: int, content_type: str | None, body: bytes, location: str = "") -> None:
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         outer = self
@@ -302,6 +310,8 @@ class _OddServer:
                 self.send_response(status)
                 if content_type:
                     self.send_header("Content-Type", content_type)
+                if location:
+                    self.send_header("Location", location)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -356,3 +366,22 @@ def test_credentials_http_cannot_carry_are_never_counted_as_stored(tmp_path: Pat
         assert outbox.depth() == 0 and server.posts == 1
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_a_failed_delivery_never_followed(tmp_path: Path, status: int) -> None:
+    """A destination answering 3xx towards a host outside send.destinations: nothing goes there."""
+    elsewhere = _OddServer(200, None, b"")
+    server = _OddServer(status, None, b"", location=elsewhere.url + "/studies")
+    try:
+        outbox = Outbox(Spool(tmp_path / "spool"), SendSection(destinations=[server.url], acse_timeout=5,
+                                                               dimse_timeout=10), "CXR-GRADCAM")
+        ds = cr_dataset(np.full((64, 64), 80, np.uint8))
+        outbox.put("sc", encode(ds), str(ds.SOPInstanceUID))
+        assert outbox.send_due() == 0 and outbox.depth() == 1
+        assert server.posts == 1 and elsewhere.posts == 0
+        [state] = [json.loads(p.read_text()) for p in outbox.spool.outbox.glob("*/*.json")]
+        assert f"HTTP {status}" in state["last_error"]
+    finally:
+        server.close()
+        elsewhere.close()

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import (
-    select,
-)
+from sqlalchemy import select, update
 
 from worker.store import ResultStore, StoreError, User, utcnow
 
@@ -23,7 +21,6 @@ def _hasher() -> Any:
     from argon2 import PasswordHasher
 
     return PasswordHasher()  # argon2-cffi's default is Argon2id with RFC 9106's low-memory parameters
-
 
 
 class _DummyHash:
@@ -41,7 +38,6 @@ class _DummyHash:
 
 
 _DUMMY = _DummyHash()
-
 
 
 class Accounts:
@@ -64,8 +60,9 @@ class Accounts:
             if user is None:
                 user = User(name=name, role=role, password_hash=hashed, created_at=utcnow())
                 s.add(user)
-            else:
+            else:  # a new password or role: the sessions begun before it end
                 user.role, user.password_hash, user.disabled = role, hashed, False
+                user.session_generation += 1
         return user
 
     def authenticate(self, name: str, password: str) -> User | None:
@@ -101,6 +98,19 @@ class Accounts:
             if user is None:
                 raise StoreError(f"no dashboard account named {name!r}")
             user.disabled = disabled
+            # Enabling raises it too: a cookie taken before the disable must not work again.
+            user.session_generation += 1
+
+    def end_sessions(self, user_id: int) -> None:
+        """End every session of this account (a logout): they began in an older generation."""
+        with self.session() as s, s.begin():
+            s.execute(update(User).where(User.id == user_id)
+                      .values(session_generation=User.session_generation + 1))
+
+    def exists(self, name: str) -> bool:
+        """Whether an account has this name (the audit trail names only real accounts)."""
+        with self.session() as s:
+            return s.scalar(select(User.id).where(User.name == name)) is not None
 
     def get_user(self, user_id: int) -> User | None:
         with self.session() as s:

@@ -15,38 +15,63 @@ event loop it would hold every other reader's request.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import hmac
 import logging
 import math
 import secrets
 import threading
 import time
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date
+from http import HTTPStatus
 from importlib import resources
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.applications import Starlette
+from starlette.authentication import requires
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.middleware.sessions import SessionMiddleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.responses import (
+    FileResponse,
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+)
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from worker.audit import AuditTrail
+from worker.audit import AuditTrail, Repeats
 from worker.config import Settings
 from worker.dashboard import operations
 from worker.dashboard.accounts import Accounts
-from worker.dashboard.auth import LoginLimiter, csrf_ok, csrf_token, password_fingerprint, session_secret
+from worker.dashboard.auth import (
+    DashboardUser,
+    LoginLimiter,
+    SessionBackend,
+    csrf_ok,
+    csrf_token,
+    session_of,
+    session_secret,
+)
 from worker.store import LABELS, ResultStore, StoredResult, Worklist
 
 logger = logging.getLogger(__name__)
 
 PAGE_SIZE = 50
+#: How long a login waits for a free password check before it is answered 503.
+LOGIN_QUEUE_S = 10.0
 #: How long one operations snapshot serves: a page view and its three plots compute it once.
 SNAPSHOT_TTL_S = 5.0
 SECURITY_HEADERS = {
@@ -64,10 +89,17 @@ def _package_dir(name: str) -> str:
     return str(resources.files("worker") / "dashboard" / name)
 
 
+#: Endpoints that are pages: without a session they send the browser to the login; the
+#: others (images, data, form posts) answer 401.
+PAGES = frozenset({"worklist", "review_link", "result", "operations_page"})
+#: Larger ids and page numbers are no row of any table (SQLite's integers are 64-bit).
+MAX_ID = 2**53
+
+
 class Dashboard:
     """The application's state: settings, store, templates, audit trail, login limiter."""
 
-    def __init__(self, settings: Settings, store: ResultStore) -> None:
+    def __init__(self, settings: Settings, store: ResultStore, audit_key: bytes = b"") -> None:
         self.settings = settings
         self.store = store
         self.accounts = Accounts(store)
@@ -75,7 +107,11 @@ class Dashboard:
         self.tls = d.tls_cert is not None
         self.secure_cookies = self.tls if d.secure_cookies is None else d.secure_cookies
         self.audit = AuditTrail(settings.audit.path, settings.dicom.ae_title)
+        self.audit_key = audit_key or secrets.token_bytes(32)
         self.limiter = LoginLimiter()
+        self.refusals = Repeats()
+        # Argon2 is expensive on purpose: a few checks at a time, the rest wait (then 503).
+        self.password_checks = threading.BoundedSemaphore(d.login_concurrency)
         self.metrics_url = d.metrics_url or (
             f"http://{settings.metrics.bind}:{settings.metrics.port}/metrics" if settings.metrics.port else None)
         self.templates = Environment(loader=FileSystemLoader(_package_dir("templates")),
@@ -90,32 +126,44 @@ class Dashboard:
     # -- plumbing -------------------------------------------------------------------------
 
     def render(self, request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
-        context.update(user=request.session.get("user"), csrf=csrf_token(request.session), path=request.url.path)
+        user = request.user if request.user.is_authenticated else None
+        context.update(user=user, csrf=csrf_token(request.session), path=request.url.path)
         return HTMLResponse(self.templates.get_template(name).render(**context), status_code=status)
 
     @staticmethod
     def client(request: Request) -> str:
         return request.client.host if request.client else "unknown"
 
-    def user(self, request: Request) -> dict[str, Any] | None:
-        """The logged-in user, or None (also when the login expired or the account went)."""
-        user = request.session.get("user")
-        if not isinstance(user, dict) or user.get("expires", 0) < datetime.now(UTC).timestamp():
-            return None
-        account = self.accounts.get_user(int(user.get("id", -1)))  # disabled or reset since the login: out
-        if account is None or account.disabled or account.role != user.get("role"):
-            return None
-        if not secrets.compare_digest(str(user.get("password", "")), password_fingerprint(account.password_hash)):
-            return None  # the password was reset since this login
-        return user
+    async def refused(self, request: Request, exc: Exception) -> Response:
+        """Starlette's HTTPException as the browser has always seen it: pages redirect to the login
+        or show a message; images, data and form posts answer in plain text."""
+        assert isinstance(exc, HTTPException)
+        endpoint = request.scope.get("endpoint")
+        page = request.method == "GET" and getattr(endpoint, "__name__", "") in PAGES
+        status, detail = exc.status_code, exc.detail
+        if status in (401, 403) and not request.user.is_authenticated:
+            if page:
+                request.session.pop("user", None)
+                target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+                return RedirectResponse(f"/login?{urlencode({'next': target})}", status_code=303)
+            status, detail = 401, "login required"
+        elif status == 403 and detail == HTTPStatus.FORBIDDEN.phrase:  # requires("admin") refused a reader
+            if page:
+                return self.render(request, "message.html", 403, title="Administrators only",
+                                   message="The operations page is for administrators; ask one for access.")
+            detail = "administrators only"
+        elif status == 404 and page:
+            return self.render(request, "message.html", 404, title="Not found", message=detail)
+        return PlainTextResponse(detail, status_code=status, headers=exc.headers)
 
-    def need_user(self, request: Request) -> dict[str, Any] | Response:
-        user = self.user(request)
-        if user is None:
-            request.session.pop("user", None)
-            target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-            return RedirectResponse(f"/login?{urlencode({'next': target})}", status_code=303)
-        return user
+    async def form(self, request: Request) -> FormData:
+        """The posted form, parsed with limits: no file parts, a few fields, small values."""
+        return await request.form(max_files=0, max_fields=16, max_part_size=self.settings.dashboard.max_body_bytes)
+
+    @staticmethod
+    def check_csrf(request: Request, form: FormData) -> None:
+        if not csrf_ok(request.session, form.get("csrf")):
+            raise HTTPException(403, "forged request refused (missing or wrong CSRF token)")
 
     # -- login ----------------------------------------------------------------------------
 
@@ -123,58 +171,71 @@ class Dashboard:
         return self.render(request, "login.html", next=_safe_next(request.query_params.get("next")))
 
     async def login(self, request: Request) -> Response:
-        form = await request.form()
+        form = await self.form(request)
         return await run_in_threadpool(self._login, request, form)  # Argon2 takes tens of ms of CPU
 
     def _login(self, request: Request, form: FormData) -> Response:
         target = _safe_next(str(form.get("next") or "/"))
         if not csrf_ok(request.session, form.get("csrf")):
             return self.render(request, "login.html", 403, error="The form expired; please try again.", next=target)
-        name, password = str(form.get("username") or ""), str(form.get("password") or "")
+        name, password = str(form.get("username") or "")[:256], str(form.get("password") or "")[:1024]
         address = self.client(request)
-        keys = (f"ip:{address}", f"user:{name}")
-        if self.limiter.blocked(*keys):
-            self.audit.user_authentication(name[:64], address, login=True, success=False)
+        keys = self.limiter.keys(address, name)
+        # Counted before the password is checked: concurrent guesses cannot all pass the limit.
+        if not self.limiter.attempt(*keys):
+            self._refused_login(name, address, "too many attempts")
             return self.render(request, "login.html", 429, next=target,
                                error="Too many failed attempts. Wait a few minutes and try again.")
-        user = self.accounts.authenticate(name, password) if name and password else None
+        if not self.password_checks.acquire(timeout=LOGIN_QUEUE_S):
+            return self.render(request, "login.html", 503, next=target,
+                               error="The server is busy; please try again in a moment.")
+        try:
+            user = self.accounts.authenticate(name, password) if name and password else None
+        finally:
+            self.password_checks.release()
         if user is None:
-            self.limiter.failed(*keys)
-            self.audit.user_authentication(name[:64], address, login=True, success=False)
+            self._refused_login(name, address, "wrong user name or password")
             return self.render(request, "login.html", 401, error="Wrong user name or password.", next=target)
         self.limiter.succeeded(*keys)
         request.session.clear()  # a new session (and CSRF token) at each login: no fixation
-        expires = datetime.now(UTC) + timedelta(hours=self.settings.dashboard.session_hours)
-        # The hash as stored now: authenticate() may just have rehashed it with newer parameters.
-        account = self.accounts.get_user(user.id) or user
-        request.session["user"] = {"id": user.id, "name": user.name, "role": user.role,
-                                   "expires": expires.timestamp(),
-                                   "password": password_fingerprint(account.password_hash)}
+        request.session["user"] = session_of(user, self.settings.dashboard.session_hours)
         csrf_token(request.session)
         self.audit.user_authentication(user.name, address, login=True, success=True)
         return RedirectResponse(target, status_code=303)
 
+    def _refused_login(self, name: str, address: str, why: str) -> None:
+        """Audit a refused login, aggregated per address (1st, 10th, 100th... of the hour): one
+        client must not be able to fill the audit file. The name typed is recorded only when it
+        is an account's: it may be a password typed into the wrong field."""
+        count = self.refusals.note(address)
+        if count is None:
+            return
+        who = name[:64] if name and self.accounts.exists(name) else "(not an account)"
+        detail = why if count == 1 else f"{why}; refusal {count} from this address within the hour"
+        self.audit.user_authentication(who, address, login=True, success=False, detail=detail)
+
     async def logout(self, request: Request) -> Response:
-        form = await request.form()
+        form = await self.form(request)
         return await run_in_threadpool(self._logout, request, form)
 
     def _logout(self, request: Request, form: FormData) -> Response:
-        user = self.user(request)
-        if not csrf_ok(request.session, form.get("csrf")):
-            return Response("forged request refused", status_code=403, media_type="text/plain")
-        if user is not None:
-            self.audit.user_authentication(user["name"], self.client(request), login=False, success=True)
+        self.check_csrf(request, form)
+        if request.user.is_authenticated:
+            user: DashboardUser = request.user
+            self.accounts.end_sessions(user.id)  # a copy of the cookie must not outlive the logout
+            self.audit.user_authentication(user.name, self.client(request), login=False, success=True)
         request.session.clear()
         return RedirectResponse("/login", status_code=303)
 
     # -- pages ----------------------------------------------------------------------------
 
+    @requires("authenticated")
     def worklist(self, request: Request) -> Response:
-        user = self.need_user(request)
-        if isinstance(user, Response):
-            return user
         q = request.query_params
-        page = max(1, _int(q.get("page"), 1))
+        page = _int(q.get("page"), 1)
+        if page > MAX_ID // PAGE_SIZE:
+            raise HTTPException(404, "No such page.")
+        page = max(1, page)
         w = Worklist(decision=q.get("decision", ""), date_from=_date(q.get("from")), date_to=_date(q.get("to")),
                      model_version=q.get("model", ""), ood=_choice(q.get("ood"), ("yes", "no")),  # type: ignore[arg-type]
                      feedback=_choice(q.get("feedback"), ("none", "reviewed", "disagreed")),  # type: ignore[arg-type]
@@ -182,114 +243,99 @@ class Dashboard:
         rows, total = self.store.worklist(w)
         feedback = self.store.feedback_summary([r.id for r in rows])
         filters = {k: v for k, v in q.items() if k != "page" and v}
+        self._audit_query(request, filters, page, len(rows))
         return self.render(request, "worklist.html", rows=rows, total=total, feedback=feedback, w=w, q=filters,
                            page=page, pages=max(1, math.ceil(total / PAGE_SIZE)), versions=self.store.model_versions(),
                            query=lambda **kw: urlencode({**filters, **kw}))
 
+    def _audit_query(self, request: Request, filters: dict[str, str], page: int, shown: int) -> None:
+        """A worklist view is a query of patient data (PS3.15 A.5.3.10): recorded with its filters;
+        the search term (a patient ID or accession number) only as a keyed digest, which whoever
+        holds the dashboard's key can match against a term but nobody can read."""
+        recorded: dict[str, Any] = {k: v[:64] for k, v in filters.items() if k != "q"}
+        if "q" in filters:
+            recorded["q"] = "hmac-sha256:" + hmac.new(self.audit_key, filters["q"][:64].encode(),
+                                                      hashlib.sha256).hexdigest()[:32]
+        user: DashboardUser = request.user
+        self.audit.query(user.name, self.client(request), {**recorded, "page": page},
+                         detail=f"worklist: {shown} results shown")
+
+    @requires("authenticated")
     def review_link(self, request: Request) -> Response:
         """``/r/<key>``: the short link printed on the SC and carried by the SR."""
-        user = self.need_user(request)
-        if isinstance(user, Response):
-            return user
         row = self.store.by_review_key(request.path_params["key"][:16].lower())
         if row is None:
-            return self.render(request, "message.html", 404, title="Not found",
-                               message="No result for this link (it may have passed the retention period).")
+            raise HTTPException(404, "No result for this link (it may have passed the retention period).")
         return RedirectResponse(f"/results/{row.id}", status_code=303)
 
-    def _result_or_404(self, request: Request) -> StoredResult | Response:
-        row = self.store.get(_int(request.path_params["rid"], -1))
+    def _result_or_404(self, request: Request) -> StoredResult:
+        rid = _int(request.path_params["rid"], -1)
+        row = self.store.get(rid) if 0 < rid <= MAX_ID else None
         if row is None:
-            return self.render(request, "message.html", 404, title="Not found",
-                               message="No such result (it may have passed the retention period).")
+            raise HTTPException(404, "No such result (it may have passed the retention period).")
         return row
 
+    def _audit_access(self, request: Request, row: StoredResult, detail: str, action: str = "R") -> None:
+        user: DashboardUser = request.user
+        self.audit.instances_viewed(user.name, self.client(request), row.study_instance_uid, row.sop_class_uid,
+                                    row.sop_instance_uid, action=action, detail=detail)
+
+    @requires("authenticated")
     def result(self, request: Request) -> Response:
-        user = self.need_user(request)
-        if isinstance(user, Response):
-            return user
         row = self._result_or_404(request)
-        if isinstance(row, Response):
-            return row
         history = self.store.feedback_history(row.id)
-        mine = [f for f in history if f.user_id == user["id"]]
-        self.audit.instances_viewed(user["name"], self.client(request), row.study_instance_uid, row.sop_class_uid,
-                                    row.sop_instance_uid, detail="result viewed in the dashboard")
+        mine = [f for f in history if f.user_id == request.user.id]
+        self._audit_access(request, row, "result viewed in the dashboard")
         return self.render(request, "result.html", r=row, history=history, mine=mine[-1] if mine else None,
                            current=self.store.current(history), labels=LABELS, saved=request.query_params.get("saved"))
 
+    @requires("authenticated")
     async def feedback(self, request: Request) -> Response:
-        user = await run_in_threadpool(self.need_user, request)
-        if isinstance(user, Response):
-            return Response("login required", status_code=401, media_type="text/plain")
-        form = await request.form()
-        return await run_in_threadpool(self._feedback, request, user, form)
+        form = await self.form(request)
+        return await run_in_threadpool(self._feedback, request, form)
 
-    def _feedback(self, request: Request, user: dict[str, Any], form: FormData) -> Response:
-        if not csrf_ok(request.session, form.get("csrf")):
-            return Response("forged request refused (missing or wrong CSRF token)", status_code=403,
-                            media_type="text/plain")
+    def _feedback(self, request: Request, form: FormData) -> Response:
+        self.check_csrf(request, form)
         row = self._result_or_404(request)
-        if isinstance(row, Response):
-            return row
         agree, label = form.get("agree"), form.get("label")
         if agree not in ("agree", "disagree") or label not in LABELS:
-            return Response("choose agree or disagree and a label", status_code=400, media_type="text/plain")
-        self.store.add_feedback(row.id, int(user["id"]), agree == "agree", str(label),
+            raise HTTPException(400, "choose agree or disagree and a label")
+        self.store.add_feedback(row.id, request.user.id, agree == "agree", str(label),
                                 str(form.get("comment") or "").strip()[:2000])
-        self.audit.instances_viewed(user["name"], self.client(request), row.study_instance_uid, row.sop_class_uid,
-                                    row.sop_instance_uid, action="U", detail="reader feedback recorded")
+        self._audit_access(request, row, "reader feedback recorded", action="U")
         return RedirectResponse(f"/results/{row.id}?saved=1", status_code=303)
 
+    @requires("authenticated")
     def preview(self, request: Request) -> Response:
-        if self.user(request) is None:
-            return Response("login required", status_code=401, media_type="text/plain")
         row = self._result_or_404(request)
-        if isinstance(row, Response):
-            return row
         path = self.store.media_dir / row.preview_path
         if not path.is_file():
-            return Response("preview no longer stored", status_code=404, media_type="text/plain")
+            raise HTTPException(404, "preview no longer stored")
+        self._audit_access(request, row, "preview image downloaded")
         return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, no-store"})
 
+    @requires("authenticated")
     def grid(self, request: Request) -> Response:
         """The raw Grad-CAM grid scaled as the SC scales it (a 0-1 heat per cell); the page draws it."""
-        if self.user(request) is None:
-            return Response("login required", status_code=401, media_type="text/plain")
         row = self._result_or_404(request)
-        if isinstance(row, Response):
-            return row
         cam = self.store.grid(row).clip(min=0.0)
         scale = row.heatmap_scale if row.heatmap_scale else float(cam.max())
         heat = (cam / scale).clip(0.0, 1.0) if scale > 0 else cam * 0.0
+        self._audit_access(request, row, "heatmap grid downloaded")
         return JSONResponse({"rows": int(heat.shape[0]), "cols": int(heat.shape[1]),
                              "heat": [round(float(v), 4) for v in heat.ravel()],
                              "scale": "fixed" if row.heatmap_scale else "per-image"})
 
-    def forbidden_unless_admin(self, request: Request, user: dict[str, Any]) -> Response | None:
-        if user.get("role") == "admin":
-            return None
-        return self.render(request, "message.html", 403, title="Administrators only",
-                           message="The operations page is for administrators; ask one for access.")
-
+    @requires(["authenticated", "admin"])
     def operations_page(self, request: Request) -> Response:
-        user = self.need_user(request)
-        if isinstance(user, Response):
-            return user
-        if (refused := self.forbidden_unless_admin(request, user)) is not None:
-            return refused
         snap = self.snapshot()
         return self.render(request, "operations.html", s=snap, names=operations.WORKER_METRICS)
 
+    @requires(["authenticated", "admin"])
     def plot(self, request: Request) -> Response:
-        user = self.user(request)
-        if user is None:
-            return Response("login required", status_code=401, media_type="text/plain")
-        if user.get("role") != "admin":
-            return Response("administrators only", status_code=403, media_type="text/plain")
         draw = operations.PLOTS.get(request.path_params["name"])
         if draw is None:
-            return Response("no such plot", status_code=404, media_type="text/plain")
+            raise HTTPException(404, "no such plot")
         return Response(draw(self.snapshot()), media_type="image/svg+xml")
 
     def snapshot(self) -> operations.Snapshot:
@@ -345,10 +391,75 @@ class _Headers:
         await self.app(scope, receive, with_headers)
 
 
+class _BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes gets 413 before anything parses it.
+
+    A declared Content-Length over the limit is refused before a byte is read; a chunked body
+    is counted as it arrives and refused when it passes the limit (the form parser, and its
+    temporary files, never see more than ``limit`` bytes).
+    """
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", [])).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.limit:
+            await _too_large(scope, receive, send)
+            return
+        seen, started = 0, False
+
+        async def counted() -> Any:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge
+            return message
+
+        async def tracked(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, tracked)
+        except _TooLarge:
+            if not started:
+                await _too_large(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _too_large(scope: Any, receive: Any, send: Any) -> None:
+    # Connection: close, so that the server does not read the rest of the body to keep the connection.
+    await PlainTextResponse("request body too large", status_code=413,
+                            headers={"Connection": "close"})(scope, receive, send)
+
+
+def allowed_hosts(settings: Settings) -> list[str]:
+    """The Host header values the dashboard answers (DNS rebinding finds no other name)."""
+    d = settings.dashboard
+    if d.allowed_hosts is not None:
+        return list(d.allowed_hosts)
+    hosts = ["127.0.0.1", "localhost", "::1", "[::1]"]
+    if d.bind not in ("0.0.0.0", "::", ""):
+        hosts.append(d.bind)
+    if d.public_url and (name := urlsplit(d.public_url).hostname):
+        hosts.append(name)
+    return hosts
+
+
 def create_app(settings: Settings, store: ResultStore, secret: str | None = None) -> Starlette:
     """The ASGI application; ``secret`` signs session cookies (default: kept beside the media)."""
-    d = Dashboard(settings, store)
     key = secret or session_secret(Path(store.media_dir).parent / "dashboard-session.key")
+    d = Dashboard(settings, store, audit_key=hashlib.sha256(b"audit:" + key.encode()).digest())
     routes = [
         Route("/login", d.login_page, methods=["GET"]),
         Route("/login", d.login, methods=["POST"]),
@@ -365,16 +476,66 @@ def create_app(settings: Settings, store: ResultStore, secret: str | None = None
     ]
     middleware = [
         Middleware(_Headers),
+        Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(settings)),
+        Middleware(_BodyLimit, limit=settings.dashboard.max_body_bytes),
         Middleware(SessionMiddleware, secret_key=key, session_cookie="cxr_session",
                    # Lax, not Strict: a review link opened from a PACS viewer or an e-mail is a cross-site
                    # navigation, and Strict would drop the session there; cross-site POSTs still carry
                    # no cookie, and every form has its CSRF token besides.
                    max_age=int(settings.dashboard.session_hours * 3600), same_site="lax",
                    https_only=d.secure_cookies),
+        Middleware(AuthenticationMiddleware, backend=SessionBackend(d.accounts)),
     ]
-    app = Starlette(routes=routes, middleware=middleware)
+    app = Starlette(routes=routes, middleware=middleware, exception_handlers={HTTPException: d.refused})
     app.state.dashboard = d
     return app
+
+
+def header_timeout(seconds: float) -> type[Any]:
+    """uvicorn's h11 protocol, closing a connection whose request headers take longer than ``seconds``.
+
+    uvicorn has no such limit of its own (its keep-alive timer restarts at every byte), so a
+    client sending a header byte now and then would hold a connection, and a worker thread's
+    worth of the concurrency limit, forever.
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeout(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._deadline = self.loop.call_later(seconds, self._too_slow)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _too_slow(self) -> None:
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.conn.their_state is not h11.IDLE:  # the headers are in
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()  # the next request's headers, on a kept-alive connection
+
+    return HeaderTimeout
 
 
 def serve(settings: Settings) -> None:
@@ -403,8 +564,14 @@ def serve(settings: Settings) -> None:
     logger.info("dashboard listening", extra={"url": f"{scheme}://{ds.bind}:{ds.port}",
                                               "database": ResultStore.engine_name(ds.store_url(settings.spool.dir))})
     # access_log off: request lines carry search terms (patient IDs, accession numbers).
-    uvicorn.run(app, host=ds.bind, port=ds.port, ssl_certfile=str(ds.tls_cert) if ds.tls_cert else None,
-                ssl_keyfile=str(ds.tls_key) if ds.tls_key else None, access_log=False, log_config=None,
-                server_header=False, timeout_graceful_shutdown=5)  # a browser's keep-alive must not hold a stop
+    # Forwarded headers only from the configured proxies: uvicorn trusts loopback's by default, and
+    # any local client could then choose the address the login limit and the audit trail see.
+    proxies = ",".join(ds.trusted_proxies)
+    config = uvicorn.Config(app, host=ds.bind, port=ds.port, ssl_certfile=str(ds.tls_cert) if ds.tls_cert else None,
+                            ssl_keyfile=str(ds.tls_key) if ds.tls_key else None, access_log=False, log_config=None,
+                            server_header=False, proxy_headers=bool(proxies), forwarded_allow_ips=proxies or None,
+                            limit_concurrency=ds.max_connections, http=header_timeout(ds.header_timeout_s),
+                            timeout_graceful_shutdown=5)  # a browser's keep-alive must not hold a stop
+    uvicorn.Server(config).run()
     stop.set()
     store.close()

@@ -155,7 +155,7 @@ def plot_drift(snap: Snapshot) -> bytes:
 def plot_disagreement(snap: Snapshot) -> bytes:
     fig, ax = _figure()
     if snap.disagreement:
-        versions = list(snap.disagreement)
+        versions = [v.replace("$", r"\$") for v in snap.disagreement]  # a "$" is not math text here
         rates = [d / t if t else 0.0 for d, t in snap.disagreement.values()]
         bars = ax.bar(versions, rates, color=WARN, width=0.4)
         ax.set_xlim(-0.8, len(versions) - 0.2)  # one version stays a bar, not a wall

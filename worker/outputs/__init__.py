@@ -2,6 +2,7 @@
 
 - :mod:`worker.outputs.sc`: the Grad-CAM Secondary Capture (pixels from :mod:`.render`);
 - :mod:`worker.outputs.sr`: the TID 1500 Measurement Report;
+- :mod:`worker.outputs.gsps`: the Grad-CAM outline as a presentation state on the source;
 - :mod:`worker.outputs.common`: what they share (UIDs, the trust statement, the decision);
 - :mod:`worker.outputs.codes`: the coded concepts.
 
@@ -18,6 +19,7 @@ from worker.outputs.common import (
     decision,
     output_uids,
 )
+from worker.outputs.gsps import build_presentation_state
 from worker.outputs.render import (
     WITHHELD_TEXT,
     display_gray,
@@ -30,6 +32,6 @@ from worker.outputs.sr import build_report
 
 __all__ = [
     "PATIENT_STUDY_TYPE2", "WITHHELD_TEXT", "BuildSettings", "OutputUIDs", "Trust", "as_reference",
-    "build_report", "build_secondary_capture", "decision", "display_gray", "faithfulness_line",
-    "output_uids", "render_heatmap_overlay", "render_withheld",
+    "build_presentation_state", "build_report", "build_secondary_capture", "decision", "display_gray",
+    "faithfulness_line", "output_uids", "render_heatmap_overlay", "render_withheld",
 ]

@@ -8,11 +8,14 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 
+import highdicom as hd
 from pydicom import Dataset
+from pydicom.sr.coding import Code
 from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
 from pydicom.valuerep import DA, TM
 
 from cxr_contract.model import ModelInfo
+from worker import __version__
 from worker.config import OutputSection
 from worker.errors import WorkerError
 from worker.input_check import describe
@@ -23,12 +26,14 @@ _ORIENTATION = re.compile(r"[APRLHF]{1,3}")
 
 @dataclass(frozen=True)
 class OutputUIDs:
-    """UIDs of the two output series and instances for one source image."""
+    """UIDs of the output series and instances for one source image."""
 
     sc_series: str
     sc_instance: str
     sr_series: str
     sr_instance: str
+    gsps_series: str = ""
+    gsps_instance: str = ""
 
 
 #: Site choices for the output objects: the ``[output]`` section of the config itself.
@@ -95,7 +100,45 @@ def output_uids(source: Dataset, model_version: str, prefix: str | None = None) 
         sc_instance=derived_uid(prefix, instance, model_version, "sc"),
         sr_series=derived_uid(prefix, series, model_version, "sr"),
         sr_instance=derived_uid(prefix, instance, model_version, "sr"),
+        gsps_series=derived_uid(prefix, series, model_version, "gsps"),
+        gsps_instance=derived_uid(prefix, instance, model_version, "gsps"),
     )
+
+
+def device_uid(model: ModelInfo, settings: OutputSection) -> str:
+    """The UID of the algorithm as a device: the same for every object one model makes, new
+    with each model (name, version and the SHA-256 of its weights), under ``output.uid_prefix``.
+
+    It is the SR's observer Device UID and every object's Contributing Equipment Device UID.
+    """
+    return derived_uid(settings.uid_prefix, "device", settings.manufacturer, model.name, model.version,
+                       model.weights_sha256)
+
+
+#: DCM 109102: the equipment that processed the source into this object (IHE AIR, PS3.16 CID 7005).
+PROCESSING_EQUIPMENT = Code("109102", "DCM", "Processing Equipment")
+
+
+def contributing_equipment(model: ModelInfo, settings: OutputSection) -> hd.ContributingEquipment:
+    """The one item of every object's Contributing Equipment Sequence (see below)."""
+    item = hd.ContributingEquipment(
+        manufacturer=settings.manufacturer, purpose_of_reference=PROCESSING_EQUIPMENT,
+        manufacturer_model_name=model.name, software_versions=[model.version, f"cxr-gradcam {__version__}"],
+        institution_name=settings.institution_name,
+        contribution_description="AI inference: pneumonia probability and Grad-CAM heatmap",
+    )
+    item.DeviceUID = device_uid(model, settings)  # Type 3 of the item; highdicom has no argument for it
+    return item
+
+
+def add_contributing_equipment(ds: Dataset, model: ModelInfo, settings: OutputSection) -> None:
+    """Contributing Equipment Sequence (0018,A001): the algorithm as the processing equipment.
+
+    IHE AIR (Rev 1.3, table 6.5.3.1-1): Manufacturer's Model Name equals the SR's TID 4019
+    Algorithm Name, and the first Software Versions value its Algorithm Version; the second
+    value is this package's version.
+    """
+    ds.ContributingEquipmentSequence = [contributing_equipment(model, settings)]
 
 
 def check_probability(probability: float, threshold: float) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import cv2
@@ -86,30 +87,77 @@ def _draw_text(rgb: np.ndarray[Any, Any], items: list[tuple[str, int, int]], sca
         region[...] = np.rint(out * (1.0 - ink) + 255.0 * ink).astype(np.uint8)
 
 
-def _burn_in(rgb: np.ndarray[Any, Any], lines: list[str], *, bar: bool = True) -> None:
-    """Draw the text block (top left) and, with ``bar``, the heat colour bar (top right) in place."""
-    rows, cols = rgb.shape[:2]
+@dataclass(frozen=True)
+class Layout:
+    """Where :func:`_burn_in` puts things: text items (text, x, baseline y) at ``scale``, and the
+    colour bar as (x0, y0, width, height), None when there is no bar or no room for one."""
+
+    scale: float
+    block: list[tuple[str, int, int]]
+    labels: list[tuple[str, int, int]]
+    bar: tuple[int, int, int, int] | None
+
+
+def _ink_box(text: str, x: int, y: int, scale: float) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) holding the text's ink and halo as :func:`_draw_text` draws it."""
+    thickness = max(1, round(scale * 1.5))
+    reach = max(1, round(scale * 1.5)) + 2 * thickness + 2
+    (w, h), base = cv2.getTextSize(text, _FONT, scale, thickness)
+    return x - reach, y - h - reach, x + w + reach, y + base + reach
+
+
+def layout(shape: tuple[int, ...], lines: list[str], *, bar: bool = True) -> Layout:
+    """Lay the text block (top left) and the colour bar with its labels (top right) out so
+    that they never overlap, at any size and aspect ratio.
+
+    The text is about 2.5 % of the image height, shrunk (not below a legible 0.3) until every
+    line, measured with its halo, ends left of the bar's labels. Where it still reaches them
+    (narrow images), the bar starts below the last line that does; with no room left there,
+    the bar is left out (the text says what the image shows; the bar only scales it).
+    """
+    rows, cols = shape[:2]
     margin = max(2, round(min(rows, cols) * 0.015))
     bar_w, bar_h = max(3, round(cols * 0.025)), min(max(8, round(rows * 0.3)), rows - 2 * margin)
-    if not bar:
-        bar_w, bar_h = 0, 0
-    # Text about 2.5 % of the image height, shrunk until the widest line and the bar labels
-    # fit side by side; tiny images clip the text rather than fail.
     height_1 = cv2.getTextSize("Pg", _FONT, 1.0, 1)[0][1]
-    width_1 = max(cv2.getTextSize(t, _FONT, 1.0, 1)[0][0] for t in lines)
-    label_1 = cv2.getTextSize("high", _FONT, 1.0, 1)[0][0]
-    fit = (cols - bar_w - 4 * margin) / (width_1 + (label_1 if bar else 0))
-    scale = max(0.3, min(rows * 0.025 / height_1, fit))
-    text_h, line_h = round(height_1 * scale), round(height_1 * scale * 1.7)
-    items = [(t, margin, margin + text_h + i * line_h) for i, t in enumerate(lines)]
-    x0, y0 = cols - margin - bar_w, margin
-    if bar and x0 > 0 and bar_h >= 2:
+    scale = max(0.3, rows * 0.025 / height_1)
+    bar_x = cols - margin - bar_w
+
+    def place(scale: float) -> tuple[list[tuple[str, int, int]], int, int]:
+        text_h, line_h = round(height_1 * scale), round(height_1 * scale * 1.7)
+        items = [(t, margin, margin + text_h + i * line_h) for i, t in enumerate(lines)]
+        label_w = max(_ink_box(t, 0, 0, scale)[2] - _ink_box(t, 0, 0, scale)[0] for t in ("high", "low"))
+        return items, text_h, bar_x - margin - label_w
+
+    items, text_h, column = place(scale)
+    while bar and scale > 0.3 and max(_ink_box(*i, scale)[2] for i in items) > column:
+        scale = max(0.3, scale * 0.9)
+        items, text_h, column = place(scale)
+    if not bar or bar_x <= 0:
+        return Layout(scale, items, [], None)
+    # Below every line that reaches into the bar's column (none, on most images).
+    top = max([_ink_box(*i, scale)[3] for i in items if _ink_box(*i, scale)[2] > column], default=0)
+    label_x = column - _ink_box("high", 0, 0, scale)[0]  # the label's ink box starts at ``column``
+    high_box = _ink_box("high", label_x, 0, scale)
+    y0 = max(margin, top + margin + (0 - high_box[1]) - text_h)  # the "high" box's top at ``top``
+    low_box = _ink_box("low", label_x, 0, scale)
+    room = rows - low_box[3] - y0  # the "low" label's bottom inside the image
+    bar_h = min(bar_h, room)
+    # The two labels apart: "low" below the bottom of "high".
+    if bar_h < max(8, (high_box[3] - high_box[1]) + text_h):
+        return Layout(scale, items, [], None)
+    labels = [("high", label_x, y0 + text_h), ("low", label_x, y0 + bar_h)]
+    return Layout(scale, items, labels, (bar_x, y0, bar_w, bar_h))
+
+
+def _burn_in(rgb: np.ndarray[Any, Any], lines: list[str], *, bar: bool = True) -> None:
+    """Draw the text block and, with ``bar``, the heat colour bar in place, as :func:`layout` says."""
+    plan = layout(rgb.shape, lines, bar=bar)
+    if plan.bar is not None:
+        x0, y0, bar_w, bar_h = plan.bar
         ramp = _jet(np.linspace(1.0, 0.0, bar_h, dtype=np.float32)[:, None])  # [bar_h, 1, 3]
         rgb[y0 : y0 + bar_h, x0 : x0 + bar_w] = ramp
         cv2.rectangle(rgb, (x0 - 1, y0 - 1), (x0 + bar_w, y0 + bar_h), _BLACK, 1)
-        label_x = x0 - margin - round(label_1 * scale)
-        items += [("high", label_x, y0 + text_h), ("low", label_x, y0 + bar_h)]
-    _draw_text(rgb, items, scale)
+    _draw_text(rgb, plan.block + plan.labels, plan.scale)
 
 
 def display_gray(unit_image: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:

@@ -17,7 +17,15 @@ from pydicom.uid import JPEG2000, ExplicitVRLittleEndian, JPEGBaseline8Bit
 
 from cxr_contract.model import ModelInfo
 from worker.errors import UnsupportedInput, WorkerError
-from worker.outputs.common import BuildSettings, OutputUIDs, Trust, as_reference, patient_orientation, stamp_dates
+from worker.outputs.common import (
+    BuildSettings,
+    OutputUIDs,
+    Trust,
+    add_contributing_equipment,
+    as_reference,
+    patient_orientation,
+    stamp_dates,
+)
 
 
 def _pixel_spacing(source: Dataset) -> tuple[float, float] | None:
@@ -167,6 +175,7 @@ def build_secondary_capture(
     sc.SecondaryCaptureDeviceManufacturer = settings.manufacturer
     sc.SecondaryCaptureDeviceManufacturerModelName = model.name
     sc.SecondaryCaptureDeviceSoftwareVersions = model.version
+    add_contributing_equipment(sc, model, settings)
     stamp_dates(sc)
     _compress(sc, np.ascontiguousarray(rgb), source, settings.sc_compression, settings.sc_quality)
     return sc

@@ -34,10 +34,12 @@ from worker.outputs.common import (
     BuildSettings,
     OutputUIDs,
     Trust,
+    add_contributing_equipment,
     as_reference,
     check_probability,
     decision,
     derived_uid,
+    device_uid,
     patient_orientation,
     stamp_dates,
 )
@@ -159,7 +161,7 @@ def build_report(
     device = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=derived_uid(prefix, "device", settings.manufacturer, model.name, model.version),
+            uid=device_uid(model, settings),
             name=model.name,
             manufacturer_name=settings.manufacturer,
         ),
@@ -207,6 +209,7 @@ def build_report(
             responsible_organization=settings.manufacturer,
         )],
     )
+    add_contributing_equipment(sr, model, settings)
     stamp_dates(sr)
     return sr
 

@@ -9,7 +9,9 @@ deletes rows and files together (:meth:`worker.store.ResultStore.sweep`).
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
+import os
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -20,6 +22,35 @@ import numpy as np
 from worker.store.schema import StoreError
 
 logger = logging.getLogger(__name__)
+
+#: Modes of what the store creates: patient data is for the service's own user only, whatever the
+#: umask of whoever started it (systemd's UMask covers one way of starting it, not the others).
+PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600
+
+
+def private_dir(path: Path) -> Path:
+    """Make ``path`` and each missing parent as 0700 (``Path.mkdir`` gives ``mode`` to the last only)."""
+    path = Path(path)
+    missing = []
+    for p in (path, *path.parents):
+        if p.is_dir():
+            break
+        missing.append(p)
+    for p in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            p.mkdir(mode=PRIVATE_DIR)
+        with contextlib.suppress(OSError):  # umask-independent; someone else's folder is left as it is
+            p.chmod(PRIVATE_DIR)
+    return path
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a new file readable by its owner only (0600 from its creation, not chmod-ed after)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), PRIVATE_FILE)  # an existing file keeps its mode through O_CREAT
+        f.write(data)
+
 
 #: Long side of the stored preview: enough to read a chest film on a screen, small to store.
 PREVIEW_LONG_SIDE = 1024
@@ -56,8 +87,9 @@ class MediaFiles:
     """
 
     def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = private_dir(Path(root))
+        with contextlib.suppress(OSError):
+            self.root.chmod(PRIVATE_DIR)
 
     def write(self, stem: str, day: datetime, preview: np.ndarray[Any, Any],
               gradcam: np.ndarray[Any, Any]) -> tuple[str, str]:
@@ -70,11 +102,15 @@ class MediaFiles:
 
         folder = Path(day.strftime("%Y/%m/%d"))
         preview_rel, grid_rel = folder / f"{stem}.png", folder / f"{stem}.npy"
-        (self.root / folder).mkdir(parents=True, exist_ok=True)
+        private_dir(self.root / folder)
         # Level 1: a few ms for 1024 px; higher levels save little on radiographs and cost 5x.
-        if not cv2.imwrite(str(self.root / preview_rel), preview, [cv2.IMWRITE_PNG_COMPRESSION, 1]):
-            raise StoreError(f"cannot write preview {self.root / preview_rel}")
-        np.save(self.root / grid_rel, np.nan_to_num(np.asarray(gradcam, np.float32)).astype(np.float16))
+        ok, png = cv2.imencode(".png", preview, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+        if not ok:
+            raise StoreError(f"cannot encode preview {self.root / preview_rel}")
+        write_private(self.root / preview_rel, png.tobytes())
+        grid = io.BytesIO()
+        np.save(grid, np.nan_to_num(np.asarray(gradcam, np.float32)).astype(np.float16))
+        write_private(self.root / grid_rel, grid.getvalue())
         return preview_rel.as_posix(), grid_rel.as_posix()
 
     def path(self, rel: str) -> Path:

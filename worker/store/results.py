@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -33,10 +34,27 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker.links import review_key
-from worker.store.media import MediaFiles, preview_of
+from worker.store.media import PRIVATE_FILE, MediaFiles, preview_of, private_dir
 from worker.store.schema import DECISIONS, LABELS, Feedback, StoredResult, StoreError, migrate, sqlite_pragmas, utcnow
 
 logger = logging.getLogger(__name__)
+
+
+def _private_sqlite(path: Path) -> None:
+    """The database file made 0600 before SQLite opens it: SQLite gives its -wal and -shm files the
+    database file's mode, so all three hold patient data for the service's user only."""
+    private_dir(path.parent)
+    if path.name == ":memory:":
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, PRIVATE_FILE)
+    try:
+        with contextlib.suppress(OSError):  # a database someone else owns is left as it is
+            os.fchmod(fd, PRIVATE_FILE)
+    finally:
+        os.close(fd)
+    for side in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(OSError):  # left by an older version under a wider umask
+            side.chmod(PRIVATE_FILE)
 
 
 @dataclass(frozen=True)
@@ -196,7 +214,7 @@ class ResultStore:
         try:
             self.media = MediaFiles(self.media_dir)
             if url.startswith("sqlite:///"):
-                Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+                _private_sqlite(Path(url.removeprefix("sqlite:///")))
             # A server that does not answer is an error after 10 s, not a hang (libpq waits forever).
             server = {"connect_timeout": 10} if url.startswith("postgresql") else {}
             self.engine = create_engine(url, pool_pre_ping=True, connect_args=server)

@@ -81,6 +81,9 @@ class User(Base):
     password_hash: Mapped[str] = mapped_column(String(256))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: Sessions carry the generation they began in; a change of account or a logout raises it,
+    #: and every older session ends at its next request (a signed cookie cannot be revoked otherwise).
+    session_generation: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class StoredResult(Base):
@@ -156,6 +159,9 @@ def sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA busy_timeout=5000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")  # WAL stays consistent; the last commit may be lost on power loss
+    # Deleted rows (PHI past retention) are overwritten, not left in free pages: not every
+    # platform's SQLite is built with SQLITE_SECURE_DELETE.
+    cursor.execute("PRAGMA secure_delete=ON")
     cursor.close()
 
 

@@ -120,6 +120,17 @@ def test_selection_takes_chest_pa_and_skips_the_rest() -> None:
     assert "SOP class" in str(ineligible_reason(chest, rules))
 
 
+def test_probe_fallback_needs_a_fallback_model() -> None:
+    import pydantic
+
+    from worker.config import ModelSection
+
+    assert ModelSection().probe_check == "refuse"
+    with pytest.raises(pydantic.ValidationError, match="probe_check = 'fallback' needs model.fallback_path"):
+        ModelSection(probe_check="fallback")
+    assert ModelSection(probe_check="fallback", fallback_path="m.onnx").fallback_path is not None
+
+
 def test_processing_workers_auto_is_the_cores_this_process_may_use(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     import os

@@ -47,7 +47,7 @@ def test_http_to_another_host_needs_allow_http(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("send, match", [
-    (f'destinations = ["https://cxr:{SECRET}@pacs/dicom-web"]', r"send\.destinations\.0\.url: .*'https://\*\*\*@pacs/"
+    (f'destinations = ["https://cxr:{SECRET}@pacs/dicom-web"]', r"send\.destinations\.0\.url: .*'https://pacs/"
      r"dicom-web': credentials in the URL are refused; use credentials_file or credentials_env"),
     ('destinations = ["ftp://pacs/dicom-web"]', r"send\.destinations: .*must be AET@HOST:PORT or a DICOMweb https://"),
     ('destinations = [{url = "ftp://pacs/dicom-web"}]', r"send\.destinations\.0\.url: .*must be http\(s\)://"),
@@ -125,3 +125,18 @@ def test_credentials_http_cannot_carry_are_refused_without_quoting_them(tmp_path
     assert text not in str(caught.value)
     with pytest.raises(ValueError, match=r"outside ISO-8859-1"):  # and refused at start
         DicomWebDestination(url="https://pacs.example.org/rs", auth=auth, credentials_file=tmp_path / "cred")
+
+
+@pytest.mark.parametrize("url", [
+    f"HTTPS://cxr:{SECRET}@pacs/dicom-web",  # an upper-case scheme
+    f"https://cxr:pass {SECRET}@pacs/dicom-web",  # a space in the password
+    f"https://pacs/dicom-web?apikey={SECRET}",  # a key in the query
+    f"https://pacs:99999/dicom-web?apikey={SECRET}",
+])
+def test_a_bad_destination_is_shown_without_its_credentials(tmp_path: Path, url: str) -> None:
+    cfg = tmp_path / "w.toml"
+    cfg.write_text(f'[send]\ndestinations = ["{url}"]\n')
+    out = subprocess.run([sys.executable, "-m", "worker.cli", "serve", "--config", str(cfg)],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 1 and "send.destinations" in out.stderr, out.stderr
+    assert SECRET not in out.stderr + out.stdout and "Traceback" not in out.stderr

@@ -127,3 +127,24 @@ def test_the_export_holds_the_worker_s_uint8_image_as_shown(tmp_path: Path) -> N
     fb = read_export(tmp_path / "fb")
     exported = cv2.imread(str(fb.image_file(fb.labels[0])), cv2.IMREAD_UNCHANGED)
     np.testing.assert_array_equal(exported, cv2.resize(image, (900, 1024), interpolation=cv2.INTER_AREA))
+
+
+def test_label_times_are_months_and_no_cell_is_a_formula(tmp_path: Path) -> None:
+    s = ResultStore(sqlite_url(tmp_path / "r.db"), tmp_path / "media")
+    reader = Accounts(s).add_user("r", "reader", "long enough")
+    versions = ["=HYPERLINK(\"http://x\")", "+1", "-1", "@SUM(A1)", "'quoted", "plain"]
+    for n, version in enumerate(versions):
+        rid = s.record(NewResult(study_instance_uid="1.2.3", series_instance_uid="1.2.3.1",
+                                 sop_instance_uid=f"1.2.3.1.{n}", probability=0.5, decision="positive",
+                                 threshold=0.5, model_name="cxr", model_version=version),
+                       np.zeros((16, 16)), np.zeros((2, 2)))
+        assert rid is not None
+        s.add_feedback(rid, reader.id, True, "pneumonia")
+    export_feedback(s, tmp_path / "out", b"k" * 32)
+    cells = [c for line in (tmp_path / "out" / "labels.csv").read_text().splitlines()[1:] for c in line.split(",")]
+    assert not any(c.lstrip('"').startswith(("=", "+", "-", "@")) for c in cells)
+    labels = read_export(tmp_path / "out").labels
+    assert sorted(lab.model_version for lab in labels) == sorted(versions)  # the trainer reads them back
+    for lab in labels:  # to the month: the exact time of a label is a date of care
+        at = lab.recorded_at
+        assert (at.day, at.hour, at.minute, at.second, at.microsecond) == (1, 0, 0, 0, 0)

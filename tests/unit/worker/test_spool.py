@@ -159,6 +159,20 @@ def test_half_written_outbox_files_are_removed_at_start(tmp_path: Path) -> None:
     assert json.loads((folder / f"{'a' * 32}.json").read_text())["sop_instance_uid"] == "1.2.3"
 
 
+def test_quarantined_and_dead_files_are_deleted_after_their_retention(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    old_q, new_q = spool.quarantined / "a.dcm", spool.quarantined / "b.dcm"
+    old_d = spool.dead / "dest" / "c.dcm"
+    old_d.parent.mkdir()
+    for p in (old_q, new_q, old_d, spool.queue / "queued.dcm"):
+        p.write_bytes(b"DICM with PHI")
+    now = time.time()
+    assert spool.prune_kept(older_than_s=3600, now=now + 10) == 0  # nothing is an hour old yet
+    assert spool.prune_kept(older_than_s=3600, now=now + 7200) == 3
+    assert not old_q.exists() and not new_q.exists() and not old_d.parent.exists()
+    assert (spool.queue / "queued.dcm").exists() and spool.quarantined.is_dir() and spool.dead.is_dir()
+
+
 def test_readiness_answers_false_when_the_spool_volume_is_gone(tmp_path: Path) -> None:
     """A load balancer or Kubernetes reads /readyz to take a replica out of rotation: with its
     spool's volume gone the checks must say so, not raise (a dropped probe connection)."""

@@ -24,6 +24,7 @@ from worker.dashboard.accounts import Accounts
 from worker.dashboard.app import create_app
 from worker.store import NewResult, ResultStore
 
+LOOPBACK = "http://127.0.0.1"  # the Host header the dashboard accepts by default (TestClient's is "testserver")
 PASSWORD, NEW_PASSWORD = "alice-reads-films", "alice-has-a-new-one"
 
 
@@ -49,7 +50,7 @@ def store(settings: Settings) -> Iterator[ResultStore]:
 
 @pytest.fixture
 def client(settings: Settings, store: ResultStore) -> Iterator[TestClient]:
-    with TestClient(create_app(settings, store, secret="k" * 64), follow_redirects=False) as c:
+    with TestClient(create_app(settings, store, secret="k" * 64), base_url=LOOPBACK, follow_redirects=False) as c:
         yield c
 
 
@@ -136,7 +137,8 @@ def test_a_slow_worker_metrics_scrape_does_not_hold_other_requests(config: Path,
         silent.settimeout(30)  # a page that never scrapes fails the test instead of hanging it
         url = f"http://127.0.0.1:{silent.getsockname()[1]}/metrics"
         settings = get_settings(config, {"dashboard": {"metrics_url": url}})
-        with TestClient(create_app(settings, store, secret="k" * 64), follow_redirects=False) as client:
+        app = create_app(settings, store, secret="k" * 64)
+        with TestClient(app, base_url=LOOPBACK, follow_redirects=False) as client:
             assert login(client, "carol-runs-the-service", "carol") == 303
             done: list[str] = []
             page = threading.Thread(target=lambda: done.append(f"operations {client.get('/operations').status_code}"))
@@ -146,3 +148,37 @@ def test_a_slow_worker_metrics_scrape_does_not_hold_other_requests(config: Path,
             conn.close()  # the worker goes away: the page says so and answers
             page.join(30)
     assert done == ["login 200", "operations 200"]
+
+
+def test_only_a_few_password_checks_run_at_once(config: Path, store: ResultStore,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Argon2 is expensive on purpose (64 MiB, tens of ms each): a burst of logins queues for
+    ``dashboard.login_concurrency`` slots instead of running all at once."""
+    running, most = [0], [0]
+    lock, gate = threading.Lock(), threading.Event()
+    real = Accounts.authenticate
+
+    def counted(self: Accounts, name: str, password: str) -> object:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        gate.wait(0.2)  # hold the slot a while, so that the others pile up behind it
+        try:
+            return real(self, name, password)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(Accounts, "authenticate", counted)
+    settings = get_settings(config, {"dashboard": {"login_concurrency": 2}})
+    with TestClient(create_app(settings, store, secret="k" * 64), base_url=LOOPBACK, follow_redirects=False) as c:
+        m = re.search(r'name="csrf" value="([^"]+)"', c.get("/login").text)
+        assert m
+        codes: list[int] = []
+        posts = [threading.Thread(target=lambda i=i: codes.append(c.post("/login", data={
+            "username": f"user{i}", "password": "wrong", "csrf": m[1]}).status_code)) for i in range(5)]
+        for t in posts:
+            t.start()
+        for t in posts:
+            t.join(60)
+    assert codes == [401] * 5 and most[0] == 2

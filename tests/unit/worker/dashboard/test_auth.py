@@ -1,4 +1,4 @@
-"""The dashboard's cookie signing key (worker.dashboard.auth.session_secret)."""
+"""The dashboard's cookie signing key (worker.dashboard.auth.session_secret) and its login limiter."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.dashboard.auth import MIN_SECRET_BYTES, session_secret
+from worker.dashboard.auth import MIN_SECRET_BYTES, LoginLimiter, session_secret
 from worker.errors import ConfigError
 
 
@@ -69,3 +69,15 @@ def test_an_unreadable_key_is_one_clear_error(tmp_path: Path) -> None:
     path.mkdir()  # not a file: neither readable nor replaceable
     with pytest.raises(ConfigError, match=f"dashboard session key {path}"):
         session_secret(path)
+
+
+def test_the_login_limiter_holds_a_bounded_number_of_short_keys() -> None:
+    limiter = LoginLimiter(max_failures=5, window_s=300, max_keys=100)
+    for i in range(1000):  # a user name of 10 kB each time, from ever new addresses
+        assert limiter.attempt(*limiter.keys(f"10.0.{i // 250}.{i % 250}", f"{i}-" + "x" * 10_000))
+    assert len(limiter) <= 100
+    assert all(len(k) <= 80 for k in limiter._attempts)
+    keys = limiter.keys("10.9.9.9", "alice")
+    assert [limiter.attempt(*keys) for _ in range(6)] == [True] * 5 + [False]  # the newest keys still count
+    limiter.succeeded(*keys)
+    assert limiter.attempt(*keys)

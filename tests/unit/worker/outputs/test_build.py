@@ -192,7 +192,7 @@ def test_output_uids_are_deterministic_and_valid() -> None:
     other = output_uids(source, "1.2.4")
     assert first == again
     values = list(vars(first).values())
-    assert len(set(values)) == 4
+    assert len(set(values)) == 6  # SC, SR and GSPS series and instances
     assert not set(values) & set(vars(other).values())
     for uid in [*values, *vars(output_uids(source, "1.2.3", prefix="1.2.826.0.1.99.")).values()]:
         assert len(uid) <= 64 and UID(uid).is_valid, uid

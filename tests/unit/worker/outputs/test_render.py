@@ -89,3 +89,33 @@ def test_display_gray_rounds_and_clips_like_the_float_path() -> None:
     np.testing.assert_array_equal(got, expected)
     as_is = np.arange(256, dtype=np.uint8).reshape(16, 16)
     assert display_gray(as_is) is as_is
+
+
+SC_LINES = ["WARNING: outside the model's training distribution", "OOD score 12.3 > threshold 10",
+            "P(pneumonia) = 0.900", "Heatmap faithfulness: high (+0.80)", "Pneumonia: POSITIVE (threshold 0.50)",
+            "Model: cxr-resnet50 2.1.0", "AI-generated - not for diagnostic use",
+            "Demo model trained on synthetic phantoms - not for clinical use"]
+
+
+@pytest.mark.parametrize("rows, cols", [(1955, 1841), (700, 660), (2048, 300), (400, 64), (300, 2048), (64, 400)],
+                         ids=["real-cr", "real-cr-at-700", "narrow", "very-narrow", "wide", "very-wide"])
+def test_text_block_and_colour_bar_never_overlap(rows: int, cols: int) -> None:
+    """The real CR's "low" label ran into the last line of the text block (1841 px wide)."""
+    plan = render.layout((rows, cols), SC_LINES)
+    block = [render._ink_box(*item, plan.scale) for item in plan.block]
+    others = [render._ink_box(*item, plan.scale) for item in plan.labels]
+    if plan.bar is not None:
+        x, y, w, h = plan.bar
+        others.append((x - 1, y - 1, x + w + 1, y + h + 1))  # with its black frame
+        assert x >= 0 and x + w <= cols and y >= 0 and y + h <= rows
+    overlaps = [(a, b) for a in block for b in others if a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]]
+    assert overlaps == []
+    if min(rows, cols) >= 300:  # room for a bar: it is there, with both labels inside the image
+        assert plan.bar is not None and len(plan.labels) == 2
+        assert all(box[0] >= 0 and box[2] <= cols and box[3] <= rows for box in others)
+    # What is drawn is what was laid out: the bar's Jet colours where the layout put it.
+    rgb = np.full((rows, cols, 3), 128, np.uint8)
+    render._burn_in(rgb, SC_LINES, bar=True)
+    if plan.bar is not None:
+        x, y, w, h = plan.bar
+        np.testing.assert_array_equal(rgb[y:y + h, x + w // 2], render._jet(np.linspace(1.0, 0.0, h)[:, None])[:, 0])

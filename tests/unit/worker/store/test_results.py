@@ -46,7 +46,7 @@ def test_migrations_are_idempotent_and_the_schema_is_alembics(tmp_path: Path) ->
     ResultStore(url, tmp_path / "m").record(new("1.9.1"), np.zeros((10, 10)), np.zeros((2, 2)))
     again = ResultStore(url, tmp_path / "m")  # a second process opening the same database
     with again.engine.connect() as conn:
-        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0001"
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0002"
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
     assert again.worklist(Worklist())[1] == 1
 
@@ -234,3 +234,17 @@ def test_the_retention_sweep_keeps_today_s_empty_folder(store: ResultStore) -> N
     old.mkdir(parents=True)
     store.sweep(30, now=now)
     assert today.is_dir() and not old.exists()
+
+
+def test_deleted_rows_are_overwritten_whatever_sqlite_s_build(store: ResultStore, tmp_path: Path) -> None:
+    import sqlite3
+
+    from worker.store.schema import sqlite_pragmas
+
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA secure_delete").scalar() == 1
+    raw = sqlite3.connect(tmp_path / "built-without.db")  # as a build without SQLITE_SECURE_DELETE opens it
+    raw.execute("PRAGMA secure_delete=OFF")
+    sqlite_pragmas(raw, None)
+    assert raw.execute("PRAGMA secure_delete").fetchone()[0] == 1
+    raw.close()
