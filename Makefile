@@ -8,8 +8,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-SYSTEM_PACKAGES := dcmtk orthanc orthanc-dicomweb dicom3tools openssl systemd chromium chromium-driver postgresql prometheus
-SYSTEM_TOOLS := /usr/bin/storescu /usr/bin/storescp /usr/bin/dciodvfy /usr/sbin/Orthanc /usr/share/orthanc/plugins/libOrthancDicomWeb.so /usr/bin/openssl /usr/bin/systemd-analyze /usr/bin/chromium /usr/bin/chromedriver /usr/bin/pg_ctlcluster /usr/bin/promtool
+SYSTEM_PACKAGES := dcmtk orthanc orthanc-dicomweb dicom3tools openssl systemd chromium chromium-driver postgresql prometheus haproxy
+SYSTEM_TOOLS := /usr/bin/storescu /usr/bin/storescp /usr/bin/dciodvfy /usr/sbin/Orthanc /usr/share/orthanc/plugins/libOrthancDicomWeb.so /usr/bin/openssl /usr/bin/systemd-analyze /usr/bin/chromium /usr/bin/chromedriver /usr/bin/pg_ctlcluster /usr/bin/promtool /usr/sbin/haproxy
 
 .PHONY: demo test test-unit install-train install-dev system-deps lint clean docs config-docs
 

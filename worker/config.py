@@ -667,6 +667,29 @@ class LogSection(_Section):
                                             "collector; text: for a terminal")
 
 
+class ProcessingSection(_Section):
+    """How many processes answer images (decode, infer + Grad-CAM, build and encode the SC and SR)."""
+
+    workers: Literal["auto"] | int = Field(
+        1, description="processes that answer claimed batches side by side, each with its own ONNX Runtime "
+        "session; \"auto\" = the machine's cores. 1 (the default) answers in the service's own process: "
+        "each further process holds one more model (~0.3 GiB for the int8 224-px model, docs/operations.md). "
+        "CXR_PROCESSING__WORKERS")
+
+    @field_validator("workers")
+    @classmethod
+    def _check_workers(cls, value: Literal["auto"] | int) -> Literal["auto"] | int:
+        if value != "auto" and (isinstance(value, bool) or value < 1):
+            raise ValueError(f"workers must be \"auto\" or at least 1. Received: workers={value!r}")
+        return value
+
+    def count(self) -> int:
+        """The number of processes: ``workers``, or the cores this process may run on."""
+        if self.workers == "auto":
+            return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        return self.workers
+
+
 class Settings(BaseSettings):
     """Everything the worker reads at start-up."""
 
@@ -675,6 +698,7 @@ class Settings(BaseSettings):
     dicom: DicomSection = DicomSection()
     spool: SpoolSection = SpoolSection()
     model: ModelSection = ModelSection()
+    processing: ProcessingSection = ProcessingSection()
     select: SelectSection = SelectSection()
     output: OutputSection = OutputSection()
     send: SendSection = SendSection()
