@@ -356,7 +356,8 @@ def bench_end_to_end(model: Path, work: Path, *, root: Path, latency_images: int
     """``cxr-worker serve`` (run from the source tree ``root``) between DCMTK storescu and storescp.
 
     Latency: one image at a time, ``interval_s`` apart (a steady low rate), from starting
-    storescu (the C-STORE request) to the second output (SC and SR) at storescp. Throughput:
+    storescu (the C-STORE request) to the last output (SC, SR and, where a heatmap is drawn, the
+    GSPS) at storescp. Throughput:
     ``throughput_images`` split over each number of concurrent storescu processes, from the
     first start to the last output. Stages: the worker's own histograms, per phase.
     """
@@ -378,10 +379,17 @@ def bench_end_to_end(model: Path, work: Path, *, root: Path, latency_images: int
         wait_port(rport, 30)
         wait_port(mport, 30)
         queue = iter(files)
-        done = 0
-        for _ in range(warmup):  # first runs allocate ONNX Runtime's arenas and import lazily
+        # Objects per image: SC and SR, and a GSPS where a heatmap is drawn (output.gsps): every
+        # image is the same chest, so the first one tells, once nothing more arrives for a while.
+        storescu(wport, [next(queue)]).wait()
+        outputs.wait_for(2, 300)
+        time.sleep(3.0)
+        per_image = outputs.count()
+        out["objects_per_image"] = per_image
+        done = per_image
+        for _ in range(warmup - 1):  # first runs allocate ONNX Runtime's arenas and import lazily
             storescu(wport, [next(queue)]).wait()
-            done += 2
+            done += per_image
             outputs.wait_for(done, 300)
         # Latency at a steady low rate: the next image starts interval_s after the last one did.
         before = stage_histograms(mport)
@@ -391,7 +399,7 @@ def bench_end_to_end(model: Path, work: Path, *, root: Path, latency_images: int
         for _ in range(latency_images):
             t0 = time.perf_counter()
             storescu(wport, [next(queue)]).wait()
-            done += 2
+            done += per_image
             latencies.append(outputs.wait_for(done, 300) - t0)
             time.sleep(max(0.0, interval_s - (time.perf_counter() - t0)))
         out["latency"] = {**summary(latencies), "interval_s": interval_s,
@@ -406,7 +414,7 @@ def bench_end_to_end(model: Path, work: Path, *, root: Path, latency_images: int
             procs = [storescu(wport, batch[k::n]) for k in range(n)]
             for p in procs:
                 p.wait()
-            done += 2 * len(batch)
+            done += per_image * len(batch)
             elapsed = outputs.wait_for(done, 600) - t0
             out[f"senders_{n}"] = {"images": len(batch), "seconds": elapsed, "images_per_s": len(batch) / elapsed,
                                    "stages": stage_delta(before, stage_histograms(mport)),
