@@ -2,14 +2,16 @@
 #   make demo   install, build a demo model if none is configured, run the worker with a PACS
 #   make test   install with all extras and test tools, then ruff, mypy and the whole suite
 #   make test-unit   the quick loop: every test not marked integration (pytest -m "not integration")
+#   make docs        the documentation site (MkDocs, --strict: a broken link or a missing page fails)
+#   make config-docs regenerate docs/configuration.md and the example configs from the settings classes
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-SYSTEM_PACKAGES := dcmtk orthanc orthanc-dicomweb dicom3tools openssl systemd chromium chromium-driver postgresql
-SYSTEM_TOOLS := /usr/bin/storescu /usr/bin/storescp /usr/bin/dciodvfy /usr/sbin/Orthanc /usr/share/orthanc/plugins/libOrthancDicomWeb.so /usr/bin/openssl /usr/bin/systemd-analyze /usr/bin/chromium /usr/bin/chromedriver /usr/bin/pg_ctlcluster
+SYSTEM_PACKAGES := dcmtk orthanc orthanc-dicomweb dicom3tools openssl systemd chromium chromium-driver postgresql prometheus haproxy
+SYSTEM_TOOLS := /usr/bin/storescu /usr/bin/storescp /usr/bin/dciodvfy /usr/sbin/Orthanc /usr/share/orthanc/plugins/libOrthancDicomWeb.so /usr/bin/openssl /usr/bin/systemd-analyze /usr/bin/chromium /usr/bin/chromedriver /usr/bin/pg_ctlcluster /usr/bin/promtool /usr/sbin/haproxy
 
-.PHONY: demo test test-unit install-train install-dev system-deps lint clean
+.PHONY: demo test test-unit install-train install-dev system-deps lint clean docs config-docs
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,14 +44,14 @@ system-deps:
 	fi
 
 lint: install-dev
-	$(VENV)/bin/ruff check cxr_contract worker trainer cxr_demo tests benchmarks
+	$(VENV)/bin/ruff check cxr_contract worker trainer cxr_demo tests benchmarks scripts
 	$(VENV)/bin/mypy
 
 # Three pytest processes: TensorFlow keeps what each in-process fit and export allocated until
 # its process ends, and the whole suite in one process passed this machine's 24 GiB (OOM-killed
 # in the trainer pipeline module, measured on a clean clone). The trainer pipeline trains its
 # own model, so only the worker-facing integration run trains the shared test model.
-test: system-deps install-dev lint
+test: system-deps install-dev lint docs
 	$(PY) -m pytest -q -p no:cacheprovider -m "not integration"
 	$(PY) -m pytest -q -p no:cacheprovider -m integration --ignore=tests/integration/test_trainer_pipeline.py
 	$(PY) -m pytest -q -p no:cacheprovider tests/integration/test_trainer_pipeline.py
@@ -58,6 +60,14 @@ test: system-deps install-dev lint
 # add PYTEST_ARGS='-m "not integration and not tool"' to skip them as well).
 test-unit: install-dev
 	$(PY) -m pytest -q -p no:cacheprovider -m "not integration" $(PYTEST_ARGS)
+
+# The site goes to build/site; the benchmark tables are generated from benchmarks/results/*.json
+# at build time (scripts/mkdocs_hooks.py), the configuration page by `make config-docs`.
+docs: install-dev
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir build/site
+
+config-docs: install-dev
+	$(PY) scripts/config_docs.py
 
 demo: install-train
 	@if [ "$$(id -u)" = 0 ] && [ ! -x /usr/sbin/Orthanc ]; then $(MAKE) --no-print-directory system-deps; fi

@@ -51,7 +51,7 @@ def gpu_unusable() -> str | None:
     from worker.model import CUDA, preload_cuda_libraries, quiet_provider_probe
 
     if CUDA not in ort.get_available_providers():
-        return "this ONNX Runtime has no CUDA provider (install the gpu extra: README \"GPU\")"
+        return "this ONNX Runtime has no CUDA provider (install the gpu extra: docs/install.md#gpu)"
     preload_cuda_libraries(ort)
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],

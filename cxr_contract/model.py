@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cxr_contract import prevalence as prior
+from cxr_contract.drift import DriftReference
 
 #: Bumped whenever a name, a shape or the meaning of a metadata key changes.
 CONTRACT_VERSION = 2
@@ -66,6 +67,13 @@ class Meta:
     #: JSON: a reduced-precision model's verification against its fp32 model on the test split
     #: (probability, Grad-CAM, AUC, decision and out-of-distribution agreement, with the limits).
     PRECISION_CHECK = "precision_check"
+    #: JSON (:class:`cxr_contract.drift.DriftReference`): the validation split's probabilities and
+    #: ood_scores as quantile bins, the worker's drift reference; absent = "no reference".
+    DRIFT_REFERENCE = "drift_reference"
+    #: Heatmap faithfulness score above which a map is "above chance" (:mod:`cxr_contract.faithfulness`);
+    #: absent: the model makes no faithfulness statement.
+    FAITHFULNESS_CUTOFF = "faithfulness_cutoff"
+    FAITHFULNESS_NULL = "faithfulness_null"  # JSON: how the cut-off was computed, per null family
     #: int8 only: which signedness of activations/weights export chose on its CPU (``s8s8``,
     #: ``u8s8``, ``u8u8``), with the variants it tried in ``precision_check``.
     INT8_VARIANT = "int8_variant"
@@ -118,6 +126,13 @@ class ModelInfo:
     heatmap_scale: float | None = None
     #: Numeric precision of the graph's backbone (:data:`PRECISIONS`).
     precision: str = "fp32"
+    #: The drift reference (:data:`Meta.DRIFT_REFERENCE`); None for models exported before it.
+    drift_reference: DriftReference | None = None
+    #: The gate's conformal bound on gating an in-distribution image (``false_gate_bound`` in
+    #: :data:`Meta.OOD_METHOD`); None without a gate or that record.
+    false_gate_rate: float | None = None
+    #: None: no null cut-off in the metadata, so no heatmap faithfulness statement.
+    faithfulness_cutoff: float | None = None
     #: The prevalence the graph's probability assumes (None: neither recorded nor derivable).
     prevalence: float | None = None
     #: Validation ``[sensitivity, logit threshold]`` pairs (empty for older models).
@@ -232,9 +247,18 @@ class ModelInfo:
             raise ContractError(f"{source}: {Meta.LABELS} is not a JSON list") from None
         if labels != LABELS:  # the worker reports the second label's probability
             raise ContractError(f"{source}: labels {list(labels)} are not {list(LABELS)}")
+        cutoff = (_number(meta, Meta.FAITHFULNESS_CUTOFF, source, float)
+                  if Meta.FAITHFULNESS_CUTOFF in meta else None)
         precision = meta.get(Meta.PRECISION, "fp32")
         if precision not in PRECISIONS:
             raise ContractError(f"{source}: {Meta.PRECISION}={precision!r} is not one of {', '.join(PRECISIONS)}")
+        reference = None
+        if Meta.DRIFT_REFERENCE in meta:
+            try:
+                reference = DriftReference.from_json(meta[Meta.DRIFT_REFERENCE])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ContractError(f"{source}: {Meta.DRIFT_REFERENCE} is not a drift reference "
+                                    f"({type(exc).__name__}: {exc})") from None
         model_prevalence = _prevalence(meta, source)
         try:
             operating = json.loads(meta.get(Meta.OPERATING_POINT, "{}"))
@@ -263,11 +287,24 @@ class ModelInfo:
             ood_threshold=ood,
             heatmap_scale=scale,
             precision=precision,
+            drift_reference=reference,
+            false_gate_rate=_false_gate_rate(meta) if ood is not None else None,
+            faithfulness_cutoff=cutoff,
             prevalence=model_prevalence,
             operating_curve=curve,
             site_calibration=site,
             model_card=card if isinstance(card, dict) else {},
         )
+
+
+def _false_gate_rate(meta: dict[str, str]) -> float | None:
+    """``false_gate_bound`` from the gate's record, when it is a rate (models exported before
+    the record carried it have none: their gated-rate test says so instead of guessing)."""
+    try:
+        bound = float(json.loads(meta.get(Meta.OOD_METHOD, "{}")).get("false_gate_bound"))
+    except (ValueError, TypeError, AttributeError):
+        return None
+    return bound if 0.0 < bound < 1.0 else None
 
 
 def _prevalence(meta: dict[str, str], source: str) -> float | None:

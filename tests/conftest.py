@@ -182,13 +182,16 @@ def make_worker(tmp_path: Path, onnx_model: Path) -> Iterator[object]:
     started: list[WorkerProcess] = []
 
     def factory(destinations: list[str], extra: str = "", port: int | None = None,
-                metrics_port: int = 0, dicom_extra: str = "", gsps: bool = False) -> WorkerProcess:
+                metrics_port: int = 0, dicom_extra: str = "", gsps: bool = False, home: str = "") -> WorkerProcess:
+        """``home``: a folder of its own for the spool, audit trail and log (a second replica)."""
         port = port or free_port()
-        spool = tmp_path / "spool"
-        config = write_worker_config(tmp_path / f"worker-{port}.toml", port=port, spool=spool, model=onnx_model,
-                                     metrics_port=metrics_port, audit=tmp_path / "audit.jsonl",
+        base = tmp_path / home
+        base.mkdir(exist_ok=True)
+        spool = base / "spool"
+        config = write_worker_config(base / f"worker-{port}.toml", port=port, spool=spool, model=onnx_model,
+                                     metrics_port=metrics_port, audit=base / "audit.jsonl",
                                      destinations=destinations, extra=extra, dicom_extra=dicom_extra, gsps=gsps)
-        w = WorkerProcess(config, port, spool, tmp_path / "worker.log", metrics_port=metrics_port)
+        w = WorkerProcess(config, port, spool, base / "worker.log", metrics_port=metrics_port)
         w.start()
         started.append(w)
         return w

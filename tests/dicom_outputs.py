@@ -19,7 +19,7 @@ MODEL = ModelInfo(
 )
 MODEL_V2 = ModelInfo(
     name="test-model", version="2.0.0", input_size=64, threshold=0.5, weights_sha256="cd" * 32,
-    contract_version=2, ood_threshold=10.0, heatmap_scale=4.0,
+    contract_version=2, ood_threshold=10.0, heatmap_scale=4.0, faithfulness_cutoff=1.25,
 )
 #: Type 3 attributes of the Patient, Patient Study and General Study modules a
 #: de-identification pass removes (PS3.15 E.1), beside PATIENT_STUDY_TYPE2.

@@ -342,3 +342,79 @@ class Ris:
         asyncio.run_coroutine_threadsafe(close(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+
+
+# -- a load balancer in front of several workers ------------------------------------------
+@dataclass
+class HAProxy:
+    """HAProxy (Debian ``haproxy``) as the one address of several workers: TCP round robin,
+    each worker checked with ``GET /readyz`` on its metrics port, as a Kubernetes Service's
+    readiness gate does. ``servers`` maps a name to (DICOM port, metrics port)."""
+
+    port: int
+    servers: dict[str, tuple[int, int]]
+    folder: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def socket_path(self) -> Path:
+        return self.folder / "haproxy.sock"
+
+    def config(self) -> str:
+        backends = "\n".join(f"  server {name} 127.0.0.1:{dicom} check port {metrics}"
+                             for name, (dicom, metrics) in self.servers.items())
+        # redispatch + retries: a connection refused by a worker that died before its check
+        # failed goes to the next one, so a sender sees no error for a replica it never reached.
+        return f"""global
+  stats socket {self.socket_path} mode 600 level admin
+defaults
+  mode tcp
+  timeout connect 2s
+  timeout client 120s
+  timeout server 120s
+  retries 3
+  option redispatch
+frontend dicom
+  bind 127.0.0.1:{self.port}
+  default_backend workers
+backend workers
+  balance roundrobin
+  option httpchk GET /readyz
+  http-check expect status 200
+  default-server inter 250ms fall 2 rise 1
+{backends}
+"""
+
+    def start(self) -> None:
+        tool = require_tool("/usr/sbin/haproxy")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        cfg = self.folder / "haproxy.cfg"
+        cfg.write_text(self.config())
+        check = subprocess.run([tool, "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=30)
+        assert check.returncode == 0, check.stdout + check.stderr
+        self.proc = subprocess.Popen([tool, "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+    def status(self) -> dict[str, str]:
+        """Each server's state as the load balancer sees it (``UP``, ``DOWN``...), from its stats socket."""
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(self.socket_path))
+            s.sendall(b"show stat\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        lines = data.decode().splitlines()
+        header = lines[0].lstrip("# ").split(",")
+        rows = [dict(zip(header, line.split(","), strict=False)) for line in lines[1:] if line]
+        return {r["svname"]: r["status"].split()[0] for r in rows if r["svname"] in self.servers}
+
+    def wait_status(self, server: str, state: str, timeout: float = 30.0) -> None:
+        wait_for(lambda: self.status().get(server) == state, timeout, f"load balancer to see {server} {state}",
+                 interval=0.1)

@@ -23,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--images", type=Path,
                    help="folder holding the release's PNGs (NIH) or <patientId>.dcm files (RSNA), any depth")
     s.add_argument("--feedback", type=Path, action="append", default=[], metavar="DIR",
-                   help="a 'cxr-worker feedback export' folder to merge (repeatable; rules in the README)")
+                   help="a 'cxr-worker feedback export' folder to merge (repeatable; rules in docs/training.md)")
     s.add_argument("--base", type=Path, metavar="DATA",
                    help="with --feedback: merge into this data folder (from prepare or phantoms) "
                         "instead of one built from --labels")
@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", default="fp32", choices=("fp32", "int8", "fp16"),
                    help="int8: static quantization for the CPU (calibrated on the validation split); fp16: for "
                         "the CUDA provider. Either is verified against fp32 on the test split and refused "
-                        "past the limits (README: Reduced precision)")
+                        "past the limits (docs/export.md, Reduced precision)")
     s.add_argument("--from-model", type=Path, default=None, metavar="FP32_ONNX",
                    help="with --precision int8|fp16: reduce this model, written by export from --run before, "
                         "instead of repeating the fp32 steps")

@@ -206,7 +206,7 @@ def prepare(
     if missing_files:
         raise DataError(
             f"{len(missing_files)} selected image(s) are not under {images}, e.g. "
-            f"{', '.join(missing_files[:5])}: download the full release (see README) "
+            f"{', '.join(missing_files[:5])}: download the full release (see docs/training.md) "
             "or check --images; nothing was written"
         )
     for r in [*hard, *(r for name in SPLITS for r in splits[name])]:

@@ -18,7 +18,7 @@ the per-image faithfulness score is :mod:`cxr_contract.faithfulness`, the worker
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,7 @@ class LogitModel:
         if not dense or dense[-1].units != 1:
             raise TrainerError(f"model {model.name!r}: the last Dense layer must have one unit (the pneumonia logit)")
         last = dense[-1]
-        features = keras.Model(model.inputs, last.input)
+        features = keras.Model(model.input, last.input)  # a tensor in, as called (see feature_model)
         # Traced once for any batch size: an eager call of a functional model runs layer by
         # layer in Python, and predict() retraces per call.
         self.features = tf.function(lambda x: features(x, training=False), reduce_retracing=True,
@@ -219,28 +219,35 @@ def localisation_report(cams: Array, records: list[Record], located: list[tuple[
     }
 
 
-def faithfulness_report(logit_model: LogitModel, images: Array, cams: Array, patient_ids: Sequence[str],
-                        n_boot: int, seed: int) -> dict[str, Any]:
-    """The worker's per-image faithfulness score over a split, for Grad-CAM and for two maps
-    that know nothing about the image: a random grid and a centred Gaussian grid."""
+def faithfulness_report(logit_of: Callable[[Array], Array], images: Array, cams: Array, labels: Array,
+                        patient_ids: Sequence[str], val_images: Array, n_boot: int, seed: int) -> dict[str, Any]:
+    """The worker's per-image faithfulness score and verdict over a split, for Grad-CAM and for
+    maps that know nothing about the image (uniform random grids, a centred Gaussian, a
+    constant map), against a null cut-off computed on the validation images as export does.
+
+    ``logit_of`` gives the calibrated logit (z / T), the unit of the worker's ``logit`` output.
+    """
     h, w = cams.shape[1:]
+    null = faithfulness.null_cutoff(logit_of, val_images, (h, w))
+    cutoff = null["cutoff"]
     rng = np.random.default_rng(RANDOM_MAP_SEED)
-    centre = localise.centre_prior(h) if h == w else np.ones((h, w))
     maps: dict[str, Array] = {"gradcam": cams, "random_map": np.asarray(rng.random(cams.shape)),
-                              "centre_prior": np.broadcast_to(centre, cams.shape)}
-    out: dict[str, Any] = {"fraction_removed": faithfulness.FRACTION, "units": "logit",
-                           "high_margin": faithfulness.HIGH_MARGIN}
+                              "centre_map": faithfulness.centre_map(h, w), "constant_map": np.ones((h, w))}
+    out: dict[str, Any] = {"fraction_removed": faithfulness.FRACTION, "moved_copies": faithfulness.N_RANDOM,
+                           "units": "z-score (calibrated logit)", "null": null, "cutoff": cutoff}
+    positive = np.asarray(labels) == 1
     for name, grids in maps.items():
-        values = []
-        for i in range(0, len(images), 16):
-            batch = [faithfulness.perturbed_inputs(images[k], grids[k]) for k in range(i, min(i + 16, len(images)))]
-            z = logit_model.of_images(np.stack([x for pair in batch for x in pair]))
-            values += [faithfulness.score(z[2 * j], z[2 * j + 1]) for j in range(len(batch))]
-        v = np.array(values)
+        v = faithfulness.scores(logit_of, images, grids)
+        above = np.array([faithfulness.above_chance(x, cutoff) for x in v], float)
         summary = stats.mean_with_ci(v, patient_ids, n_boot, seed)
-        high = stats.mean_with_ci(np.array([faithfulness.is_high(x) for x in v], float), patient_ids, n_boot, seed)
-        out[name] = {"mean": summary["value"], "ci95": summary["ci95"], "fraction_high": high["value"],
-                     "fraction_high_ci95": high["ci95"], "n": summary["n"]}
+        rate = stats.mean_with_ci(above, patient_ids, n_boot, seed)
+        out[name] = {"mean": summary["value"], "ci95": summary["ci95"], "fraction_above_chance": rate["value"],
+                     "fraction_above_chance_ci95": rate["ci95"], "n": summary["n"]}
+        if positive.any():
+            pos_ids = [p for p, k in zip(patient_ids, positive, strict=True) if k]
+            rate_pos = stats.mean_with_ci(above[positive], pos_ids, n_boot, seed)
+            out[name]["positives"] = {"fraction_above_chance": rate_pos["value"],
+                                      "fraction_above_chance_ci95": rate_pos["ci95"], "n": int(positive.sum())}
     return out
 
 
@@ -373,7 +380,9 @@ def evaluate(run: Path, split: str = "test", boxes_file: Path | None = None, *,
     located = _regions(records, boxes, size)
     train_regions = [m for _, m in _regions(dataset.splits["train"], boxes, size)]
     loc = localisation_report(cams, records, located, train_regions, pointing_tolerance, n_boot, seed)
-    faith = faithfulness_report(logit_model, images, cams, pids, n_boot, seed)
+    val_images = np.stack([load_image(r.path, size) for r in val])
+    faith = faithfulness_report(lambda x: logit_model.of_images(x) / temperature, images, cams, y, pids, val_images,
+                                n_boot, seed)
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(len(records), min(len(records), CURVE_MAX_IMAGES), replace=False))
     curves = deletion_curves(logit_model, images[chosen], cams[chosen], z[chosen])
@@ -524,8 +533,8 @@ def _deletion_figure(run: Path, curves: dict[str, Any], faith: dict[str, Any], p
     g = faith["gradcam"]
     ax.set_xlabel("fraction of the image removed (Grad-CAM cells, imputed)")
     ax.set_ylabel("mean logit")
-    ax.set_title(f"deletion curves (n={curves['n']}); faithfulness {g['mean']:.2f}, "
-                 f"{100 * g['fraction_high']:.0f}% high", fontsize=9)
+    ax.set_title(f"deletion curves (n={curves['n']}); faithfulness z {g['mean']:.2f}, "
+                 f"{100 * g['fraction_above_chance']:.0f}% above chance", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(run / "morf-lerf.png", dpi=100)

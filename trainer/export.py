@@ -9,13 +9,15 @@ Before a model is written, export
 * verifies the graph with ONNX Runtime against TensorFlow's GradientTape: probability,
   logit, the pre-ReLU Grad-CAM sum and the channel weights alpha, each scaled by its own
   magnitude, on images of both classes, and the gate's score;
-* runs the saliency sanity check (:mod:`trainer.sanity`);
+* runs the saliency sanity check (:mod:`trainer.sanity`), refusing only a "failed" verdict;
+* sets the heatmap-faithfulness cut-off from knowledge-free maps on the validation split
+  (:func:`cxr_contract.faithfulness.null_cutoff`);
 * with ``--precision int8|fp16``, reduces the verified fp32 graph (:mod:`trainer.quantize`,
   int8 calibrated on the validation split) and compares it with the fp32 graph on the test
   split against :data:`trainer.quantize.LIMITS`.
 
-A model that fails verification, the sanity check unless allowed, or the precision limits is
-not written.
+A model that fails verification, the sanity check (verdict "failed") unless allowed, or the
+precision limits is not written.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from cxr_contract import faithfulness
+from cxr_contract.drift import reference_of
 from cxr_contract.model import (
     CONTRACT_VERSION,
     GRADCAM_OUTPUT,
@@ -75,6 +79,10 @@ OPSET = 17
 PROB_TOL = 1e-4
 #: Relative tolerance of logit, pre-ReLU Grad-CAM, alpha and ood_score, each against its own magnitude.
 REL_TOL = 1e-4
+#: The logit's error is scaled by the batch's largest |logit|, and by at least this many logits:
+#: against each image's own logit, an image near the decision boundary (logit ~ 0, which a
+#: real model has somewhere) turned float noise into a refusal of a correct graph.
+LOGIT_SCALE_FLOOR = 0.1
 #: Outputs present only while verifying, pruned before the model is written.
 RAW_OUTPUT, ALPHA_OUTPUT = "gradcam_raw", "gradcam_alpha"
 BATCH = 32
@@ -118,12 +126,14 @@ def _session(proto: Any) -> Any:
 
 
 def _rel_err(got: np.ndarray[Any, Any], ref: np.ndarray[Any, Any],
-             scale_of: np.ndarray[Any, Any] | None = None) -> float:
+             scale_of: np.ndarray[Any, Any] | None = None, *, batch_floor: float | None = None) -> float:
     """Largest per-image |got - ref| over that image's largest |scale_of| (default ``ref``;
-    1e-12 if all zero)."""
+    1e-12 if all zero); with ``batch_floor``, over the whole batch's largest |scale_of| and at
+    least ``batch_floor`` instead."""
     n = len(ref)
-    basis = ref if scale_of is None else scale_of
-    scale = np.maximum(np.abs(basis).reshape(n, -1).max(axis=1), 1e-12)
+    basis = np.abs(ref if scale_of is None else scale_of).reshape(n, -1)
+    scale = (np.full(n, max(float(basis.max()), batch_floor)) if batch_floor is not None
+             else np.maximum(basis.max(axis=1), 1e-12))
     return float((np.abs(got - ref).reshape(n, -1).max(axis=1) / scale).max())
 
 
@@ -132,7 +142,9 @@ def verify(proto: Any, model: keras.Model, feature_layer: str, images: np.ndarra
     """ONNX Runtime against GradientTape; raises ExportError past tolerance.
 
     The post-ReLU map can be all zero, or have a tiny peak, and so hide a wrong graph; the
-    pre-ReLU sum and alpha are compared instead, each against its own magnitude.
+    pre-ReLU sum and alpha are compared instead, each against its own magnitude. The logit is
+    compared against the batch's largest |logit| (at least :data:`LOGIT_SCALE_FLOOR`), never
+    an image's own, which is near zero for an image near the decision boundary.
     """
     names = [PROBABILITY_OUTPUT, LOGIT_OUTPUT, GRADCAM_OUTPUT, OOD_SCORE_OUTPUT, RAW_OUTPUT, ALPHA_OUTPUT]
     got = dict(zip(names, _session(proto).run(names, {INPUT_NAME: images.astype(np.float32)}), strict=True))
@@ -142,7 +154,7 @@ def verify(proto: Any, model: keras.Model, feature_layer: str, images: np.ndarra
     errors = {
         # The graph's probability is calibrated: sigmoid(z / T), not the Keras output sigmoid(z).
         "probability_max_abs_error": float(np.abs(got[PROBABILITY_OUTPUT] - calibrated).max()),
-        "logit_max_rel_error": _rel_err(got[LOGIT_OUTPUT], ref["logit"] / temperature),
+        "logit_max_rel_error": _rel_err(got[LOGIT_OUTPUT], ref["logit"] / temperature, batch_floor=LOGIT_SCALE_FLOOR),
         "gradcam_raw_max_rel_error": _rel_err(got[RAW_OUTPUT], ref["gradcam_raw"]),
         "alpha_max_rel_error": _rel_err(got[ALPHA_OUTPUT], ref["alpha"]),
         # The shown map against the pre-ReLU scale: a tiny post-ReLU peak cannot inflate it.
@@ -187,6 +199,18 @@ def run_onnx(proto: Any, records: list[Record], size: int) -> dict[str, np.ndarr
         for n, v in zip(names, session.run(names, {INPUT_NAME: _load(records[i:i + BATCH], size)}), strict=True):
             chunks[n].append(v)
     return {n: np.concatenate(v) for n, v in chunks.items()}
+
+
+def faithfulness_null(proto: Any, records: list[Record], size: int, grid: tuple[int, ...]) -> dict[str, Any]:
+    """:func:`cxr_contract.faithfulness.null_cutoff` on ``records`` (the validation split), scored
+    by the graph's calibrated ``logit`` output, the unit the worker scores in."""
+    session = _session(proto)
+
+    def logit_of(x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        return np.concatenate([session.run([LOGIT_OUTPUT], {INPUT_NAME: x[i:i + BATCH]})[0].reshape(-1)
+                               for i in range(0, len(x), BATCH)])
+
+    return faithfulness.null_cutoff(logit_of, _load(records, size), (int(grid[0]), int(grid[1])))
 
 
 def pooled_features(model: keras.Model, feature_layer: str, records: list[Record], size: int) -> np.ndarray[Any, Any]:
@@ -511,17 +535,25 @@ def export(run: Path, out: Path, *, threshold: float | None = None, version: str
     sanity = sanity_check(model, layer, _load(sanity_records, size), ex.sanity_max_correlation,
                           seed=cfg.train.seed)
     timings["sanity_check_s"] = time.perf_counter() - t0
-    sanity["allowed_by_flag"] = bool(allow_insensitive_saliency and not sanity["passed"])
+    failed = sanity["verdict"] == "failed"
+    sanity["allowed_by_flag"] = bool(allow_insensitive_saliency and failed)
     _update_metrics(run, "sanity_check", sanity)
     _update_metrics(run, "ood", ood)
-    if not sanity["passed"] and not allow_insensitive_saliency:
-        final = sanity["stages"][-1]
+    if failed and not allow_insensitive_saliency:
+        bad = next(st for st in sanity["stages"] if st["verdict"] == "failed")
         raise ExportError(
-            f"saliency sanity check failed: with the {final['stage']} weights re-initialised, Grad-CAM still "
-            f"correlates {final['spearman_mean']:.3f} (limit {sanity['limit']}) with the trained model's maps, "
-            "so the maps do not show what the model learned; no model written "
+            f"saliency sanity check failed: with the weights up to {bad['stage']} re-initialised, the pre-ReLU "
+            f"Grad-CAM still correlates |rho| {bad['abs_spearman_mean']:.3f} (limit {sanity['limit']}) with the "
+            "trained model's maps, so the maps do not show what the model learned; no model written "
             "(--allow-insensitive-saliency writes it anyway, with the result in its metadata)"
         )
+
+    # The "above chance" cut-off of heatmap faithfulness: knowledge-free maps scored on the
+    # validation images by the exported graph's calibrated logit, the worker's unit.
+    t0 = time.perf_counter()
+    faith_null = faithfulness_null(proto, val, size, tuple(on_val[GRADCAM_OUTPUT].shape[1:]))
+    timings["faithfulness_null_s"] = time.perf_counter() - t0
+    _update_metrics(run, "faithfulness_null", faith_null)
 
     summary_path = run / "data_summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
@@ -546,8 +578,12 @@ def export(run: Path, out: Path, *, threshold: float | None = None, version: str
         Meta.OOD_METHOD: json.dumps(ood, **compact),  # type: ignore[arg-type]
         Meta.CALIBRATION: json.dumps(calibration, **compact),  # type: ignore[arg-type]
         Meta.HEATMAP_SCALE: f"{scale:.6g}",
+        # The worker's drift reference: what the validation split's answers looked like.
+        Meta.DRIFT_REFERENCE: reference_of(on_val[PROBABILITY_OUTPUT], on_val[OOD_SCORE_OUTPUT]).to_json(),
         Meta.SANITY_CHECK: json.dumps({k: v for k, v in sanity.items() if k != "per_image"},
                                       **compact),  # type: ignore[arg-type]
+        Meta.FAITHFULNESS_CUTOFF: f"{faith_null['cutoff']:.6g}",
+        Meta.FAITHFULNESS_NULL: json.dumps(faith_null, **compact),  # type: ignore[arg-type]
         Meta.PRECISION: "fp32",  # the reduced model's own precision replaces it
         Meta.EXPORTED: datetime.now(UTC).isoformat(timespec="seconds"),
         Meta.TENSORFLOW: tf.__version__,
@@ -577,4 +613,5 @@ def export(run: Path, out: Path, *, threshold: float | None = None, version: str
     return {"model": str(out), "precision": precision, "metadata": {k: meta[k] for k in kept},
             "verification": check, "precision_check": precision_check, "ood": ood,
             "sanity_check": {k: v for k, v in sanity.items() if k != "per_image"},
+            "faithfulness_null": faith_null,
             "seconds": {k: round(v, 2) for k, v in timings.items()}}

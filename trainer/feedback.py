@@ -218,7 +218,7 @@ def merge_feedback(
     previous: dict[str, Any] = {}
     if base and (base.root / "summary.json").is_file():
         previous = json.loads((base.root / "summary.json").read_text(encoding="utf-8"))
-    notes = [*previous.get("notes", []), counts.line() + " (rules: README, 'The feedback loop')."]
+    notes = [*previous.get("notes", []), counts.line() + " (rules: docs/training.md, 'The feedback loop')."]
     summary = {**previous, **summarize(splits, notes)}
     summary["feedback"] = {"exports": [str(e.root) for e in exports], "key_fingerprint":
                            exports[0].manifest.key_fingerprint if exports else None,

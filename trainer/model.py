@@ -238,7 +238,9 @@ def split_head(model: keras.Model, feature_layer: str) -> Head:
 
 def feature_model(model: keras.Model, feature_layer: str) -> keras.Model:
     """The sub-model from the image to the feature maps."""
-    return keras.Model(model.inputs, model.get_layer(feature_layer).output)
+    # model.input, not model.inputs: built on a list, the sub-model expects a list and Keras warns
+    # ("The structure of `inputs` doesn't match") at every call with the image tensor.
+    return keras.Model(model.input, model.get_layer(feature_layer).output)
 
 
 def _score(layer: keras.layers.Layer, h: tf.Tensor) -> tf.Tensor:

@@ -6,7 +6,7 @@ forward-only gradient rule that gives Grad-CAM's alpha, the einsum sum_k alpha_k
 Mahalanobis out-of-distribution score) stays float32. The head and the gradient rule are a
 handful of small matrix products, so keeping them costs nothing measurable; quantizing them
 moves the logit and alpha by the quantization step of a Dense kernel, and the Mahalanobis
-distance of pooled features squares every error (README "Reduced precision" has the numbers).
+distance of pooled features squares every error (docs/export.md, "Reduced precision", has the numbers).
 
 Nothing here imports TensorFlow: the worker's benchmarks call it with ONNX Runtime alone.
 """
@@ -220,7 +220,7 @@ def quantize_int8(fp32_onnx: Path, calibration: np.ndarray, out: Path, *,  # typ
         calibration: validation images ``[N, S, S, 1]`` in [0, 1], as the model takes them.
         out: where the int8 model is written (atomically), metadata copied, ``precision=int8``.
         exclude: nodes kept float32; default :func:`float_nodes` (``[]`` quantizes everything,
-            which verification refuses: see the README).
+            which verification refuses: see docs/export.md).
         variant: one of :data:`INT8_VARIANTS` (activations/weights signedness); recorded in the
             metadata as ``int8_variant``.
 

@@ -57,9 +57,9 @@ class _Section(BaseModel):
 class Destination(_Section):
     """A C-STORE destination: the PACS that receives our results."""
 
-    ae_title: str
-    host: str
-    port: int = Field(ge=1, le=65535)
+    ae_title: str = Field(description="the PACS's AE title (1-16 characters)")
+    host: str = Field(description="its host name or IP address")
+    port: int = Field(ge=1, le=65535, description="its DICOM port")
 
     # Validated here, not only in parse(): a TOML inline table {ae_title = ...} skips parse().
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
@@ -80,10 +80,13 @@ class DicomWebDestination(_Section):
     ``https://pacs.example.org/dicom-web``), with credentials read from a file or an
     environment variable, never from the configuration itself."""
 
-    url: str
-    auth: Literal["none", "basic", "bearer"] = "none"
-    credentials_file: Path | None = Field(None, description="basic: one line USER:PASSWORD; bearer: the token")
-    credentials_env: str | None = Field(None, description="the environment variable that holds them instead")
+    url: str = Field(description="the DICOMweb base URL; STOW-RS posts to {url}/studies")
+    auth: Literal["none", "basic", "bearer"] = Field("none", description="HTTP authentication: none, basic "
+                                                     "(USER:PASSWORD) or bearer (a token)")
+    credentials_file: Path | None = Field(None, description="a file with the credentials: basic: one line "
+                                          "USER:PASSWORD; bearer: the token (read at each request)")
+    credentials_env: str | None = Field(None, description="the name of an environment variable that holds "
+                                        "the credentials instead")
 
     @field_validator("url")
     @classmethod
@@ -256,33 +259,51 @@ def parse_destination(text: str) -> Destination | DicomWebDestination | Hl7Desti
 
 
 class DicomSection(_Section):
-    ae_title: str = "CXR-GRADCAM"
-    bind: str = "0.0.0.0"
-    port: int = Field(11112, ge=1, le=65535)
-    max_pdu: int = Field(262_144, ge=0, description="largest PDU we accept; 0 = unlimited")
-    max_associations: int = Field(10, ge=1)
-    max_associations_per_peer: int = Field(4, ge=1)
-    pdu_deadline_s: float = Field(60.0, gt=0, description="absolute time to receive one PDU")
-    association_deadline_s: float = Field(3600.0, gt=0, description="absolute lifetime of an association")
-    max_dataset_mb: int = Field(512, ge=1, description="larger data sets (inflated, for deflate) are refused")
+    """The DICOM listener (C-STORE SCP) and the limits every calling peer meets."""
+
+    ae_title: str = Field("CXR-GRADCAM", description="our AE title, the one the PACS calls (1-16 characters)")
+    bind: str = Field("0.0.0.0", description="address the listener binds; every interface by default, "
+                      "since a PACS on another host calls it")
+    port: int = Field(11112, ge=1, le=65535, description="DICOM port; 11112 (the registered DICOM port above "
+                      "1024) needs no root")
+    max_pdu: int = Field(262_144, ge=0, description="largest PDU we announce and accept, in bytes (at least "
+                         "64 KiB); a longer one closes the connection when its header arrives. 0 = unlimited "
+                         "(then max_dataset_mb bounds it)")
+    max_associations: int = Field(10, ge=1, description="associations open at once, from all peers; above it "
+                                  "a connection is closed at accept (a PACS rarely opens more than a few)")
+    max_associations_per_peer: int = Field(4, ge=1, description="associations open at once from one IP "
+                                           "address, so one peer cannot take every slot")
+    pdu_deadline_s: float = Field(60.0, gt=0, description="seconds to receive one PDU, however slowly the "
+                                  "peer trickles it")
+    association_deadline_s: float = Field(3600.0, gt=0, description="seconds an association may last in all")
+    max_dataset_mb: int = Field(512, ge=1, description="largest C-STORE data set, in MB (a deflated one by "
+                                "its inflated size); larger ones are answered C000. 512 MB is far above any "
+                                "chest radiograph")
     max_buffer_kb: int = Field(1024, ge=64, description="a command set, or a data set that cannot be streamed "
-                                                        "to disk, larger than this aborts the association")
-    shutdown_grace_s: float = Field(30.0, ge=0, description="SIGTERM: time for open associations to finish")
-    acse_timeout: float = Field(30.0, gt=0)
-    dimse_timeout: float = Field(60.0, gt=0)
-    network_timeout: float = Field(60.0, gt=0)
+                               "to disk, larger than this many KiB aborts the association")
+    shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, seconds open associations get to "
+                                    "finish before the worker stops")
+    acse_timeout: float = Field(30.0, gt=0, description="seconds to wait for association messages, including "
+                                "the A-ASSOCIATE-RQ of a new connection")
+    dimse_timeout: float = Field(60.0, gt=0, description="seconds to wait for a DIMSE message within an "
+                                 "association")
+    network_timeout: float = Field(60.0, gt=0, description="seconds without any network traffic before an "
+                                   "association is closed")
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
 
 
 class SpoolSection(_Section):
-    dir: Path = Path("var/spool")
-    reserve_mb: int = Field(512, ge=0, description="C-STORE answers out-of-resources below this; outputs "
-                            "are not written below half of it")
+    """The durable queue on disk: received instances, work in progress, outbox, dead letters."""
+
+    dir: Path = Field(Path("var/spool"), description="spool folder (relative to the working directory); "
+                      "use a persistent volume in production")
+    reserve_mb: int = Field(512, ge=0, description="free MB kept on the spool's disk: below it C-STORE "
+                            "answers A700 (out of resources); below half of it outputs are not written")
     max_crashes: int = Field(3, ge=0, description="an instance the worker died on this many times is "
-                             "quarantined; 0 = never")
-    done_retention_days: float = Field(30.0, gt=0, description="done/ markers (duplicate detection) are "
-                                       "pruned after this age")
+                             "quarantined (a poison pill); 0 = never")
+    done_retention_days: float = Field(30.0, gt=0, description="days the done/ markers (duplicate detection) "
+                                       "are kept; a PACS re-sends within days, not months")
     quarantine_retention_days: float = Field(
         30.0, gt=0, description="days a file stays in quarantine/ and dead/ (whole DICOM files with PHI, kept for "
         "a look at what failed) before it is deleted; default as the results' retention. "
@@ -290,19 +311,32 @@ class SpoolSection(_Section):
 
 
 class ModelSection(_Section):
-    path: Path | None = None
-    providers: Literal["auto", "cuda", "cpu"] = "auto"
-    batch_size: int = Field(8, ge=1, le=256)
-    batch_wait_ms: int = Field(200, ge=0)
-    threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = its default")
+    """The ONNX model and how ONNX Runtime runs it."""
+
+    path: Path | None = Field(None, description="the exported ONNX model (cxr-train export); required",
+                              examples=["/var/lib/cxr-gradcam/model.onnx"])
+    providers: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="auto: CUDA when usable, else the CPU; cuda: warns when it falls back to the CPU; "
+        "cpu: never the GPU")
+    batch_size: int = Field(8, ge=1, le=256, description="images per model run; 8 fills a CPU's cores without "
+                            "holding many images in memory")
+    batch_wait_ms: int = Field(200, ge=0, description="milliseconds to wait for a fuller batch, only while a "
+                               "peer's association is open (a lone study is not held)")
+    threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = its default (one per core)")
     ood_action: Literal["withhold", "flag"] = Field(
-        "withhold", description="an image outside the training distribution: no answer, or an answer labelled so")
-    faithfulness: bool = Field(True, description="score each heatmap with one extra batched model run")
-    # The CUDA path (README "GPU"); auto = on where the CUDA provider runs.
+        "withhold", description="an image outside the training distribution: withhold = no answer; "
+        "flag = answer, labelled as outside")
+    faithfulness: bool = Field(True, description=(
+        "state whether the model depends on the region each drawn heatmap points at (positives; negatives "
+        "with output.heatmap_for_negative): one extra batched run of 9 perturbed inputs per such image; needs "
+        "the faithfulness cut-off export stores"))
+    # The CUDA path (docs/install.md, GPU); auto = on where the CUDA provider runs.
     io_binding: Literal["auto", "on", "off"] = Field(
-        "auto", description="run through an ONNX Runtime I/O binding: one copy to the device and back")
+        "auto", description="run through an ONNX Runtime I/O binding (one copy to the device and back); "
+        "auto = on with CUDA")
     pad_batches: Literal["auto", "on", "off"] = Field(
-        "auto", description="pad runs to multiples of batch_size: CUDA chooses its algorithms once per shape")
+        "auto", description="pad runs to exactly batch_size, so CUDA chooses its convolution algorithms "
+        "once; auto = on with CUDA")
     probe_check: Literal["refuse", "fallback", "off"] = Field(
         "refuse", description="what to do when a reduced-precision (int8/fp16) model answers the probe inputs "
         "stored in it, on this machine, outside the limits its export verified against fp32 (int8 kernels differ "
@@ -333,17 +367,24 @@ class ModelSection(_Section):
 
 
 class SelectSection(_Section):
-    modalities: list[str] = ["CR", "DX"]
-    body_parts: list[str] = ["CHEST"]
-    allow_missing_body_part: bool = True
-    view_positions: list[str] = ["PA", "AP"]
-    allow_missing_view_position: bool = True
-    excluded_image_types: list[str] = ["LOCALIZER"]
-    min_size: int = Field(256, ge=1, description="shorter side, pixels")
+    """Which received instances the model reads; the others are acknowledged and skipped."""
+
+    modalities: list[str] = Field(["CR", "DX"], description="Modality values read (radiographs)")
+    body_parts: list[str] = Field(["CHEST"], description="Body Part Examined values read")
+    allow_missing_body_part: bool = Field(True, description="read an image without Body Part Examined "
+                                          "(many CR chests lack it)")
+    view_positions: list[str] = Field(["PA", "AP"], description="View Position values read (frontal views: "
+                                      "the model was trained on them)")
+    allow_missing_view_position: bool = Field(True, description="read an image without View Position")
+    excluded_image_types: list[str] = Field(["LOCALIZER"], description="Image Type values never read")
+    min_size: int = Field(256, ge=1, description="shorter side in pixels below which an image is skipped "
+                          "(a thumbnail, not a radiograph)")
     # 5000 x 5000: a 43 x 43 cm detector at 86 um, above any chest radiograph; memory per
-    # image grows with it (see the README's limits).
-    max_pixels: int = Field(25_000_000, ge=1, description="Rows x Columns above this are refused")
-    skip_for_processing: bool = Field(True, description="skip DX For Processing (raw detector) images")
+    # image grows with it (docs/operations.md, limits).
+    max_pixels: int = Field(25_000_000, ge=1, description="Rows x Columns above this are quarantined before "
+                            "decoding; 5000 x 5000 is above any chest detector")
+    skip_for_processing: bool = Field(True, description="skip DX For Processing images (raw detector data the "
+                                      "model was not trained on)")
     min_patient_age: float | None = Field(
         None, ge=0, le=150,
         description="skip images of patients younger than this, in years, read from PatientAge (0010,1010); "
@@ -353,19 +394,30 @@ class SelectSection(_Section):
 
 
 class OutputSection(_Section):
-    manufacturer: str = "cxr-gradcam"
-    institution_name: str | None = None
-    sc_series_number: int = Field(9001, ge=0)
-    sc_series_description: str = Field("AI Grad-CAM Pneumonia", max_length=64)
-    sr_series_number: int = Field(9002, ge=0)
-    sr_series_description: str = Field("AI Pneumonia Report", max_length=64)
-    opacity: float = Field(0.4, ge=0.0, le=1.0)
-    sc_max_dimension: int = Field(2048, ge=256, description="the SC is shrunk so no side exceeds this")
+    """What the Secondary Capture and the SR carry and look like."""
+
+    manufacturer: str = Field("cxr-gradcam", description="Manufacturer of the SC and SR")
+    institution_name: str | None = Field(None, description="Institution Name of the SC and SR; none by default",
+                                         examples=["General Hospital"])
+    sc_series_number: int = Field(9001, ge=0, description="Series Number of the SC series (high, to sort "
+                                  "after the acquired series)")
+    sc_series_description: str = Field("AI Grad-CAM Pneumonia", max_length=64,
+                                       description="Series Description of the SC series")
+    sr_series_number: int = Field(9002, ge=0, description="Series Number of the SR series")
+    sr_series_description: str = Field("AI Pneumonia Report", max_length=64,
+                                       description="Series Description of the SR series")
+    opacity: float = Field(0.4, ge=0.0, le=1.0, description="weight of the heatmap's colour over the image "
+                           "(0-1); 0.4 keeps the anatomy readable under it")
+    sc_max_dimension: int = Field(2048, ge=256, description="pixels: the SC is shrunk so no side exceeds this")
     heatmap_for_negative: bool = Field(False, description="paint the heatmap of a negative decision too")
-    uid_prefix: str | None = Field(None, pattern=r"^[0-9]+(\.[0-9]+)*\.$", max_length=40)
+    uid_prefix: str | None = Field(None, pattern=r"^[0-9]+(\.[0-9]+)*\.$", max_length=40,
+                                   description="root of the UIDs we create, ending in a dot; default "
+                                   "pydicom's root: set your organisation's", examples=["1.2.826.0.1.3680043.10.999."])
     sc_compression: Literal["jpeg", "jpeg2000", "none"] = Field(
-        "jpeg", description="SC transfer syntax: JPEG Baseline (lossy), JPEG 2000 (lossy) or uncompressed")
-    sc_quality: int = Field(90, ge=1, le=100, description="JPEG quality; JPEG 2000 aims at quality / 2 dB PSNR")
+        "jpeg", description="SC transfer syntax: JPEG Baseline (lossy, 20x smaller), JPEG 2000 (lossy) or "
+        "uncompressed")
+    sc_quality: int = Field(90, ge=1, le=100, description="1-100: JPEG quality; JPEG 2000 aims at quality / 2 dB "
+                            "PSNR. 90 keeps the burned-in text sharp")
     gsps: bool = Field(True, description=(
         "send a Grayscale Softcopy Presentation State that outlines the heatmap over the original image "
         "beside the SC (viewers with GSPS show it as a layer to switch off); on because it costs a few kB "
@@ -393,16 +445,28 @@ AnyDestination = Annotated[Annotated[Destination, Tag("dimse")] | Annotated[Dico
 
 
 class SendSection(_Section):
+    """Where results go (C-STORE or DICOMweb STOW-RS) and how delivery is retried."""
+
     # Before destinations: their validator reads it.
     allow_http: bool = Field(False, description="allow http:// DICOMweb destinations on hosts other than "
                              "loopback (credentials and results then cross the network in clear text)")
-    destinations: list[AnyDestination] = []
-    retry_initial_s: float = Field(10.0, gt=0)
-    retry_max_interval_s: float = Field(1800.0, gt=0)
-    retry_horizon_h: float = Field(24.0, gt=0, description="give up (dead letter) after this long")
-    dimse_timeout: float = Field(60.0, gt=0)
-    acse_timeout: float = Field(30.0, gt=0)
-    network_timeout: float = Field(60.0, gt=0)
+    destinations: list[AnyDestination] = Field(
+        [], description="where results go: AET@HOST:PORT (C-STORE), a DICOMweb base URL, or a table "
+        "{url, auth, credentials_file | credentials_env}; in the environment a JSON list",
+        examples=[["PACS@10.0.0.5:104",
+                   {"url": "https://pacs.example.org/dicom-web", "auth": "bearer",
+                    "credentials_file": "/run/secrets/pacs-token"},
+                   {"url": "https://vna.example.org/dicomweb", "auth": "basic",
+                    "credentials_env": "VNA_CREDENTIALS"}]])
+    retry_initial_s: float = Field(10.0, gt=0, description="seconds before the first retry of a failed "
+                                   "delivery; the interval then doubles")
+    retry_max_interval_s: float = Field(1800.0, gt=0, description="longest interval between retries, in seconds")
+    retry_horizon_h: float = Field(24.0, gt=0, description="hours after an object's first attempt before it "
+                                   "goes to the dead letters; long enough to outlast a PACS's maintenance night")
+    dimse_timeout: float = Field(60.0, gt=0, description="seconds to wait for the PACS's C-STORE response")
+    acse_timeout: float = Field(30.0, gt=0, description="seconds to wait for the PACS to accept an association")
+    network_timeout: float = Field(60.0, gt=0, description="seconds without network traffic before the "
+                                   "association is closed")
 
     @field_validator("destinations", mode="before")
     @classmethod
@@ -448,14 +512,22 @@ class Hl7Section(_Section):
 class SecuritySection(_Section):
     """Access control and DICOM TLS (BCP 195: TLS 1.2 or newer)."""
 
-    allowed: list[str] = Field(default_factory=list, description="AE@CIDR entries; empty allows every caller")
-    tls_port: int | None = Field(None, ge=1, le=65535, description="a second listener that speaks only TLS")
-    tls_only: bool = False
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_ca: Path | None = None
-    tls_require_client_cert: bool = False
-    send_tls: bool = False
+    allowed: list[str] = Field(default_factory=list, description="calling AE titles allowed, each AE or "
+                               "AE@CIDR (tied to a network); empty allows every caller (logged at start)",
+                               examples=[["PACS1@10.1.2.0/24", "MODALITY7@10.1.9.17/32"]])
+    tls_port: int | None = Field(None, ge=1, le=65535, description="port of a second listener that speaks only "
+                                 "DICOM TLS; none by default", examples=[2762])
+    tls_only: bool = Field(False, description="no plain listener at all, only tls_port")
+    tls_cert: Path | None = Field(None, description="PEM certificate of our TLS listener (and of outgoing TLS)",
+                                  examples=["/etc/cxr-gradcam/tls/server.crt"])
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert",
+                                 examples=["/etc/cxr-gradcam/tls/server.key"])
+    tls_ca: Path | None = Field(None, description="PEM CA that verifies clients and the PACS (https:// "
+                                "destinations too; without it the system store)",
+                                examples=["/etc/cxr-gradcam/tls/ca.crt"])
+    tls_require_client_cert: bool = Field(False, description="refuse TLS clients without a certificate signed "
+                                          "by tls_ca")
+    send_tls: bool = Field(False, description="outgoing C-STOREs over TLS, verifying the PACS against tls_ca")
 
     @field_validator("allowed")
     @classmethod
@@ -491,10 +563,34 @@ class SecuritySection(_Section):
 class MetricsSection(_Section):
     """Prometheus metrics, /healthz and /readyz over HTTP."""
 
-    port: int = Field(9108, ge=0, le=65535, description="0 switches the HTTP endpoint off")
-    bind: str = "127.0.0.1"
-    echo_cache_s: float = Field(30.0, ge=0, description="interval of the background C-ECHO of each destination "
+    port: int = Field(9108, ge=0, le=65535, description="port of /metrics, /healthz and /readyz; "
+                      "0 switches the HTTP endpoint off")
+    bind: str = Field("127.0.0.1", description="address of the HTTP endpoint; loopback unless a Prometheus "
+                      "on another host scrapes it")
+    echo_cache_s: float = Field(30.0, ge=0, description="seconds between the background C-ECHOs of each destination "
                                 "(cxr_destination_up, /healthz); never part of /readyz")
+
+
+class DriftSection(_Section):
+    """Drift and gate alarms: the worker's recent answers against the model's validation split."""
+
+    window: int = Field(500, ge=10, le=100_000, description=(
+        "images: the sliding window both statistics are computed over, the last N images the model ran on "
+        "(CXR_DRIFT__WINDOW). 500 is about a day at a small site: long enough for a PSI of 10 bins to be "
+        "stable (its noise is ~0.02 at 500), short enough that a new scanner shows within a day"))
+    min_images: int = Field(100, ge=1, description=(
+        "images: the PSI is reported once the window holds this many (CXR_DRIFT__MIN_IMAGES); below it a "
+        "10-bin PSI's own noise (~0.1 at 100) would be mistaken for drift. The gated-rate test needs no "
+        "minimum: its p-value is exact for any count"))
+    psi_limit: float = Field(0.25, gt=0, description=(
+        "the population stability index of the window's probabilities above which the probability "
+        "distribution has drifted (CXR_DRIFT__PSI_LIMIT; exported as cxr_drift_psi_limit, which the shipped "
+        "alert rules compare with). 0.25 is the conventional 'significant shift'"))
+    gated_alpha: float = Field(0.001, gt=0, lt=0.5, description=(
+        "the one-sided binomial test's p-value below which the window holds more gated images than the "
+        "gate's conformal false-gate rate explains (CXR_DRIFT__GATED_ALPHA; exported as cxr_drift_gated_alpha). "
+        "0.001, because the test is repeated after every image: in a simulation of in-distribution streams "
+        "at the bound's rate the alarm was on for under 1% of images"))
 
 
 class FeedbackSection(_Section):
@@ -503,33 +599,45 @@ class FeedbackSection(_Section):
     pseudonym_key_file: Path | None = Field(
         None, description="the site's HMAC key for patient, image and reader pseudonyms (created 0600 when "
                           "missing); default <spool>/feedback-pseudonym.key. Keep it: a new key gives every "
-                          "patient a new pseudonym")
+                          "patient a new pseudonym",
+        examples=["/var/lib/cxr-gradcam/feedback-pseudonym.key"])
 
 
 class AuditSection(_Section):
     """Audit trail: JSON lines modelled on DICOM PS3.15 A.5 audit messages."""
 
-    path: Path = Path("var/audit.jsonl")
+    path: Path = Field(Path("var/audit.jsonl"), description="the audit trail (JSON lines, fsynced), shared "
+                       "by the worker and the dashboard")
 
 
 class DashboardSection(_Section):
     """The review and operations web application (``cxr-worker dashboard``) and the results database."""
 
-    port: int = Field(8080, ge=1, le=65535)
-    bind: str = Field("127.0.0.1", description="loopback unless the operator opens it")
+    port: int = Field(8080, ge=1, le=65535, description="port of the dashboard's web server")
+    bind: str = Field("127.0.0.1", description="address of the web server; loopback unless the operator opens "
+                      "it (the pages show patient data)")
     public_url: str | None = Field(None, pattern=r"^https?://[^\s]+$", max_length=200,
-                                   description="the address readers open; set, the SC and SR carry review links")
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite under the spool folder, "
-                                     "e.g. postgresql+psycopg://cxr@db/cxr for several workers")
-    media_dir: Path | None = Field(None, description="previews and Grad-CAM grids; default <spool>/results/media")
-    retention_days: float = Field(30.0, gt=0, description="results, feedback and images are deleted after this")
+                                   description="the address readers open; set (and record on), the SC prints "
+                                   "and the SR carries a review link <public_url>/r/<key>",
+                                   examples=["https://cxr.example.org:8080"])
+    tls_cert: Path | None = Field(None, description="PEM certificate for HTTPS (both tls_cert and tls_key, "
+                                  "or neither)", examples=["/etc/cxr-gradcam/tls/server.crt"])
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert",
+                                 examples=["/etc/cxr-gradcam/tls/server.key"])
+    database_url: str | None = Field(None, description="SQLAlchemy URL of the results database; default "
+                                     "SQLite <spool>/results/results.db; PostgreSQL for several workers",
+                                     examples=["postgresql+psycopg://cxr@db/cxr"])
+    media_dir: Path | None = Field(None, description="previews and Grad-CAM grids; default <spool>/results/media "
+                                   "(a shared volume with PostgreSQL)", examples=["/var/lib/cxr-gradcam/media"])
+    retention_days: float = Field(30.0, gt=0, description="days after which results, feedback and images are "
+                                  "deleted together")
     record: bool = Field(True, description="the worker records each result for the dashboard")
-    metrics_url: str | None = Field(None, description="the worker's /metrics for queue and outbox depth; "
-                                    "default http://<metrics.bind>:<metrics.port>/metrics")
-    session_hours: float = Field(8.0, gt=0, description="a login lasts this long")
-    secure_cookies: bool | None = Field(None, description="Secure flag of the session cookie; default: on with TLS")
+    metrics_url: str | None = Field(None, description="the worker's /metrics, for queue and outbox depth; "
+                                    "default http://<metrics.bind>:<metrics.port>/metrics",
+                                    examples=["http://127.0.0.1:9108/metrics"])
+    session_hours: float = Field(8.0, gt=0, description="hours a login lasts (a working shift)")
+    secure_cookies: bool | None = Field(None, description="Secure flag of the session cookie; default: on with TLS",
+                                          examples=[True])
     trusted_proxies: list[str] = Field(
         default_factory=list, description="addresses of reverse proxies whose X-Forwarded-For and "
         "X-Forwarded-Proto are believed (the login limit and the audit trail then see the reader's address); "
@@ -570,8 +678,34 @@ class DashboardSection(_Section):
 
 
 class LogSection(_Section):
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    format: Literal["json", "text"] = "json"
+    """Logs on stderr; they never carry patient names, IDs or birth dates."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="lowest level logged")
+    format: Literal["json", "text"] = Field("json", description="json: one JSON object a line, for a log "
+                                            "collector; text: for a terminal")
+
+
+class ProcessingSection(_Section):
+    """How many processes answer images (decode, infer + Grad-CAM, build and encode the SC and SR)."""
+
+    workers: Literal["auto"] | int = Field(
+        1, description="processes that answer claimed batches side by side, each with its own ONNX Runtime "
+        "session; \"auto\" = the machine's cores. 1 (the default) answers in the service's own process: "
+        "each further process holds one more model (~0.3 GiB for the int8 224-px model, docs/operations.md). "
+        "CXR_PROCESSING__WORKERS")
+
+    @field_validator("workers")
+    @classmethod
+    def _check_workers(cls, value: Literal["auto"] | int) -> Literal["auto"] | int:
+        if value != "auto" and (isinstance(value, bool) or value < 1):
+            raise ValueError(f"workers must be \"auto\" or at least 1. Received: workers={value!r}")
+        return value
+
+    def count(self) -> int:
+        """The number of processes: ``workers``, or the cores this process may run on."""
+        if self.workers == "auto":
+            return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        return self.workers
 
 
 class Settings(BaseSettings):
@@ -582,6 +716,7 @@ class Settings(BaseSettings):
     dicom: DicomSection = DicomSection()
     spool: SpoolSection = SpoolSection()
     model: ModelSection = ModelSection()
+    processing: ProcessingSection = ProcessingSection()
     select: SelectSection = SelectSection()
     output: OutputSection = OutputSection()
     send: SendSection = SendSection()
@@ -592,6 +727,7 @@ class Settings(BaseSettings):
     dashboard: DashboardSection = DashboardSection()
     log: LogSection = LogSection()
     feedback: FeedbackSection = FeedbackSection()
+    drift: DriftSection = DriftSection()
 
     @classmethod
     def settings_customise_sources(

@@ -12,7 +12,9 @@
 from __future__ import annotations
 
 import enum
+import traceback
 from pathlib import Path
+from typing import Any
 
 from worker.errors import DecodeError, InfrastructureError, ModelError, SendError, UnsupportedInput
 
@@ -41,6 +43,8 @@ def fault_of(exc: BaseException) -> Fault:
     The decode stage reports every failure as :class:`DecodeError`: a malformed file can
     break a reader anywhere, so there any exception is the input's.
     """
+    if isinstance(exc, RemoteFailure):
+        return exc.fault
     if isinstance(exc, (DecodeError, UnsupportedInput)):
         return Fault.INPUT
     if isinstance(exc, (InfrastructureError, ModelError, SendError, OSError, MemoryError)):
@@ -48,3 +52,25 @@ def fault_of(exc: BaseException) -> Fault:
     if type(exc).__module__.startswith("onnxruntime"):  # its pybind errors: Fail, EPFail, RuntimeException
         return Fault.INFRASTRUCTURE
     return Fault.BUG if raised_in_our_code(exc) else Fault.INPUT
+
+
+class RemoteFailure(Exception):
+    """An exception raised in an answer process, sorted there (its traceback tells a bug from a
+    bad input, :func:`worker.faults.fault_of`) and carried back as text: library exceptions do not
+    all survive pickling."""
+
+    def __init__(self, fault: Fault, text: str, trace: str = "", stage: str = "decode") -> None:
+        super().__init__(text)
+        self.fault = fault
+        self.text = text
+        self.trace = trace
+        self.stage = stage  # decode, infer or build: the metric label of an internal error
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (RemoteFailure, (self.fault, self.text, self.trace, self.stage))
+
+    @classmethod
+    def of(cls, exc: BaseException, stage: str) -> RemoteFailure:
+        fault = fault_of(exc)
+        return cls(fault, f"{type(exc).__name__}: {exc}",
+                   "".join(traceback.format_exception(exc)) if fault is Fault.BUG else "", stage)

@@ -7,18 +7,30 @@ import logging
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from math import nan
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+if TYPE_CHECKING:
+    from worker.config import DriftSection
+    from worker.drift import DriftState
+
 logger = logging.getLogger(__name__)
+
+
+#: ``cxr_ood_score`` buckets as multiples of the model's ood_threshold.
+OOD_BUCKETS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.5, 2.0, 4.0, 8.0)
+#: ``cxr_heatmap_faithfulness`` buckets: wide enough for a logit difference, fine enough in [0, 1]
+#: for a fraction of random regions.
+FAITH_BUCKETS = (-2.0, -1.0, -0.5, -0.25, 0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 2.0, 4.0)
 
 
 class Metrics:
     """Every metric the worker exports, in its own registry."""
 
-    def __init__(self) -> None:
+    def __init__(self, ood_threshold: float | None = None) -> None:
         r = self.registry = CollectorRegistry()
         self.received = Counter("cxr_instances_received", "Instances stored into the spool", registry=r)
         self.skipped = Counter("cxr_instances_skipped", "Instances acknowledged but not eligible", registry=r)
@@ -55,22 +67,69 @@ class Metrics:
         self.outbox_depth = Gauge("cxr_outbox_depth", "Result objects waiting to be sent", registry=r)
         self.stage_seconds = Histogram("cxr_stage_seconds", "Latency per pipeline stage", ["stage"], registry=r,
                                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-        self.probability = Histogram("cxr_predicted_probability", "Distribution of predicted probabilities",
-                                     registry=r, buckets=tuple(round(0.1 * i, 1) for i in range(1, 11)))
+        self.probability = Histogram("cxr_predicted_probability", "Calibrated probability of each image the model "
+                                     "ran on", ["model_version"], registry=r,
+                                     buckets=tuple(round(0.1 * i, 1) for i in range(1, 11)))
+        # In multiples of the gate's threshold (one model per worker): the buckets then say how
+        # far inside or outside the gate the images fall, whatever the score's own scale.
+        scale = ood_threshold if ood_threshold is not None and ood_threshold > 0 else 1.0
+        self.ood_score = Histogram("cxr_ood_score", "Out-of-distribution score of each image the model ran on "
+                                   "(the gate holds an image above the model's ood_threshold)", ["model_version"],
+                                   registry=r, buckets=tuple(scale * f for f in OOD_BUCKETS))
+        self.faithfulness = Histogram("cxr_heatmap_faithfulness", "Heatmap faithfulness of each answered image "
+                                      "it was computed for", ["model_version"], registry=r, buckets=FAITH_BUCKETS)
+        v = ["model_version"]
+        self.drift_images = Gauge("cxr_drift_window_images", "Images in the drift window", v, registry=r)
+        self.drift_gated = Gauge("cxr_drift_window_gated", "Images in the drift window the ood_score gate held out",
+                                 v, registry=r)
+        self.drift_gated_rate = Gauge("cxr_drift_gated_rate", "Fraction of the drift window the ood_score gate "
+                                      "held out", v, registry=r)
+        self.drift_false_gate_rate = Gauge("cxr_drift_false_gate_rate", "The gate's conformal false-gate rate "
+                                           "(NaN: the model records none)", v, registry=r)
+        self.drift_gated_p = Gauge("cxr_drift_gated_pvalue", "One-sided binomial p-value of the window's gated "
+                                   "count at the false-gate rate (NaN: no gate rate or no images)", v, registry=r)
+        self.drift_gated_alpha = Gauge("cxr_drift_gated_alpha", "drift.gated_alpha: the gated-rate alarm fires "
+                                       "below this p-value", v, registry=r)
+        self.drift_psi = Gauge("cxr_drift_psi", "Population stability index of the window's probabilities against "
+                               "the validation split (NaN: no reference, or fewer than drift.min_images)", v,
+                               registry=r)
+        self.drift_psi_limit = Gauge("cxr_drift_psi_limit", "drift.psi_limit: the drift alarm fires above this PSI",
+                                     v, registry=r)
+        self.drift_reference = Gauge("cxr_drift_reference", "1 when the PSI has a reference, 0: none "
+                                     "(exported before them) or from too few validation images", v, registry=r)
         self.model = Info("cxr_model", "The loaded model", registry=r)
         self.model_fallback = Gauge("cxr_model_probe_fallback", "1 when the configured model failed its load-time "
                                     "probe check and the fallback model answers instead", registry=r)
+
+    def drift_limits(self, version: str, settings: DriftSection, has_reference: bool,
+                     false_gate_rate: float | None) -> None:
+        """Export the limits the alert rules compare with, and whether there is a reference."""
+        self.drift_gated_alpha.labels(version).set(settings.gated_alpha)
+        self.drift_psi_limit.labels(version).set(settings.psi_limit)
+        self.drift_reference.labels(version).set(1 if has_reference else 0)
+        self.drift_false_gate_rate.labels(version).set(nan if false_gate_rate is None else false_gate_rate)
+        self.drift_psi.labels(version).set(nan)
+        self.drift_gated_p.labels(version).set(nan)
+
+    def drift(self, version: str, state: DriftState) -> None:
+        self.drift_images.labels(version).set(state.images)
+        self.drift_gated.labels(version).set(state.gated)
+        self.drift_gated_rate.labels(version).set(state.gated_rate)
+        self.drift_gated_p.labels(version).set(nan if state.gated_p_value is None else state.gated_p_value)
+        self.drift_psi.labels(version).set(nan if state.psi is None else state.psi)
 
     def exposition(self) -> bytes:
         return bytes(generate_latest(self.registry))
 
 
 class HealthServer:
-    """``/metrics``, ``/healthz`` (alive) and ``/readyz`` (ready to take studies)."""
+    """``/metrics``, ``/healthz`` (alive), ``/readyz`` (ready to take studies) and ``/drift``
+    (the drift window's history, for the dashboard's operations page)."""
 
     def __init__(self, metrics: Metrics, bind: str, port: int,
                  alive: Callable[[], bool], ready: Callable[[], dict[str, bool]],
-                 detail: Callable[[], dict[str, Any]] = dict) -> None:
+                 detail: Callable[[], dict[str, Any]] = dict, drift: Callable[[], dict[str, Any]] | None = None
+                 ) -> None:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -90,6 +149,8 @@ class HealthServer:
                     ok = all(checks.values())
                     body = json.dumps({"ready": ok, "checks": checks}).encode()
                     self._send(200 if ok else 503, body, "application/json")
+                elif self.path == "/drift" and drift is not None:
+                    self._send(200, json.dumps(drift()).encode(), "application/json")
                 else:
                     self._send(404, b"not found\n", "text/plain")
 

@@ -90,7 +90,7 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 #: The distributions that install the ``onnxruntime`` package folder: two at once overwrite each other.
 ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")
-#: What the README's "GPU" section tells a user with both installed to run.
+#: What docs/install.md ("GPU") tells a user with both installed to run.
 ORT_SWAP = "pip uninstall -y onnxruntime && pip install --force-reinstall --no-deps onnxruntime-gpu"
 
 
@@ -114,7 +114,7 @@ def clashing_onnxruntime(installed: Iterable[str]) -> str | None:
     if len(both) < 2:
         return None
     return (f"both {' and '.join(both)} are installed and share one package folder; for the CUDA provider "
-            f"run: {ORT_SWAP} (README \"GPU\")")
+            f"run: {ORT_SWAP} (docs/install.md#gpu)")
 
 
 def _installed_onnxruntimes() -> list[str]:
@@ -257,10 +257,11 @@ class OnnxModel:
         if CUDA in chosen and not self.on_cuda:
             logger.log(logging.WARNING if providers == "cuda" else logging.INFO,
                        "CUDA provider present but unusable (no GPU visible, or its CUDA/cuDNN libraries are "
-                       "missing: `pip install cxr-gradcam[gpu]` brings them, README \"GPU\"); running on the CPU")
+                       "missing: `pip install cxr-gradcam[gpu]` brings them, docs/install.md#gpu); running on the CPU")
         elif providers == "cuda" and not self.on_cuda:
             logger.warning("execution provider 'cuda' requested but this ONNX Runtime has no CUDA provider (the CPU "
-                           "build is installed: `pip install cxr-gradcam[gpu]`, README \"GPU\"); running on the CPU")
+                           "build is installed: `pip install cxr-gradcam[gpu]`, docs/install.md#gpu); "
+                           "running on the CPU")
         if self.on_cuda:
             # The first run of each input shape chooses cuDNN's algorithms (seconds): do it
             # before the worker reports ready rather than on the first study.
@@ -315,10 +316,10 @@ class OnnxModel:
     def _run(self, names: list[str], batch: np.ndarray[Any, Any]) -> list[np.ndarray[Any, Any]]:
         """Session runs over ``batch`` (padded and bound as configured), outputs cut back to it.
 
-        Padded, a batch longer than ``batch_size`` (the faithfulness run's 2N) runs in chunks of
+        Padded, a batch longer than ``batch_size`` (the faithfulness run's 9N) runs in chunks of
         ``batch_size``, so the CUDA provider only ever sees one input shape: at each change of
         shape it rebuilds every convolution's cuDNN plan, which cost ~250 ms per batch on an H100
-        when inference and the faithfulness run alternated between N and 2N (README "GPU").
+        when inference and the faithfulness run alternated between N and 2N (docs/install.md, "GPU").
         """
         if self.pad_to and len(batch) > self.pad_to:
             parts = [self._run(names, batch[i:i + self.pad_to]) for i in range(0, len(batch), self.pad_to)]
@@ -346,6 +347,12 @@ class OnnxModel:
         """Whether heatmap faithfulness can be computed (it needs the unsaturated logit)."""
         return LOGIT_OUTPUT in self.outputs
 
+    @property
+    def states_faithfulness(self) -> bool:
+        """Whether a faithfulness verdict can be stated: the logit, and the null cut-off that
+        export stores (a model without it makes no statement rather than an uncalibrated one)."""
+        return self.has_logit and self.info.faithfulness_cutoff is not None
+
     def _check(self, batch: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
         size = self.info.input_size
         if batch.ndim != 4 or batch.shape[1:] != (size, size, 1):
@@ -370,7 +377,8 @@ class OnnxModel:
 
     def faithfulness(self, inputs: np.ndarray[Any, Any], gradcams: list[np.ndarray[Any, Any]]) -> list[float]:
         """Heatmap faithfulness (:mod:`cxr_contract.faithfulness`) of each image, from ONE extra run
-        over the 2N perturbed inputs (hottest cells removed, as many random cells removed).
+        over the perturbed inputs (:data:`~cxr_contract.faithfulness.INPUTS_PER_IMAGE` per image:
+        the hot region removed, then each moved copy of it), scored on the calibrated ``logit``.
 
         Raises:
             ModelError: the model has no ``logit`` output (contract version 1).
@@ -384,9 +392,7 @@ class OnnxModel:
             return []
         # The imputation (two Gaussian blurs per perturbed image, ~3 ms each, in OpenCV, which
         # releases the GIL) runs on a few threads: on a GPU it is most of the faithfulness cost.
-        pairs = list(_imputers().map(faithfulness.perturbed_inputs, inputs, gradcams))
-        stacked = np.stack([hot for hot, _ in pairs] + [rand for _, rand in pairs]).astype(np.float32)
+        stacked = np.concatenate(list(_imputers().map(faithfulness.perturbed_inputs, inputs, gradcams)))
         (logit,) = self._run([LOGIT_OUTPUT], stacked)
-        logit = logit.reshape(-1)
-        n = len(pairs)
-        return [faithfulness.score(float(logit[i]), float(logit[n + i])) for i in range(n)]
+        rows = logit.reshape(len(inputs), faithfulness.INPUTS_PER_IMAGE)
+        return [faithfulness.score(row) for row in rows]

@@ -153,7 +153,10 @@ class Processor:
         o = settings.output
         self.paint_negative = o.heatmap_for_negative
         self.withhold = settings.model.ood_action == "withhold"
-        self.faithfulness = settings.model.faithfulness and model.has_logit
+        self.faithfulness = settings.model.faithfulness and model.states_faithfulness
+        if settings.model.faithfulness and model.has_logit and not model.states_faithfulness:
+            logger.warning("model has no heatmap faithfulness cut-off in its metadata (exported before it was "
+                           "computed): no faithfulness is stated; export the run again for it")
         #: An ORU^R01 per answered or withheld image, when an HL7 destination will take it.
         self.oru = any(isinstance(d, Hl7Destination) for d in settings.send.destinations)
         #: Images of one batch built at the same time (the machine's cores, at most 4).
@@ -197,7 +200,7 @@ class Processor:
 
     def infer_and_build(self, batch: list[Decoded]) -> list[Result | Exception]:
         """One ONNX Runtime run for the batch, at most one more for the heatmap faithfulness
-        of every answered image, then an SC and an SR per image.
+        of every answered image whose heatmap is shown, then an SC and an SR per image.
 
         A failure of the first run raises (the whole batch shares it); a failure to build one
         image's outputs is returned in its place, to be sorted by :func:`worker.faults.fault_of`.
@@ -207,11 +210,15 @@ class Processor:
         predictions = self.model.predict(inputs)
         gates = [self.gate(item, pred) for item, pred in zip(batch, predictions, strict=True)]
         answered = [i for i, g in enumerate(gates) if g is None or not self.withhold]
+        # Faithfulness describes a heatmap: only where one is drawn (a positive answer, or a
+        # negative one with output.heatmap_for_negative); each costs 1 + N_RANDOM model inputs.
+        shown = [i for i in answered if self.paint_negative
+                 or decision(predictions[i].probability, self.model.info.threshold)]
         faith: dict[int, float] = {}
-        if self.faithfulness and answered:
+        if self.faithfulness and shown:
             try:
-                scores = self.model.faithfulness(inputs[answered], [predictions[i].gradcam for i in answered])
-                faith = {i: v for i, v in zip(answered, scores, strict=True) if math.isfinite(v)}
+                scores = self.model.faithfulness(inputs[shown], [predictions[i].gradcam for i in shown])
+                faith = {i: v for i, v in zip(shown, scores, strict=True) if math.isfinite(v)}
             except Exception as exc:  # the answers stand without it; the SR then has no such measurement
                 logger.warning("heatmap faithfulness not computed: %s", type(exc).__name__)
         infer_seconds = (time.perf_counter() - started) / len(batch)
@@ -268,7 +275,8 @@ class Processor:
                 item.unit_image, pred.gradcam, probability=pred.probability,
                 threshold=info.threshold, model_name=info.name, model_version=info.version,
                 opacity=self.build_settings.opacity, notice=notice, heatmap_scale=info.heatmap_scale,
-                paint_negative=self.paint_negative, faithfulness=trust.faithfulness, warning=flag, link=link,
+                paint_negative=self.paint_negative, faithfulness=trust.faithfulness,
+                faithfulness_cutoff=info.faithfulness_cutoff, warning=flag, link=link,
                 prevalence=info.assumed_prevalence,
             )
         sc = build_secondary_capture(item.ds, rgb, uids, info, self.build_settings, trust=trust)

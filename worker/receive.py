@@ -157,7 +157,10 @@ class Receiver:
         """Whether the spool can take the largest data set we accept and stay above its
         reserve: what readiness must report, or a ready worker answers C-STORE with A700."""
         s = self.settings
-        return self.spool.free_mb() - s.dicom.max_dataset_mb >= s.spool.reserve_mb
+        try:
+            return self.spool.free_mb() - s.dicom.max_dataset_mb >= s.spool.reserve_mb
+        except OSError:  # the spool's volume is gone: not ready (and /readyz must still answer)
+            return False
 
     def handle_echo(self, event: evt.Event) -> int:
         return SUCCESS

@@ -147,7 +147,7 @@ def no_delay(event: evt.Event) -> None:
     DCMTK's ``TCP_NODELAY=1`` do: a C-STORE is several PDUs, and with Nagle on the last one waits
     for the PACS's delayed ACK (~40 ms per object on Linux). Safe only with
     :func:`compat.keep_responses_for_the_sender`, since the faster answers otherwise race
-    pynetdicom's reactor (README "Benchmarks")."""
+    pynetdicom's reactor (docs/benchmarks.md, "End to end")."""
     sock = compat.raw_socket(event.assoc)
     if sock is not None:
         with contextlib.suppress(OSError):

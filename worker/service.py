@@ -22,10 +22,12 @@ import numpy as np
 from worker.audit import AuditTrail
 from worker.batch import BatchHandler
 from worker.config import Settings
+from worker.drift import DriftMonitor
 from worker.errors import InfrastructureError, ModelError
 from worker.health import DestinationMonitor, all_alive, readiness
 from worker.metrics import HealthServer, Metrics
 from worker.model import OnnxModel
+from worker.parallel import AnswerPool
 from worker.pipeline import Processor
 from worker.receive import Receiver
 from worker.security import client_context
@@ -49,7 +51,11 @@ class Service:
         self.settings = settings
         self.spool = Spool(settings.spool.dir)
         self.processor = Processor(settings, model)
-        self.metrics = Metrics()
+        self.metrics = Metrics(ood_threshold=model.info.ood_threshold)
+        self.drift = DriftMonitor(model.info, settings.drift)
+        self.metrics.drift_limits(model.info.version, settings.drift, self.drift.reference is not None,
+                                  model.info.false_gate_rate)
+        self.metrics.drift(model.info.version, self.drift.state)  # the window's series exist from the start
         self.metrics.model.info({"name": model.info.name, "version": model.info.version,
                                  "input_size": str(model.info.input_size), "threshold": str(model.info.threshold),
                                  **model.execution, "precision": model.info.precision,
@@ -60,12 +66,16 @@ class Service:
         self.outbox = Outbox(self.spool, settings.send, settings.dicom.ae_title, tls=tls,
                              metrics=self.metrics, audit=self.audit, security=settings.security)
         self.wake = threading.Event()
+        processes = settings.processing.count()
+        # More than one: answer processes; the service's process keeps the spool, outbox and listeners.
+        self.pool = AnswerPool(settings, processes, model.path) if processes > 1 else None
         self.wake_sender = threading.Event()
         self.stopping = threading.Event()
         self.handler = BatchHandler(self.processor, self.spool, self.outbox, self.metrics,
                                     output_reserve_mb=settings.spool.reserve_mb / 2,
                                     max_crashes=settings.spool.max_crashes, on_output=self.wake_sender.set,
-                                    audit=self.audit, store=self._open_store())
+                                    audit=self.audit, store=self._open_store(), drift=self.drift,
+                                    pool=self.pool)
         self.receiver = Receiver(settings, self.spool, self.wake.set, self.metrics, self.audit)
         self.monitor = DestinationMonitor(settings.send.destinations, settings.dicom.ae_title, self.metrics,
                                           settings.metrics.echo_cache_s, tls=tls, security=settings.security)
@@ -94,8 +104,10 @@ class Service:
         self._recover()
         self._warm_up()
         self.audit.application(start=True)
+        # One processing thread per answer process: each claims a batch and waits for its answers.
+        loops = self.pool.processes if self.pool is not None else 1
         self.threads = [
-            threading.Thread(target=self._process_loop, name="process", daemon=True),
+            *(threading.Thread(target=self._process_loop, name=f"process-{i}", daemon=True) for i in range(loops)),
             threading.Thread(target=self._send_loop, name="send", daemon=True),
         ]
         for t in self.threads:
@@ -103,7 +115,8 @@ class Service:
         self.monitor.start()
         m = self.settings.metrics
         if m.port:
-            self.health = HealthServer(self.metrics, m.bind, m.port, self.alive, self.ready, self.monitor.detail)
+            self.health = HealthServer(self.metrics, m.bind, m.port, self.alive, self.ready, self.monitor.detail,
+                                       drift=self.drift.describe)
             self.health.metrics_update = self._update_gauges
             self.health.start()
         self.receiver.start()
@@ -126,6 +139,8 @@ class Service:
         self.wake_sender.set()
         for t in self.threads:
             t.join(timeout=max(0.1, deadline - time.monotonic()))
+        if self.pool is not None:
+            self.pool.stop()
         if self.handler.store is not None:  # what the last batch queued for the dashboard
             self.handler.store.close(timeout=5.0)
         if self.health is not None:
@@ -159,6 +174,8 @@ class Service:
         size = self.processor.model.info.input_size
         try:
             self.processor.model.predict(np.zeros((1, size, size, 1), np.float32))
+            if self.pool is not None:
+                self.pool.start()  # each answer process loads the model and answers a blank image
         except Exception as exc:
             raise ModelError(f"the model does not answer a test input: {type(exc).__name__}: {exc}") from None
         self.handler.model_answered = True

@@ -441,7 +441,7 @@ def test_a_reader_reviews_a_result_in_the_browser(site: Site, browser: Any) -> N
         "return Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)"))
     assert "Store errors" in browser.page_source
     browser.save_screenshot(str(shots / "operations.png"))
-    if os.environ.get("CXR_UPDATE_SCREENSHOTS"):  # README pictures, refreshed on request
+    if os.environ.get("CXR_UPDATE_SCREENSHOTS"):  # docs/ pictures, refreshed on request
         for name in ("result", "worklist", "operations"):
             shutil.copyfile(shots / f"{name}.png", DOCS / f"dashboard-{name}.png")
 

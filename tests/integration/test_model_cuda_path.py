@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cxr_contract import faithfulness
 from worker.model import CPU, OnnxModel
 
 
@@ -76,12 +77,12 @@ def test_padded_runs_all_have_the_batch_size_shape(onnx_model: Path, inputs: np.
 
     monkeypatch.setattr(bound.session, "run_with_iobinding", recording)
     cams = [p.gradcam for p in bound.predict(inputs)]  # 3 images: one run of 4
-    got = bound.faithfulness(inputs, cams)  # 6 perturbed images: two runs of 4, not one of 8
-    assert shapes == [4, 4, 4]
+    got = bound.faithfulness(inputs, cams)  # 3 x 9 = 27 perturbed images: seven runs of 4, not one of 27
+    assert shapes == [4] * (1 + -(-3 * faithfulness.INPUTS_PER_IMAGE // 4))
     np.testing.assert_allclose(got, plain.faithfulness(inputs, cams), atol=1e-5)
     five = np.concatenate([inputs, inputs[:2]])  # a batch longer than batch_size: chunks of 4
     want = plain.predict(five)
     for w, g in zip(want, bound.predict(five), strict=True):
         assert g.probability == pytest.approx(w.probability, abs=1e-6)
         np.testing.assert_allclose(g.gradcam, w.gradcam, rtol=1e-5, atol=1e-6)
-    assert shapes[3:] == [4, 4]
+    assert shapes[8:] == [4, 4]

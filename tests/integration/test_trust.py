@@ -23,6 +23,7 @@ import pydicom
 import pytest
 from pydicom import Dataset
 
+from cxr_contract import faithfulness as faithfulness_module
 from tests.helpers import (
     dciodvfy_errors,
     free_port,
@@ -106,11 +107,14 @@ def test_v2_model_gives_logit_and_ood_score_in_the_same_run(v2: OnnxModel, tmp_p
     assert outside_distribution(noise, v2.info), (noise.ood_score, v2.info.ood_threshold)
 
 
-@pytest.mark.parametrize("faithfulness", [True, False])
-def test_faithfulness_costs_one_extra_run_over_the_answered_images(
-    v2: OnnxModel, tmp_path: Path, faithfulness: bool,
+@pytest.mark.parametrize(("faithfulness", "paint_negative"), [(True, False), (True, True), (False, True)])
+def test_faithfulness_costs_one_extra_run_over_the_images_whose_heatmap_is_shown(
+    v2: OnnxModel, tmp_path: Path, faithfulness: bool, paint_negative: bool,
 ) -> None:
-    processor = Processor(settings(faithfulness=faithfulness), v2)
+    if v2.info.faithfulness_cutoff is None:
+        pytest.skip("the test model was exported before the faithfulness cut-off (CXR_TEST_MODEL): export it again")
+    processor = Processor(Settings(select={"min_size": 32}, model={"faithfulness": faithfulness},
+                                   output={"heatmap_for_negative": paint_negative}), v2)
     files = inputs(tmp_path)
     decoded = [processor.decode(tmp_path / f"{name}.dcm") for name in files]
     counting = CountingSession(v2.session)
@@ -121,15 +125,18 @@ def test_faithfulness_costs_one_extra_run_over_the_answered_images(
         v2.session = counting.session
     by_name = dict(zip(files, results, strict=True))
     answered = [r for r in results if not isinstance(r, Exception) and not r.withheld]
+    shown = [r for r in answered if r.positive or paint_negative]
     assert not isinstance(by_name["noise"], Exception) and by_name["noise"].withheld
     assert not isinstance(by_name["constant"], Exception) and by_name["constant"].gate == "uniform"
-    if faithfulness:
-        # One run for the batch, ONE more with the hot- and random-removed input of each answered image.
-        assert counting.runs == [len(files), 2 * len(answered)]
-        assert all(r.faithfulness is not None and math.isfinite(r.faithfulness) for r in answered)
+    if faithfulness and shown:
+        # One run for the batch, ONE more: the hot region and its moved copies removed, per shown map.
+        assert counting.runs == [len(files), faithfulness_module.INPUTS_PER_IMAGE * len(shown)]
+        assert all(r.faithfulness is not None and math.isfinite(r.faithfulness) for r in shown)
     else:
         assert counting.runs == [len(files)]
-        assert all(r.faithfulness is None for r in answered)
+    # No heatmap, no statement about it: a negative drawn without colour is not scored.
+    shown_ids = {id(r) for r in shown}
+    assert all(r.faithfulness is None for r in answered if id(r) not in shown_ids)
 
 
 class FailingExtraRun(CountingSession):
@@ -142,7 +149,7 @@ class FailingExtraRun(CountingSession):
 
 
 def test_a_failed_faithfulness_run_leaves_the_answers_standing(v2: OnnxModel, tmp_path: Path) -> None:
-    processor = Processor(settings(), v2)
+    processor = Processor(Settings(select={"min_size": 32}, output={"heatmap_for_negative": True}), v2)
     files = inputs(tmp_path)
     decoded = [processor.decode(tmp_path / f"{name}.dcm") for name in files]
     failing = FailingExtraRun(v2.session)
@@ -203,8 +210,9 @@ def sr_codes(sr: Dataset) -> dict[str, str]:
             for i in walk(sr.ContentSequence) if i.ValueType == "CODE"}
 
 
-def check_outputs(name: str, sc: Dataset, sr: Dataset) -> bool:
-    """Assert what the SC and SR of one input say; True when it was answered."""
+def check_outputs(name: str, sc: Dataset, sr: Dataset, states_faithfulness: bool = True) -> bool:
+    """Assert what the SC and SR of one input say; True when it was answered. A model without a
+    faithfulness cut-off (exported before it) states no faithfulness."""
     presence, probability = sr_finding(sr)
     codes = sr_codes(sr)
     if name in ("noise", "constant"):
@@ -217,8 +225,12 @@ def check_outputs(name: str, sc: Dataset, sr: Dataset) -> bool:
     if presence == "Not Evaluated":  # a weak model may gate a phantom now and then
         return False
     assert codes["OOD-STATUS"] == "No out-of-distribution evidence detected", name
-    assert any(i.ValueType == "NUM" and i.ConceptNameCodeSequence[0].CodeValue == "HEATMAP-FAITH"
-               for i in walk(sr.ContentSequence)), name
+    # Faithfulness describes a drawn heatmap: a positive answer's (negatives are drawn without colour).
+    faith = any(i.ValueType == "NUM" and i.ConceptNameCodeSequence[0].CodeValue == "HEATMAP-FAITH"
+                for i in walk(sr.ContentSequence))
+    assert faith == (presence == "Present" and states_faithfulness), name
+    if faith:
+        assert codes["FAITH-VERDICT"] in ("Above chance", "Not above chance"), name
     return True
 
 
@@ -240,7 +252,8 @@ def test_serve_withholds_out_of_distribution_inputs_and_answers_phantoms(
                        if "ReferencedSOPSequence" in i
                        and i.ReferencedSOPSequence[0].ReferencedSOPClassUID != "1.2.840.10008.5.1.4.1.1.7")
             by_uid.setdefault(str(src), {})["sr"] = ds
-    answered = sum(check_outputs(name, by_uid[ds.SOPInstanceUID]["sc"], by_uid[ds.SOPInstanceUID]["sr"])
+    states = v2.info.faithfulness_cutoff is not None
+    answered = sum(check_outputs(name, by_uid[ds.SOPInstanceUID]["sc"], by_uid[ds.SOPInstanceUID]["sr"], states)
                    for name, ds in files.items())
     assert answered >= 2, "the phantoms (3) should mostly pass the gate"
     for path in pacs.files():
@@ -280,7 +293,7 @@ def test_process_gates_like_serve(v2: OnnxModel, onnx_model: Path, tmp_path: Pat
         assert dciodvfy_errors(tmp_path / "out" / f"{name}.sr.dcm") == []
         assert b"dashboard.example.org" not in (tmp_path / "out" / f"{name}.sr.dcm").read_bytes()
         if action == "withhold":
-            check_outputs(name, sc, sr)
+            check_outputs(name, sc, sr, v2.info.faithfulness_cutoff is not None)
         elif name in ("noise", "constant"):
             # Flagged: answered, and labelled as outside the training distribution.
             assert rows[name]["decision"] in ("positive", "negative") and rows[name]["gate"]
@@ -289,4 +302,7 @@ def test_process_gates_like_serve(v2: OnnxModel, onnx_model: Path, tmp_path: Pat
     assert rows["noise"]["gate"] == GATE_OOD_SCORE and rows["constant"]["gate"] == "uniform"
     answered = [n for n, r in rows.items() if n.startswith("phantom") and r["decision"] != "withheld"]
     assert len(answered) >= 2
-    assert all(rows[n]["faithfulness"] is not None for n in answered)
+    # Faithfulness describes a drawn heatmap: positives only (output.heatmap_for_negative is off).
+    states = v2.info.faithfulness_cutoff is not None
+    assert all((rows[n]["faithfulness"] is not None) == (states and rows[n]["decision"] == "positive")
+               for n in answered)

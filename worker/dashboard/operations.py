@@ -8,6 +8,7 @@ versions), so they are served as images, never inlined into the page.
 from __future__ import annotations
 
 import io
+import json
 import urllib.request
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -37,6 +38,14 @@ class Snapshot:
     worker_error: str = ""
     weekly: dict[str, list[float]] = field(default_factory=dict)  # ISO week -> probabilities
     disagreement: dict[str, tuple[int, int]] = field(default_factory=dict)  # model version -> (disagree, total)
+    #: The worker's drift window (its /drift): limits, "reference", and the history of states.
+    drift: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def drift_now(self) -> dict[str, Any]:
+        """The window's latest state; empty before the first image or without the worker."""
+        history = self.drift.get("history") or []
+        return history[-1] if history else {}
 
 
 WORKER_METRICS = {
@@ -60,6 +69,18 @@ def scrape(url: str, timeout: float = 2.0) -> dict[str, float]:
             if sample.name in WORKER_METRICS:
                 out[sample.name] = out.get(sample.name, 0.0) + float(sample.value)
     return out
+
+
+def drift_url(metrics_url: str) -> str:
+    """The worker's ``/drift`` beside its ``/metrics`` (same host and port)."""
+    base, _, last = metrics_url.rstrip("/").rpartition("/")
+    return f"{base}/drift" if last == "metrics" else metrics_url.rstrip("/") + "/drift"
+
+
+def fetch_drift(url: str, timeout: float = 2.0) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (an operator's URL)
+        data = json.loads(response.read().decode("utf-8", "replace"))
+    return data if isinstance(data, dict) else {}
 
 
 def snapshot(store: ResultStore, metrics_url: str | None, now: datetime | None = None) -> Snapshot:
@@ -91,6 +112,11 @@ def snapshot(store: ResultStore, metrics_url: str | None, now: datetime | None =
             snap.worker = scrape(metrics_url)
         except Exception as exc:  # the worker may be down: the page says so instead of failing
             snap.worker_error = f"worker metrics unavailable ({type(exc).__name__})"
+        else:
+            try:
+                snap.drift = fetch_drift(drift_url(metrics_url))
+            except Exception:  # a worker from before /drift, or a proxy that only passes /metrics
+                snap.drift = {}
     return snap
 
 
@@ -170,4 +196,59 @@ def plot_disagreement(snap: Snapshot) -> bytes:
     return _svg(fig)
 
 
-PLOTS = {"throughput": plot_throughput, "drift": plot_drift, "disagreement": plot_disagreement}
+def _drift_series(snap: Snapshot, key: str) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], list[bool]]:
+    """Minutes ago, the value of ``key`` (NaN where None) and the alarm flag of each history point."""
+    history = snap.drift.get("history") or []
+    now = history[-1]["time"] if history else 0.0
+    minutes = np.array([(h["time"] - now) / 60.0 for h in history], np.float64)
+    values = np.array([np.nan if h.get(key) is None else float(h[key]) for h in history], np.float64)
+    alarm = [bool(h.get("gated_alarm" if key == "gated_p_value" else "psi_alarm")) for h in history]
+    return minutes, values, alarm
+
+
+def _no_drift(ax: Any, snap: Snapshot, why: str) -> None:
+    text = "worker not reachable" if not snap.drift else why
+    ax.text(0.5, 0.5, text, ha="center", va="center", color=MUTED, transform=ax.transAxes)
+
+
+def plot_psi(snap: Snapshot) -> bytes:
+    """The population stability index of the window over time, with its alarm limit."""
+    fig, ax = _figure()
+    minutes, values, alarm = _drift_series(snap, "psi")
+    if snap.drift and not snap.drift.get("has_reference"):
+        _no_drift(ax, snap, str(snap.drift.get("reference", "no reference")))
+    elif not np.isfinite(values).any():
+        _no_drift(ax, snap, f"collecting: PSI from {snap.drift.get('min_images', '?')} images in the window")
+    else:
+        limit = float(snap.drift["psi_limit"])
+        ax.plot(minutes, values, color=ACCENT, lw=1.2)
+        ax.scatter(minutes[alarm], values[alarm], color=WARN, s=8, zorder=3)
+        ax.axhline(limit, color=WARN, lw=0.8, ls="--")
+        ax.set_ylim(0, max(limit * 1.5, float(np.nanmax(values)) * 1.1))
+        ax.set_xlabel("minutes ago", fontsize=8, color=MUTED)
+    ax.set_ylabel("PSI of probabilities", fontsize=8, color=MUTED)
+    return _svg(fig)
+
+
+def plot_gated(snap: Snapshot) -> bytes:
+    """The gated-rate test over time: -log10 of its p-value against -log10 alpha."""
+    fig, ax = _figure()
+    minutes, values, alarm = _drift_series(snap, "gated_p_value")
+    if snap.drift.get("false_gate_rate") is None:
+        _no_drift(ax, snap, "no gate rate: the model records no conformal false-gate rate")
+    elif not np.isfinite(values).any():
+        _no_drift(ax, snap, "no images yet")
+    else:
+        strength = -np.log10(np.clip(values, 1e-300, 1.0))
+        limit = -np.log10(float(snap.drift["gated_alpha"]))
+        ax.plot(minutes, strength, color=ACCENT, lw=1.2)
+        ax.scatter(minutes[alarm], strength[alarm], color=WARN, s=8, zorder=3)
+        ax.axhline(limit, color=WARN, lw=0.8, ls="--")
+        ax.set_ylim(0, max(limit * 1.5, float(np.nanmax(strength)) * 1.1))
+        ax.set_xlabel("minutes ago", fontsize=8, color=MUTED)
+    ax.set_ylabel("-log10 p, gated rate", fontsize=8, color=MUTED)
+    return _svg(fig)
+
+
+PLOTS = {"throughput": plot_throughput, "drift": plot_drift, "disagreement": plot_disagreement,
+         "psi": plot_psi, "gated": plot_gated}

@@ -23,7 +23,7 @@ PNEUMONIA_PROBABILITY = Code("PNEUMONIA-PROB", PRIVATE_SCHEME, "Probability of p
 #: Not "Indeterminate" (82334004), which reads as an equivocal finding (docs/conformance.md).
 NOT_EVALUATED = Code("373121007", "SCT", "Not Evaluated")
 #: Whether the image is inside what the model was trained on. No standard concept exists for
-#: an algorithm's training distribution, so these are private (scheme 99CXR, see README);
+#: an algorithm's training distribution, so these are private (scheme 99CXR, see docs/conformance.md);
 #: a viewer shows the value's meaning, which is the sentence itself.
 TRAINING_DISTRIBUTION = Code("OOD-STATUS", PRIVATE_SCHEME, "Relation to model's training distribution")
 OUTSIDE_DISTRIBUTION = Code("OOD-OUTSIDE", PRIVATE_SCHEME, "Outside the model's training distribution")
@@ -41,8 +41,14 @@ OOD_SCORE = Code("OOD-SCORE", PRIVATE_SCHEME, "Out-of-distribution score")
 OOD_THRESHOLD = Code("OOD-THRESHOLD", PRIVATE_SCHEME, "Out-of-distribution threshold")
 #: The prevalence the reported probability assumes (cxr_contract.prevalence), in percent.
 ASSUMED_PREVALENCE = Code("PREVALENCE", PRIVATE_SCHEME, "Assumed prevalence of pneumonia")
-#: cxr_contract.faithfulness: logit drop for the heatmap's hottest cells minus that for random cells.
+#: cxr_contract.faithfulness: z-score of the logit drop when the heatmap's hottest region is removed,
+#: against the same region moved elsewhere; its cut-off is the model's null quantile.
 HEATMAP_FAITHFULNESS = Code("HEATMAP-FAITH", PRIVATE_SCHEME, "Heatmap faithfulness")
+HEATMAP_FAITHFULNESS_CUTOFF = Code("FAITH-CUTOFF", PRIVATE_SCHEME, "Heatmap faithfulness cut-off")
+#: The verdict: the model depends on the highlighted region more than chance (NOT: the region is the disease).
+HEATMAP_FAITHFULNESS_VERDICT = Code("FAITH-VERDICT", PRIVATE_SCHEME, "Model depends on highlighted region")
+ABOVE_CHANCE = Code("ABOVE-CHANCE", PRIVATE_SCHEME, "Above chance")
+NOT_ABOVE_CHANCE = Code("NOT-ABOVE-CHANCE", PRIVATE_SCHEME, "Not above chance")
 
 #: The SR's TEXT item carrying the dashboard link (worker.links.review_url).
 REVIEW_LINK = hd.sr.CodedConcept("REVIEW-LINK", PRIVATE_SCHEME, "Review in the dashboard")

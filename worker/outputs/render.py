@@ -22,8 +22,13 @@ WITHHELD_TEXT = "Outside the model's training distribution - no result"
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 _BLACK = (0, 0, 0)
 
-def faithfulness_line(value: float) -> str:
-    return f"Heatmap faithfulness: {'high' if faith.is_high(value) else 'low'} ({value:+.2f})"
+def faithfulness_line(value: float, cutoff: float) -> str:
+    """Whether the model depends on the highlighted region more than on other regions of its
+    shape (:mod:`cxr_contract.faithfulness`): never a claim that the region is the disease."""
+    digits = 2  # enough for the printed z and cut-off to differ as the verdict says they do
+    while digits < 6 and f"{value:.{digits}f}" == f"{cutoff:.{digits}f}" and value != cutoff:
+        digits += 1
+    return f"Heatmap faithfulness: {faith.verdict(value, cutoff)} (z {value:+.{digits}f}, cut-off {cutoff:.{digits}f})"
 
 
 def probability_lines(probability: float, threshold: float, prevalence: float | None) -> tuple[str, str]:
@@ -222,6 +227,7 @@ def render_heatmap_overlay(
     heatmap_scale: float | None = None,
     paint_negative: bool = False,
     faithfulness: float | None = None,
+    faithfulness_cutoff: float | None = None,
     warning: list[str] | None = None,
     link: str = "",
     prevalence: float | None = None,
@@ -241,7 +247,9 @@ def render_heatmap_overlay(
             model): each map is scaled by its own peak, and the SC says so.
         paint_negative: Colour a negative decision's map too (and say what it shows); by
             default a negative decision is drawn without colour.
-        faithfulness: Heatmap faithfulness, printed below the probability when a map is drawn.
+        faithfulness: Heatmap faithfulness (z-score), printed below the probability when a map
+            is drawn and the model has a ``faithfulness_cutoff`` to judge it by.
+        faithfulness_cutoff: The model's null cut-off (``ModelInfo.faithfulness_cutoff``).
         warning: Lines printed first, e.g. that the image is outside the training distribution.
         link: The dashboard's review link (``dashboard.public_url``), printed last.
         prevalence: The prevalence the probability assumes (``ModelInfo.assumed_prevalence``),
@@ -276,8 +284,8 @@ def render_heatmap_overlay(
         rgb = np.asarray(cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB))
     probability_line, threshold_text = probability_lines(probability, threshold, prevalence)
     lines = [*(warning or []), probability_line]
-    if painted and faithfulness is not None:
-        lines.append(faithfulness_line(faithfulness))
+    if painted and faithfulness is not None and faithfulness_cutoff is not None:
+        lines.append(faithfulness_line(faithfulness, faithfulness_cutoff))
     lines.append(f"Pneumonia: {'POSITIVE' if positive else 'NEGATIVE'} (threshold {threshold_text})")
     if not painted:
         lines.append("No heatmap for a negative decision")

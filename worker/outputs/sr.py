@@ -10,14 +10,19 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from cxr_contract import faithfulness as faith
 from cxr_contract.model import ModelInfo
 from worker.errors import WorkerError
 from worker.outputs.codes import (
+    ABOVE_CHANCE,
     ABSENT,
     ASSUMED_PREVALENCE,
     CHEST_XR_SINGLE_VIEW,
     HEATMAP_FAITHFULNESS,
+    HEATMAP_FAITHFULNESS_CUTOFF,
+    HEATMAP_FAITHFULNESS_VERDICT,
     NO_OOD_EVIDENCE,
+    NOT_ABOVE_CHANCE,
     NOT_EVALUATED,
     OOD_EVIDENCE,
     OOD_REASONS,
@@ -49,7 +54,7 @@ from worker.outputs.common import (
 
 def _trust_content(model: ModelInfo, trust: Trust) -> tuple[list[hd.sr.QualitativeEvaluation],
                                                              list[hd.sr.Measurement]]:
-    """The SR items that say how far to trust the answer (codes: README, conformance)."""
+    """The SR items that say how far to trust the answer (codes: docs/conformance.md)."""
     evaluations, measurements = [], []
     if trust.gate is not None or model.has_ood_gate:
         outside = trust.gate is not None
@@ -62,9 +67,15 @@ def _trust_content(model: ModelInfo, trust: Trust) -> tuple[list[hd.sr.Qualitati
             hd.sr.Measurement(name=OOD_SCORE, value=trust.ood_score, unit=codes.UCUM.NoUnits),
             hd.sr.Measurement(name=OOD_THRESHOLD, value=model.ood_threshold, unit=codes.UCUM.NoUnits),
         ]
-    if trust.faithfulness is not None and not trust.withheld:
-        measurements.append(hd.sr.Measurement(
-            name=HEATMAP_FAITHFULNESS, value=trust.faithfulness, unit=codes.UCUM.NoUnits))
+    cutoff = model.faithfulness_cutoff
+    if trust.faithfulness is not None and not trust.withheld and cutoff is not None:
+        above = faith.above_chance(trust.faithfulness, cutoff)
+        evaluations.append(hd.sr.QualitativeEvaluation(
+            name=HEATMAP_FAITHFULNESS_VERDICT, value=ABOVE_CHANCE if above else NOT_ABOVE_CHANCE))
+        measurements += [
+            hd.sr.Measurement(name=HEATMAP_FAITHFULNESS, value=trust.faithfulness, unit=codes.UCUM.NoUnits),
+            hd.sr.Measurement(name=HEATMAP_FAITHFULNESS_CUTOFF, value=cutoff, unit=codes.UCUM.NoUnits),
+        ]
     return evaluations, measurements
 
 

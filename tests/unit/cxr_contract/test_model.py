@@ -30,6 +30,11 @@ def test_precision_is_read_and_defaults_to_fp32_for_models_exported_before_it() 
     assert ModelInfo.from_metadata({**V2, Meta.PRECISION: "int8"}, "q.onnx").precision == "int8"
 
 
+def test_the_faithfulness_cut_off_is_read_and_absent_means_no_statement() -> None:
+    assert ModelInfo.from_metadata(V2, "old.onnx").faithfulness_cutoff is None
+    assert ModelInfo.from_metadata({**V2, Meta.FAITHFULNESS_CUTOFF: "2.75"}, "m.onnx").faithfulness_cutoff == 2.75
+
+
 @pytest.mark.parametrize(("meta", "words"), [
     ({**V2, Meta.CONTRACT_VERSION: str(CONTRACT_VERSION + 1)}, "newer than this software"),
     ({k: v for k, v in V2.items() if k != Meta.OOD_THRESHOLD}, "lack ood_threshold"),
@@ -39,6 +44,7 @@ def test_precision_is_read_and_defaults_to_fp32_for_models_exported_before_it() 
     ({**V2, Meta.LABELS: json.dumps(["Pneumonia", "No Finding"])}, "are not"),
     ({**V2, Meta.LABELS: "[unclosed"}, "not a JSON list"),
     ({**V2, Meta.PRECISION: "int4"}, "precision='int4' is not one of fp32, int8, fp16"),
+    ({**V2, Meta.FAITHFULNESS_CUTOFF: "inf"}, "faithfulness_cutoff='inf' is not finite"),
 ])
 def test_bad_metadata_is_one_error_naming_the_model_and_key(meta: dict[str, str], words: str) -> None:
     with pytest.raises(ContractError) as err:

@@ -109,3 +109,41 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
                 if str(local) in line and ("Unknown" in line or "Failed" in line or "bad" in line.lower())]
     assert not problems, out.stdout + out.stderr
     assert "NoNewPrivileges=yes" in unit and "ProtectSystem=strict" in unit and "User=cxr" in unit
+
+
+def test_replicas_share_one_results_database_and_media_but_each_keeps_its_spool(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several replicas behind one Service: each pod its own spool volume, kept when a scale-down
+    removes the pod (what it acknowledged waits there); the dashboard's PostgreSQL and media shared
+    by all; readiness gating the Service; a disruption budget that always leaves one replica."""
+    from worker.config import get_settings
+
+    secret = docs(DEPLOY / "k8s" / "db-secret.example.yaml")[0]
+    media = docs(DEPLOY / "k8s" / "media-pvc.yaml")[0]
+    assert media["spec"]["accessModes"] == ["ReadWriteMany"]
+    cm = docs(DEPLOY / "k8s" / "configmap.yaml")[0]
+    (tmp_path / "worker.toml").write_text(cm["data"]["worker.toml"])
+    monkeypatch.setenv("CXR_DASHBOARD__DATABASE_URL", secret["stringData"]["url"])
+    settings = get_settings(tmp_path / "worker.toml")
+    assert settings.dashboard.record and settings.dashboard.store_url(settings.spool.dir).startswith("postgresql")
+    [service] = [s for s in docs(DEPLOY / "k8s" / "service.yaml") if s["spec"].get("type") == "LoadBalancer"]
+    assert service["spec"]["externalTrafficPolicy"] == "Local"  # the allow-list sees the PACS's address
+    pdb = docs(DEPLOY / "k8s" / "pdb.yaml")[0]
+    for variant, sts in workers().items():
+        spec = sts["spec"]
+        pod = spec["template"]["spec"]
+        [c] = pod["containers"]
+        labels = spec["template"]["metadata"]["labels"]
+        assert service["spec"]["selector"].items() <= labels.items(), variant
+        assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items(), variant
+        assert 1 <= pdb["spec"]["minAvailable"] < spec["replicas"], variant
+        [spool] = spec["volumeClaimTemplates"]
+        assert spool["spec"]["accessModes"] == ["ReadWriteOnce"], variant
+        assert spec["persistentVolumeClaimRetentionPolicy"] == {"whenDeleted": "Retain", "whenScaled": "Retain"}
+        mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+        assert Path(mounts["spool"]) in settings.spool.dir.parents, variant
+        assert Path(mounts["media"]) == settings.dashboard.media_dir, variant
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["media"]["persistentVolumeClaim"]["claimName"] == media["metadata"]["name"], variant
+        [db] = [e for e in c["env"] if e["name"] == "CXR_DASHBOARD__DATABASE_URL"]
+        assert db["valueFrom"]["secretKeyRef"] == {"name": secret["metadata"]["name"], "key": "url"}, variant

@@ -3,6 +3,8 @@ shapes the contract cannot serve are refused; BatchNormalization can be frozen."
 
 from __future__ import annotations
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -10,7 +12,8 @@ import tensorflow as tf
 
 from trainer.config import ModelSection, resolved_bn
 from trainer.errors import ExportError
-from trainer.model import build_model, gradcam_forward, gradcam_parts, gradcam_tape, gradcam_tape_parts
+from trainer.evaluate import LogitModel
+from trainer.model import build_model, feature_model, gradcam_forward, gradcam_parts, gradcam_tape, gradcam_tape_parts
 
 
 def small_backbone(head: list[keras.layers.Layer]) -> keras.Model:
@@ -158,3 +161,15 @@ def test_head_warmup_trains_only_the_head_then_unfreezes_the_backbone() -> None:
     assert all(layer.trainable for layer in model.layers)
     model.fit(ds, epochs=1, verbose=0)  # recompiled: the backbone trains again
     assert not np.array_equal(model.get_layer("features").kernel.numpy(), conv)
+
+
+def test_sub_models_take_the_image_tensor_without_a_keras_warning() -> None:
+    """Sub-models built on model.inputs (a list) made Keras warn "The structure of `inputs`
+    doesn't match the expected structure" at every call with a tensor: noise in `make demo`."""
+    model = small_backbone(HEADS["paper"]())
+    x = np.zeros((2, 32, 32, 1), "float32")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        feature_model(model, "features")(x)
+        LogitModel(model).features(x)
+    assert not [w for w in caught if "structure" in str(w.message)]

@@ -58,6 +58,8 @@ def test_flags_not_given_leave_the_file_alone_and_sections_merge(tmp_path: Path,
     ("[model]\nproviders = \"tpu\"\n", "model.providers"),
     ("[dicom]\nprot = 1\n", "dicom.prot"),
     ("[dicom\n", "not valid TOML"),
+    ("[processing]\nworkers = 0\n", "processing.workers"),
+    ('[processing]\nworkers = "many"\n', "processing.workers"),
 ])
 def test_bad_values_are_refused_with_the_key(tmp_path: Path, toml: str, match: str) -> None:
     cfg = tmp_path / "w.toml"
@@ -127,3 +129,14 @@ def test_probe_fallback_needs_a_fallback_model() -> None:
     with pytest.raises(pydantic.ValidationError, match="probe_check = 'fallback' needs model.fallback_path"):
         ModelSection(probe_check="fallback")
     assert ModelSection(probe_check="fallback", fallback_path="m.onnx").fallback_path is not None
+
+
+def test_processing_workers_auto_is_the_cores_this_process_may_use(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    assert Settings().processing.count() == 1  # the default: answered in the service's own process
+    monkeypatch.setenv("CXR_PROCESSING__WORKERS", "auto")
+    assert get_settings().processing.count() == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("CXR_PROCESSING__WORKERS", "3")
+    assert get_settings().processing.count() == 3

@@ -33,3 +33,23 @@ def test_a_multi_line_library_message_is_folded_not_dropped() -> None:
 def test_subclasses_keep_their_fields() -> None:
     err = SendError("PACS@h:104:\n status 0xA900", permanent=True)
     assert str(err) == "PACS@h:104: status 0xA900" and err.permanent
+
+
+def test_a_failure_in_an_answer_process_keeps_its_kind_across_processes() -> None:
+    """An answer process sorts its failure where the traceback is (a bug in our code, a bad input,
+    the infrastructure) and sends it back pickled; the service's process sorts it the same way."""
+    import pickle
+
+    from worker.faults import Fault, RemoteFailure, fault_of
+    from worker.spool import key
+
+    try:
+        key(1)  # type: ignore[arg-type]  # a TypeError raised in worker/: a bug of ours
+    except TypeError as exc:
+        bug = pickle.loads(pickle.dumps(RemoteFailure.of(exc, "build")))
+    assert (fault_of(bug), bug.stage) == (Fault.BUG, "build") and bug.text.startswith("TypeError: ")
+    assert "worker/spool.py" in bug.trace
+    bad = pickle.loads(pickle.dumps(RemoteFailure.of(DecodeError("not a readable DICOM file"), "decode")))
+    assert fault_of(bad) is Fault.INPUT and bad.trace == ""
+    full = pickle.loads(pickle.dumps(RemoteFailure.of(MemoryError(), "infer")))
+    assert fault_of(full) is Fault.INFRASTRUCTURE

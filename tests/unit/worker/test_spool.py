@@ -171,3 +171,19 @@ def test_quarantined_and_dead_files_are_deleted_after_their_retention(tmp_path: 
     assert spool.prune_kept(older_than_s=3600, now=now + 7200) == 3
     assert not old_q.exists() and not new_q.exists() and not old_d.parent.exists()
     assert (spool.queue / "queued.dcm").exists() and spool.quarantined.is_dir() and spool.dead.is_dir()
+
+
+def test_readiness_answers_false_when_the_spool_volume_is_gone(tmp_path: Path) -> None:
+    """A load balancer or Kubernetes reads /readyz to take a replica out of rotation: with its
+    spool's volume gone the checks must say so, not raise (a dropped probe connection)."""
+    from worker.config import Settings
+    from worker.health import readiness
+    from worker.receive import Receiver
+
+    spool = Spool(tmp_path / "spool")
+    receiver = Receiver(Settings(spool={"dir": tmp_path / "spool", "reserve_mb": 0}), spool, lambda: None)
+    assert readiness(spool, receiver.room_for_a_data_set(), True, True) == dict.fromkeys(
+        ("model_answered", "spool_writable", "disk_above_reserve", "threads_alive"), True)
+    (tmp_path / "spool").rename(tmp_path / "elsewhere")
+    checks = readiness(spool, receiver.room_for_a_data_set(), True, True)
+    assert checks["spool_writable"] is False and checks["disk_above_reserve"] is False

@@ -326,6 +326,7 @@ def test_flagged_answer_keeps_the_finding_and_says_outside(tmp_path: Path) -> No
     assert numbers(sr, "PNEUMONIA-PROB") == [pytest.approx(0.9)]
     assert coded(sr, "OOD-STATUS") == ["Outside the model's training distribution"]
     assert numbers(sr, "HEATMAP-FAITH") == [pytest.approx(0.8)]
+    assert coded(sr, "FAITH-VERDICT") == ["Not above chance"]
 
 
 @pytest.mark.parametrize("source", list(SOURCES))
@@ -334,6 +335,8 @@ def test_answer_carries_heatmap_faithfulness_and_the_gate_it_passed(source: str,
     _, sr, _ = build_with(SOURCES[source](), 0.1, MODEL_V2, trust, tmp_path)
     assert coded(sr, "233604007") == ["Absent"]
     assert numbers(sr, "HEATMAP-FAITH") == [pytest.approx(-0.42)]
+    assert numbers(sr, "FAITH-CUTOFF") == [pytest.approx(1.25)]
+    assert coded(sr, "FAITH-VERDICT") == ["Not above chance"]
     # A passed gate says what it saw, not that the image is like the training data.
     assert coded(sr, "OOD-STATUS") == ["No out-of-distribution evidence detected"]
     assert texts(sr, "OOD-STATEMENT") == ["No out-of-distribution evidence detected (score 3.25, threshold 10)"]
@@ -391,10 +394,14 @@ def test_faithfulness_is_printed_beside_the_probability() -> None:
     kw: dict[str, Any] = {"probability": 0.9, "threshold": 0.5, "model_name": "m", "model_version": "v",
                           "heatmap_scale": 4.0}
     without = render_heatmap_overlay(image, hot_gradcam(), **kw)
-    with_it = render_heatmap_overlay(image, hot_gradcam(), faithfulness=1.5, **kw)
+    with_it = render_heatmap_overlay(image, hot_gradcam(), faithfulness=1.5, faithfulness_cutoff=1.2, **kw)
     assert not np.array_equal(without, with_it)
-    assert faithfulness_line(1.5) == "Heatmap faithfulness: high (+1.50)"
-    assert faithfulness_line(-0.2) == "Heatmap faithfulness: low (-0.20)"
+    # No cut-off (a model exported before it): no statement, rather than an uncalibrated one.
+    assert np.array_equal(without, render_heatmap_overlay(image, hot_gradcam(), faithfulness=1.5, **kw))
+    assert faithfulness_line(1.5, 1.2) == "Heatmap faithfulness: above chance (z +1.50, cut-off 1.20)"
+    assert faithfulness_line(-0.2, 1.2) == "Heatmap faithfulness: not above chance (z -0.20, cut-off 1.20)"
+    # Printed at a precision that shows the side of the cut-off the verdict is on.
+    assert faithfulness_line(1.2004, 1.2) == "Heatmap faithfulness: above chance (z +1.2004, cut-off 1.2000)"
 
 
 # -- the probability at a prevalence, and a gate that says what it knows ------------------------

@@ -279,7 +279,7 @@ def test_de_identified_rg1_gets_both_outputs(tmp_path: Path) -> None:
 
 @pytest.mark.filterwarnings("ignore:Arguments 'window_center'")
 def test_parametric_map_of_a_radiograph_is_impossible_with_highdicom() -> None:
-    """README, "Parametric Map": the Parametric Map IOD needs a Frame of Reference and plane
+    """docs/conformance.md, "Parametric Map": the Parametric Map IOD needs a Frame of Reference and plane
     geometry that a CR or DX does not have, and highdicom cannot build one without them. When
     this test fails, highdicom has learnt to: implement ``output.parametric_map``."""
     # highdicom's table of PS3.3 A.75: Frame of Reference is Mandatory in a Parametric Map
