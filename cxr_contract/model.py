@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Any
 
+from cxr_contract import prevalence as prior
 from cxr_contract.drift import DriftReference
 
 #: Bumped whenever a name, a shape or the meaning of a metadata key changes.
@@ -78,6 +80,17 @@ class Meta:
     #: JSON: a few probe inputs (uint8, zlib, base64) with the fp32 model's outputs on them and
     #: the limits; the worker checks a reduced model against them at load (:mod:`cxr_contract.probes`).
     PROBES = "probes"
+    #: The share of pneumonia the graph's calibrated probability assumes (that of the split the
+    #: temperature was fitted on). Absent (older models): the training split's, from TRAINING_DATA.
+    PREVALENCE = "prevalence"
+    #: JSON: the operating point on the validation split, ``{"sensitivity", "specificity", "split",
+    #: "curve": [[sensitivity, logit threshold], ...]}``, thresholds on the graph's ``logit``.
+    OPERATING_POINT = "operating_point"
+    #: JSON, written by ``cxr-train recalibrate``: a site's ``{"temperature", "prevalence",
+    #: "threshold_logit", "target_sensitivity", "curve", "report"}`` applied on top of the graph.
+    SITE_CALIBRATION = "site_calibration"
+    #: JSON: the model card's summary (``evaluate`` writes the card itself into the run folder).
+    MODEL_CARD = "model_card"
 
 
 #: What ``cxr-train export --precision`` writes: fp32 (the default), int8 (CPU), fp16 (CUDA).
@@ -120,6 +133,81 @@ class ModelInfo:
     false_gate_rate: float | None = None
     #: None: no null cut-off in the metadata, so no heatmap faithfulness statement.
     faithfulness_cutoff: float | None = None
+    #: The prevalence the graph's probability assumes (None: neither recorded nor derivable).
+    prevalence: float | None = None
+    #: Validation ``[sensitivity, logit threshold]`` pairs (empty for older models).
+    operating_curve: tuple[tuple[float, float], ...] = ()
+    #: ``cxr-train recalibrate``'s site calibration (None: the model as exported).
+    site_calibration: dict[str, Any] | None = None
+    #: The model card's summary (empty for older models).
+    model_card: dict[str, Any] = field(default_factory=dict)
+    #: Set by a consumer that reports at another prevalence (:meth:`reporting`); None = ``prevalence``.
+    reported_prevalence: float | None = None
+
+    @property
+    def assumed_prevalence(self) -> float | None:
+        """The prevalence the reported probability assumes (what the SC and SR print)."""
+        return self.reported_prevalence if self.reported_prevalence is not None else self.prevalence
+
+    def reporting(self, adjustment: prior.Adjustment | None) -> ModelInfo:
+        """This model as reported through ``adjustment``: its threshold moved onto the reported
+        probability, and the prevalence that probability assumes."""
+        if adjustment is None:
+            return self
+        moved = adjustment.threshold
+        # Unmoved, the threshold stays the recorded value itself, not its round trip through the
+        # log-odds: a probability exactly at the threshold keeps its decision.
+        threshold = self.threshold if abs(moved - self.threshold) < 1e-12 else moved
+        return replace(self, threshold=threshold, reported_prevalence=adjustment.to_prevalence)
+
+    def adjustment(self, site_prevalence: float | None = None,
+                   target_sensitivity: float | None = None) -> prior.Adjustment | None:
+        """How the worker turns the graph's logit into the reported one (:mod:`cxr_contract.prevalence`).
+
+        Args:
+            site_prevalence: the prevalence to report at; None = the site calibration's, else
+                the model's own.
+            target_sensitivity: choose the threshold for this sensitivity (on the site
+                calibration's labelled images, else the validation split); None keeps the
+                operating point.
+
+        Returns:
+            None for a model whose prevalence is unknown and that has no site calibration
+            (nothing to shift from; a ``site_prevalence`` then raises).
+
+        Raises:
+            ContractError: a prevalence or sensitivity out of range, or a shift asked of a model
+                that does not know its prevalence.
+        """
+        site = self.site_calibration or {}
+        base = site.get("prevalence", self.prevalence)
+        if base is None:
+            if site_prevalence is not None or target_sensitivity is not None:
+                raise ContractError(f"model {self.name} {self.version} does not record the prevalence its "
+                                    "probability assumes: it cannot be shifted (export it again)")
+            return None
+        temperature = float(site.get("temperature", 1.0))
+        threshold_logit = float(site.get("threshold_logit", prior.log_odds(min(max(self.threshold, 1e-12),
+                                                                                 1 - 1e-12))))
+        if target_sensitivity is not None:
+            curve = site.get("curve") or self.operating_curve
+            if not curve:
+                raise ContractError(f"model {self.name} {self.version} records no sensitivity curve: "
+                                    "model.target_sensitivity needs one (export it again)")
+            try:
+                threshold_logit = prior.threshold_for_sensitivity(curve, target_sensitivity)
+            except ValueError as exc:
+                raise ContractError(f"model.target_sensitivity: {exc}") from None
+        to = base if site_prevalence is None else site_prevalence
+        try:
+            prior.check_prevalence(to, "site_prevalence")
+        except ValueError as exc:
+            raise ContractError(str(exc)) from None
+        # The model's own prevalence is what the graph assumes; a site calibration's was fitted
+        # on top of it (its temperature and shift), so the shift is taken from the graph's.
+        graph = self.prevalence if self.prevalence is not None else base
+        return prior.Adjustment(temperature=temperature, from_prevalence=graph,
+                                to_prevalence=to, threshold_logit=threshold_logit)
 
     @property
     def has_ood_gate(self) -> bool:
@@ -171,6 +259,23 @@ class ModelInfo:
             except (ValueError, KeyError, TypeError) as exc:
                 raise ContractError(f"{source}: {Meta.DRIFT_REFERENCE} is not a drift reference "
                                     f"({type(exc).__name__}: {exc})") from None
+        model_prevalence = _prevalence(meta, source)
+        try:
+            operating = json.loads(meta.get(Meta.OPERATING_POINT, "{}"))
+            site = json.loads(meta[Meta.SITE_CALIBRATION]) if Meta.SITE_CALIBRATION in meta else None
+            card = json.loads(meta.get(Meta.MODEL_CARD, "{}"))
+            curve = tuple((float(s), float(t)) for s, t in operating.get("curve", []))
+        except (ValueError, TypeError, AttributeError):
+            raise ContractError(f"{source}: {Meta.OPERATING_POINT}, {Meta.SITE_CALIBRATION} or "
+                                f"{Meta.MODEL_CARD} is not the JSON this software writes") from None
+        if site is not None:
+            try:
+                prior.check_prevalence(float(site["prevalence"]), "site_calibration prevalence")
+                if not float(site["temperature"]) > 0:
+                    raise ValueError(f"site_calibration temperature must be > 0, is {site['temperature']}")
+                float(site["threshold_logit"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ContractError(f"{source}: {Meta.SITE_CALIBRATION}: {exc}") from None
         return cls(
             name=meta[Meta.NAME],
             version=meta[Meta.VERSION],
@@ -185,6 +290,10 @@ class ModelInfo:
             drift_reference=reference,
             false_gate_rate=_false_gate_rate(meta) if ood is not None else None,
             faithfulness_cutoff=cutoff,
+            prevalence=model_prevalence,
+            operating_curve=curve,
+            site_calibration=site,
+            model_card=card if isinstance(card, dict) else {},
         )
 
 
@@ -196,6 +305,23 @@ def _false_gate_rate(meta: dict[str, str]) -> float | None:
     except (ValueError, TypeError, AttributeError):
         return None
     return bound if 0.0 < bound < 1.0 else None
+
+
+def _prevalence(meta: dict[str, str], source: str) -> float | None:
+    """The recorded prevalence; for a model exported before it was recorded, the training
+    split's share of pneumonia (its probability was calibrated on a split drawn alike)."""
+    if Meta.PREVALENCE in meta:
+        value = _number(meta, Meta.PREVALENCE, source, float)
+        try:
+            return prior.check_prevalence(value)
+        except ValueError as exc:
+            raise ContractError(f"{source}: {exc}") from None
+    try:
+        by_class = json.loads(meta.get(Meta.TRAINING_DATA, "{}"))["splits"]["train"]["by_class"]
+        pos, neg = float(by_class["1"]["images"]), float(by_class["0"]["images"])
+        return prior.check_prevalence(pos / (pos + neg))
+    except (ValueError, KeyError, TypeError, ZeroDivisionError):
+        return None
 
 
 def required_outputs(contract_version: int) -> tuple[str, ...]:

@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             if sc_png is not None:
                 name.write_bytes(sc_png)
             verdict = {"Present": "pneumonia", "Absent": "no pneumonia"}.get(
-                presence, "withheld: outside the training distribution")  # SR finding Indeterminate
+                presence, "withheld: outside the training distribution")  # SR finding Not Evaluated
             rows.append((label, src, [label, "-" if probability != probability else f"{probability:.3f}", verdict,
                                       "", f"{seconds:.1f}"]))
         time.sleep(2)  # the GSPS and the ORU leave in the same round as the SR: let them land

@@ -177,7 +177,7 @@ def walk(items: Any) -> list[Dataset]:
 
 
 def sr_finding(sr: Dataset) -> tuple[str, float]:
-    """(Present/Absent/Indeterminate, probability or NaN) read back from the SR's content tree."""
+    """(Present/Absent/Not Evaluated, probability or NaN) read back from the SR's content tree."""
     presence, probability = "", float("nan")
     for item in walk(sr.ContentSequence):
         name = item.ConceptNameCodeSequence[0].CodeValue if "ConceptNameCodeSequence" in item else ""

@@ -1,4 +1,4 @@
-"""``cxr-train``: prepare | phantoms | fit | evaluate | export."""
+"""``cxr-train``: prepare | phantoms | fit | evaluate | export | recalibrate."""
 
 from __future__ import annotations
 
@@ -73,7 +73,35 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--from-model", type=Path, default=None, metavar="FP32_ONNX",
                    help="with --precision int8|fp16: reduce this model, written by export from --run before, "
                         "instead of repeating the fp32 steps")
+
+    s = sub.add_parser("recalibrate", help="a site's own temperature, prevalence and threshold from its labelled "
+                       "images, written as a new model version with the same weights")
+    s.add_argument("--model", type=Path, required=True, help="the model export wrote")
+    s.add_argument("--out", type=Path, required=True, help="the recalibrated model (report and diagram beside it)")
+    s.add_argument("--feedback", type=Path, action="append", default=[], metavar="DIR",
+                   help="a 'cxr-worker feedback export' folder (repeatable)")
+    s.add_argument("--labels", type=Path, help="CSV with columns image, label (1/0) and optionally patient")
+    s.add_argument("--images", type=Path, help="with --labels: the folder the image column is relative to")
+    s.add_argument("--prevalence", type=float, default=None,
+                   help="the site's share of pneumonia when its labelled images are not a random sample of its "
+                        "caseload (default: their own share)")
+    s.add_argument("--target-sensitivity", type=float, default=None,
+                   help="choose the threshold for this sensitivity on the labelled images (default: keep the "
+                        "model's operating point)")
+    s.add_argument("--model-version", default=None, help="default: the model's version + site<UTC time>")
     return p
+
+
+def _recalibrate(args: argparse.Namespace) -> dict[str, Any]:
+    from trainer import recalibrate as r
+
+    if bool(args.feedback) == (args.labels is not None):
+        raise ConfigError("pass --feedback DIR or --labels CSV --images DIR (one of them)")
+    if (args.labels is None) != (args.images is None):
+        raise ConfigError("--labels and --images go together")
+    images = r.from_feedback(args.feedback) if args.feedback else r.from_labels_csv(args.labels, args.images)
+    return r.recalibrate(args.model, args.out, images, prevalence=args.prevalence,
+                         target_sensitivity=args.target_sensitivity, version=args.model_version)
 
 
 def _prepare(args: argparse.Namespace) -> dict[str, Any]:
@@ -114,6 +142,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     if args.command == "prepare":
         summary = _prepare(args)
         return {k: {"images": v["images"], "patients": v["patients"]} for k, v in summary["splits"].items()}
+    if args.command == "recalibrate":
+        return _recalibrate(args)
     if args.command == "phantoms":
         from trainer.phantoms import write_phantoms
 
@@ -143,7 +173,9 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         loc = {k: v for k, v in r["localisation"].items() if k != "methods"}
         return {"threshold": r["threshold"], "calibration": r["calibration"], "metrics": r["metrics"],
                 "ci95": r["ci95"], "calibration_quality": r["calibration_quality"],
-                "faithfulness": r["faithfulness"], "localisation": loc}
+                "faithfulness": r["faithfulness"], "localisation": loc, "prevalence": r["prevalence"]["value"],
+                "gate": {k: v for k, v in r["gate"].items() if k in ("split", "hard_negatives")},
+                "model_card": r["model_card"]}
     from trainer.export import export, export_reduced
 
     if args.from_model is not None:

@@ -29,12 +29,13 @@ import tensorflow as tf
 from sklearn.metrics import confusion_matrix, roc_curve
 
 from cxr_contract import faithfulness
-from trainer import localise, stats
+from cxr_contract.prevalence import sensitivity_curve
+from trainer import localise, modelcard, stats
 from trainer.config import TrainConfig
 from trainer.data import Box, Dataset, Record, load_dataset, read_boxes, require_split
 from trainer.errors import DataError, TrainerError
 from trainer.fit import MODEL_FILE, RUN_CONFIG, load_image, make_dataset
-from trainer.model import as_float32, gradcam_forward
+from trainer.model import as_float32, gradcam_forward, weights_sha256
 
 Array = np.ndarray[Any, Any]
 #: Fractions of the Grad-CAM cells removed for the MoRF / LeRF curves.
@@ -272,12 +273,52 @@ def deletion_curves(logit_model: LogitModel, images: Array, cams: Array, z0: Arr
                                                        [0.0, *fractions]))}
 
 
-def subgroup_report(y: Array, p: Array, records: list[Record], n_boot: int, seed: int) -> dict[str, Any]:
+def subgroup_report(y: Array, p: Array, records: list[Record], threshold: float, n_boot: int,
+                    seed: int) -> dict[str, Any]:
+    """Per sex, age band and view: sensitivity and specificity at the operating point, AUC and
+    ECE with patient-level intervals (:func:`trainer.stats.subgroup_metrics`)."""
     pids = [r.patient_id for r in records]
     attributes = {"view": [r.view for r in records], "sex": [r.sex for r in records],
                   "age_band": [stats.age_band(r.age) for r in records]}
     return {"auc": stats.subgroup_aucs(y, p, pids, attributes, n_boot, seed),
-            "view_alone": stats.view_alone_auc(y, attributes["view"], pids, n_boot, seed)}
+            "view_alone": stats.view_alone_auc(y, attributes["view"], pids, n_boot, seed),
+            "at_operating_point": stats.subgroup_metrics(y, p, threshold, pids, attributes, n_boot, seed),
+            "min_patients_per_class": stats.MIN_SUBGROUP_PATIENTS}
+
+
+def operating_point(y_val: Array, z_val: Array, temperature: float, threshold: float) -> dict[str, Any]:
+    """Sensitivity and specificity at the threshold on the validation split, and the curve the
+    worker picks a ``model.target_sensitivity`` threshold from (on the calibrated logit z / T,
+    the exported graph's ``logit``)."""
+    z = np.asarray(z_val, np.float64) / temperature
+    p = stats.sigmoid(z)
+    pos, neg = y_val == 1, y_val == 0
+    return {"split": "val", "threshold": threshold, "sensitivity": float(np.mean(p[pos] >= threshold)),
+            "specificity": float(np.mean(p[neg] < threshold)), "positives": int(pos.sum()),
+            "negatives": int(neg.sum()), "curve": sensitivity_curve(z[pos].tolist())}
+
+
+def gate_coverage(model: keras.Model, cfg: TrainConfig, dataset: Dataset, records: list[Record],
+                  hard: list[Record], n_boot: int, seed: int) -> dict[str, Any]:
+    """How often the out-of-distribution gate, fitted as ``export`` fits it, fires on the
+    evaluated split and on the hard negatives (other findings, no pneumonia): a gate that
+    fires on them withholds answers on exactly the images where a reader wants one."""
+    # export imports this module (load_run); its feature pooling is taken at call time.
+    from trainer.export import pooled_features
+    from trainer.ood import conformal_threshold, fit_gate
+
+    size, layer = cfg.model.image_size, cfg.model.feature_layer
+    train, val = require_split(dataset, "train"), require_split(dataset, "val")
+    gate = fit_gate(pooled_features(model, layer, train, size), np.array([r.label for r in train]))
+    threshold, _ = conformal_threshold(gate.score(pooled_features(model, layer, val, size)),
+                                       cfg.export.ood_false_gate_rate)
+    out: dict[str, Any] = {"threshold": threshold, "false_gate_rate": cfg.export.ood_false_gate_rate,
+                           "fitted_as": "export: train features, split-conformal threshold on val"}
+    for name, group in (("split", records), ("hard_negatives", hard)):
+        if group:
+            fired = (gate.score(pooled_features(model, layer, group, size)) > threshold).astype(float)
+            out[name] = stats.mean_with_ci(fired, [r.patient_id for r in group], n_boot, seed)
+    return out
 
 
 def hard_negative_report(logit_model: LogitModel, cfg: TrainConfig, temperature: float, threshold: float,
@@ -318,6 +359,8 @@ def evaluate(run: Path, split: str = "test", boxes_file: Path | None = None, *,
     z_val = logit_model.of_records(val, cfg)
     temperature = stats.fit_temperature(y_val, z_val)
     threshold = choose_threshold(y_val, stats.sigmoid(z_val / temperature), cfg)
+    # The calibrated probability assumes the validation split's share of pneumonia.
+    prevalence = float(np.mean(y_val))
 
     y = np.array([r.label for r in records])
     pids = [r.patient_id for r in records]
@@ -325,7 +368,8 @@ def evaluate(run: Path, split: str = "test", boxes_file: Path | None = None, *,
     p = stats.sigmoid(z / temperature)
     metrics = point_metrics(y, p, threshold)
     ci = bootstrap_ci(y, p, threshold, pids, n_boot, seed)
-    calibration = {"method": "temperature", "temperature": temperature, "fitted_on": "val"}
+    calibration = {"method": "temperature", "temperature": temperature, "fitted_on": "val",
+                   "prevalence": prevalence}
     quality = stats.calibration_report(y, z, temperature, pids, n_boot, seed)
     quality["temperature_at_bound"] = not 0.051 < temperature < 49.9  # a split the model separates perfectly
     quality["val_nll"] = {"before": stats.nll(y_val, z_val), "after": stats.nll(y_val, z_val, temperature)}
@@ -345,6 +389,11 @@ def evaluate(run: Path, split: str = "test", boxes_file: Path | None = None, *,
 
     result: dict[str, Any] = {
         "split": split,
+        # export refuses this calibration for any other weights.
+        "weights_sha256": weights_sha256(model),
+        "prevalence": {"value": prevalence, "split": "val",
+                       "meaning": "share of pneumonia the calibrated probability assumes"},
+        "operating_point": operating_point(y_val, z_val, temperature, threshold),
         "n": len(y),
         "patients": len(set(pids)),
         "positives": int(y.sum()),
@@ -357,7 +406,7 @@ def evaluate(run: Path, split: str = "test", boxes_file: Path | None = None, *,
         "bootstrap_unit": "patient",
         "calibration_quality": quality,
         "confusion_matrix": confusion_matrix(y, p >= threshold, labels=[0, 1]).tolist(),
-        "subgroups": subgroup_report(y, p, records, n_boot, seed),
+        "subgroups": subgroup_report(y, p, records, threshold, n_boot, seed),
         "faithfulness": faith,
         "deletion_curves": curves,
         "localisation": loc,
@@ -368,6 +417,11 @@ def evaluate(run: Path, split: str = "test", boxes_file: Path | None = None, *,
         pos = [r for r in records if r.label == 1]
         result["hard_negatives"] = hard_negative_report(
             logit_model, cfg, temperature, threshold, pos, p[y == 1], dataset.hard_negatives, n_boot, seed)
+    result["gate"] = gate_coverage(model, cfg, dataset, records, dataset.hard_negatives if split == "test" else [],
+                                   n_boot, seed)
+    summary_path = run / "data_summary.json"
+    result["model_card"] = modelcard.write(run, result, json.loads(summary_path.read_text())
+                                           if summary_path.is_file() else {})
     (run / "metrics.json").write_text(json.dumps(_json_safe(result), indent=2, allow_nan=False) + "\n")
     _figures(run, y, p, z, temperature, threshold, result, cams, images)
     return result

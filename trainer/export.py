@@ -22,7 +22,6 @@ precision limits is not written.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -59,7 +58,7 @@ from trainer.data import Record, load_dataset, require_split
 from trainer.errors import DataError, ExportError, TrainerError
 from trainer.evaluate import load_run
 from trainer.fit import load_image
-from trainer.model import feature_model, gradcam_parts, gradcam_tape_parts
+from trainer.model import feature_model, gradcam_parts, gradcam_tape_parts, weights_sha256
 from trainer.ood import METHOD, MahalanobisGate, conformal_threshold, fit_gate
 from trainer.quantize import (
     LIMITS,
@@ -92,15 +91,6 @@ BATCH = 32
 CALIBRATION_MAX = 256
 #: Test images (both classes) whose fp32 outputs a reduced model carries for the worker's load check.
 PROBE_IMAGES = 4
-
-
-def weights_sha256(model: keras.Model) -> str:
-    """sha256 over every weight array in model order: stable across file formats."""
-    h = hashlib.sha256()
-    for w in model.weights:
-        h.update(w.path.encode())
-        h.update(np.ascontiguousarray(keras.ops.convert_to_numpy(w), dtype=np.float32).tobytes())
-    return h.hexdigest()
 
 
 def to_onnx(model: keras.Model, feature_layer: str, size: int, gate: MahalanobisGate,
@@ -257,6 +247,22 @@ def read_calibration(metrics: dict[str, Any] | None) -> dict[str, Any]:
     return {**cal, "temperature": t}
 
 
+def check_calibration_weights(metrics: dict[str, Any] | None, sha: str, run: Path) -> None:
+    """Refuse a calibration (temperature, threshold, prevalence) that ``evaluate`` fitted for other
+    weights: after a resumed or repeated fit, metrics.json may describe the model before it.
+
+    Raises:
+        TrainerError: metrics.json holds a calibration without the weights' sha256 or with another one.
+    """
+    if not metrics or not metrics.get("calibration"):
+        return
+    recorded = metrics.get("weights_sha256")
+    if recorded != sha:
+        said = f"weights sha256 {recorded[:12]}..." if recorded else "no weights sha256 (an older evaluate)"
+        raise TrainerError(f"{run}/metrics.json holds a calibration for other weights ({said}; the run's model is "
+                           f"{sha[:12]}...): run 'cxr-train evaluate --run {run}' again; no model written")
+
+
 def both_classes(records: list[Record], n: int) -> list[Record]:
     """Up to ``n`` records, alternating the classes, so a check sees both decisions."""
     by_class = [[r for r in records if r.label == k] for k in (1, 0)]
@@ -281,6 +287,20 @@ def sample_images(info: dict[str, Any], size: int, n: int = 8, seed: int = 0) ->
     while len(images) < 2:
         images.append(rng.random((size, size, 1), dtype=np.float32))
     return np.stack(images).astype(np.float32)
+
+
+def model_card_metadata(metrics: dict[str, Any] | None) -> dict[str, str]:
+    """Prevalence, operating point and model card summary from ``evaluate``'s metrics.json (none
+    for a threshold passed by hand: the worker then falls back to the training split's prevalence)."""
+    if not metrics or "prevalence" not in metrics:
+        return {}
+    compact: dict[str, Any] = {"separators": (",", ":")}
+    out = {Meta.PREVALENCE: f"{float(metrics['prevalence']['value']):.6g}"}
+    if "operating_point" in metrics:
+        out[Meta.OPERATING_POINT] = json.dumps(metrics["operating_point"], **compact)
+    if "model_card" in metrics:
+        out[Meta.MODEL_CARD] = json.dumps(metrics["model_card"], **compact)
+    return out
 
 
 def _update_metrics(run: Path, key: str, value: Any) -> None:
@@ -469,6 +489,8 @@ def export(run: Path, out: Path, *, threshold: float | None = None, version: str
     if not 0.0 <= threshold <= 1.0:
         raise TrainerError(f"threshold must be in [0, 1]. Received: threshold={threshold}")
     calibration = read_calibration(metrics)
+    sha = weights_sha256(model)
+    check_calibration_weights(metrics, sha, run)
     temperature = calibration["temperature"]
     size, layer, ex = cfg.model.image_size, cfg.model.feature_layer, cfg.export
     dataset = load_dataset(Path(info["data"]))
@@ -548,7 +570,7 @@ def export(run: Path, out: Path, *, threshold: float | None = None, version: str
         Meta.TRAINING_DATA: json.dumps(summary, **compact),  # type: ignore[arg-type]
         Meta.TEST_METRICS: json.dumps({k: metrics[k] for k in ("split", "n", "metrics", "ci95", "localisation")
                                        if k in metrics} if metrics else {}, **compact),  # type: ignore[arg-type]
-        Meta.WEIGHTS_SHA256: weights_sha256(model),
+        Meta.WEIGHTS_SHA256: sha,
         Meta.INTENDED_USE: SYNTHETIC_USE if summary.get("synthetic") else RESEARCH_USE,
         Meta.GRADCAM: "ReLU(sum_k alpha_k A_k), alpha_k = mean_ij d(logit)/dA_ijk of the uncalibrated logit; "
                       "raw, not normalised",
@@ -566,6 +588,7 @@ def export(run: Path, out: Path, *, threshold: float | None = None, version: str
         Meta.EXPORTED: datetime.now(UTC).isoformat(timespec="seconds"),
         Meta.TENSORFLOW: tf.__version__,
         Meta.GIT_COMMIT: info.get("versions", {}).get("git_commit", "unknown"),
+        **model_card_metadata(metrics),
         "heatmap_scale_basis": scale_basis,
         "batchnorm": resolved_bn(cfg.model),
     }

@@ -16,6 +16,7 @@ activation="sigmoid")`` (with or without bias) or ``Dense(1)`` followed by
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -369,3 +370,12 @@ def as_float32(model: keras.Model) -> keras.Model:
     if not computes_in_float32(rebuilt):
         raise ExportError(f"model {model.name!r} still computes in reduced precision after the float32 rebuild")
     return rebuilt
+
+
+def weights_sha256(model: keras.Model) -> str:
+    """sha256 over every weight array in model order: stable across file formats."""
+    h = hashlib.sha256()
+    for w in model.weights:
+        h.update(w.path.encode())
+        h.update(np.ascontiguousarray(keras.ops.convert_to_numpy(w), dtype=np.float32).tobytes())
+    return h.hexdigest()

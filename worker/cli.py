@@ -114,7 +114,8 @@ def _load_model(settings: Settings) -> Any:
     m = settings.model
     def load(path: Path) -> OnnxModel:
         return OnnxModel(path, providers=m.providers, threads=m.threads, io_binding=m.io_binding,
-                         batch_size=m.batch_size, pad_batches=m.pad_batches, probe_check=m.probe_check != "off")
+                         batch_size=m.batch_size, pad_batches=m.pad_batches, probe_check=m.probe_check != "off",
+                         site_prevalence=m.site_prevalence, target_sensitivity=m.target_sensitivity)
 
     try:
         model = load(settings.model.path)
@@ -125,12 +126,18 @@ def _load_model(settings: Settings) -> Any:
                        "instead", extra={"reason": str(exc), "fallback": str(m.fallback_path)})
         model = load(m.fallback_path)
         model.fell_back_from = str(settings.model.path)
-    logger.info("model loaded", extra={"model": model.info.name, "version": model.info.version,
-                                       "input_size": model.info.input_size, "threshold": model.info.threshold,
-                                       **model.execution, "intended_use": model.info.intended_use,
-                                       "precision": model.info.precision,
+    info = model.info
+    logger.info("model loaded", extra={"model": info.name, "version": info.version,
+                                       "input_size": info.input_size, "threshold": info.threshold,
+                                       **model.execution, "intended_use": info.intended_use,
+                                       "precision": info.precision,
                                        "probe_check": model.probe_check["status"],
-                                       **({"fell_back_from": model.fell_back_from} if model.fell_back_from else {})})
+                                       **({"fell_back_from": model.fell_back_from} if model.fell_back_from else {}),
+                                       "prevalence": info.assumed_prevalence,
+                                       "model_prevalence": model.exported_info.prevalence,
+                                       "graph_threshold": model.exported_info.threshold})
+    logger.info("model card", extra={"model": info.name, "version": info.version,
+                                     "card": info.model_card or "none (exported before model cards)"})
     return model
 
 

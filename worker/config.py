@@ -352,6 +352,18 @@ class ModelSection(_Section):
         if self.probe_check == "fallback" and self.fallback_path is None:
             raise ValueError("model.probe_check = 'fallback' needs model.fallback_path (an fp32 model)")
         return self
+    site_prevalence: float | None = Field(
+        None, ge=0.001, le=0.999,
+        description="share of this site's images that show pneumonia (0.001-0.999, a fraction, e.g. 0.1 for "
+                    "10%): the probability is reported at it by the prior-shift correction and the threshold "
+                    "moves with it (decisions unchanged); unset = the model's own (the prevalence of the split "
+                    "it was calibrated on, or its site calibration's), since only the site knows its own; "
+                    "CXR_MODEL__SITE_PREVALENCE")
+    target_sensitivity: float | None = Field(
+        None, gt=0.0, le=1.0,
+        description="choose the decision threshold for this sensitivity (a fraction) on the model's validation "
+                    "split (or its site calibration's images) instead of keeping its operating point; unset = "
+                    "keep it, the one its makers chose; CXR_MODEL__TARGET_SENSITIVITY")
 
 
 class SelectSection(_Section):
@@ -373,6 +385,12 @@ class SelectSection(_Section):
                             "decoding; 5000 x 5000 is above any chest detector")
     skip_for_processing: bool = Field(True, description="skip DX For Processing images (raw detector data the "
                                       "model was not trained on)")
+    min_patient_age: float | None = Field(
+        None, ge=0, le=150,
+        description="skip images of patients younger than this, in years, read from PatientAge (0010,1010); "
+                    "an image without a readable age is answered. Unset (off) by default because the model's "
+                    "training data sets the right limit (ChestX-ray14 is mostly adults: 18 suits it); "
+                    "CXR_SELECT__MIN_PATIENT_AGE")
 
 
 class OutputSection(_Section):

@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import os
 import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from cxr_contract.model import (
     ModelInfo,
     required_outputs,
 )
+from cxr_contract.prevalence import log_odds
 from cxr_contract.probes import Probes
 from worker.errors import ModelError, ModelProbeMismatch
 
@@ -69,12 +71,19 @@ class Prediction:
     ood_score: float | None = None
 
 
+def _graph_logit(probability: float) -> float:
+    """A v1 model's logit, from its probability (which float32 saturates at 0 and 1)."""
+    p = min(max(probability, 1e-7), 1 - 1e-7)
+    return log_odds(p)
+
+
 def outside_distribution(prediction: Prediction, info: ModelInfo) -> bool:
     """The model's gate: ``ood_score > ood_threshold`` (never for a v1 model, which has none).
     A score that is not finite counts as outside: nothing can vouch for that input."""
     if prediction.ood_score is None or info.ood_threshold is None:
         return False
-    return not prediction.ood_score <= info.ood_threshold
+    score = prediction.ood_score
+    return not (math.isfinite(score) and score <= info.ood_threshold)
 
 
 CUDA = "CUDAExecutionProvider"
@@ -163,7 +172,8 @@ class OnnxModel:
 
     def __init__(self, path: str | Path, *, providers: str = "auto", threads: int = 0,
                  io_binding: str = "auto", batch_size: int = 8, pad_batches: str = "auto",
-                 probe_check: bool = True) -> None:
+                 probe_check: bool = True, site_prevalence: float | None = None,
+                 target_sensitivity: float | None = None) -> None:
         """Load and check the model.
 
         Args:
@@ -178,6 +188,11 @@ class OnnxModel:
                 sees one input shape and chooses its cuDNN convolution algorithms once, at load.
             probe_check: run the probe inputs a reduced-precision model carries and compare its
                 answers with the fp32 model's stored ones (:meth:`check_probes`).
+            site_prevalence: report the probability at this prevalence (the prior-shift
+                correction of :mod:`cxr_contract.prevalence`); None = the model's own (or its
+                site calibration's). The threshold moves with it, so decisions do not change.
+            target_sensitivity: choose the threshold for this sensitivity instead of keeping
+                the model's operating point.
 
         Raises:
             ModelProbeMismatch: the probe check found answers outside the export's limits.
@@ -212,9 +227,15 @@ class OnnxModel:
         outputs = {o.name for o in self.session.get_outputs()}
         meta = dict(self.session.get_modelmeta().custom_metadata_map)
         try:
-            self.info = ModelInfo.from_metadata(meta, str(path))
+            exported = ModelInfo.from_metadata(meta, str(path))
+            #: Graph logit -> reported logit (site calibration, prevalence); None: as exported.
+            self.adjustment = exported.adjustment(site_prevalence, target_sensitivity)
         except ContractError as exc:
             raise ModelError(str(exc)) from None
+        #: The model as exported: the graph's threshold and prevalence.
+        self.exported_info = exported
+        #: The model as reported: threshold and prevalence of the probabilities :meth:`predict` returns.
+        self.info = exported.reporting(self.adjustment)
         required = required_outputs(self.info.contract_version)
         if INPUT_NAME not in inputs or not set(required) <= outputs:
             raise ModelError(
@@ -344,10 +365,15 @@ class OnnxModel:
         n = len(batch)
         logits = got[LOGIT_OUTPUT].reshape(n) if LOGIT_OUTPUT in got else [None] * n
         ood = got[OOD_SCORE_OUTPUT].reshape(n) if OOD_SCORE_OUTPUT in got else [None] * n
-        return [
+        out = [
             Prediction(float(p[0]), c, None if lg is None else float(lg), None if o is None else float(o))
             for p, c, lg, o in zip(got[PROBABILITY_OUTPUT], got[GRADCAM_OUTPUT], logits, ood, strict=True)
         ]
+        adj = self.adjustment
+        if adj is None or adj.identity:
+            return out
+        return [replace(pr, probability=adj.probability(z), logit=adj.logit(z) if pr.logit is not None else None)
+                for pr, z in ((pr, pr.logit if pr.logit is not None else _graph_logit(pr.probability)) for pr in out)]
 
     def faithfulness(self, inputs: np.ndarray[Any, Any], gradcams: list[np.ndarray[Any, Any]]) -> list[float]:
         """Heatmap faithfulness (:mod:`cxr_contract.faithfulness`) of each image, from ONE extra run

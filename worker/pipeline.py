@@ -234,9 +234,10 @@ class Processor:
     def _answer_one(self, item: Decoded, pred: Prediction, gate: str | None, faithfulness: float | None,
                     infer_seconds: float) -> Result | Exception:
         ood = pred.ood_score if pred.ood_score is not None and math.isfinite(pred.ood_score) else None
+        not_finite = str(pred.ood_score) if pred.ood_score is not None and ood is None else ""
         try:
             trust = Trust(ood_score=ood, gate=gate, withheld=gate is not None and self.withhold,
-                          faithfulness=faithfulness)
+                          faithfulness=faithfulness, ood_not_finite=not_finite)
             sc, sr, gsps, rgb = self._build(item, pred, trust)
             encoded = tuple(encode(ds) for ds in (sc, sr, gsps) if ds is not None)
             oru = self._oru(item, pred, trust) if self.oru else None
@@ -276,6 +277,7 @@ class Processor:
                 opacity=self.build_settings.opacity, notice=notice, heatmap_scale=info.heatmap_scale,
                 paint_negative=self.paint_negative, faithfulness=trust.faithfulness,
                 faithfulness_cutoff=info.faithfulness_cutoff, warning=flag, link=link,
+                prevalence=info.assumed_prevalence,
             )
         sc = build_secondary_capture(item.ds, rgb, uids, info, self.build_settings, trust=trust)
         sr = build_report(item.ds, sc, pred.probability, info, uids, self.build_settings, trust=trust,

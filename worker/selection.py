@@ -75,4 +75,20 @@ def ineligible_reason(ds: Dataset, rules: SelectSection) -> str | None:
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if min(rows, cols) < rules.min_size:
         return f"{rows}x{cols} is smaller than the minimum {rules.min_size} px"
+    if rules.min_patient_age is not None:
+        age = patient_age_years(ds.get("PatientAge"))
+        if age is not None and age < rules.min_patient_age:
+            return f"patient age {age:.3g} years is below select.min_patient_age {rules.min_patient_age:g}"
     return None
+
+
+#: Days in each unit of an Age String (PS3.5 6.2, AS: nnnD, nnnW, nnnM or nnnY).
+_AGE_UNIT_DAYS = {"D": 1.0, "W": 7.0, "M": 365.25 / 12, "Y": 365.25}
+
+
+def patient_age_years(value: object) -> float | None:
+    """An Age String (``045Y``, ``006M``) in years; None when absent or malformed."""
+    text = str(value or "").strip().upper()
+    if len(text) != 4 or not text[:3].isdigit() or text[3] not in _AGE_UNIT_DAYS:
+        return None
+    return int(text[:3]) * _AGE_UNIT_DAYS[text[3]] / 365.25

@@ -92,6 +92,10 @@ def test_phantom_run_learns_localises_and_exports(phantom_run: dict) -> None:
     assert [s["stage"] for s in sanity["stages"]] == ["head", "conv5_block3", "conv5"]
     assert sanity == {k: v for k, v in metrics["sanity_check"].items() if k != "per_image"}
     assert info_v2.heatmap_scale is not None and info_v2.heatmap_scale > 0
+    # The prevalence the calibration assumes, the operating point's curve and the model card's summary.
+    assert info_v2.prevalence == pytest.approx(metrics["prevalence"]["value"], rel=1e-5)
+    assert info_v2.operating_curve and info_v2.model_card["card"] == "model_card.md"
+    assert (run / "model_card.md").is_file()
     images = np.random.default_rng(0).random((3, 160, 160, 1), dtype=np.float32)
     prob, logit, cam, ood = session.run(["probability", "logit", "gradcam", "ood_score"], {"image": images})
     assert prob.shape == logit.shape == (3, 1) and cam.shape == (3, 5, 5) and ood.shape == (3,)
@@ -169,9 +173,10 @@ def test_failed_verification_writes_no_model(tmp_path: Path, monkeypatch: pytest
     perturbed weight, is refused; so is a model failing the saliency sanity check."""
     from trainer import export as export_module
     from trainer.config import load_config
-    from trainer.errors import ExportError
+    from trainer.errors import ExportError, TrainerError
     from trainer.evaluate import load_run
     from trainer.fit import fit
+    from trainer.model import weights_sha256
     from trainer.phantoms import write_phantoms
 
     write_phantoms(tmp_path / "d", 24, size=64)
@@ -209,8 +214,13 @@ def test_failed_verification_writes_no_model(tmp_path: Path, monkeypatch: pytest
     # A calibrated graph (T != 1) verifies against sigmoid(z / T), not the Keras output sigmoid(z):
     # the demo's T = 0.79 was refused with a probability error of 3e-2 before this was so.
     metrics_path = tmp_path / "r" / "metrics.json"
-    metrics_path.write_text(json.dumps({"threshold": 0.5, "calibration": {
-        "method": "temperature", "temperature": 0.6, "fitted_on": "val"}}))
+    # ... but only a calibration evaluate wrote for these weights: one for others is refused.
+    stale = {"threshold": 0.5, "calibration": {"method": "temperature", "temperature": 0.6, "fitted_on": "val"},
+             "weights_sha256": "0" * 64}
+    metrics_path.write_text(json.dumps(stale))
+    with pytest.raises(TrainerError, match="holds a calibration for other weights"):
+        export_module.export(tmp_path / "r", tmp_path / "m.onnx", allow_insensitive_saliency=True)
+    metrics_path.write_text(json.dumps({**stale, "weights_sha256": weights_sha256(keras_model)}))
     calibrated = real_to_onnx(keras_model, "conv5_block3_out", 64, gate, 0.6)
     monkeypatch.setattr(export_module, "to_onnx", lambda *a: calibrated)
     export_module.export(tmp_path / "r", tmp_path / "m.onnx", allow_insensitive_saliency=True)
@@ -375,8 +385,10 @@ def test_evaluate_on_rsna_dicoms_calibrates_and_reports_every_number_with_interv
 def test_evaluate_scores_the_hard_negatives(tmp_path: Path) -> None:
     from trainer.config import load_config
     from trainer.data import load_dataset
-    from trainer.evaluate import evaluate
+    from trainer.evaluate import evaluate, load_run
+    from trainer.export import model_card_metadata
     from trainer.fit import fit
+    from trainer.model import weights_sha256
     from trainer.phantoms import write_phantoms
 
     write_phantoms(tmp_path / "d", 40, size=64, seed=2)
@@ -388,4 +400,23 @@ def test_evaluate_scores_the_hard_negatives(tmp_path: Path) -> None:
     assert hard["n"] == len(load_dataset(tmp_path / "d").hard_negatives) >= 2
     assert hard["findings"] == {"Cardiomegaly": hard["n"]}
     assert 0 <= hard["specificity"]["value"] <= 1 and hard["auc_vs_positives"]["n"] == hard["n"] + result["positives"]
+    # How often the gate, fitted as export fits it, withholds an answer on them.
+    fired = result["gate"]["hard_negatives"]
+    assert fired["n"] == hard["n"] and 0 <= fired["value"] <= 1 and "split" in result["gate"]
+    # The calibration names its weights and prevalence; per-group numbers or "too few"; the card.
+    assert result["weights_sha256"] == weights_sha256(load_run(tmp_path / "r")[0])
+    assert result["prevalence"]["value"] == pytest.approx(np.mean([r.label for r in load_dataset(tmp_path / "d")
+                                                                   .splits["val"]]))
+    assert result["operating_point"]["curve"][-1][0] == 1.0
+    groups = result["subgroups"]["at_operating_point"]
+    assert set(groups) == {"view", "sex", "age_band"}
+    assert all("estimate" in g or {"sensitivity", "specificity", "auc", "ece"} <= set(g)
+               for values in groups.values() for g in values.values())
+    card = (tmp_path / "r" / "model_card.md").read_text()
+    for heading in ("Intended use", "Training data", "Prevalence", "Operating point", "Subgroups",
+                    "Out-of-distribution gate", "Known limits"):
+        assert f"## {heading}" in card, heading
+    assert "too few to estimate" in card  # 40 phantoms: no group reaches 10 patients of each class
+    meta = model_card_metadata(json.loads((tmp_path / "r" / "metrics.json").read_text()))
+    assert json.loads(meta["model_card"])["card"] == "model_card.md" and float(meta["prevalence"]) > 0
     assert "hard_negatives" not in evaluate(tmp_path / "r", "val")  # test-split patients only

@@ -216,15 +216,15 @@ def check_outputs(name: str, sc: Dataset, sr: Dataset, states_faithfulness: bool
     presence, probability = sr_finding(sr)
     codes = sr_codes(sr)
     if name in ("noise", "constant"):
-        assert presence == "Indeterminate" and math.isnan(probability), name
+        assert presence == "Not Evaluated" and math.isnan(probability), name
         assert codes["OOD-STATUS"] == "Outside the model's training distribution", name
         assert not sc_has_colour(sc), name
         assert "without a result" in sc.DerivationDescription
         return False
-    assert presence in ("Present", "Absent", "Indeterminate"), name
-    if presence == "Indeterminate":  # a weak model may gate a phantom now and then
+    assert presence in ("Present", "Absent", "Not Evaluated"), name
+    if presence == "Not Evaluated":  # a weak model may gate a phantom now and then
         return False
-    assert codes["OOD-STATUS"] == "Within the model's training distribution", name
+    assert codes["OOD-STATUS"] == "No out-of-distribution evidence detected", name
     # Faithfulness describes a drawn heatmap: a positive answer's (negatives are drawn without colour).
     faith = any(i.ValueType == "NUM" and i.ConceptNameCodeSequence[0].CodeValue == "HEATMAP-FAITH"
                 for i in walk(sr.ContentSequence))

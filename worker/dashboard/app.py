@@ -52,6 +52,7 @@ from starlette.responses import (
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from cxr_contract.prevalence import format_pair
 from worker.audit import AuditTrail, Repeats
 from worker.config import Settings
 from worker.dashboard import operations
@@ -65,6 +66,7 @@ from worker.dashboard.auth import (
     session_of,
     session_secret,
 )
+from worker.dashboard.cards import ModelCards
 from worker.store import LABELS, ResultStore, StoredResult, Worklist
 
 logger = logging.getLogger(__name__)
@@ -120,6 +122,9 @@ class Dashboard:
         self.templates.filters["pct"] = lambda v: "—" if v is None else f"{100 * v:.0f}%"
         self.templates.filters["num"] = lambda v, n=2: "—" if v is None or not math.isfinite(v) else f"{v:.{n}f}"
         self.templates.filters["person"] = lambda v: str(v or "").replace("^", ", ", 1).replace("^", " ")
+        # Probability and threshold at the precision that shows which side of it the image lies.
+        self.templates.filters["pair"] = lambda r: format_pair(r.probability, r.threshold)
+        self.cards = ModelCards(settings.model.path)
         self._snapshot: tuple[float, operations.Snapshot] | None = None
         self._snapshot_lock = threading.Lock()
 
@@ -287,6 +292,7 @@ class Dashboard:
         mine = [f for f in history if f.user_id == request.user.id]
         self._audit_access(request, row, "result viewed in the dashboard")
         return self.render(request, "result.html", r=row, history=history, mine=mine[-1] if mine else None,
+                           card=self.cards.get(row.model_version),
                            current=self.store.current(history), labels=LABELS, saved=request.query_params.get("saved"))
 
     @requires("authenticated")

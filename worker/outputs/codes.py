@@ -18,14 +18,19 @@ ABSENT = Code("2667000", "SCT", "Absent")
 #: definition (PS3.3 8.2) and is declared in the SR's Coding Scheme Identification Sequence.
 PRIVATE_SCHEME = "99CXR"
 PNEUMONIA_PROBABILITY = Code("PNEUMONIA-PROB", PRIVATE_SCHEME, "Probability of pneumonia")
-#: The finding's value when the model is not asked: SNOMED CT's qualifier "Indeterminate".
-INDETERMINATE = Code("82334004", "SCT", "Indeterminate")
+#: The finding's value when the answer is withheld: the model's answer was not given, which
+#: SNOMED CT 373121007 says ("Not Evaluated" in DICOM's CID 3703; "Test not done" in SNOMED CT).
+#: Not "Indeterminate" (82334004), which reads as an equivocal finding (docs/conformance.md).
+NOT_EVALUATED = Code("373121007", "SCT", "Not Evaluated")
 #: Whether the image is inside what the model was trained on. No standard concept exists for
 #: an algorithm's training distribution, so these are private (scheme 99CXR, see docs/conformance.md);
 #: a viewer shows the value's meaning, which is the sentence itself.
 TRAINING_DISTRIBUTION = Code("OOD-STATUS", PRIVATE_SCHEME, "Relation to model's training distribution")
 OUTSIDE_DISTRIBUTION = Code("OOD-OUTSIDE", PRIVATE_SCHEME, "Outside the model's training distribution")
-WITHIN_DISTRIBUTION = Code("OOD-WITHIN", PRIVATE_SCHEME, "Within the model's training distribution")
+#: A passed gate: it found no evidence, which is not proof that the image is like the training data.
+NO_OOD_EVIDENCE = Code("OOD-NONE-DETECTED", PRIVATE_SCHEME, "No out-of-distribution evidence detected")
+#: TEXT: the gate's finding in a sentence, with the score and threshold (Trust.ood_statement).
+OOD_STATEMENT = hd.sr.CodedConcept("OOD-STATEMENT", PRIVATE_SCHEME, "Out-of-distribution check")
 OOD_EVIDENCE = Code("OOD-REASON", PRIVATE_SCHEME, "Out-of-distribution evidence")
 OOD_REASONS = {
     GATE_OOD_SCORE: Code("OOD-SCORE-HIGH", PRIVATE_SCHEME, "Feature density score above threshold"),
@@ -34,6 +39,8 @@ OOD_REASONS = {
 }
 OOD_SCORE = Code("OOD-SCORE", PRIVATE_SCHEME, "Out-of-distribution score")
 OOD_THRESHOLD = Code("OOD-THRESHOLD", PRIVATE_SCHEME, "Out-of-distribution threshold")
+#: The prevalence the reported probability assumes (cxr_contract.prevalence), in percent.
+ASSUMED_PREVALENCE = Code("PREVALENCE", PRIVATE_SCHEME, "Assumed prevalence of pneumonia")
 #: cxr_contract.faithfulness: z-score of the logit drop when the heatmap's hottest region is removed,
 #: against the same region moved elsewhere; its cut-off is the model's null quantile.
 HEATMAP_FAITHFULNESS = Code("HEATMAP-FAITH", PRIVATE_SCHEME, "Heatmap faithfulness")

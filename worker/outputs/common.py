@@ -50,12 +50,15 @@ class Trust:
             ``input_check.UNIFORM`` or ``CLIPPED``), None when it is not.
         withheld: The gate fired and the site withholds the answer (``model.ood_action``).
         faithfulness: Heatmap faithfulness z-score (None: not computed).
+        ood_not_finite: What the model returned instead of a finite ``ood_score`` (``nan``,
+            ``inf``), "" when it was finite or absent; such an image is gated.
     """
 
     ood_score: float | None = None
     gate: str | None = None
     withheld: bool = False
     faithfulness: float | None = None
+    ood_not_finite: str = ""
 
     def __post_init__(self) -> None:
         if self.gate is not None and self.gate not in OOD_REASONS:
@@ -69,9 +72,41 @@ class Trust:
 
     def gate_line(self, model: ModelInfo) -> str:
         """Why the gate fired, in one line for the SC."""
+        if self.gate == GATE_OOD_SCORE and self.ood_not_finite:
+            return f"OOD score not finite ({self.ood_not_finite}): the input could not be scored"
         if self.gate == GATE_OOD_SCORE and self.ood_score is not None and model.ood_threshold is not None:
-            return f"OOD score {self.ood_score:.3g} > threshold {model.ood_threshold:.3g}"
+            score, threshold = _distinct(self.ood_score, model.ood_threshold)
+            return f"OOD score {score} > threshold {threshold}"
         return describe(self.gate) if self.gate else ""
+
+    def ood_statement(self, model: ModelInfo) -> str:
+        """What the gate found, in a sentence for the SR; "" for a model without a gate.
+
+        A passed gate is not called "within the training distribution": the gate bounds how
+        often it fires on images like the validation split, not how much unusual input it
+        catches, so it says what it saw (no evidence) with the numbers it saw it by.
+        """
+        if self.gate is None and not model.has_ood_gate:
+            return ""
+        if self.gate == GATE_OOD_SCORE and self.ood_not_finite:
+            return (f"Out-of-distribution score not finite ({self.ood_not_finite}): the input could not be "
+                    "scored, so it is treated as outside the model's training distribution")
+        if self.gate is not None:
+            return f"Out-of-distribution evidence: {self.gate_line(model)}"
+        if self.ood_score is None or model.ood_threshold is None:
+            return "No out-of-distribution evidence detected (no score)"
+        score, threshold = _distinct(self.ood_score, model.ood_threshold)
+        return f"No out-of-distribution evidence detected (score {score}, threshold {threshold})"
+
+
+def _distinct(score: float, threshold: float) -> tuple[str, str]:
+    """Score and threshold at 3 significant digits, more where fewer would print a score
+    above the threshold as equal to it."""
+    for digits in range(3, 10):
+        s, t = f"{score:.{digits}g}", f"{threshold:.{digits}g}"
+        if (float(s) > float(t)) == (score > threshold):
+            return s, t
+    return f"{score!r}", f"{threshold!r}"
 
 
 def decision(probability: float, threshold: float) -> bool:

@@ -17,6 +17,7 @@ import numpy as np
 from pydicom import Dataset
 
 from cxr_contract.model import ModelInfo
+from cxr_contract.prevalence import format_pair
 from worker.errors import UnsupportedInput, WorkerError
 from worker.outputs.common import (
     BuildSettings,
@@ -102,7 +103,8 @@ def _simplify(points: np.ndarray[Any, Any], epsilon: float) -> np.ndarray[Any, A
 def result_text(probability: float, model: ModelInfo) -> str:
     """The text object: probability, decision, model and the AI nature."""
     call = "POSITIVE" if decision(probability, model.threshold) else "NEGATIVE"
-    return (f"P(pneumonia) = {probability:.3f}; {call} (threshold {model.threshold:.2f}); "
+    p, t = format_pair(probability, model.threshold)  # as many decimals as show the decision
+    return (f"P(pneumonia) = {p}; {call} (threshold {t}); "
             f"model {model.name} {model.version}; AI-generated - not for diagnostic use")
 
 

@@ -25,18 +25,19 @@ from hl7apy.factories import datatype_factory
 from pydicom import Dataset
 
 from cxr_contract.model import ModelInfo
+from cxr_contract.prevalence import decision_digits
 from worker.config import Hl7Section, OutputSection
 from worker.errors import UnsupportedInput
 from worker.outputs.codes import (
     ABSENT,
     CHEST_XR_SINGLE_VIEW,
-    INDETERMINATE,
+    NO_OOD_EVIDENCE,
+    NOT_EVALUATED,
     OUTSIDE_DISTRIBUTION,
     PNEUMONIA,
     PNEUMONIA_PROBABILITY,
     PRESENT,
     TRAINING_DISTRIBUTION,
-    WITHIN_DISTRIBUTION,
 )
 from worker.outputs.common import OutputUIDs, Trust, check_probability, decision, device_uid
 
@@ -70,7 +71,7 @@ def build_oru(source: Dataset, probability: float, model: ModelInfo, uids: Outpu
         probability: Model output in [0, 1]; ``model.threshold`` makes the decision.
         model, uids, output: The model, the output UIDs (MSH-10), the output settings (device UID).
         hl7: Application names and the triage threshold.
-        trust: Gate of this answer: withheld gives an Indeterminate finding and no probability.
+        trust: Gate of this answer: withheld gives a Not Evaluated finding and no probability.
         now: MSH-7 (now when None).
 
     Raises:
@@ -126,15 +127,17 @@ def build_oru(source: Dataset, probability: float, model: ModelInfo, uids: Outpu
         note.nte_3 = AI_NOTE
         order.add_group("ORU_R01_TIMING_QTY").tq1.tq1_9 = "^".join(STAT if urgent else ROUTINE)
         rows: list[tuple[str, tuple[str, str, str], str, tuple[str, str, str] | None, str]] = []
+        digits = decision_digits(probability, model.threshold, minimum=4)  # the side of the threshold shows
         if not trust.withheld:
-            rows.append(("NM", PNEUMONIA_PROBABILITY_CODE, f"{probability:.4f}", UNITLESS, "A" if urgent else "N"))
-        presence = INDETERMINATE if trust.withheld else PRESENT if decision(probability, model.threshold) else ABSENT
+            rows.append(("NM", PNEUMONIA_PROBABILITY_CODE, f"{probability:.{digits}f}", UNITLESS,
+                         "A" if urgent else "N"))
+        presence = NOT_EVALUATED if trust.withheld else PRESENT if decision(probability, model.threshold) else ABSENT
         rows += [
             ("CWE", _code(PNEUMONIA), "^".join(_code(presence)), None, "A" if urgent else ""),
-            ("NM", THRESHOLD, f"{model.threshold:.4f}", UNITLESS, ""),
+            ("NM", THRESHOLD, f"{model.threshold:.{digits}f}", UNITLESS, ""),
         ]
         if trust.gate is not None or model.has_ood_gate:
-            status = OUTSIDE_DISTRIBUTION if trust.gate is not None else WITHIN_DISTRIBUTION
+            status = OUTSIDE_DISTRIBUTION if trust.gate is not None else NO_OOD_EVIDENCE
             rows.append(("CWE", _code(TRAINING_DISTRIBUTION), "^".join(_code(status)), None, ""))
         rows += [("ST", ALGORITHM_NAME, model.name, None, ""), ("ST", ALGORITHM_VERSION, model.version, None, "")]
         for i, (kind, concept, value, unit, flag) in enumerate(rows, start=1):

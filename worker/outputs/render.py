@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 
 from cxr_contract import faithfulness as faith
+from cxr_contract.prevalence import format_pair, percent
 from worker.errors import UnsupportedInput, WorkerError
 from worker.outputs.common import check_probability, decision
 
@@ -28,6 +29,14 @@ def faithfulness_line(value: float, cutoff: float) -> str:
     while digits < 6 and f"{value:.{digits}f}" == f"{cutoff:.{digits}f}" and value != cutoff:
         digits += 1
     return f"Heatmap faithfulness: {faith.verdict(value, cutoff)} (z {value:+.{digits}f}, cut-off {cutoff:.{digits}f})"
+
+
+def probability_lines(probability: float, threshold: float, prevalence: float | None) -> tuple[str, str]:
+    """The probability line and the decision line's threshold, printed at the precision that
+    shows on which side of the threshold the image lies (:func:`cxr_contract.prevalence.format_pair`)."""
+    p, t = format_pair(probability, threshold)
+    assumed = f" (assuming {percent(prevalence)} prevalence)" if prevalence is not None else ""
+    return f"P(pneumonia) = {p}{assumed}", t
 
 
 def _jet(heat: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
@@ -221,6 +230,7 @@ def render_heatmap_overlay(
     faithfulness_cutoff: float | None = None,
     warning: list[str] | None = None,
     link: str = "",
+    prevalence: float | None = None,
 ) -> np.ndarray[Any, Any]:
     """Blend the Grad-CAM map over the image at the source resolution and burn in the result.
 
@@ -242,6 +252,8 @@ def render_heatmap_overlay(
         faithfulness_cutoff: The model's null cut-off (``ModelInfo.faithfulness_cutoff``).
         warning: Lines printed first, e.g. that the image is outside the training distribution.
         link: The dashboard's review link (``dashboard.public_url``), printed last.
+        prevalence: The prevalence the probability assumes (``ModelInfo.assumed_prevalence``),
+            printed beside it; None (unknown) prints none.
 
     Returns:
         uint8 RGB [Rows, Columns, 3].
@@ -270,10 +282,11 @@ def render_heatmap_overlay(
         rgb = np.asarray(cv2.cvtColor(rgbx.view(np.uint8).reshape(rows, cols, 4), cv2.COLOR_RGBA2RGB))
     else:
         rgb = np.asarray(cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB))
-    lines = [*(warning or []), f"P(pneumonia) = {probability:.3f}"]
+    probability_line, threshold_text = probability_lines(probability, threshold, prevalence)
+    lines = [*(warning or []), probability_line]
     if painted and faithfulness is not None and faithfulness_cutoff is not None:
         lines.append(faithfulness_line(faithfulness, faithfulness_cutoff))
-    lines.append(f"Pneumonia: {'POSITIVE' if positive else 'NEGATIVE'} (threshold {threshold:.2f})")
+    lines.append(f"Pneumonia: {'POSITIVE' if positive else 'NEGATIVE'} (threshold {threshold_text})")
     if not painted:
         lines.append("No heatmap for a negative decision")
     else:

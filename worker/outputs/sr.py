@@ -16,15 +16,18 @@ from worker.errors import WorkerError
 from worker.outputs.codes import (
     ABOVE_CHANCE,
     ABSENT,
+    ASSUMED_PREVALENCE,
     CHEST_XR_SINGLE_VIEW,
     HEATMAP_FAITHFULNESS,
     HEATMAP_FAITHFULNESS_CUTOFF,
     HEATMAP_FAITHFULNESS_VERDICT,
-    INDETERMINATE,
+    NO_OOD_EVIDENCE,
     NOT_ABOVE_CHANCE,
+    NOT_EVALUATED,
     OOD_EVIDENCE,
     OOD_REASONS,
     OOD_SCORE,
+    OOD_STATEMENT,
     OOD_THRESHOLD,
     OUTSIDE_DISTRIBUTION,
     PNEUMONIA,
@@ -33,7 +36,6 @@ from worker.outputs.codes import (
     PRIVATE_SCHEME,
     REVIEW_LINK,
     TRAINING_DISTRIBUTION,
-    WITHIN_DISTRIBUTION,
 )
 from worker.outputs.common import (
     BuildSettings,
@@ -57,7 +59,7 @@ def _trust_content(model: ModelInfo, trust: Trust) -> tuple[list[hd.sr.Qualitati
     if trust.gate is not None or model.has_ood_gate:
         outside = trust.gate is not None
         evaluations.append(hd.sr.QualitativeEvaluation(
-            name=TRAINING_DISTRIBUTION, value=OUTSIDE_DISTRIBUTION if outside else WITHIN_DISTRIBUTION))
+            name=TRAINING_DISTRIBUTION, value=OUTSIDE_DISTRIBUTION if outside else NO_OOD_EVIDENCE))
         if trust.gate is not None:
             evaluations.append(hd.sr.QualitativeEvaluation(name=OOD_EVIDENCE, value=OOD_REASONS[trust.gate]))
     if trust.ood_score is not None and model.ood_threshold is not None:
@@ -153,7 +155,7 @@ def build_report(
         probability: Model output in [0, 1]; ``model.threshold`` makes the decision.
         model, uids, settings: The model, output UIDs, site choices.
         trust: Out-of-distribution gate and heatmap faithfulness. When ``trust.withheld``
-            the finding is Indeterminate and no probability is reported.
+            the finding is Not Evaluated and no probability is reported.
         review_url: The dashboard's link to this result, carried as a TEXT item of the group.
     """
     trust = trust or Trust()
@@ -164,11 +166,14 @@ def build_report(
             f"and {source.StudyInstanceUID}"
         )
     prefix = settings.uid_prefix
-    presence = INDETERMINATE if trust.withheld else PRESENT if decision(probability, model.threshold) else ABSENT
+    presence = NOT_EVALUATED if trust.withheld else PRESENT if decision(probability, model.threshold) else ABSENT
     evaluations, measurements = _trust_content(model, trust)
     if not trust.withheld:
         measurements.insert(0, hd.sr.Measurement(
             name=PNEUMONIA_PROBABILITY, value=probability, unit=codes.UCUM.NoUnits))
+        if model.assumed_prevalence is not None:  # the probability is only true at this prevalence
+            measurements.insert(1, hd.sr.Measurement(
+                name=ASSUMED_PREVALENCE, value=round(100 * model.assumed_prevalence, 4), unit=codes.UCUM.Percent))
     device = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -185,13 +190,19 @@ def build_report(
         algorithm_id=hd.sr.AlgorithmIdentification(
             name=model.name,
             version=model.version,
-            parameters=[f"weights_sha256={model.weights_sha256}", f"threshold={model.threshold}"],
+            parameters=[f"weights_sha256={model.weights_sha256}", f"threshold={model.threshold!r}",
+                        *([f"prevalence={model.assumed_prevalence!r}"] if model.assumed_prevalence is not None
+                          else [])],
         ),
-        # Name = the finding, value = Present/Absent/Indeterminate: one item a reader cannot misread.
+        # Name = the finding, value = Present/Absent/Not Evaluated: one item a reader cannot misread.
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=PNEUMONIA, value=presence), *evaluations],
         measurements=measurements,
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
     )
+    statement = trust.ood_statement(model)
+    if statement:  # what the gate found, with its numbers, in words a reader takes as they are
+        group[0].ContentSequence.append(hd.sr.TextContentItem(
+            name=OOD_STATEMENT, value=statement, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     if review_url:  # a PACS viewer shows it as text; the reader opens the case in the dashboard
         group[0].ContentSequence.append(hd.sr.TextContentItem(
             name=REVIEW_LINK, value=review_url, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))

@@ -147,3 +147,18 @@ def test_youden_threshold_is_always_a_validation_probability() -> None:
     assert chosen in inverted and chosen < 1.0
     # All the same (a collapsed model): that value.
     assert stats.youden_threshold(y, np.full(6, 0.4666)) == pytest.approx(0.4666)
+
+
+def test_group_metrics_say_too_few_below_the_minimum_and_resample_patients() -> None:
+    rng = np.random.default_rng(3)
+    y = np.r_[np.ones(30), np.zeros(30)]
+    p = np.clip(y * 0.6 + rng.random(60) * 0.4, 0, 1)
+    pids = [f"p{i // 2}" for i in range(60)]  # two images per patient: 15 patients per class
+    g = stats.group_metrics(y, p, 0.5, pids, 50, 0)
+    assert g["positive_patients"] == 15 and g["sensitivity"]["value"] == 1.0
+    assert set(g) >= {"specificity", "auc", "ece"} and g["auc"]["ci95"] is not None
+    few = stats.group_metrics(y[:20], p[:20], 0.5, pids[:20], 50, 0)
+    assert few["estimate"].startswith("too few to estimate (at least 10 patients") and "sensitivity" not in few
+    sex = (["F"] * 20 + ["M"] * 10) * 2  # F: 10 patients of each class, M: 5
+    by = stats.subgroup_metrics(y, p, 0.5, pids, {"sex": sex}, 20, 0)
+    assert "estimate" not in by["sex"]["F"] and "estimate" in by["sex"]["M"]

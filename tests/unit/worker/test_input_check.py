@@ -38,6 +38,20 @@ def test_dx_for_processing_is_skipped_unless_configured() -> None:
     assert ineligible_reason(dx(True), allowed) is None
 
 
+def test_min_patient_age_skips_younger_patients_with_the_reason() -> None:
+    ds = dx(False)
+    assert ineligible_reason(ds, Settings().select) is None  # off by default
+    rules = Settings(select={"min_patient_age": 18}).select
+    for age, skipped in (("006M", True), ("017Y", True), ("018Y", False), ("052Y", False), ("", False),
+                         ("garbage", False)):
+        with pydicom.config.disable_value_validation():  # a malformed age, as a sender may write one
+            ds.PatientAge = age
+        reason = ineligible_reason(ds, rules)
+        assert (reason is not None) == skipped, (age, reason)
+    ds.PatientAge = "010W"
+    assert ineligible_reason(ds, rules) == "patient age 0.192 years is below select.min_patient_age 18"
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_phantoms_pass_the_input_checks(seed: int) -> None:
     image, _ = make_phantom(np.random.default_rng(seed), 256, bool(seed % 2))

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -43,3 +44,14 @@ def test_loading_a_model_leaves_onnx_runtime_logging_on(tmp_path: Path) -> None:
     assert out.stderr.count("Removing initializer 'unused'") == 1, out.stderr
     # onnxruntime-gpu without CUDA libraries logs a failed CUDA load during the probe: hidden.
     assert "CUDAExecutionProvider" not in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("score", [float("nan"), float("inf"), float("-inf")])
+def test_a_score_that_is_not_finite_is_outside_the_distribution(score: float) -> None:
+    from cxr_contract.model import ModelInfo
+    from worker.model import Prediction, outside_distribution
+
+    info = ModelInfo(name="m", version="1", input_size=64, threshold=0.5, weights_sha256="ab" * 32,
+                     contract_version=2, ood_threshold=10.0, heatmap_scale=1.0)
+    assert outside_distribution(Prediction(0.5, np.zeros((2, 2)), 0.0, score), info)
+    assert not outside_distribution(Prediction(0.5, np.zeros((2, 2)), 0.0, 9.0), info)

@@ -182,3 +182,37 @@ def test_only_a_few_password_checks_run_at_once(config: Path, store: ResultStore
         for t in posts:
             t.join(60)
     assert codes == [401] * 5 and most[0] == 2
+
+
+def test_a_result_shows_the_side_of_its_threshold_and_its_models_card(tmp_path: Path) -> None:
+    import json
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("probability", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["image"], ["probability"])], "g", [x], [y])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    helper.set_model_props(proto, {"name": "cxr", "version": "1.0", "input_size": "64", "threshold": "0.49918",
+                                   "weights_sha256": "ab" * 32, "prevalence": "0.5",
+                                   "model_card": json.dumps({"card": "model_card.md", "test_auc": 0.91})})
+    (tmp_path / "models").mkdir()
+    onnx.save(proto, tmp_path / "models" / "cxr-1.0.onnx")
+    path = tmp_path / "worker.toml"
+    path.write_text(f'[spool]\ndir = "{tmp_path / "spool"}"\n[audit]\npath = "{tmp_path / "audit.jsonl"}"\n'
+                    f'[model]\npath = "{tmp_path / "models" / "cxr-1.0.onnx"}"\n')
+    settings = get_settings(path)
+    store = ResultStore.from_settings(settings)
+    Accounts(store).add_user("alice", "reader", PASSWORD)
+    new = NewResult(study_instance_uid="1.2.3", series_instance_uid="1.2.3.4", sop_instance_uid="1.2.3.4.5",
+                    probability=0.49945, decision="positive", threshold=0.49918, model_name="cxr",
+                    model_version="1.0")
+    rid = store.record(new, np.full((64, 64), 0.5, np.float32), np.ones((4, 4), np.float32))
+    with TestClient(create_app(settings, store, secret="k" * 64), base_url=LOOPBACK, follow_redirects=False) as client:
+        assert login(client) == 303
+        page = client.get(f"/results/{rid}").text
+    store.close()
+    # 0.499 against 0.50 read as below the threshold for a positive answer.
+    assert ">0.4995</strong>" in page and "<span>0.4992</span>" in page
+    assert "Model card" in page and "test auc" in page and "assumed prevalence" in page and "50%" in page

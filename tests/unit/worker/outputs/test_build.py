@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -258,6 +259,11 @@ def numbers(sr: Dataset, name: str) -> list[float]:
             if i.ValueType == "NUM" and code_of(i, "ConceptNameCodeSequence") == name]
 
 
+def texts(sr: Dataset, name: str) -> list[str]:
+    return [str(i.TextValue) for i in sr_items(sr)
+            if i.ValueType == "TEXT" and code_of(i, "ConceptNameCodeSequence") == name]
+
+
 def build_with(source: Dataset, probability: float, model: ModelInfo, trust: Trust, folder: Path,
                rgb: np.ndarray[Any, Any] | None = None) -> tuple[Dataset, Dataset, np.ndarray[Any, Any]]:
     """SC and SR as the pipeline builds them, saved and read back."""
@@ -292,9 +298,10 @@ def test_withheld_answer_has_no_heatmap_and_an_indeterminate_finding(source: str
     assert trust.gate_line(MODEL_V2) == "OOD score 27.5 > threshold 10"
     assert "without a result" in sc.DerivationDescription
     # The SR neither asserts nor denies pneumonia, and gives no probability.
-    assert coded(sr, "233604007") == ["Indeterminate"]
+    # Not Evaluated (373121007): the model's answer was not given, not an equivocal finding.
+    assert coded(sr, "233604007") == ["Not Evaluated"]
     assert code_of(next(i for i in sr_items(sr) if code_of(i, "ConceptNameCodeSequence") == "233604007"),
-                   "ConceptCodeSequence") == "82334004"
+                   "ConceptCodeSequence") == "373121007"
     assert numbers(sr, "PNEUMONIA-PROB") == []
     assert coded(sr, "OOD-STATUS") == ["Outside the model's training distribution"]
     assert coded(sr, "OOD-REASON") == ["Feature density score above threshold"]
@@ -306,7 +313,7 @@ def test_withheld_answer_has_no_heatmap_and_an_indeterminate_finding(source: str
 def test_input_check_gate_is_named_in_the_sr(tmp_path: Path) -> None:
     trust = Trust(gate=UNIFORM, withheld=True)  # a v1 model: no score, the input check alone
     _, sr, _ = build_with(synthetic_cr(), 0.4, MODEL, trust, tmp_path)
-    assert coded(sr, "233604007") == ["Indeterminate"]
+    assert coded(sr, "233604007") == ["Not Evaluated"]
     assert coded(sr, "OOD-STATUS") == ["Outside the model's training distribution"]
     assert coded(sr, "OOD-REASON") == ["Image nearly uniform"]
     assert numbers(sr, "OOD-SCORE") == []
@@ -330,7 +337,9 @@ def test_answer_carries_heatmap_faithfulness_and_the_gate_it_passed(source: str,
     assert numbers(sr, "HEATMAP-FAITH") == [pytest.approx(-0.42)]
     assert numbers(sr, "FAITH-CUTOFF") == [pytest.approx(1.25)]
     assert coded(sr, "FAITH-VERDICT") == ["Not above chance"]
-    assert coded(sr, "OOD-STATUS") == ["Within the model's training distribution"]
+    # A passed gate says what it saw, not that the image is like the training data.
+    assert coded(sr, "OOD-STATUS") == ["No out-of-distribution evidence detected"]
+    assert texts(sr, "OOD-STATEMENT") == ["No out-of-distribution evidence detected (score 3.25, threshold 10)"]
     assert numbers(sr, "OOD-SCORE") == [pytest.approx(3.25)] and numbers(sr, "OOD-THRESHOLD") == [10.0]
     names = {code_of(i, "ConceptNameCodeSequence") for i in sr_items(sr)}
     assert "HEATMAP-FAITH" in names and "OOD-REASON" not in names
@@ -393,3 +402,34 @@ def test_faithfulness_is_printed_beside_the_probability() -> None:
     assert faithfulness_line(-0.2, 1.2) == "Heatmap faithfulness: not above chance (z -0.20, cut-off 1.20)"
     # Printed at a precision that shows the side of the cut-off the verdict is on.
     assert faithfulness_line(1.2004, 1.2) == "Heatmap faithfulness: above chance (z +1.2004, cut-off 1.2000)"
+
+
+# -- the probability at a prevalence, and a gate that says what it knows ------------------------
+
+def test_sr_gives_the_prevalence_the_probability_assumes(tmp_path: Path) -> None:
+    model = dataclasses.replace(MODEL_V2, prevalence=0.5, reported_prevalence=0.1, threshold=0.1234)
+    _, sr, _ = build_with(synthetic_cr(), 0.12345, model, Trust(ood_score=1.0), tmp_path)
+    assert numbers(sr, "PNEUMONIA-PROB") == [pytest.approx(0.12345)]
+    assert numbers(sr, "PREVALENCE") == [pytest.approx(10.0)]
+    assert dciodvfy_errors(tmp_path / "sr.dcm") == []
+
+
+def test_model_without_known_prevalence_states_none(tmp_path: Path) -> None:
+    _, sr, _ = build_with(synthetic_cr(), 0.7, MODEL, Trust(), tmp_path)
+    assert numbers(sr, "PREVALENCE") == [] and texts(sr, "OOD-STATEMENT") == []
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_non_finite_ood_score_is_said_on_the_sc_and_in_the_sr(value: str, tmp_path: Path) -> None:
+    trust = Trust(gate=GATE_OOD_SCORE, withheld=True, ood_not_finite=value)
+    assert trust.gate_line(MODEL_V2) == f"OOD score not finite ({value}): the input could not be scored"
+    _, sr, _ = build_with(synthetic_cr(), 0.4, MODEL_V2, trust, tmp_path)
+    assert texts(sr, "OOD-STATEMENT") == [
+        f"Out-of-distribution score not finite ({value}): the input could not be scored, so it is treated as "
+        "outside the model's training distribution"]
+    assert coded(sr, "233604007") == ["Not Evaluated"] and numbers(sr, "OOD-SCORE") == []
+
+
+def test_ood_numbers_printed_apart_when_close() -> None:
+    trust = Trust(ood_score=10.0004, gate=GATE_OOD_SCORE)
+    assert trust.gate_line(MODEL_V2) == "OOD score 10.0004 > threshold 10"

@@ -68,7 +68,7 @@ def test_a_withheld_answer_is_indeterminate_without_probability() -> None:
                         trust=Trust(ood_score=30.0, gate=GATE_OOD_SCORE, withheld=True)).decode()
     parsed = hl7.parse(message)
     assert "PNEUMONIA-PROB" not in message and str(parsed.segment("TQ1")[9]).startswith("R^")
-    assert str(obx(parsed, "233604007")[5]).startswith("82334004")  # Indeterminate
+    assert str(obx(parsed, "233604007")[5]).startswith("373121007")  # Not Evaluated
     assert str(obx(parsed, "OOD-STATUS")[5]).startswith("OOD-OUTSIDE")
 
 

@@ -226,10 +226,10 @@ def test_dsr2html_shows_the_finding_probability_algorithm_and_unverified(rg1_out
     assert "UNVERIFIED" in text
 
 
-def test_dsr2html_of_a_withheld_answer_says_indeterminate_without_probability(tmp_path: Path) -> None:
+def test_dsr2html_of_a_withheld_answer_says_not_evaluated_without_probability(tmp_path: Path) -> None:
     make, model, trust = SR_CASES["synthetic-withheld"]
     text = viewer_text(build(make(), tmp_path, trust=trust, model=model)[1])
-    assert "Indeterminate" in text and "Outside the model's training distribution" in text
+    assert "Not Evaluated" in text and "Outside the model's training distribution" in text
     assert "0.8734" not in text and "UNVERIFIED" in text
 
 

@@ -63,7 +63,7 @@ def test_overlay_is_the_float_blend_to_one_level(chest_like: np.ndarray, heatmap
     scale = heatmap_scale if heatmap_scale is not None else float(cam.max())
     heat = np.clip(cv2.resize(cam / scale, chest_like.shape[::-1], interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
     expected = _float_blend(chest_like, heat, 0.4)
-    lines = ["P(pneumonia) = 0.900", "Pneumonia: POSITIVE (threshold 0.50)",
+    lines = ["P(pneumonia) = 0.900", "Pneumonia: POSITIVE (threshold 0.500)",
              *([] if heatmap_scale else ["Heatmap scaled to its own peak (model has no fixed scale)"]),
              "Model: m v", "AI-generated - not for diagnostic use"]
     render._burn_in(expected, lines, bar=True)
@@ -91,8 +91,16 @@ def test_display_gray_rounds_and_clips_like_the_float_path() -> None:
     assert display_gray(as_is) is as_is
 
 
+def test_probability_line_gives_the_prevalence_and_the_side_of_the_threshold() -> None:
+    from worker.outputs.render import probability_lines
+
+    line, threshold = probability_lines(0.49945, 0.49918, 0.1)
+    assert line == "P(pneumonia) = 0.4995 (assuming 10% prevalence)" and threshold == "0.4992"
+    assert probability_lines(0.2, 0.5, None) == ("P(pneumonia) = 0.200", "0.500")
+
+
 SC_LINES = ["WARNING: outside the model's training distribution", "OOD score 12.3 > threshold 10",
-            "P(pneumonia) = 0.900", "Heatmap faithfulness: high (+0.80)", "Pneumonia: POSITIVE (threshold 0.50)",
+            "P(pneumonia) = 0.900", "Heatmap faithfulness: high (+0.80)", "Pneumonia: POSITIVE (threshold 0.500)",
             "Model: cxr-resnet50 2.1.0", "AI-generated - not for diagnostic use",
             "Demo model trained on synthetic phantoms - not for clinical use"]
 
