@@ -141,7 +141,8 @@ class WorkerProcess:
 
 
 def write_worker_config(config: Path, *, port: int, spool: Path, model: Path, metrics_port: int, audit: Path,
-                        destinations: list[str], extra: str = "", dicom_extra: str = "", gsps: bool = False) -> Path:
+                        destinations: list[str], extra: str = "", dicom_extra: str = "", gsps: bool = False,
+                        output_extra: str = "") -> Path:
     """The worker configuration the integration tests start from: loopback, a short batch
     wait, small phantoms selected, fast retries; ``extra`` adds sections (TOML) after it.
 
@@ -168,6 +169,7 @@ port = {metrics_port}
 path = "{audit}"
 [output]
 gsps = {str(gsps).lower()}
+{output_extra}
 [send]
 destinations = [{dests}]
 retry_initial_s = 0.5
@@ -182,7 +184,8 @@ def make_worker(tmp_path: Path, onnx_model: Path) -> Iterator[object]:
     started: list[WorkerProcess] = []
 
     def factory(destinations: list[str], extra: str = "", port: int | None = None,
-                metrics_port: int = 0, dicom_extra: str = "", gsps: bool = False, home: str = "") -> WorkerProcess:
+                metrics_port: int = 0, dicom_extra: str = "", gsps: bool = False, home: str = "",
+                output_extra: str = "") -> WorkerProcess:
         """``home``: a folder of its own for the spool, audit trail and log (a second replica)."""
         port = port or free_port()
         base = tmp_path / home
@@ -190,7 +193,8 @@ def make_worker(tmp_path: Path, onnx_model: Path) -> Iterator[object]:
         spool = base / "spool"
         config = write_worker_config(base / f"worker-{port}.toml", port=port, spool=spool, model=onnx_model,
                                      metrics_port=metrics_port, audit=base / "audit.jsonl",
-                                     destinations=destinations, extra=extra, dicom_extra=dicom_extra, gsps=gsps)
+                                     destinations=destinations, extra=extra, dicom_extra=dicom_extra, gsps=gsps,
+                                     output_extra=output_extra)
         w = WorkerProcess(config, port, spool, base / "worker.log", metrics_port=metrics_port)
         w.start()
         started.append(w)
