@@ -169,6 +169,18 @@ def _migrations_dir() -> str:
     return str(resources.files("worker") / "migrations")
 
 
+def head_revision() -> str:
+    """The newest Alembic revision packaged with this worker: what :func:`migrate` brings a database to."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    cfg = Config()
+    cfg.set_main_option("script_location", _migrations_dir())
+    head = ScriptDirectory.from_config(cfg).get_current_head()
+    assert head is not None
+    return head
+
+
 _MIGRATING = threading.Lock()  # Alembic's `context` and `op` are module globals: one migration per process
 
 
