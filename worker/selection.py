@@ -78,7 +78,8 @@ def ineligible_reason(ds: Dataset, rules: SelectSection) -> str | None:
     if rules.min_patient_age is not None:
         age = patient_age_years(ds.get("PatientAge"))
         if age is not None and age < rules.min_patient_age:
-            return f"patient age {age:.3g} years is below select.min_patient_age {rules.min_patient_age:g}"
+            # The reason goes to the log and the audit trail: the rule, never the patient's age.
+            return f"patient age below select.min_patient_age {rules.min_patient_age:g}"
     return None
 
 
