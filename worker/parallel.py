@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from worker.config import Settings
-from worker.errors import InfrastructureError
+from worker.errors import InfrastructureError, WorkerError
 from worker.faults import Fault, RemoteFailure
 from worker.pipeline import Decoded, Processor, Result, Skipped, uid_of
 from worker.spool import key
@@ -71,16 +71,20 @@ def _start(settings: Settings, model_path: Path, threads: int) -> None:
     m = settings.model
     # The model the service loaded (the fallback, when the configured one failed its probe check
     # on this machine): same hardware, so its probes are not run again.
+    # The site's prevalence and operating point as in the service's model (cli._load_model):
+    # every process must report the same probability and decide at the same threshold.
     model = OnnxModel(model_path, providers=m.providers, threads=m.threads or threads, io_binding=m.io_binding,
-                      batch_size=m.batch_size, pad_batches=m.pad_batches, probe_check=False)
+                      batch_size=m.batch_size, pad_batches=m.pad_batches, probe_check=False,
+                      site_prevalence=m.site_prevalence, target_sensitivity=m.target_sensitivity)
     _processor = Processor(settings, model, build_threads=1)
 
 
-def _warm_up() -> bool:
+def _warm_up() -> tuple[float, float | None]:
+    """Answer a blank image; return the threshold and prevalence this process reports at."""
     assert _processor is not None
-    size = _processor.model.info.input_size
-    _processor.model.predict(np.zeros((1, size, size, 1), np.float32))
-    return True
+    info = _processor.model.info
+    _processor.model.predict(np.zeros((1, info.input_size, info.input_size, 1), np.float32))
+    return info.threshold, info.assumed_prevalence
 
 
 def _answer(paths: list[Path], done: Path) -> tuple[list[Outcome], bool]:
@@ -134,10 +138,14 @@ def _answer(paths: list[Path], done: Path) -> tuple[list[Outcome], bool]:
 class AnswerPool:
     """N answer processes; :meth:`answer` runs one batch in one of them."""
 
-    def __init__(self, settings: Settings, processes: int, model_path: Path) -> None:
+    def __init__(self, settings: Settings, processes: int, model_path: Path,
+                 reporting: tuple[float, float | None] | None = None) -> None:
         self.settings = settings
         self.model_path = Path(model_path)
         self.processes = processes
+        #: The threshold and prevalence the service's own model reports at; every answer process
+        #: is checked against it at start.
+        self.reporting = reporting
         # ONNX Runtime's intra-op threads: the cores shared out, so N sessions do not oversubscribe.
         self.threads = max(1, _cores() // processes)
         self._pool: ProcessPoolExecutor | None = None
@@ -153,7 +161,10 @@ class AnswerPool:
         self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
                                          initializer=_start, initargs=(self.settings, self.model_path, self.threads))
         for f in [self._pool.submit(_warm_up) for _ in range(self.processes)]:
-            f.result(timeout=300)
+            reporting = f.result(timeout=300)
+            if self.reporting is not None and reporting != self.reporting:
+                raise WorkerError(f"an answer process reports at threshold and prevalence {reporting}, the service "
+                                  f"at {self.reporting}: they must decide alike")
 
     def answer(self, paths: list[Path], done: Path) -> tuple[list[Outcome], bool]:
         """One batch's outcomes (see :func:`_answer`).

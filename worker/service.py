@@ -68,7 +68,8 @@ class Service:
         self.wake = threading.Event()
         processes = settings.processing.count()
         # More than one: answer processes; the service's process keeps the spool, outbox and listeners.
-        self.pool = AnswerPool(settings, processes, model.path) if processes > 1 else None
+        reporting = (model.info.threshold, model.info.assumed_prevalence)
+        self.pool = AnswerPool(settings, processes, model.path, reporting) if processes > 1 else None
         self.wake_sender = threading.Event()
         self.stopping = threading.Event()
         self.handler = BatchHandler(self.processor, self.spool, self.outbox, self.metrics,

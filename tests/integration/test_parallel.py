@@ -76,3 +76,30 @@ def test_answer_processes_killed_lose_nothing_and_answer_nothing_twice(make_work
     worker.proc.kill()
     worker.proc.wait(10)
     wait_for(lambda: not any(alive(p) for p in replaced), 30, "answer processes to end with the service")
+
+
+def test_answer_processes_report_at_the_site_s_prevalence_and_threshold(onnx_model: Path, tmp_path: Path) -> None:
+    """Every answer process decides at the threshold and reports at the prevalence the service
+    does (``model.site_prevalence``, ``model.target_sensitivity``), and a pool that would not is
+    refused at start."""
+    from worker.cli import _load_model
+    from worker.config import get_settings
+    from worker.errors import WorkerError
+    from worker.parallel import AnswerPool
+
+    settings = get_settings(None, {"model": {"path": onnx_model, "site_prevalence": 0.1},
+                                   "spool": {"dir": tmp_path / "spool"}})
+    model = _load_model(settings)
+    reporting = (model.info.threshold, model.info.assumed_prevalence)
+    assert reporting[1] == pytest.approx(0.1)
+    pool = AnswerPool(settings, 2, model.path, reporting)
+    try:
+        pool.start()  # raises when a process reports otherwise
+    finally:
+        pool.stop()
+    unshifted = AnswerPool(settings, 1, model.path, (model.info.threshold, 0.5))
+    try:
+        with pytest.raises(WorkerError, match="must decide alike"):
+            unshifted.start()
+    finally:
+        unshifted.stop()
