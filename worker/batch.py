@@ -285,7 +285,9 @@ class BatchHandler:
             self.metrics.ood_score.labels(version).observe(result.ood_score)
         if result.faithfulness is not None:
             self.metrics.faithfulness.labels(version).observe(result.faithfulness)
-        if self.drift is not None:
+        # The gated-rate test is about the ood_score gate alone (its conformal rate says nothing of
+        # blank or clipped images), and their probabilities are no evidence of drift either.
+        if self.drift is not None and result.gate in (None, GATE_OOD_SCORE):
             self.metrics.drift(version, self.drift.observe(result.probability, result.gate == GATE_OOD_SCORE))
 
     @staticmethod

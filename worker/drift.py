@@ -21,10 +21,11 @@ import math
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
-from cxr_contract.drift import MIN_REFERENCE, binomial_sf, psi
+from cxr_contract.drift import MIN_REFERENCE, Bins, DriftReference, binomial_sf, psi
 from cxr_contract.model import ModelInfo
+from cxr_contract.prevalence import Adjustment, log_odds
 from worker.config import DriftSection
 
 #: Points of history kept for the operations page (one per image, the oldest dropped).
@@ -50,10 +51,18 @@ class DriftState:
 class DriftMonitor:
     """The sliding window of one model's answers; thread-safe (scrapes read while a batch writes)."""
 
-    def __init__(self, info: ModelInfo, settings: DriftSection) -> None:
+    def __init__(self, info: ModelInfo, settings: DriftSection, adjustment: Adjustment | None = None) -> None:
+        """Args:
+            info: The model as the worker reports it.
+            settings: The ``[drift]`` section.
+            adjustment: How the worker moves the graph's probability (site calibration,
+                prevalence, :attr:`worker.model.OnnxModel.adjustment`): the reference, made of
+                the graph's probabilities on the validation split, is moved the same way, so that
+                the window and the reference compare like with like.
+        """
         self.info = info
         self.settings = settings
-        given = info.drift_reference
+        given = _adjusted(info.drift_reference, adjustment)
         #: Why there is or is no PSI: shown on the operations page.
         self.reference_status = ("no reference" if given is None else
                                  f"reference too small (n={given.n} < {MIN_REFERENCE} validation images)"
@@ -99,3 +108,13 @@ class DriftMonitor:
             "reference": self.reference_status, "has_reference": self.reference is not None,
             "history": history,
         }
+
+
+def _adjusted(reference: DriftReference | None, adjustment: Adjustment | None) -> DriftReference | None:
+    """The reference's probability bins as the worker reports probabilities: each edge moved by
+    the adjustment (monotone, so each bin keeps its share of the validation split)."""
+    if reference is None or adjustment is None or adjustment.identity:
+        return reference
+    edges = tuple(adjustment.probability(log_odds(min(max(e, 1e-7), 1 - 1e-7)))
+                  for e in reference.probability.edges)
+    return replace(reference, probability=Bins(edges, reference.probability.fractions))

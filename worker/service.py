@@ -52,7 +52,7 @@ class Service:
         self.spool = Spool(settings.spool.dir)
         self.processor = Processor(settings, model)
         self.metrics = Metrics(ood_threshold=model.info.ood_threshold)
-        self.drift = DriftMonitor(model.info, settings.drift)
+        self.drift = DriftMonitor(model.info, settings.drift, getattr(model, "adjustment", None))
         self.metrics.drift_limits(model.info.version, settings.drift, self.drift.reference is not None,
                                   model.info.false_gate_rate)
         self.metrics.drift(model.info.version, self.drift.state)  # the window's series exist from the start

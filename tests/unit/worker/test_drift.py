@@ -51,3 +51,26 @@ def test_a_reference_from_a_handful_of_validation_images_gives_no_psi() -> None:
     assert all(s.psi is None and not s.psi_alarm for s in states)
     assert monitor.describe()["reference"] == f"reference too small (n=8 < {MIN_REFERENCE} validation images)"
     assert monitor.describe()["has_reference"] is False
+
+
+def test_the_reference_is_moved_to_the_site_s_prevalence_like_the_window() -> None:
+    """The reference holds the graph's probabilities; the worker reports them moved to the site's
+    prevalence. The same population must then give no drift, whichever way it is reported."""
+    from cxr_contract.drift import reference_of
+    from cxr_contract.prevalence import Adjustment, log_odds
+
+    rng = np.random.default_rng(0)
+    graph = 1 / (1 + np.exp(-rng.normal(0.0, 1.5, 600)))  # the graph's probabilities, one population
+    reference = reference_of(graph[:300], np.full(300, 50.0))
+    info = ModelInfo.from_metadata({**META, Meta.DRIFT_REFERENCE: reference.to_json()}, "m.onnx")
+    site = Adjustment(temperature=1.0, from_prevalence=0.5, to_prevalence=0.05, threshold_logit=0.0)
+    reported = [site.probability(log_odds(p)) for p in graph[300:]]
+    settings = DriftSection(window=300, min_images=100)
+    moved = DriftMonitor(info, settings, site)
+    for p in reported:
+        state = moved.observe(p, ood_gated=False)
+    assert state.psi is not None and state.psi < 0.1 and not state.psi_alarm
+    unmoved = DriftMonitor(info, settings)  # what the worker did before: graph bins, moved window
+    for p in reported:
+        state = unmoved.observe(p, ood_gated=False)
+    assert state.psi is not None and state.psi_alarm
