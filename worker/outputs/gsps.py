@@ -17,7 +17,6 @@ import numpy as np
 from pydicom import Dataset
 
 from cxr_contract.model import ModelInfo
-from cxr_contract.prevalence import format_pair
 from worker.errors import UnsupportedInput, WorkerError
 from worker.outputs.common import (
     BuildSettings,
@@ -28,6 +27,7 @@ from worker.outputs.common import (
     check_probability,
     decision,
 )
+from worker.outputs.render import faithfulness_line, probability_lines
 
 #: Outline levels as fractions of the model's fixed heatmap scale (the SC's colour bar):
 #: 0.5 is the SC's green-yellow, 0.75 its orange-red.
@@ -100,12 +100,19 @@ def _simplify(points: np.ndarray[Any, Any], epsilon: float) -> np.ndarray[Any, A
         epsilon *= 2
 
 
-def result_text(probability: float, model: ModelInfo) -> str:
-    """The text object: probability, decision, model and the AI nature."""
+def result_text(probability: float, model: ModelInfo, trust: Trust | None = None) -> str:
+    """The text object: what the SC says beside its heatmap, in one line: probability (at the
+    prevalence it assumes), decision, the gate's warning on a flagged answer, the faithfulness
+    verdict where one is stated, the model and the AI nature."""
     call = "POSITIVE" if decision(probability, model.threshold) else "NEGATIVE"
-    p, t = format_pair(probability, model.threshold)  # as many decimals as show the decision
-    return (f"P(pneumonia) = {p}; {call} (threshold {t}); "
-            f"model {model.name} {model.version}; AI-generated - not for diagnostic use")
+    line, t = probability_lines(probability, model.threshold, model.assumed_prevalence)
+    parts = [f"{line}; {call} (threshold {t})"]
+    if trust is not None and trust.gate is not None:
+        parts.append(f"WARNING: outside the model's training distribution ({trust.gate_line(model)})")
+    if trust is not None and trust.faithfulness is not None and model.faithfulness_cutoff is not None:
+        parts.append(faithfulness_line(trust.faithfulness, model.faithfulness_cutoff))
+    parts += [f"model {model.name} {model.version}", "AI-generated - not for diagnostic use"]
+    return "; ".join(parts)
 
 
 def build_presentation_state(
@@ -142,7 +149,7 @@ def build_presentation_state(
                                      description="AI result: probability and decision")
     margin = max(2.0, round(min(rows, cols) * 0.015))
     text = hd.pr.TextObject(
-        text_value=result_text(probability, model), units=hd.pr.AnnotationUnitsValues.PIXEL,
+        text_value=result_text(probability, model, trust), units=hd.pr.AnnotationUnitsValues.PIXEL,
         bounding_box=(margin, margin, cols - margin, margin + max(8.0, rows * 0.06)),
     )
     annotations = [hd.pr.GraphicAnnotation(referenced_images=[reference], graphic_layer=text_layer,

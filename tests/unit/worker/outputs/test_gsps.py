@@ -145,6 +145,28 @@ def test_a_withheld_answer_gets_no_gsps() -> None:
                                  trust=trust)
 
 
+def test_the_text_says_what_the_sc_says_of_a_flagged_answer_and_its_faithfulness(tmp_path: Path) -> None:
+    """An answer the gate flagged (``model.ood_action = "flag"``) is outlined over the reader's own
+    image: the GSPS's text carries the warning, and the faithfulness verdict, as the SC does."""
+    source = synthetic_cr()
+    model = dataclasses.replace(MODEL_V2, faithfulness_cutoff=2.5)
+    trust = Trust(ood_score=99.0, gate=GATE_OOD_SCORE, faithfulness=0.4)
+    gsps = build_presentation_state(source, hot_gradcam(), 0.9, model, output_uids(source, "2"), SETTINGS,
+                                    trust=trust)
+    gsps.save_as(tmp_path / "gsps.dcm", enforce_file_format=True)
+    assert dciodvfy_errors(tmp_path / "gsps.dcm") == []
+    texts = [t.UnformattedTextValue for a in pydicom.dcmread(tmp_path / "gsps.dcm").GraphicAnnotationSequence
+             for t in a.get("TextObjectSequence", [])]
+    assert len(texts) == 1
+    assert "WARNING: outside the model's training distribution" in texts[0]
+    assert "Heatmap faithfulness: not above chance" in texts[0]
+    assert "AI-generated - not for diagnostic use" in texts[0]
+    plain = build_presentation_state(source, hot_gradcam(), 0.9, MODEL_V2, output_uids(source, "2"), SETTINGS)
+    plain_text = [t.UnformattedTextValue for a in plain.GraphicAnnotationSequence
+                  for t in a.get("TextObjectSequence", [])][0]
+    assert "WARNING" not in plain_text and "faithfulness" not in plain_text
+
+
 def test_a_long_model_name_still_makes_a_valid_gsps(tmp_path: Path) -> None:
     """Descriptions that name the model are LO (64 characters): a long name must not break them."""
     source = synthetic_cr()
