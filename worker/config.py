@@ -193,6 +193,15 @@ class Hl7Destination(_Section):
     def _check_tls(self) -> Hl7Destination:
         if self.tls_ca is not None and not self.tls:
             raise ValueError(f"{self.mllp}: tls_ca is set but the scheme is mllp://; use mllps:// for TLS")
+        if self.tls_ca is not None:
+            import ssl
+
+            if not self.tls_ca.is_file():
+                raise ValueError(f"{self.mllp}: tls_ca file not found: {self.tls_ca}")
+            try:  # the outbox builds its TLS context at start: a bad bundle is a config error, named here
+                ssl.create_default_context(cafile=str(self.tls_ca))
+            except (ssl.SSLError, ValueError, OSError) as exc:
+                raise ValueError(f"{self.mllp}: tls_ca {self.tls_ca} is not a PEM CA bundle: {exc}") from None
         return self
 
     @property

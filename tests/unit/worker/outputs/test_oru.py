@@ -3,6 +3,8 @@ triage flag, and the hl7 destination's settings."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import hl7
 import pytest
 from hl7apy.consts import VALIDATION_LEVEL
@@ -93,3 +95,13 @@ def test_hl7_destinations_parse_as_strings_and_tables() -> None:
         Hl7Destination(mllp="mllp://ris:2575", tls_ca="/etc/ca.pem")  # type: ignore[arg-type]
     with pytest.raises(ValidationError, match="triage_threshold"):
         Settings(hl7={"triage_threshold": 1.5})
+
+
+def test_a_missing_or_bad_tls_ca_is_a_config_error_naming_it(tmp_path: Path) -> None:
+    """Named when the settings are read, not a traceback from the outbox's TLS context at start."""
+    with pytest.raises(ValidationError, match="tls_ca file not found"):
+        Hl7Destination(mllp="mllps://ris:2576", tls_ca=tmp_path / "missing.pem")  # type: ignore[arg-type]
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate\n")
+    with pytest.raises(ValidationError, match="is not a PEM CA bundle"):
+        Hl7Destination(mllp="mllps://ris:2576", tls_ca=bad)  # type: ignore[arg-type]
