@@ -112,7 +112,8 @@ class MllpClient:
         return buffer[start + 1 if start >= 0 else 0 : buffer.index(END)]
 
     def _judge(self, ack: bytes, control_id: str) -> SendError | None:
-        """None for an AA to ``control_id``; otherwise why not (all retried)."""
+        """None for an AA to ``control_id`` (or a CA: a receiver in enhanced mode has committed it
+        to safe storage, and a resend would only duplicate it); otherwise why not (all retried)."""
         try:
             parsed = parse_message(ack.decode("utf-8", "replace").replace("\n", "\r").strip("\r"),
                                    validation_level=VALIDATION_LEVEL.TOLERANT, find_groups=False)
@@ -121,6 +122,6 @@ class MllpClient:
             return SendError(f"{self.dest}: unreadable ACK ({type(exc).__name__})")
         if about != control_id:
             return SendError(f"{self.dest}: ACK for another message (MSA-2 does not match MSH-10)")
-        if code == "AA":
+        if code in ("AA", "CA"):
             return None
         return SendError(f"{self.dest}: acknowledged {code or 'without MSA-1'}")

@@ -105,3 +105,14 @@ def test_a_missing_or_bad_tls_ca_is_a_config_error_naming_it(tmp_path: Path) -> 
     bad.write_text("not a certificate\n")
     with pytest.raises(ValidationError, match="is not a PEM CA bundle"):
         Hl7Destination(mllp="mllps://ris:2576", tls_ca=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("code", "delivered"), [("AA", True), ("CA", True), ("AE", False), ("AR", False),
+                                                 ("CE", False), ("CR", False)])
+def test_an_accept_or_commit_accept_is_delivered_anything_else_is_retried(code: str, delivered: bool) -> None:
+    from worker.mllp import MllpClient
+
+    client = MllpClient(Hl7Destination(mllp="mllp://127.0.0.1:2575"))
+    ack = f"MSH|^~\\&|RIS|H|CXR|H|20261206120000||ACK^R01^ACK|A1|P|2.5.1\rMSA|{code}|MSG1\r".encode()
+    assert (client._judge(ack, "MSG1") is None) is delivered
+    assert client._judge(ack, "OTHER") is not None  # an answer about another message never counts
