@@ -78,10 +78,12 @@ def from_labels_csv(labels: Path, images: Path) -> list[Labelled]:
             raise DataError(f"{labels}: needs columns image and label (and optionally patient); "
                             f"has {reader.fieldnames}")
         for row_no, row in enumerate(reader, start=2):
-            if row["label"].strip() not in ("0", "1"):
-                raise DataError(f"{labels} row {row_no}: label must be 0 or 1. Received: {row['label']!r}")
-            path = images / row["image"]
-            out.append(Labelled(path, int(row["label"]), row.get("patient") or row["image"]))
+            label, image = (row.get("label") or "").strip(), (row.get("image") or "").strip()
+            if label not in ("0", "1"):
+                raise DataError(f"{labels} row {row_no}: label must be 0 or 1. Received: {row.get('label')!r}")
+            if not image:
+                raise DataError(f"{labels} row {row_no}: no image path")
+            out.append(Labelled(images / image, int(label), row.get("patient") or image))
     return out
 
 

@@ -25,3 +25,15 @@ def test_recalibrate_refuses_too_few_labelled_images(tmp_path: Path, capsys: pyt
     err = capsys.readouterr().err
     assert code == 1 and "5 with pneumonia and 40 without; at least 20 of each" in err, err
     assert not (tmp_path / "site.onnx").exists() and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("row", "said"), [("7.png", "row 3: label must be 0 or 1"),
+                                           (",1", "row 3: no image path"),
+                                           ("8.png,maybe", "row 3: label must be 0 or 1")])
+def test_a_short_or_bad_labels_row_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str], row: str,
+                                            said: str) -> None:
+    (tmp_path / "labels.csv").write_text(f"image,label\n1.png,1\n{row}\n")
+    code = cxr_train(["recalibrate", "--model", str(tmp_path / "model.onnx"), "--labels", str(tmp_path / "labels.csv"),
+                      "--images", str(tmp_path), "--out", str(tmp_path / "site.onnx")])
+    err = capsys.readouterr().err
+    assert code == 1 and said in err and "Traceback" not in err, err
