@@ -1,4 +1,4 @@
-"""Sources and models for the output builders' tests (tests/unit/worker/outputs/test_build.py,
+"""Sources and models for the output builders' tests (tests/unit/worker/outputs/test_sc.py, test_sr.py,
 test_outputs.py, tests/integration/test_outputs_e2e.py): a real CR, a small synthetic one, a Grad-CAM map."""
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import pydicom
 import pytest
 
 from tests.helpers import dciodvfy_errors
-from tests.unit.worker.outputs.test_build import MODEL, SETTINGS, hot_gradcam, synthetic_cr, walk
+from tests.unit.worker.outputs.builders import MODEL, SETTINGS, hot_gradcam, synthetic_cr, walk
 from worker.config import get_settings
 from worker.decode import dataset_to_unit_image
 from worker.errors import ConfigError

@@ -1,14 +1,19 @@
-"""The SC's pixels drawn the fast way (uint8 blend table, text blended only in its boxes)
-look the same as the float blend over the whole image: the text to the bit, the heatmap to
-one grey level."""
+"""The SC's pixels: drawn the fast way (uint8 blend table, text blended only in its boxes) they
+look the same as the float blend over the whole image (the text to the bit, the heatmap to one
+grey level); what the heatmap and the text show, at any size."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import cv2
 import numpy as np
 import pytest
 
-from worker.outputs import display_gray, render, render_heatmap_overlay, render_withheld
+from tests.dicom_outputs import MODEL_V2, hot_gradcam
+from tests.unit.worker.outputs.builders import one_cell, redness
+from worker.model import GATE_OOD_SCORE
+from worker.outputs import Trust, display_gray, faithfulness_line, render, render_heatmap_overlay, render_withheld
 
 
 def _float_blend(unit: np.ndarray, heat: np.ndarray, opacity: float) -> np.ndarray:
@@ -127,3 +132,64 @@ def test_text_block_and_colour_bar_never_overlap(rows: int, cols: int) -> None:
     if plan.bar is not None:
         x, y, w, h = plan.bar
         np.testing.assert_array_equal(rgb[y:y + h, x + w // 2], render._jet(np.linspace(1.0, 0.0, h)[:, None])[:, 0])
+
+
+def test_all_zero_map_adds_no_colour() -> None:
+    image = np.tile(np.linspace(0, 1, 256, dtype=np.float32), (256, 1))
+    rgb = render_heatmap_overlay(
+        image, np.zeros((7, 7)), probability=0.2, threshold=0.5, model_name="m", model_version="v"
+    )
+    lower = rgb[160:].astype(int)  # below the text block and the colour bar
+    assert rgb.shape == (256, 256, 3) and rgb.dtype == np.uint8
+    assert np.abs(lower[..., 0] - lower[..., 2]).max() <= 1
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (16, 16), (64, 64), (5, 300), (300, 5)])
+def test_tiny_and_odd_images_render(shape: tuple[int, int]) -> None:
+    rgb = render_heatmap_overlay(
+        np.full(shape, 0.5, np.float32), hot_gradcam(), probability=0.9, threshold=0.5,
+        model_name="test-model", model_version="1.2.3",
+    )
+    assert rgb.shape == (*shape, 3) and rgb.dtype == np.uint8
+
+
+def test_fixed_heatmap_scale_keeps_a_barely_positive_cell_cold() -> None:
+    image = np.full((256, 256), 0.5, np.float32)
+    kw: dict[str, Any] = {"probability": 0.9, "threshold": 0.5, "model_name": "m", "model_version": "v"}
+    cell = (slice(200, 216), slice(200, 216))  # the hot cell at [6, 6] of an 8 x 8 grid
+    per_image = render_heatmap_overlay(image, one_cell(0.01), **kw)
+    fixed = render_heatmap_overlay(image, one_cell(0.01), heatmap_scale=4.0, **kw)
+    full = render_heatmap_overlay(image, one_cell(4.0), heatmap_scale=4.0, **kw)
+    assert redness(per_image[cell]) > 40  # scaled by its own peak: drawn full red
+    assert abs(redness(fixed[cell])) < 3  # 0.01 of a scale of 4: stays gray-blue, not red
+    assert redness(full[cell]) > 40
+
+
+def test_negative_decision_is_painted_only_when_configured() -> None:
+    image = np.full((256, 256), 0.5, np.float32)
+    kw: dict[str, Any] = {"probability": 0.2, "threshold": 0.5, "model_name": "m", "model_version": "v",
+                          "heatmap_scale": 4.0}
+    plain = render_heatmap_overlay(image, hot_gradcam(), **kw)
+    painted = render_heatmap_overlay(image, hot_gradcam(), paint_negative=True, **kw)
+    assert np.array_equal(plain[..., 0], plain[..., 2])
+    assert redness(painted[160:, 160:]) > 10
+
+
+def test_faithfulness_is_printed_beside_the_probability() -> None:
+    image = np.full((256, 512), 0.5, np.float32)
+    kw: dict[str, Any] = {"probability": 0.9, "threshold": 0.5, "model_name": "m", "model_version": "v",
+                          "heatmap_scale": 4.0}
+    without = render_heatmap_overlay(image, hot_gradcam(), **kw)
+    with_it = render_heatmap_overlay(image, hot_gradcam(), faithfulness=1.5, faithfulness_cutoff=1.2, **kw)
+    assert not np.array_equal(without, with_it)
+    # No cut-off (a model exported before it): no statement, rather than an uncalibrated one.
+    assert np.array_equal(without, render_heatmap_overlay(image, hot_gradcam(), faithfulness=1.5, **kw))
+    assert faithfulness_line(1.5, 1.2) == "Heatmap faithfulness: above chance (z +1.50, cut-off 1.20)"
+    assert faithfulness_line(-0.2, 1.2) == "Heatmap faithfulness: not above chance (z -0.20, cut-off 1.20)"
+    # Printed at a precision that shows the side of the cut-off the verdict is on.
+    assert faithfulness_line(1.2004, 1.2) == "Heatmap faithfulness: above chance (z +1.2004, cut-off 1.2000)"
+
+
+def test_ood_numbers_printed_apart_when_close() -> None:
+    trust = Trust(ood_score=10.0004, gate=GATE_OOD_SCORE)
+    assert trust.gate_line(MODEL_V2) == "OOD score 10.0004 > threshold 10"
