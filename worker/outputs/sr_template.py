@@ -178,3 +178,4 @@ class LRU:
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+            self.builds = 0
