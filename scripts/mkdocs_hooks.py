@@ -127,7 +127,16 @@ def outputs(d: dict[str, Any]) -> str:
         psnr = "lossless" if r["psnr_db"] == float("inf") else f"{r['psnr_db']:.1f} dB"
         enc = "—" if name == "none" else f"{_ms(r['encode']['p50_ms'])} / {_ms(r['encode']['cpu_p50_ms'])} ms"
         rows.append([f"`{name}`", f"{r['file_bytes'] / 1e6:.2f} MB", psnr, f"{_ms(r['build']['p50_ms'])} ms", enc])
-    return _table(["`output.sc_compression`", "file", "PSNR", "build p50 (wall)", "encode p50 wall / CPU"], rows)
+    table = _table(["`output.sc_compression`", "file", "PSNR", "build p50 (wall)", "encode p50 wall / CPU"], rows)
+    sr = d.get("sr")
+    if not sr:
+        return table
+    labels = {"highdicom": "highdicom for every image (`build_report_highdicom`)",
+              "template": "template filled per image (`build_report`)"}
+    sr_rows = [[label, f"{_ms(sr[k]['build_cpu_p50_ms'])} ms", f"{_ms(sr[k]['build_encode_cpu_p50_ms'])} ms",
+                f"{_ms(sr[k]['first_cpu_ms'])} ms"] for k, label in labels.items()]
+    sr_rows.append(["speed-up", "", f"{sr['speedup_build_encode']:.1f}x", ""])
+    return table + "\n\n" + _table(["SR, CPU per image (p50)", "build", "build + encode", "first image"], sr_rows)
 
 
 def gradcam(d: dict[str, Any]) -> str:
