@@ -116,14 +116,30 @@ def both(source: Dataset, model: Any, probability: float, trust: Trust, link: st
                                    now=NOW)
 
 
+def other_values(source: Dataset, probability: float, trust: Trust, link: str | None
+                 ) -> tuple[Dataset, float, Trust, str | None]:
+    """Another image of the same shape with a different value wherever one can differ: patient,
+    UIDs, modality, size, orientation, spacing, the decision, scores, verdict and link."""
+    source = patient(source, "Second^Image", "ID-2")
+    source.Modality, source.Rows, source.Columns = "DX", 48, 40
+    if "PatientOrientation" in source:
+        source.PatientOrientation = ["P", "H"]
+    if "ImagerPixelSpacing" in source:
+        source.ImagerPixelSpacing = [0.15, 0.143]
+    trust = dataclasses.replace(
+        trust, ood_score=None if trust.ood_score is None else trust.ood_score + 0.5,
+        faithfulness=None if trust.faithfulness is None else -trust.faithfulness)
+    return source, round(1 - probability, 3), trust, link and link + "7"
+
+
 @pytest.mark.parametrize("source", list(SOURCES))
 @pytest.mark.parametrize("case", list(CASES))
 def test_template_sr_is_highdicoms_element_for_element(source: str, case: str, tmp_path: Path) -> None:
     model, probability, trust, link = CASES[case]
-    # Two images of two patients in a row: the second is filled into the first one's template.
-    for n, image in enumerate((patient(SOURCES[source](), "First^Image", "ID-1"),
-                               patient(SOURCES[source](), "Second^Image", "ID-2"))):
-        reference, fast = both(image, model, probability, trust, link)
+    first = (patient(SOURCES[source](), "First^Image", "ID-1"), probability, trust, link)
+    # Two images in a row: the second is filled into the template the first one built.
+    for n, (image, p, t, url) in enumerate((first, other_values(SOURCES[source](), probability, trust, link))):
+        reference, fast = both(image, model, p, t, url)
         assert differences(reference, fast) == [], f"image {n + 1}"
         assert differences(reference.file_meta, fast.file_meta) == []
         assert encode(fast) == encode(reference)  # byte for byte, as it goes to the PACS
