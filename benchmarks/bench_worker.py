@@ -84,7 +84,9 @@ def bench_trust(v1: Path, v2: Path, repeat: int) -> dict[str, Any]:
         cams = [p.gradcam for p in v2_model.predict(x)]
         t_faith = timed(lambda x=x, cams=cams: v2_model.faithfulness(x, cams), repeat)
         pairs = list(zip(x, cams, strict=True))
-        t_impute = timed(lambda pairs=pairs: [faithfulness.perturbed_inputs(a, c) for a, c in pairs], repeat)
+        ref = v2_model._faith_reference  # the worker's fill, from the model's metadata
+        t_impute = timed(lambda pairs=pairs, ref=ref: [faithfulness.perturbed_inputs(a, c, reference=ref)
+                                                       for a, c in pairs], repeat)
         per = 1000 / batch
         out[f"v1_predict_b{batch}"] = {**summary(t_v1), "ms_per_image": per * np.median(t_v1)}
         out[f"v2_predict_b{batch}"] = {**summary(t_v2), "ms_per_image": per * np.median(t_v2)}
@@ -128,10 +130,12 @@ def bench_stages(full: Path, repeat: int, *, faithfulness: bool = True) -> dict[
 def export_e2e_model(target: Path, size: int = SIZE) -> Path:
     """A contract-v2 ResNet-50 (random weights) with the exporter's graph: the end-to-end
     run needs only its shape and cost. Its gate never fires (threshold 1e30) and its
-    decision threshold is 0, so every image is answered with a painted heatmap (the most
-    expensive output), scaled so that the real chest's hottest cell is full colour."""
+    decision threshold is 0, so every image is answered with a painted heatmap and its
+    faithfulness (the most expensive output), scaled so that the real chest's hottest cell is
+    full colour."""
     import onnx
 
+    from cxr_contract import faithfulness
     from cxr_contract.model import CONTRACT_VERSION, GRADCAM_OUTPUT, INPUT_NAME, Meta
     from trainer.config import ModelSection
     from trainer.export import prune_to_contract, to_onnx
@@ -156,7 +160,11 @@ def export_e2e_model(target: Path, size: int = SIZE) -> Path:
         Meta.INPUT_SIZE: str(size), Meta.THRESHOLD: "0.0", Meta.WEIGHTS_SHA256: "0" * 64,
         Meta.FEATURE_LAYER: "conv5_block3_out",
         Meta.OOD_THRESHOLD: "1e30", Meta.HEATMAP_SCALE: f"{max(float(cam.max()), 1e-12):.6g}",
-        Meta.PRECISION: "fp32"})
+        Meta.PRECISION: "fp32",
+        # Heatmap faithfulness as an exported model states it, so its run is in the numbers
+        # (a model without a cut-off and its reference states none and skips the run).
+        Meta.FAITHFULNESS_CUTOFF: "0",
+        Meta.FAITHFULNESS_REFERENCE: faithfulness.encode_reference(faithfulness.reference_image(x))})
     target.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(proto, str(target))
     return target
