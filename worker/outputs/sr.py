@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+import weakref
 from datetime import datetime
 
 import highdicom as hd
@@ -274,6 +276,21 @@ _SHAPE_ATTRIBUTES = ("SOPClassUID", "Modality", "Rows", "Columns", "PatientOrien
                      "SamplesPerPixel", "PixelRepresentation", "NumberOfFrames", "SpecificCharacterSet")
 
 
+_MODEL_KEYS: dict[int, tuple[weakref.ref[ModelInfo], str]] = {}
+
+
+def _model_key(model: ModelInfo) -> str:
+    """A digest of every field of ``model``, computed once per model object: its repr carries the
+    faithfulness reference image and the drift reference, too long to rebuild for every SR."""
+    entry = _MODEL_KEYS.get(id(model))
+    if entry is None or entry[0]() is not model:  # a new object, or a dead one's reused id
+        if len(_MODEL_KEYS) >= 64:
+            _MODEL_KEYS.clear()
+        entry = (weakref.ref(model), hashlib.sha256(repr(model).encode()).hexdigest())
+        _MODEL_KEYS[id(model)] = entry
+    return entry[1]
+
+
 def _per_image(source: Dataset, probability: float, model: ModelInfo, trust: Trust, uids: OutputUIDs,
                settings: BuildSettings, review_url: str | None) -> list[hd.sr.ContentItem]:
     """The content items whose values can differ from one image to the next, each built as
@@ -346,7 +363,7 @@ def build_report(
     now = now or datetime.now()
     reference = as_reference(source)
     per_image = _per_image(source, probability, model, trust, uids, settings, review_url)
-    shape = (repr(model), settings.model_dump_json(), repr(source.get("SpecificCharacterSet")),
+    shape = (_model_key(model), settings.model_dump_json(), repr(source.get("SpecificCharacterSet")),
              tuple(slot_of(item) for item in per_image))
     template = TEMPLATES.get(shape, lambda: _template(source, sc, probability, model, trust, settings, review_url))
     if template is None:  # a shape the template cannot express: highdicom builds each one

@@ -196,3 +196,16 @@ def test_lru_keeps_the_most_recently_used() -> None:
     cache.get("a", lambda: None)  # a is now the most recent
     cache.get("c", lambda: None)  # so b goes
     assert list(cache._items) == ["a", "c"] and cache.builds == 3
+
+
+def test_another_model_or_site_setting_gets_its_own_template() -> None:
+    model, probability, trust, link = CASES["v1-positive"]
+    renamed = dataclasses.replace(model, name="other-model")
+    for m in (model, renamed, model):
+        uids = output_uids(source := synthetic_cr(), m.version)
+        sc = build_secondary_capture(source, np.zeros((64, 64, 3), np.uint8), uids, m, SETTINGS)
+        for settings in (SETTINGS, SETTINGS.model_copy(update={"institution_name": "Other Hospital"})):
+            reference = build_report_highdicom(source, sc, probability, m, uids, settings, now=NOW)
+            fast = build_report(source, sc, probability, m, uids, settings, now=NOW)
+            assert differences(reference, fast) == [] and encode(fast) == encode(reference)
+    assert TEMPLATES.builds == 4
