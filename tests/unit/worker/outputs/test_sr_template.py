@@ -7,6 +7,7 @@ import dataclasses
 import datetime
 import types
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -209,3 +210,24 @@ def test_another_model_or_site_setting_gets_its_own_template() -> None:
             fast = build_report(source, sc, probability, m, uids, settings, now=NOW)
             assert differences(reference, fast) == [] and encode(fast) == encode(reference)
     assert TEMPLATES.builds == 4
+
+
+def test_build_threads_share_one_template_without_mixing_images() -> None:
+    model, probability, trust, link = CASES["passed-gate-faithful"]
+    images = [patient(synthetic_cr(), f"Patient^{n}", f"ID-{n:03d}") for n in range(16)]
+    inputs = []
+    for image in images:
+        uids = output_uids(image, model.version)
+        inputs.append((image, build_secondary_capture(image, np.zeros((64, 64, 3), np.uint8), uids, model, SETTINGS,
+                                                      trust=trust), uids))
+
+    def fast(args: tuple[Dataset, Dataset, Any]) -> bytes:
+        image, sc, uids = args
+        return encode(build_report(image, sc, probability, model, uids, SETTINGS, trust=trust, review_url=link,
+                                   now=NOW))
+
+    with ThreadPoolExecutor(4) as pool:
+        built = list(pool.map(fast, inputs))
+    for (image, sc, uids), got in zip(inputs, built, strict=True):
+        assert got == encode(build_report_highdicom(image, sc, probability, model, uids, SETTINGS, trust=trust,
+                                                    review_url=link, now=NOW))
