@@ -26,15 +26,15 @@ same shape elsewhere, by that many logits. The logit is the graph's calibrated `
 compute the same number for the same image; a site's prevalence adds a constant to the logit,
 which cancels in the difference.
 
-"Above chance" needs a null: maps that know nothing about the image (uniform random grids and
-a centred Gaussian) are scored the same way on validation images at export, and the cut-off is
-the split-conformal quantile of their scores at :data:`NULL_RATE` (the larger of the two
-families'), stored in the model's metadata (``Meta.FAITHFULNESS_CUTOFF``). A map above the
+"Above chance" needs a null: maps that know nothing about the image (uniform random grids, a
+centred Gaussian and a constant map) are scored the same way on validation images at export, and
+the cut-off is the split-conformal quantile of their scores at :data:`NULL_RATE` (the largest of
+the three families'), stored in the model's metadata (``Meta.FAITHFULNESS_CUTOFF``). A map above the
 cut-off shows a region the model depends on more than a knowledge-free map's region would, on
 all but about :data:`NULL_RATE` of images; it does NOT show that the region is the disease.
 A knowledge-free map's region sometimes lands on the opacity by luck, and then it is as good as
 any map: those lucky hits set the cut-off, which is why the hot region is small (a lucky hit is
-rarer) and the null rate is 5 % rather than lower.
+rarer).
 
 Every random choice here has a fixed seed and none depends on the map's values, so the same
 image gets the same regions in TensorFlow and in ONNX Runtime at any precision; the only
@@ -68,8 +68,9 @@ FEATHER_PX = 2.0
 #: ROAD's noise term: standard deviation of the noise added to imputed pixels (image in [0, 1]).
 NOISE = 0.01
 #: Share of knowledge-free maps allowed above the cut-off on validation images.
-NULL_RATE = 0.05
-#: Uniform random grids scored per validation image for the null (beside one centred Gaussian).
+NULL_RATE = 0.03
+#: Uniform random grids scored per validation image for the null (beside one centred Gaussian
+#: and one constant map).
 NULL_RANDOM_MAPS = 4
 #: Seeds: fixed, so the regions and noise never depend on the map's (backend-specific) values.
 OFFSET_SEED, NOISE_SEED, NULL_SEED = 20240607, 7, 11
@@ -288,14 +289,16 @@ def conformal_cutoff(values: Array, rate: float) -> tuple[float, float]:
 def null_cutoff(logit_of: Callable[[Array], Array], images: Array, grid: tuple[int, int],
                 rate: float = NULL_RATE, reference: Array | None = None) -> dict[str, Any]:
     """The "above chance" cut-off from knowledge-free maps on ``images`` (validation images):
-    :data:`NULL_RANDOM_MAPS` uniform random grids per image and the centred Gaussian, each
-    family's conformal quantile at ``rate``, the larger of the two kept."""
+    :data:`NULL_RANDOM_MAPS` uniform random grids per image, the centred Gaussian and a constant
+    map (its ties broken by cell index: always the same corner), each family's conformal quantile
+    at ``rate``, the largest of the three kept."""
     h, w = grid
     n = len(images)
     rand = random_maps(n * NULL_RANDOM_MAPS, h, w)
     reps = np.repeat(images, NULL_RANDOM_MAPS, axis=0)
     families = {"random_map": scores(logit_of, reps, rand, reference=reference),
-                "centre_map": scores(logit_of, images, centre_map(h, w), reference=reference)}
+                "centre_map": scores(logit_of, images, centre_map(h, w), reference=reference),
+                "constant_map": scores(logit_of, images, np.ones((h, w)), reference=reference)}
     cut = {name: conformal_cutoff(v, rate) for name, v in families.items()}
     worst = max(cut, key=lambda name: cut[name][0])
     return {
