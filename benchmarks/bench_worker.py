@@ -170,15 +170,17 @@ def export_e2e_model(target: Path, size: int = SIZE) -> Path:
     return target
 
 
-def quantize_e2e_model(fp32: Path, target: Path, size: int = SIZE) -> Path:
+def quantize_e2e_model(fp32: Path, target: Path, size: int = SIZE, variant: str | None = None) -> Path:
     """The end-to-end model reduced to int8 by ``trainer.quantize.quantize_int8``,
-    calibrated on the real chest and 15 phantoms (the runs in docs/benchmarks.md)."""
+    calibrated on the real chest and 15 phantoms (the runs in docs/benchmarks.md), in
+    ``variant`` (default: the one export tries first on this CPU, u8s8 with VNNI; random
+    weights make export's own verification meaningless, so none is run here)."""
     import pydicom
     from pydicom.data import get_testdata_file
 
     from cxr_contract.pixels import resize_for_model, to_unit_range
     from trainer.phantoms import make_phantom
-    from trainer.quantize import quantize_int8
+    from trainer.quantize import int8_variants, quantize_int8
     from worker.decode import dataset_to_model_input
 
     rng = np.random.default_rng(0)
@@ -186,7 +188,8 @@ def quantize_e2e_model(fp32: Path, target: Path, size: int = SIZE) -> Path:
     for i in range(15):
         image, _ = make_phantom(rng, 256, bool(i % 2))
         calibration.append(resize_for_model(to_unit_range(image), size)[..., None])
-    return Path(quantize_int8(fp32, np.stack(calibration).astype(np.float32), target))
+    return Path(quantize_int8(fp32, np.stack(calibration).astype(np.float32), target,
+                              variant=variant or int8_variants()[0]))
 
 
 STAGES = ("receive", "decode", "infer", "build", "send")
@@ -381,7 +384,12 @@ def bench_end_to_end(model: Path, work: Path, *, root: Path, latency_images: int
         [sys.executable, "-m", "worker.cli", "serve", "--bind", "127.0.0.1", "--port", str(wport), "--model",
          str(model), "--spool", str(work / "spool"), "--destination", f"RECV@127.0.0.1:{rport}"],
         cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
-    out: dict[str, Any] = {"worker_root": str(root), "model": str(model), "worker_env": worker_env or {}}
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(model), load_external_data=False).metadata_props}
+    out: dict[str, Any] = {"worker_root": str(root), "model": str(model), "worker_env": worker_env or {},
+                           "precision": meta.get("precision", "fp32"), "int8_variant": meta.get("int8_variant"),
+                           "states_faithfulness": "faithfulness_reference" in meta}
     try:
         wait_port(wport, 120)
         wait_port(rport, 30)
@@ -454,8 +462,13 @@ def counter_total(metrics_port: int, name: str) -> float:
 
 def end_to_end_rows(e2e: dict[str, Any]) -> list[tuple[str, str]]:
     lat = e2e["latency"]
-    rows = [("end to end latency, one image at a time",
-             f"p50 {lat['p50_ms'] / 1000:.2f} s, p95 {lat['p95_ms'] / 1000:.2f} s (goal p95 <= 0.5 s; "
+    variant = f" {e2e['int8_variant']}" if e2e.get("int8_variant") else ""
+    faith = {True: "on", False: "off (no cut-off)", None: "?"}[e2e.get("states_faithfulness")]
+    if e2e.get("worker_env", {}).get("CXR_MODEL__FAITHFULNESS", "").lower() in ("0", "false"):
+        faith = "off (model.faithfulness = false)"
+    rows = [("model", f"{e2e.get('precision', '?')}{variant}, heatmap faithfulness {faith}"),
+            ("end to end latency, one image at a time",
+             f"p50 {lat['p50_ms'] / 1000:.2f} s, p95 {lat['p95_ms'] / 1000:.2f} s (goal p95 <= 0.3 s; "
              f"n={lat['n']}, one every {lat['interval_s']:.1f} s, load {lat['load_average_1m'][0]:.1f})")]
     phases = [("latency", lat)] + [(k, v) for k, v in e2e.items() if k.startswith("senders_")]
     for k, v in phases[1:]:
@@ -493,6 +506,8 @@ def main() -> None:
                    "(trainer.quantize)")
     p.add_argument("--worker-root", type=Path, default=Path(__file__).resolve().parent.parent,
                    help="source tree the worker runs from (another checkout, to compare before and after)")
+    p.add_argument("--int8-variant", choices=("u8s8", "s8s8", "u8u8"),
+                   help="with --int8: this signedness (default: the one export tries first on this CPU)")
     p.add_argument("--latency-images", type=int, default=20)
     p.add_argument("--interval", type=float, default=2.0, help="seconds between latency images")
     p.add_argument("--throughput-images", type=int, default=24, help="per number of senders")
@@ -525,7 +540,7 @@ def main() -> None:
                 stages["build_sc_sr_without_faithfulness"] = stages_no_faith["build_sc_sr"]
             e2e_model = args.model or export_e2e_model(work / "e2e.onnx")
             if args.int8 and not args.model:
-                e2e_model = quantize_e2e_model(e2e_model, work / "e2e_int8.onnx")
+                e2e_model = quantize_e2e_model(e2e_model, work / "e2e_int8.onnx", variant=args.int8_variant)
             quick = 0.5 if args.quick else 1.0
             e2e = bench_end_to_end(e2e_model.resolve(), work / "e2e", root=args.worker_root.resolve(),
                                    latency_images=max(4, round(args.latency_images * quick)),

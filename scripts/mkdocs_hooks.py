@@ -102,7 +102,15 @@ def e2e(*runs: dict[str, Any]) -> str:
         e = d["end_to_end"]
         lat, one, four = e["latency"], e["senders_1"], e["senders_4"]
         st = lat["stages"]
-        rows.append([Path(str(e.get("model", "?"))).name,
+        model = e.get("precision", Path(str(e.get("model", "?"))).name) + (
+            f" {e['int8_variant']}" if e.get("int8_variant") else "")
+        env = e.get("worker_env", {})
+        if "states_faithfulness" in e:
+            off = not e["states_faithfulness"] or env.get("CXR_MODEL__FAITHFULNESS", "").lower() in ("0", "false")
+            model += ", faithfulness " + ("off" if off else "on")
+        if env.get("CXR_PROCESSING__WORKERS"):
+            model += f", workers {env['CXR_PROCESSING__WORKERS']}"
+        rows.append([model,
                      f"{lat['p50_ms'] / 1000:.2f} / {lat['p95_ms'] / 1000:.2f} s",
                      f"{one['images_per_s']:.2f} / {four['images_per_s']:.2f}",
                      " / ".join(f"{st[k]['mean_ms']:.0f}" for k in ("receive", "decode", "infer", "build", "send")),
