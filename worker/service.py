@@ -51,7 +51,8 @@ class Service:
         self.settings = settings
         self.spool = Spool(settings.spool.dir)
         self.processor = Processor(settings, model)
-        self.metrics = Metrics(ood_threshold=model.info.ood_threshold)
+        self.metrics = Metrics(ood_threshold=model.info.ood_threshold,
+                               faithfulness_cutoff=model.info.faithfulness_cutoff)
         self.drift = DriftMonitor(model.info, settings.drift, getattr(model, "adjustment", None))
         self.metrics.drift_limits(model.info.version, settings.drift, self.drift.reference is not None,
                                   model.info.false_gate_rate)

@@ -74,3 +74,13 @@ def test_the_reference_is_moved_to_the_site_s_prevalence_like_the_window() -> No
     for p in reported:
         state = unmoved.observe(p, ood_gated=False)
     assert state.psi is not None and state.psi_alarm
+
+
+def test_faithfulness_buckets_are_multiples_of_the_model_s_cut_off() -> None:
+    """A logit drop's scale differs by model (2.5 on one phantom model, 16 on another): the
+    buckets say how far above or below "above chance" the maps fall, whatever the model."""
+    metrics = Metrics(ood_threshold=70.0, faithfulness_cutoff=2.5)
+    metrics.faithfulness.labels("2.0").observe(2.6)
+    text = metrics.exposition().decode()
+    assert 'cxr_heatmap_faithfulness_bucket{le="2.5",model_version="2.0"} 0.0' in text
+    assert 'cxr_heatmap_faithfulness_bucket{le="2.75",model_version="2.0"} 1.0' in text
