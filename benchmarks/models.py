@@ -20,6 +20,7 @@ def export_random(work: Path, size: int = SIZE) -> tuple[Path, Path, Any]:
     ``probability``, ``logit`` and ``ood_score`` only (the Grad-CAM branch pruned away)."""
     import onnx
 
+    from cxr_contract import faithfulness
     from cxr_contract.model import CONTRACT_VERSION, LABELS, Meta
     from trainer.config import ModelSection
     from trainer.export import prune_to_contract, to_onnx, weights_sha256
@@ -34,7 +35,11 @@ def export_random(work: Path, size: int = SIZE) -> tuple[Path, Path, Any]:
             Meta.VERSION: "bench", Meta.INPUT_SIZE: str(size), Meta.THRESHOLD: "0.5",
             Meta.WEIGHTS_SHA256: weights_sha256(model), Meta.LABELS: json.dumps(list(LABELS)),
             Meta.FEATURE_LAYER: FEATURE_LAYER, Meta.OOD_THRESHOLD: "1e30", Meta.HEATMAP_SCALE: "1",
-            Meta.PRECISION: "fp32"}
+            Meta.PRECISION: "fp32",
+            # Heatmap faithfulness as an exported model has it (a cut-off and the healthy
+            # reference it fills from), so the worker pays its whole cost; the value means nothing.
+            Meta.FAITHFULNESS_CUTOFF: "1",
+            Meta.FAITHFULNESS_REFERENCE: faithfulness.encode_reference(faithfulness.reference_image(images(16, size)))}
     onnx.helper.set_model_props(full, meta)
     path = work / "gradcam-fp32.onnx"
     path.write_bytes(full.SerializeToString())

@@ -4,27 +4,37 @@ more than on other regions of the same shape?
 A ROAD-style deletion test (Rong et al., "A Consistent and Efficient Evaluation Strategy for
 Attribution Methods", ICML 2022). The hottest cells of the Grad-CAM grid, :data:`FRACTION` of
 the image, form the *hot region*. It is removed, and so, one at a time, are :data:`N_RANDOM`
-copies of the same region moved to other places on the image (shifted, wrapping at the
-edges), so the comparison is between regions of the same shape and area: a blob against
-blobs, never a blob against scattered cells. Removal is ROAD's noisy linear imputation: each
-removed pixel becomes a Gaussian-weighted mean of the kept pixels around it plus a little
-noise (:data:`NOISE`), which adds no edges for the model to react to.
+copies of the same region moved to other places on the image (shifted, wrapping at the edges,
+not overlapping it), so the comparison is between regions of the same shape and area: a blob
+against blobs, never a blob against scattered cells.
 
-The score is a z-score of the hot region's removal against the moved regions':
+Removal fills the region with what that place looks like on an average negative training image
+(the model's *healthy reference*, stored in its metadata), brought to this image's brightness
+and contrast, plus ROAD's small noise term (:data:`NOISE`). An average of the neighbouring
+pixels, ROAD's own fill, is the wrong counterfactual on a chest radiograph: a dark lung field
+is bordered by bright chest wall and mediastinum, so the average paints a new opacity where one
+was removed (on the phantoms it raised the logit whatever was removed).
 
-    faithfulness = (mean(logit_moved_removed) - logit_hot_removed) / max(sd(logit_moved_removed), SD_FLOOR)
+The score is the difference, in the model's calibrated logit, between removing the moved copies
+(on average) and removing the hot region:
 
-Positive: removing the hot region lowers the pneumonia logit more than removing the same shape
-elsewhere. A z-score is free of the logit's scale; where the logit is used it is the
-model's calibrated logit (the worker's ``logit`` output; ``evaluate`` divides by the same
-temperature), so the worker and ``evaluate`` compute the same number for the same image.
+    faithfulness = mean(logit with a moved copy removed) - logit with the hot region removed
 
-"Above chance" needs a null: maps that know nothing about the image (uniform random grids and
-a centred Gaussian) are scored the same way on validation images at export, and the cut-off is
-the split-conformal quantile of their scores at :data:`NULL_RATE` (the larger of the two
-families'), stored in the model's metadata (``Meta.FAITHFULNESS_CUTOFF``). A map above the
+Positive: removing the highlighted region lowers the pneumonia logit more than removing the
+same shape elsewhere, by that many logits. The logit is the graph's calibrated ``logit`` output
+(``evaluate`` divides by the same temperature), so the worker, ``evaluate`` and ``export``
+compute the same number for the same image; a site's prevalence adds a constant to the logit,
+which cancels in the difference.
+
+"Above chance" needs a null: maps that know nothing about the image (uniform random grids, a
+centred Gaussian and a constant map) are scored the same way on validation images at export, and
+the cut-off is the split-conformal quantile of their scores at :data:`NULL_RATE` (the largest of
+the three families'), stored in the model's metadata (``Meta.FAITHFULNESS_CUTOFF``). A map above the
 cut-off shows a region the model depends on more than a knowledge-free map's region would, on
 all but about :data:`NULL_RATE` of images; it does NOT show that the region is the disease.
+A knowledge-free map's region sometimes lands on the opacity by luck, and then it is as good as
+any map: those lucky hits set the cut-off, which is why the hot region is small (a lucky hit is
+rarer).
 
 Every random choice here has a fixed seed and none depends on the map's values, so the same
 image gets the same regions in TensorFlow and in ONNX Runtime at any precision; the only
@@ -33,6 +43,7 @@ float-noise dependence left is a near-tie in which cells are hottest.
 
 from __future__ import annotations
 
+import base64
 import math
 from collections.abc import Callable
 from typing import Any
@@ -44,21 +55,23 @@ from cxr_contract.pixels import finite_or_ends
 
 Array = np.ndarray[Any, Any]
 
-#: Fraction of the image's cells in the hot region (rounded to whole Grad-CAM cells, at least one).
-FRACTION = 0.2
+#: Fraction of the image's cells in the hot region (rounded to whole Grad-CAM cells, at least one):
+#: small, so that a knowledge-free map's region seldom covers an opacity by luck.
+FRACTION = 0.1
 #: Moved copies of the hot region each image is compared with (the score's null sample).
 N_RANDOM = 8
-#: A moved copy may overlap the hot region by at most this fraction of its area.
-MAX_OVERLAP = 0.5
+#: A moved copy may overlap the hot region by at most this fraction of its area: none, so that
+#: removing a copy never removes part of what the hot region removes.
+MAX_OVERLAP = 0.0
+#: Width (Gaussian sigma, pixels) of the edge over which a reference fill blends into the image.
+FEATHER_PX = 2.0
 #: ROAD's noise term: standard deviation of the noise added to imputed pixels (image in [0, 1]).
 NOISE = 0.01
-#: The z-score's denominator is at least this many logits: where no removal changes the
-#: answer, float noise must not turn into a large z.
-SD_FLOOR = 0.05
 #: Share of knowledge-free maps allowed above the cut-off on validation images.
-NULL_RATE = 0.02
-#: Uniform random grids scored per validation image for the null (beside one centred Gaussian).
-NULL_RANDOM_MAPS = 2
+NULL_RATE = 0.03
+#: Uniform random grids scored per validation image for the null (beside one centred Gaussian
+#: and one constant map).
+NULL_RANDOM_MAPS = 4
 #: Seeds: fixed, so the regions and noise never depend on the map's (backend-specific) values.
 OFFSET_SEED, NOISE_SEED, NULL_SEED = 20240607, 7, 11
 #: Model inputs per image: the hot region removed, then each moved copy removed.
@@ -121,21 +134,84 @@ def moved_regions(hot: Array, n: int = N_RANDOM) -> list[Array]:
 
 
 
-def impute(image: Array, mask: Array, noise: float = NOISE) -> Array:
-    """Fill ``mask`` with a weighted mean of the pixels around it plus ROAD's noise, in a
-    ``[S, S]`` or ``[S, S, 1]`` float image in [0, 1]; same shape, float32.
+#: Training negatives averaged into the reference image at most (a seeded sample beyond that).
+REFERENCE_MAX_IMAGES = 2000
 
-    Like ROAD's noisy linear imputation, each removed pixel becomes a smooth average of its
-    kept neighbours (normalised convolution with a Gaussian), so the fill adds no edges for
-    the model to react to; the noise (seeded, the same for every image of a size) keeps the
-    fill from being a perfectly smooth, recognisable patch. NaN and -inf count as 0, +inf as 1
-    (:func:`~cxr_contract.pixels.finite_or_ends`): a blur would spread a NaN over its whole
-    kernel.
+
+def reference_image(images: Array) -> Array:
+    """The healthy reference a removed region is filled from: the pixel-wise mean of negative
+    training images (``[N, S, S]`` or ``[N, S, S, 1]`` in [0, 1]) as ``[S, S]`` float32, rounded
+    to the 16 bits it is stored in, so whoever computes it and whoever reads it back from a
+    model's metadata fill with the same numbers."""
+    arr = np.asarray(images, np.float64)
+    if arr.ndim == 4:
+        arr = arr[..., 0]
+    if arr.ndim != 3 or not len(arr):
+        raise ValueError("a faithfulness reference needs at least one [S, S] image")
+    mean = np.clip(finite_or_ends(arr, 0.0, 1.0).mean(axis=0), 0.0, 1.0)
+    return (np.round(mean * 65535.0) / 65535.0).astype(np.float32)
+
+
+def encode_reference(reference: Array) -> str:
+    """The reference as a base64 16-bit PNG (a model metadata value, ~50 KB at 224 px)."""
+    ok, png = cv2.imencode(".png", np.round(np.clip(reference, 0, 1) * 65535.0).astype(np.uint16))
+    if not ok:
+        raise ValueError("could not encode the faithfulness reference as PNG")
+    return base64.b64encode(png.tobytes()).decode("ascii")
+
+
+def decode_reference(text: str, size: int) -> Array:
+    """:func:`encode_reference`'s text back to ``[size, size]`` float32; ValueError when it is
+    not a 16-bit grayscale PNG of that size."""
+    try:
+        raw = np.frombuffer(base64.b64decode(text, validate=True), np.uint8)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"not base64 ({exc})") from None
+    img = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED) if raw.size else None
+    if img is None or img.dtype != np.uint16 or img.shape != (size, size):
+        got = "not a PNG" if img is None else f"{img.dtype} {img.shape}"
+        raise ValueError(f"not a {size}x{size} 16-bit PNG ({got})")
+    return (img.astype(np.float64) / 65535.0).astype(np.float32)
+
+
+def _reference_fill(plane: Array, keep: Array, reference: Array) -> Array:
+    """The reference brought to this image's brightness and contrast: the least-squares line
+    ``a * reference + b`` through the kept pixels (exposure, gamma and windowing differ per image)."""
+    ref = reference.astype(np.float64)
+    if not keep.any():
+        return ref
+    r, v = ref[keep], plane[keep].astype(np.float64)
+    var = float(r.var())
+    a = float(((r - r.mean()) * (v - v.mean())).mean()) / var if var > 1e-12 else 0.0
+    return a * ref + (float(v.mean()) - a * float(r.mean()))
+
+
+def impute(image: Array, mask: Array, noise: float = NOISE, reference: Array | None = None) -> Array:
+    """Fill ``mask`` in a ``[S, S]`` or ``[S, S, 1]`` float image in [0, 1]; same shape, float32.
+
+    With a ``reference`` (the model's healthy reference, :func:`reference_image`), the region
+    becomes what that place looks like on an average negative image, at this image's brightness
+    and contrast (:func:`_reference_fill`), blended over a 2-pixel feathered edge: removing an
+    opacity leaves healthy-looking lung, where an average of the neighbours would pull the
+    bright chest wall and mediastinum into a dark lung field and paint a new opacity. Without
+    one (models exported before the reference), ROAD's noisy linear imputation: each removed
+    pixel becomes a smooth average of its kept neighbours (normalised convolution with a
+    Gaussian). Either way ROAD's noise (seeded, the same for every image of a size) is added.
+    NaN and -inf count as 0, +inf as 1 (:func:`~cxr_contract.pixels.finite_or_ends`).
     """
     arr = finite_or_ends(np.asarray(image, np.float32), 0.0, 1.0)
     plane = arr[..., 0] if arr.ndim == 3 else arr
     if not mask.any():
         return arr.copy()
+    if reference is not None:
+        if reference.shape != plane.shape:
+            raise ValueError(f"faithfulness reference is {reference.shape}, the image {plane.shape}")
+        fill = _reference_fill(plane, ~mask, reference)
+        if noise > 0:
+            fill = fill + np.random.default_rng(NOISE_SEED).normal(0.0, noise, plane.shape)
+        weight = np.maximum(cv2.GaussianBlur(mask.astype(np.float32), (0, 0), FEATHER_PX), mask)
+        blended = (weight * fill + (1.0 - weight) * plane).astype(np.float32)
+        return blended[..., None] if arr.ndim == 3 else blended
     keep = (~mask).astype(np.float32)
     sigma = max(2.0, plane.shape[0] / 16)
     num = cv2.GaussianBlur(plane * keep, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
@@ -147,20 +223,21 @@ def impute(image: Array, mask: Array, noise: float = NOISE) -> Array:
     return filled[..., None] if arr.ndim == 3 else filled
 
 
-def perturbed_inputs(image: Array, gradcam: Array, fraction: float = FRACTION) -> Array:
+def perturbed_inputs(image: Array, gradcam: Array, fraction: float = FRACTION,
+                     reference: Array | None = None) -> Array:
     """The :data:`INPUTS_PER_IMAGE` model inputs of one image, stacked: the hot region
-    removed first, then each moved copy of it removed."""
+    removed first, then each moved copy of it removed (filled from ``reference``, see :func:`impute`)."""
     size = int(image.shape[0])
     hot = ranked_cell_mask(gradcam, size, fraction)
-    return np.stack([impute(image, m) for m in (hot, *moved_regions(hot))]).astype(np.float32)
+    return np.stack([impute(image, m, reference=reference) for m in (hot, *moved_regions(hot))]).astype(np.float32)
 
 
 def score(logits: Array) -> float:
-    """Faithfulness z-score (see the module docstring) from one image's :data:`INPUTS_PER_IMAGE`
-    logits, in :func:`perturbed_inputs` order."""
+    """Faithfulness (see the module docstring), in logits, from one image's
+    :data:`INPUTS_PER_IMAGE` logits in :func:`perturbed_inputs` order: how much more removing
+    the hot region lowers the logit than removing a moved copy of it does, on average."""
     z = np.asarray(logits, np.float64).ravel()
-    hot, moved = z[0], z[1:]
-    return float((moved.mean() - hot) / max(float(moved.std(ddof=1)), SD_FLOOR))
+    return float(z[1:].mean() - z[0])
 
 
 def above_chance(value: float, cutoff: float) -> bool:
@@ -172,13 +249,14 @@ def verdict(value: float, cutoff: float) -> str:
     return "above chance" if above_chance(value, cutoff) else "not above chance"
 
 
-def scores(logit_of: Callable[[Array], Array], images: Array, maps: Array, batch_images: int = 8) -> Array:
+def scores(logit_of: Callable[[Array], Array], images: Array, maps: Array, batch_images: int = 8,
+           reference: Array | None = None) -> Array:
     """:func:`score` of each image against its map (``[N, h, w]``, or one ``[h, w]`` map for all),
     ``logit_of`` taking ``[M, S, S, 1]`` inputs to ``M`` calibrated logits."""
     grids = np.broadcast_to(maps, (len(images), *np.shape(maps)[-2:]))
     out: list[float] = []
     for i in range(0, len(images), batch_images):
-        stacked = np.concatenate([perturbed_inputs(images[k], grids[k])
+        stacked = np.concatenate([perturbed_inputs(images[k], grids[k], reference=reference)
                                   for k in range(i, min(i + batch_images, len(images)))])
         z = np.asarray(logit_of(stacked), np.float64).reshape(-1, INPUTS_PER_IMAGE)
         out += [score(row) for row in z]
@@ -209,21 +287,26 @@ def conformal_cutoff(values: Array, rate: float) -> tuple[float, float]:
 
 
 def null_cutoff(logit_of: Callable[[Array], Array], images: Array, grid: tuple[int, int],
-                rate: float = NULL_RATE) -> dict[str, Any]:
+                rate: float = NULL_RATE, reference: Array | None = None) -> dict[str, Any]:
     """The "above chance" cut-off from knowledge-free maps on ``images`` (validation images):
-    :data:`NULL_RANDOM_MAPS` uniform random grids per image and the centred Gaussian, each
-    family's conformal quantile at ``rate``, the larger of the two kept."""
+    :data:`NULL_RANDOM_MAPS` uniform random grids per image, the centred Gaussian and a constant
+    map (its ties broken by cell index: always the same corner), each family's conformal quantile
+    at ``rate``, the largest of the three kept."""
     h, w = grid
     n = len(images)
     rand = random_maps(n * NULL_RANDOM_MAPS, h, w)
     reps = np.repeat(images, NULL_RANDOM_MAPS, axis=0)
-    families = {"random_map": scores(logit_of, reps, rand), "centre_map": scores(logit_of, images, centre_map(h, w))}
+    families = {"random_map": scores(logit_of, reps, rand, reference=reference),
+                "centre_map": scores(logit_of, images, centre_map(h, w), reference=reference),
+                "constant_map": scores(logit_of, images, np.ones((h, w)), reference=reference)}
     cut = {name: conformal_cutoff(v, rate) for name, v in families.items()}
     worst = max(cut, key=lambda name: cut[name][0])
     return {
         "cutoff": cut[worst][0], "rate": rate, "bound": max(b for _, b in cut.values()), "images": n,
         "from": worst, "per_family": {name: {"cutoff": c, "n": len(families[name]),
                                              "mean": float(families[name].mean())} for name, (c, _) in cut.items()},
-        "score": f"z of the hot region's removal against {N_RANDOM} moved copies, calibrated logit",
+        "score": f"logit drop of the hot region's removal beyond the mean of {N_RANDOM} moved copies', "
+                 "calibrated logit",
+        "fill": "healthy reference" if reference is not None else "local mean",
         "fraction": FRACTION,
     }

@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from cxr_contract import faithfulness
 from cxr_contract import prevalence as prior
 from cxr_contract.drift import DriftReference
 
@@ -74,6 +75,10 @@ class Meta:
     #: absent: the model makes no faithfulness statement.
     FAITHFULNESS_CUTOFF = "faithfulness_cutoff"
     FAITHFULNESS_NULL = "faithfulness_null"  # JSON: how the cut-off was computed, per null family
+    #: The healthy reference removed regions are filled from (base64 16-bit PNG at the input size,
+    #: :func:`cxr_contract.faithfulness.encode_reference`). A cut-off without it was computed with
+    #: an earlier score and is not used: such a model makes no faithfulness statement.
+    FAITHFULNESS_REFERENCE = "faithfulness_reference"
     #: int8 only: which signedness of activations/weights export chose on its CPU (``s8s8``,
     #: ``u8s8``, ``u8u8``), with the variants it tried in ``precision_check``.
     INT8_VARIANT = "int8_variant"
@@ -131,8 +136,11 @@ class ModelInfo:
     #: The gate's conformal bound on gating an in-distribution image (``false_gate_bound`` in
     #: :data:`Meta.OOD_METHOD`); None without a gate or that record.
     false_gate_rate: float | None = None
-    #: None: no null cut-off in the metadata, so no heatmap faithfulness statement.
+    #: None: no null cut-off in the metadata (or one without its reference, from an earlier
+    #: score), so no heatmap faithfulness statement.
     faithfulness_cutoff: float | None = None
+    #: The healthy reference's text (:data:`Meta.FAITHFULNESS_REFERENCE`); None without a cut-off.
+    faithfulness_reference: str | None = None
     #: The prevalence the graph's probability assumes (None: neither recorded nor derivable).
     prevalence: float | None = None
     #: Validation ``[sensitivity, logit threshold]`` pairs (empty for older models).
@@ -247,8 +255,18 @@ class ModelInfo:
             raise ContractError(f"{source}: {Meta.LABELS} is not a JSON list") from None
         if labels != LABELS:  # the worker reports the second label's probability
             raise ContractError(f"{source}: labels {list(labels)} are not {list(LABELS)}")
+        # A cut-off is only comparable with the score it was computed with: one exported before
+        # the healthy reference came from an earlier score, which this software no longer computes.
+        faith_reference = meta.get(Meta.FAITHFULNESS_REFERENCE)
         cutoff = (_number(meta, Meta.FAITHFULNESS_CUTOFF, source, float)
                   if Meta.FAITHFULNESS_CUTOFF in meta else None)
+        if not faith_reference:
+            cutoff = None
+        elif cutoff is not None:
+            try:
+                faithfulness.decode_reference(faith_reference, size)
+            except ValueError as exc:
+                raise ContractError(f"{source}: {Meta.FAITHFULNESS_REFERENCE} is {exc}") from None
         precision = meta.get(Meta.PRECISION, "fp32")
         if precision not in PRECISIONS:
             raise ContractError(f"{source}: {Meta.PRECISION}={precision!r} is not one of {', '.join(PRECISIONS)}")
@@ -290,6 +308,7 @@ class ModelInfo:
             drift_reference=reference,
             false_gate_rate=_false_gate_rate(meta) if ood is not None else None,
             faithfulness_cutoff=cutoff,
+            faithfulness_reference=faith_reference if cutoff is not None else None,
             prevalence=model_prevalence,
             operating_curve=curve,
             site_calibration=site,

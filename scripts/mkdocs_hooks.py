@@ -102,7 +102,15 @@ def e2e(*runs: dict[str, Any]) -> str:
         e = d["end_to_end"]
         lat, one, four = e["latency"], e["senders_1"], e["senders_4"]
         st = lat["stages"]
-        rows.append([Path(str(e.get("model", "?"))).name,
+        model = e.get("precision", Path(str(e.get("model", "?"))).name) + (
+            f" {e['int8_variant']}" if e.get("int8_variant") else "")
+        env = e.get("worker_env", {})
+        if "states_faithfulness" in e:
+            off = not e["states_faithfulness"] or env.get("CXR_MODEL__FAITHFULNESS", "").lower() in ("0", "false")
+            model += ", faithfulness " + ("off" if off else "on")
+        if env.get("CXR_PROCESSING__WORKERS"):
+            model += f", workers {env['CXR_PROCESSING__WORKERS']}"
+        rows.append([model,
                      f"{lat['p50_ms'] / 1000:.2f} / {lat['p95_ms'] / 1000:.2f} s",
                      f"{one['images_per_s']:.2f} / {four['images_per_s']:.2f}",
                      " / ".join(f"{st[k]['mean_ms']:.0f}" for k in ("receive", "decode", "infer", "build", "send")),
@@ -127,7 +135,16 @@ def outputs(d: dict[str, Any]) -> str:
         psnr = "lossless" if r["psnr_db"] == float("inf") else f"{r['psnr_db']:.1f} dB"
         enc = "—" if name == "none" else f"{_ms(r['encode']['p50_ms'])} / {_ms(r['encode']['cpu_p50_ms'])} ms"
         rows.append([f"`{name}`", f"{r['file_bytes'] / 1e6:.2f} MB", psnr, f"{_ms(r['build']['p50_ms'])} ms", enc])
-    return _table(["`output.sc_compression`", "file", "PSNR", "build p50 (wall)", "encode p50 wall / CPU"], rows)
+    table = _table(["`output.sc_compression`", "file", "PSNR", "build p50 (wall)", "encode p50 wall / CPU"], rows)
+    sr = d.get("sr")
+    if not sr:
+        return table
+    labels = {"highdicom": "highdicom for every image (`build_report_highdicom`)",
+              "template": "template filled per image (`build_report`)"}
+    sr_rows = [[label, f"{_ms(sr[k]['build_cpu_p50_ms'])} ms", f"{_ms(sr[k]['build_encode_cpu_p50_ms'])} ms",
+                f"{_ms(sr[k]['first_cpu_ms'])} ms"] for k, label in labels.items()]
+    sr_rows.append(["speed-up", "", f"{sr['speedup_build_encode']:.1f}x", ""])
+    return table + "\n\n" + _table(["SR, CPU per image (p50)", "build", "build + encode", "first image"], sr_rows)
 
 
 def gradcam(d: dict[str, Any]) -> str:

@@ -219,8 +219,39 @@ def localisation_report(cams: Array, records: list[Record], located: list[tuple[
     }
 
 
+#: The healthy reference of heatmap faithfulness, written into the run by ``evaluate`` and
+#: carried into the model's metadata by ``export``, so both fill removed regions alike.
+REFERENCE_FILE = "faithfulness_reference.png"
+
+
+def faithfulness_reference(run: Path, dataset: Dataset, size: int, seed: int) -> Array:
+    """The run's healthy reference (:func:`cxr_contract.faithfulness.reference_image`): read from
+    :data:`REFERENCE_FILE` when it is there at this size, else the mean of up to
+    :data:`~cxr_contract.faithfulness.REFERENCE_MAX_IMAGES` negative training images (a seeded
+    sample), written there."""
+    path = run / REFERENCE_FILE
+    if path.is_file():
+        stored = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if stored is not None and stored.dtype == np.uint16 and stored.shape == (size, size):
+            return (stored.astype(np.float64) / 65535.0).astype(np.float32)
+    negatives = [r for r in dataset.splits.get("train", []) if r.label == 0]
+    if not negatives:
+        raise DataError("the training split has no negative image to build the heatmap-faithfulness "
+                        "reference from")
+    rng = np.random.default_rng(seed)
+    chosen = sorted(rng.choice(len(negatives), min(len(negatives), faithfulness.REFERENCE_MAX_IMAGES),
+                               replace=False))
+    total = np.zeros((size, size), np.float64)
+    for k in chosen:  # a running sum: 2,000 images at 224 px would be 400 MB as one stack
+        total += load_image(negatives[k].path, size)[..., 0]
+    reference = faithfulness.reference_image((total / len(chosen))[None])
+    cv2.imwrite(str(path), np.round(reference * 65535.0).astype(np.uint16))
+    return reference
+
+
 def faithfulness_report(logit_of: Callable[[Array], Array], images: Array, cams: Array, labels: Array,
-                        patient_ids: Sequence[str], val_images: Array, n_boot: int, seed: int) -> dict[str, Any]:
+                        patient_ids: Sequence[str], val_images: Array, n_boot: int, seed: int,
+                        reference: Array | None = None) -> dict[str, Any]:
     """The worker's per-image faithfulness score and verdict over a split, for Grad-CAM and for
     maps that know nothing about the image (uniform random grids, a centred Gaussian, a
     constant map), against a null cut-off computed on the validation images as export does.
@@ -228,16 +259,16 @@ def faithfulness_report(logit_of: Callable[[Array], Array], images: Array, cams:
     ``logit_of`` gives the calibrated logit (z / T), the unit of the worker's ``logit`` output.
     """
     h, w = cams.shape[1:]
-    null = faithfulness.null_cutoff(logit_of, val_images, (h, w))
+    null = faithfulness.null_cutoff(logit_of, val_images, (h, w), reference=reference)
     cutoff = null["cutoff"]
     rng = np.random.default_rng(RANDOM_MAP_SEED)
     maps: dict[str, Array] = {"gradcam": cams, "random_map": np.asarray(rng.random(cams.shape)),
                               "centre_map": faithfulness.centre_map(h, w), "constant_map": np.ones((h, w))}
     out: dict[str, Any] = {"fraction_removed": faithfulness.FRACTION, "moved_copies": faithfulness.N_RANDOM,
-                           "units": "z-score (calibrated logit)", "null": null, "cutoff": cutoff}
+                           "units": "logit drop beyond moved copies (calibrated logit)", "null": null, "cutoff": cutoff}
     positive = np.asarray(labels) == 1
     for name, grids in maps.items():
-        v = faithfulness.scores(logit_of, images, grids)
+        v = faithfulness.scores(logit_of, images, grids, reference=reference)
         above = np.array([faithfulness.above_chance(x, cutoff) for x in v], float)
         summary = stats.mean_with_ci(v, patient_ids, n_boot, seed)
         rate = stats.mean_with_ci(above, patient_ids, n_boot, seed)
@@ -252,7 +283,7 @@ def faithfulness_report(logit_of: Callable[[Array], Array], images: Array, cams:
 
 
 def deletion_curves(logit_model: LogitModel, images: Array, cams: Array, z0: Array,
-                    fractions: Sequence[float] = CURVE_FRACTIONS) -> dict[str, Any]:
+                    fractions: Sequence[float] = CURVE_FRACTIONS, reference: Array | None = None) -> dict[str, Any]:
     """Mean logit as Grad-CAM cells are removed most-relevant-first (MoRF), least-relevant-first
     (LeRF) and in random order, with the faithfulness module's masks and imputation."""
     size = images.shape[1]
@@ -261,9 +292,10 @@ def deletion_curves(logit_model: LogitModel, images: Array, cams: Array, z0: Arr
     for f in fractions:
         variants = []
         for img, cam in zip(images, cams, strict=True):
-            variants += [faithfulness.impute(img, faithfulness.ranked_cell_mask(cam, size, f, most_relevant=True)),
-                         faithfulness.impute(img, faithfulness.ranked_cell_mask(cam, size, f, most_relevant=False)),
-                         faithfulness.impute(img, faithfulness.random_cell_mask(cam, size, f))]
+            masks = (faithfulness.ranked_cell_mask(cam, size, f, most_relevant=True),
+                     faithfulness.ranked_cell_mask(cam, size, f, most_relevant=False),
+                     faithfulness.random_cell_mask(cam, size, f))
+            variants += [faithfulness.impute(img, m, reference=reference) for m in masks]
         z = logit_model.of_images(np.stack(variants)).reshape(len(images), 3)
         for k, name in enumerate(("morf", "lerf", "random")):
             curves[name].append(float(z[:, k].mean()))
@@ -381,11 +413,12 @@ def evaluate(run: Path, split: str = "test", boxes_file: Path | None = None, *,
     train_regions = [m for _, m in _regions(dataset.splits["train"], boxes, size)]
     loc = localisation_report(cams, records, located, train_regions, pointing_tolerance, n_boot, seed)
     val_images = np.stack([load_image(r.path, size) for r in val])
+    reference = faithfulness_reference(run, dataset, size, seed)
     faith = faithfulness_report(lambda x: logit_model.of_images(x) / temperature, images, cams, y, pids, val_images,
-                                n_boot, seed)
+                                n_boot, seed, reference)
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(len(records), min(len(records), CURVE_MAX_IMAGES), replace=False))
-    curves = deletion_curves(logit_model, images[chosen], cams[chosen], z[chosen])
+    curves = deletion_curves(logit_model, images[chosen], cams[chosen], z[chosen], reference=reference)
 
     result: dict[str, Any] = {
         "split": split,
@@ -533,7 +566,7 @@ def _deletion_figure(run: Path, curves: dict[str, Any], faith: dict[str, Any], p
     g = faith["gradcam"]
     ax.set_xlabel("fraction of the image removed (Grad-CAM cells, imputed)")
     ax.set_ylabel("mean logit")
-    ax.set_title(f"deletion curves (n={curves['n']}); faithfulness z {g['mean']:.2f}, "
+    ax.set_title(f"deletion curves (n={curves['n']}); faithfulness {g['mean']:+.2f} logit, "
                  f"{100 * g['fraction_above_chance']:.0f}% above chance", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()

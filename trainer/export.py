@@ -56,7 +56,7 @@ from trainer import __version__
 from trainer.config import resolved_bn
 from trainer.data import Record, load_dataset, require_split
 from trainer.errors import DataError, ExportError, TrainerError
-from trainer.evaluate import load_run
+from trainer.evaluate import faithfulness_reference, load_run
 from trainer.fit import load_image
 from trainer.model import feature_model, gradcam_parts, gradcam_tape_parts, weights_sha256
 from trainer.ood import METHOD, MahalanobisGate, conformal_threshold, fit_gate
@@ -201,7 +201,8 @@ def run_onnx(proto: Any, records: list[Record], size: int) -> dict[str, np.ndarr
     return {n: np.concatenate(v) for n, v in chunks.items()}
 
 
-def faithfulness_null(proto: Any, records: list[Record], size: int, grid: tuple[int, ...]) -> dict[str, Any]:
+def faithfulness_null(proto: Any, records: list[Record], size: int, grid: tuple[int, ...],
+                      reference: np.ndarray[Any, Any] | None = None) -> dict[str, Any]:
     """:func:`cxr_contract.faithfulness.null_cutoff` on ``records`` (the validation split), scored
     by the graph's calibrated ``logit`` output, the unit the worker scores in."""
     session = _session(proto)
@@ -210,7 +211,8 @@ def faithfulness_null(proto: Any, records: list[Record], size: int, grid: tuple[
         return np.concatenate([session.run([LOGIT_OUTPUT], {INPUT_NAME: x[i:i + BATCH]})[0].reshape(-1)
                                for i in range(0, len(x), BATCH)])
 
-    return faithfulness.null_cutoff(logit_of, _load(records, size), (int(grid[0]), int(grid[1])))
+    return faithfulness.null_cutoff(logit_of, _load(records, size), (int(grid[0]), int(grid[1])),
+                                    reference=reference)
 
 
 def pooled_features(model: keras.Model, feature_layer: str, records: list[Record], size: int) -> np.ndarray[Any, Any]:
@@ -551,7 +553,8 @@ def export(run: Path, out: Path, *, threshold: float | None = None, version: str
     # The "above chance" cut-off of heatmap faithfulness: knowledge-free maps scored on the
     # validation images by the exported graph's calibrated logit, the worker's unit.
     t0 = time.perf_counter()
-    faith_null = faithfulness_null(proto, val, size, tuple(on_val[GRADCAM_OUTPUT].shape[1:]))
+    reference = faithfulness_reference(run, dataset, size, cfg.train.seed)
+    faith_null = faithfulness_null(proto, val, size, tuple(on_val[GRADCAM_OUTPUT].shape[1:]), reference)
     timings["faithfulness_null_s"] = time.perf_counter() - t0
     _update_metrics(run, "faithfulness_null", faith_null)
 
@@ -584,6 +587,7 @@ def export(run: Path, out: Path, *, threshold: float | None = None, version: str
                                       **compact),  # type: ignore[arg-type]
         Meta.FAITHFULNESS_CUTOFF: f"{faith_null['cutoff']:.6g}",
         Meta.FAITHFULNESS_NULL: json.dumps(faith_null, **compact),  # type: ignore[arg-type]
+        Meta.FAITHFULNESS_REFERENCE: faithfulness.encode_reference(reference),
         Meta.PRECISION: "fp32",  # the reduced model's own precision replaces it
         Meta.EXPORTED: datetime.now(UTC).isoformat(timespec="seconds"),
         Meta.TENSORFLOW: tf.__version__,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import math
@@ -236,6 +237,9 @@ class OnnxModel:
         self.exported_info = exported
         #: The model as reported: threshold and prevalence of the probabilities :meth:`predict` returns.
         self.info = exported.reporting(self.adjustment)
+        # Decoded once: every faithfulness run fills removed regions from it.
+        self._faith_reference = (faithfulness.decode_reference(self.info.faithfulness_reference, self.info.input_size)
+                                 if self.info.faithfulness_reference else None)
         required = required_outputs(self.info.contract_version)
         if INPUT_NAME not in inputs or not set(required) <= outputs:
             raise ModelError(
@@ -390,9 +394,10 @@ class OnnxModel:
             raise ModelError(f"{len(inputs)} inputs but {len(gradcams)} Grad-CAM maps")
         if not len(inputs):
             return []
-        # The imputation (two Gaussian blurs per perturbed image, ~3 ms each, in OpenCV, which
-        # releases the GIL) runs on a few threads: on a GPU it is most of the faithfulness cost.
-        stacked = np.concatenate(list(_imputers().map(faithfulness.perturbed_inputs, inputs, gradcams)))
+        # The imputation (array arithmetic and a blur per perturbed image, in numpy and OpenCV,
+        # which release the GIL) runs on a few threads: on a GPU it is most of the faithfulness cost.
+        perturb = functools.partial(faithfulness.perturbed_inputs, reference=self._faith_reference)
+        stacked = np.concatenate(list(_imputers().map(perturb, inputs, gradcams)))
         (logit,) = self._run([LOGIT_OUTPUT], stacked)
         rows = logit.reshape(len(inputs), faithfulness.INPUTS_PER_IMAGE)
         return [faithfulness.score(row) for row in rows]

@@ -155,8 +155,9 @@ class Processor:
         self.withhold = settings.model.ood_action == "withhold"
         self.faithfulness = settings.model.faithfulness and model.states_faithfulness
         if settings.model.faithfulness and model.has_logit and not model.states_faithfulness:
-            logger.warning("model has no heatmap faithfulness cut-off in its metadata (exported before it was "
-                           "computed): no faithfulness is stated; export the run again for it")
+            logger.warning("model has no heatmap faithfulness cut-off with its healthy reference in its metadata "
+                           "(exported before this version's faithfulness score): no faithfulness is stated; "
+                           "export the run again for it")
         #: An ORU^R01 per answered or withheld image, when an HL7 destination will take it.
         self.oru = any(isinstance(d, Hl7Destination) for d in settings.send.destinations)
         #: Images of one batch built at the same time (the machine's cores, at most 4).

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 
 def test_tensorflow_and_onnx_runtime_give_the_same_verdict(trained_run: Path, onnx_model: Path) -> None:
     from trainer.data import load_dataset
-    from trainer.evaluate import LogitModel, load_run
+    from trainer.evaluate import LogitModel, faithfulness_reference, load_run
     from trainer.fit import load_image
     from trainer.model import gradcam_tape_parts
     from worker.model import OnnxModel
@@ -38,13 +38,18 @@ def test_tensorflow_and_onnx_runtime_give_the_same_verdict(trained_run: Path, on
 
     cams_tf = gradcam_tape_parts(model, cfg.model.feature_layer, x)["gradcam"]
     logit_model = LogitModel(model)
-    z_tf = faithfulness.scores(lambda b: logit_model.of_images(b) / temperature, x, cams_tf)
+    # evaluate's own reference (the run's file) is the one export stored in the model
+    reference = faithfulness.decode_reference(ort_model.info.faithfulness_reference or "", size)
+    np.testing.assert_array_equal(reference, faithfulness_reference(trained_run, load_dataset(Path(info["data"])),
+                                                                    size, cfg.train.seed))
+    z_tf = faithfulness.scores(lambda b: logit_model.of_images(b) / temperature, x, cams_tf, reference=reference)
     z_ort = np.array(ort_model.faithfulness(x, [p.gradcam for p in ort_model.predict(x)]))
 
     verdict_tf = z_tf > cutoff
     verdict_ort = z_ort > cutoff
     print(f"{ort_model.info.precision}: {len(x)} images, cut-off {cutoff:.3f}, above chance TF "
-          f"{verdict_tf.mean():.2f} ORT {verdict_ort.mean():.2f}, max |z_TF - z_ORT| {np.abs(z_tf - z_ort).max():.2e}")
+          f"{verdict_tf.mean():.2f} ORT {verdict_ort.mean():.2f}, "
+          f"max |score TF - score ORT| {np.abs(z_tf - z_ort).max():.2e} logit")
     assert (verdict_tf == verdict_ort).all(), list(zip(z_tf.round(3), z_ort.round(3), strict=True))
     if ort_model.info.precision == "fp32":
         np.testing.assert_allclose(z_ort, z_tf, atol=1e-2)

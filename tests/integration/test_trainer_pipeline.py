@@ -371,7 +371,7 @@ def test_evaluate_on_rsna_dicoms_calibrates_and_reports_every_number_with_interv
             entry = loc["methods"][method][key]
             assert entry["n"] == loc["n"] and 0 <= entry["value"] <= 1, (method, key)
     faith = m["faithfulness"]
-    assert faith["units"] == "z-score (calibrated logit)" and faith["null"]["images"] == len(
+    assert faith["units"] == "logit drop beyond moved copies (calibrated logit)" and faith["null"]["images"] == len(
         load_dataset(data).splits["val"])
     for method in ("gradcam", "random_map", "centre_map", "constant_map"):
         assert faith[method]["n"] == m["n"] and 0 <= faith[method]["fraction_above_chance"] <= 1

@@ -1,7 +1,8 @@
 """The objects the worker sends for one chest X-ray, one module per object as in highdicom:
 
 - :mod:`worker.outputs.sc`: the Grad-CAM Secondary Capture (pixels from :mod:`.render`);
-- :mod:`worker.outputs.sr`: the TID 1500 Measurement Report;
+- :mod:`worker.outputs.sr`: the TID 1500 Measurement Report, filled into highdicom's build of its
+  shape by :mod:`worker.outputs.sr_template`;
 - :mod:`worker.outputs.gsps`: the Grad-CAM outline as a presentation state on the source;
 - :mod:`worker.outputs.common`: what they share (UIDs, the trust statement, the decision);
 - :mod:`worker.outputs.codes`: the coded concepts.

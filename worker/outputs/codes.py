@@ -41,8 +41,9 @@ OOD_SCORE = Code("OOD-SCORE", PRIVATE_SCHEME, "Out-of-distribution score")
 OOD_THRESHOLD = Code("OOD-THRESHOLD", PRIVATE_SCHEME, "Out-of-distribution threshold")
 #: The prevalence the reported probability assumes (cxr_contract.prevalence), in percent.
 ASSUMED_PREVALENCE = Code("PREVALENCE", PRIVATE_SCHEME, "Assumed prevalence of pneumonia")
-#: cxr_contract.faithfulness: z-score of the logit drop when the heatmap's hottest region is removed,
-#: against the same region moved elsewhere; its cut-off is the model's null quantile.
+#: cxr_contract.faithfulness: how much more the calibrated logit drops when the heatmap's hottest
+#: region is removed than when the same region moved elsewhere is (mean of the moved copies), in
+#: logits; its cut-off is the model's null quantile.
 HEATMAP_FAITHFULNESS = Code("HEATMAP-FAITH", PRIVATE_SCHEME, "Heatmap faithfulness")
 HEATMAP_FAITHFULNESS_CUTOFF = Code("FAITH-CUTOFF", PRIVATE_SCHEME, "Heatmap faithfulness cut-off")
 #: The verdict: the model depends on the highlighted region more than chance (NOT: the region is the disease).

@@ -49,7 +49,7 @@ class Trust:
         gate: Why the image is outside the training distribution (``GATE_OOD_SCORE``,
             ``input_check.UNIFORM`` or ``CLIPPED``), None when it is not.
         withheld: The gate fired and the site withholds the answer (``model.ood_action``).
-        faithfulness: Heatmap faithfulness z-score (None: not computed).
+        faithfulness: Heatmap faithfulness, a logit drop (None: not computed).
         ood_not_finite: What the model returned instead of a finite ``ood_score`` (``nan``,
             ``inf``), "" when it was finite or absent; such an image is gated.
     """

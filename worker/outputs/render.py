@@ -25,10 +25,11 @@ _BLACK = (0, 0, 0)
 def faithfulness_line(value: float, cutoff: float) -> str:
     """Whether the model depends on the highlighted region more than on other regions of its
     shape (:mod:`cxr_contract.faithfulness`): never a claim that the region is the disease."""
-    digits = 2  # enough for the printed z and cut-off to differ as the verdict says they do
+    digits = 2  # enough for the printed score and cut-off to differ as the verdict says they do
     while digits < 6 and f"{value:.{digits}f}" == f"{cutoff:.{digits}f}" and value != cutoff:
         digits += 1
-    return f"Heatmap faithfulness: {faith.verdict(value, cutoff)} (z {value:+.{digits}f}, cut-off {cutoff:.{digits}f})"
+    return (f"Heatmap faithfulness: {faith.verdict(value, cutoff)} "
+            f"(logit drop {value:+.{digits}f}, cut-off {cutoff:.{digits}f})")
 
 
 def probability_lines(probability: float, threshold: float, prevalence: float | None) -> tuple[str, str]:
@@ -247,7 +248,7 @@ def render_heatmap_overlay(
             model): each map is scaled by its own peak, and the SC says so.
         paint_negative: Colour a negative decision's map too (and say what it shows); by
             default a negative decision is drawn without colour.
-        faithfulness: Heatmap faithfulness (z-score), printed below the probability when a map
+        faithfulness: Heatmap faithfulness (a logit drop), printed below the probability when a map
             is drawn and the model has a ``faithfulness_cutoff`` to judge it by.
         faithfulness_cutoff: The model's null cut-off (``ModelInfo.faithfulness_cutoff``).
         warning: Lines printed first, e.g. that the image is outside the training distribution.

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
+from cxr_contract import faithfulness
 from cxr_contract.model import CONTRACT_VERSION, ContractError, Meta, ModelInfo, required_outputs
 
 V1 = {Meta.NAME: "m", Meta.VERSION: "1", Meta.INPUT_SIZE: "224", Meta.THRESHOLD: "0.4",
@@ -30,9 +32,20 @@ def test_precision_is_read_and_defaults_to_fp32_for_models_exported_before_it() 
     assert ModelInfo.from_metadata({**V2, Meta.PRECISION: "int8"}, "q.onnx").precision == "int8"
 
 
+#: The faithfulness metadata of a 224-px model: a cut-off and its healthy reference.
+FAITH = {Meta.FAITHFULNESS_CUTOFF: "2.75",
+         Meta.FAITHFULNESS_REFERENCE: faithfulness.encode_reference(np.full((224, 224), 0.25, np.float32))}
+
+
 def test_the_faithfulness_cut_off_is_read_and_absent_means_no_statement() -> None:
     assert ModelInfo.from_metadata(V2, "old.onnx").faithfulness_cutoff is None
-    assert ModelInfo.from_metadata({**V2, Meta.FAITHFULNESS_CUTOFF: "2.75"}, "m.onnx").faithfulness_cutoff == 2.75
+    info = ModelInfo.from_metadata({**V2, **FAITH}, "m.onnx")
+    assert info.faithfulness_cutoff == 2.75 and info.faithfulness_reference == FAITH[Meta.FAITHFULNESS_REFERENCE]
+
+
+def test_a_cut_off_without_its_reference_came_from_an_earlier_score_and_states_nothing() -> None:
+    older = ModelInfo.from_metadata({**V2, Meta.FAITHFULNESS_CUTOFF: "3.48"}, "older.onnx")
+    assert older.faithfulness_cutoff is None and older.faithfulness_reference is None
 
 
 @pytest.mark.parametrize(("meta", "words"), [
@@ -45,6 +58,9 @@ def test_the_faithfulness_cut_off_is_read_and_absent_means_no_statement() -> Non
     ({**V2, Meta.LABELS: "[unclosed"}, "not a JSON list"),
     ({**V2, Meta.PRECISION: "int4"}, "precision='int4' is not one of fp32, int8, fp16"),
     ({**V2, Meta.FAITHFULNESS_CUTOFF: "inf"}, "faithfulness_cutoff='inf' is not finite"),
+    ({**V2, **FAITH, Meta.FAITHFULNESS_REFERENCE: "not base64!"}, "faithfulness_reference is not base64"),
+    ({**V2, **FAITH, Meta.FAITHFULNESS_REFERENCE: faithfulness.encode_reference(np.zeros((64, 64), np.float32))},
+     "faithfulness_reference is not a 224x224 16-bit PNG (uint16 (64, 64))"),
 ])
 def test_bad_metadata_is_one_error_naming_the_model_and_key(meta: dict[str, str], words: str) -> None:
     with pytest.raises(ContractError) as err:

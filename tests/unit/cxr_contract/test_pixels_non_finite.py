@@ -75,6 +75,11 @@ def test_faithfulness_imputation_does_not_spread_nan_or_infinities(name: str) ->
     np.testing.assert_array_equal(out, faithfulness.impute(replaced, mask))
     perturbed = faithfulness.perturbed_inputs(bad, np.arange(4, dtype=np.float32).reshape(2, 2))
     assert len(perturbed) == faithfulness.INPUTS_PER_IMAGE and np.isfinite(perturbed).all()
+    # the healthy-reference fill fits a line through the kept pixels: one NaN must not poison it
+    reference = faithfulness.reference_image(image[None])
+    by_reference = faithfulness.impute(bad, mask, reference=reference)
+    assert np.isfinite(by_reference).all()
+    np.testing.assert_array_equal(by_reference, faithfulness.impute(replaced, mask, reference=reference))
 
 
 def test_faithfulness_ranks_nan_cells_as_zero_and_infinities_at_the_ends() -> None:

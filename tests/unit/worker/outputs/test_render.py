@@ -184,10 +184,10 @@ def test_faithfulness_is_printed_beside_the_probability() -> None:
     assert not np.array_equal(without, with_it)
     # No cut-off (a model exported before it): no statement, rather than an uncalibrated one.
     assert np.array_equal(without, render_heatmap_overlay(image, hot_gradcam(), faithfulness=1.5, **kw))
-    assert faithfulness_line(1.5, 1.2) == "Heatmap faithfulness: above chance (z +1.50, cut-off 1.20)"
-    assert faithfulness_line(-0.2, 1.2) == "Heatmap faithfulness: not above chance (z -0.20, cut-off 1.20)"
+    assert faithfulness_line(1.5, 1.2) == "Heatmap faithfulness: above chance (logit drop +1.50, cut-off 1.20)"
+    assert faithfulness_line(-0.2, 1.2) == "Heatmap faithfulness: not above chance (logit drop -0.20, cut-off 1.20)"
     # Printed at a precision that shows the side of the cut-off the verdict is on.
-    assert faithfulness_line(1.2004, 1.2) == "Heatmap faithfulness: above chance (z +1.2004, cut-off 1.2000)"
+    assert faithfulness_line(1.2004, 1.2) == "Heatmap faithfulness: above chance (logit drop +1.2004, cut-off 1.2000)"
 
 
 def test_ood_numbers_printed_apart_when_close() -> None:
