@@ -4,7 +4,10 @@ its own virtualenv (torch, torchvision, grad-cam), so the project's environment 
 prints one JSON line. Each timed call returns the maps in host memory, as the library does, so
 GPU timings include the device's work.
 
-Usage: python gradcam_torch.py [--device cpu|cuda] SIZE REPEAT BATCH [BATCH ...]
+Usage: python gradcam_torch.py [--device cpu|cuda] [--threads N] SIZE REPEAT BATCH [BATCH ...]
+
+``--threads`` sets torch's intra-op threads (``torch.set_num_threads``), so that a CPU comparison
+gives torch the same threads as ONNX Runtime; the JSON records the count torch then reports.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ def main() -> None:
     device = "cpu"
     if args[:1] == ["--device"]:
         device, args = args[1], args[2:]
+    if args[:1] == ["--threads"]:
+        torch.set_num_threads(int(args[1]))
+        args = args[2:]
     size, repeat, batches = int(args[0]), int(args[1]), [int(b) for b in args[2:]]
     torch.manual_seed(0)
     net = torchvision.models.resnet50(weights=None, num_classes=1).eval().to(device)

@@ -148,13 +148,44 @@ def outputs(d: dict[str, Any]) -> str:
 
 
 def gradcam(d: dict[str, Any]) -> str:
+    int8 = d.get("int8", {})
+    first = int8.get("export_first_choice")
+    variants = {k: f"ours: ONNX Runtime int8, {k.removeprefix('onnx_int8_')}"
+                + (" (export's first try on this CPU)" if k == f"onnx_int8_{first}" else "")
+                for k in d if k.startswith("onnx_int8_")}
     names = {"pytorch_grad_cam": "pytorch-grad-cam on torchvision's ResNet-50",
              "tf_gradienttape_tf_function": "TensorFlow GradientTape Grad-CAM under `tf.function`",
-             "onnx_fp32": "ours: ONNX Runtime fp32, in-graph Grad-CAM",
-             "onnx_int8": "ours: ONNX Runtime int8", "onnx_fp32_no_gradcam": "the same fp32 model without Grad-CAM"}
-    rows = [[label, *(_ms(d[key][f"b{b}"]["ms_per_image"]) for b in (1, 8))]
+             "onnx_fp32": "ours: ONNX Runtime fp32, in-graph Grad-CAM", **variants,
+             "onnx_fp32_no_gradcam": "the same fp32 model without Grad-CAM"}
+
+    def cell(row: dict[str, Any]) -> str:
+        least = row.get("ms_per_image_min")
+        return _ms(row["ms_per_image"]) + (f" / {_ms(least)}" if least else "")
+
+    ratios = d.get("ratios", {})
+    rows = [[label, *(cell(d[key][f"b{b}"]) for b in (1, 8))]
             for key, label in names.items() if isinstance(d.get(key), dict) and "b1" in d[key]]
-    return _table(["ms per image", "batch 1", "batch 8"], rows)
+    for key, label in variants.items():
+        name = f"{key.removeprefix('onnx_')}_speedup_vs_pytorch_b"
+        if all(ratios.get(f"{name}{b}") for b in (1, 8)):
+            rows.append([f"pytorch-grad-cam / {label.removeprefix('ours: ONNX Runtime ')}",
+                         *(f"{ratios[f'{name}{b}']:.1f}x" + (f" / {ratios[f'{name}{b}_min']:.1f}x"
+                                                             if f"{name}{b}_min" in ratios else "")
+                           for b in (1, 8))])
+    goal = d.get("goals", {}).get("int8_speedup_vs_pytorch_b8")
+    if goal and first:
+        rows.append([f"goal: pytorch-grad-cam / int8 {first}", "", f"{goal.split(' (')[0]}x"])
+    if "cpu_vnni" in int8:
+        rows.append(["CPU with VNNI (8-bit dot products, 32-bit sums)", "", "yes" if int8["cpu_vnni"] else "no"])
+    threads = d.get("threads", {})
+    if threads:
+        rows.append(["intra-op threads: ONNX Runtime / torch / TensorFlow", "",
+                     " / ".join(str(threads.get(k, "?")) for k in ("onnxruntime", "torch", "tensorflow"))])
+    versions = d.get("pytorch_grad_cam", {}).get("versions") if isinstance(d.get("pytorch_grad_cam"), dict) else None
+    if versions:
+        rows.append(["torch / torchvision", "", f"{versions['torch']} / {versions['torchvision']}"])
+    rows.append(["load average, start / end", "", f"{d.get('load_avg_start', '?')} / {d.get('load_avg_end', '?')}"])
+    return _table(["ms per image (median / least disturbed run)", "batch 1", "batch 8"], rows)
 
 
 def gpu(d: dict[str, Any]) -> str:
