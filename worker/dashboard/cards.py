@@ -24,6 +24,8 @@ def card_of(info: ModelInfo) -> dict[str, Any]:
     site = info.site_calibration or {}
     prevalence = site.get("prevalence", info.prevalence)
     shown: dict[str, Any] = {"assumed prevalence": percent(prevalence) if prevalence is not None else "unknown"}
+    if info.faithfulness_cutoff is not None:  # the result page judges the stored score by it
+        shown["heatmap faithfulness cut-off"] = info.faithfulness_cutoff
     if site:
         shown["site calibration"] = (f"{site.get('images')} labelled images, threshold {site.get('threshold', 0):.4f}")
     for key, value in info.model_card.items():

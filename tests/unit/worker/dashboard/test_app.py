@@ -190,13 +190,17 @@ def test_a_result_shows_the_side_of_its_threshold_and_its_models_card(tmp_path: 
     import onnx
     from onnx import TensorProto, helper
 
+    from cxr_contract.faithfulness import encode_reference
+
     x = helper.make_tensor_value_info("image", TensorProto.FLOAT, [1])
     y = helper.make_tensor_value_info("probability", TensorProto.FLOAT, [1])
     graph = helper.make_graph([helper.make_node("Identity", ["image"], ["probability"])], "g", [x], [y])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     helper.set_model_props(proto, {"name": "cxr", "version": "1.0", "input_size": "64", "threshold": "0.49918",
                                    "weights_sha256": "ab" * 32, "prevalence": "0.5",
-                                   "model_card": json.dumps({"card": "model_card.md", "test_auc": 0.91})})
+                                   "model_card": json.dumps({"card": "model_card.md", "test_auc": 0.91}),
+                                   "faithfulness_cutoff": "2.5",
+                                   "faithfulness_reference": encode_reference(np.zeros((64, 64), np.float32))})
     (tmp_path / "models").mkdir()
     onnx.save(proto, tmp_path / "models" / "cxr-1.0.onnx")
     path = tmp_path / "worker.toml"
@@ -207,7 +211,7 @@ def test_a_result_shows_the_side_of_its_threshold_and_its_models_card(tmp_path: 
     Accounts(store).add_user("alice", "reader", PASSWORD)
     new = NewResult(study_instance_uid="1.2.3", series_instance_uid="1.2.3.4", sop_instance_uid="1.2.3.4.5",
                     probability=0.49945, decision="positive", threshold=0.49918, model_name="cxr",
-                    model_version="1.0")
+                    model_version="1.0", faithfulness=3.1)
     rid = store.record(new, np.full((64, 64), 0.5, np.float32), np.ones((4, 4), np.float32))
     with TestClient(create_app(settings, store, secret="k" * 64), base_url=LOOPBACK, follow_redirects=False) as client:
         assert login(client) == 303
@@ -216,3 +220,5 @@ def test_a_result_shows_the_side_of_its_threshold_and_its_models_card(tmp_path: 
     # 0.499 against 0.50 read as below the threshold for a positive answer.
     assert ">0.4995</strong>" in page and "<span>0.4992</span>" in page
     assert "Model card" in page and "test auc" in page and "assumed prevalence" in page and "50%" in page
+    # the stored score with its verdict and unit, judged by the model's own cut-off
+    assert "above chance: logit drop 3.10, cut-off 2.50" in page
