@@ -2,7 +2,8 @@
 runtime: TensorFlow (``evaluate``'s path: the Keras model's Grad-CAM and calibrated logit) and
 ONNX Runtime (the worker's path: the exported graph's ``gradcam`` and ``logit``) give the same
 verdict on the same image, against the cut-off export stored. ``CXR_TEST_PRECISION=int8`` runs
-it against the int8 model."""
+it against the int8 model, whose scores move a little, and whose verdicts therefore agree
+except within that little of the cut-off."""
 
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ from cxr_contract import faithfulness
 from cxr_contract.model import Meta
 
 pytestmark = pytest.mark.integration
+
+#: How far (in logits) a reduced-precision model may move a faithfulness score on the test model
+#: (int8 moved them by up to 0.024 on its 10 test images).
+REDUCED_TOLERANCE = 0.05
 
 
 def test_tensorflow_and_onnx_runtime_give_the_same_verdict(trained_run: Path, onnx_model: Path) -> None:
@@ -50,6 +55,14 @@ def test_tensorflow_and_onnx_runtime_give_the_same_verdict(trained_run: Path, on
     print(f"{ort_model.info.precision}: {len(x)} images, cut-off {cutoff:.3f}, above chance TF "
           f"{verdict_tf.mean():.2f} ORT {verdict_ort.mean():.2f}, "
           f"max |score TF - score ORT| {np.abs(z_tf - z_ort).max():.2e} logit")
-    assert (verdict_tf == verdict_ort).all(), list(zip(z_tf.round(3), z_ort.round(3), strict=True))
+    pairs = list(zip(z_tf.round(3), z_ort.round(3), strict=True))
     if ort_model.info.precision == "fp32":
+        assert (verdict_tf == verdict_ort).all(), pairs
         np.testing.assert_allclose(z_ort, z_tf, atol=1e-2)
+    else:
+        # A reduced model moves every logit a little, so a score within that of the cut-off can
+        # land on either side (here 0.083 against 0.062, cut-off 0.080, on this weak model): the
+        # scores agree within REDUCED_TOLERANCE, and so do the verdicts outside that band.
+        np.testing.assert_allclose(z_ort, z_tf, atol=REDUCED_TOLERANCE)
+        clear = np.abs(z_tf - cutoff) > REDUCED_TOLERANCE
+        assert clear.sum() >= 3 and (verdict_tf == verdict_ort)[clear].all(), pairs
