@@ -253,6 +253,15 @@ class BatchHandler:
                 self.outbox.put(key(f"oru-{result.sr.SOPInstanceUID}"), result.oru, result.sop_instance_uid,
                                 study_instance_uid=str(item.ds.get("StudyInstanceUID", "")), hl7=True)
             self.spool.mark_done(marker)
+        # Said as soon as the answer is committed: a kill -9 during the slower steps below (the
+        # results store, the audit trail) must not leave a delivered answer without its log line.
+        logger.info("processed", extra={
+            "sop_instance_uid": result.sop_instance_uid, "probability": round(result.probability, 4),
+            "decision": "withheld" if result.withheld else "positive" if result.positive else "negative",
+            "gate": result.gate, "ood_score": result.ood_score, "faithfulness": result.faithfulness,
+            "sc_sop_instance_uid": str(result.sc.SOPInstanceUID),
+            "sr_sop_instance_uid": str(result.sr.SOPInstanceUID),
+            "gsps_sop_instance_uid": str(result.gsps.SOPInstanceUID) if result.gsps is not None else None})
         received = self._received_at(item.path)
         self.spool.finish(item.path)
         self._record(item, result, per_image, received)
@@ -269,13 +278,6 @@ class BatchHandler:
         self._observe(result)
         self.metrics.stage_seconds.labels("infer").observe(result.infer_seconds)
         self.metrics.stage_seconds.labels("build").observe(max(0.0, per_image - result.infer_seconds))
-        logger.info("processed", extra={
-            "sop_instance_uid": result.sop_instance_uid, "probability": round(result.probability, 4),
-            "decision": "withheld" if result.withheld else "positive" if result.positive else "negative",
-            "gate": result.gate, "ood_score": result.ood_score, "faithfulness": result.faithfulness,
-            "sc_sop_instance_uid": str(result.sc.SOPInstanceUID),
-            "sr_sop_instance_uid": str(result.sr.SOPInstanceUID),
-            "gsps_sop_instance_uid": str(result.gsps.SOPInstanceUID) if result.gsps is not None else None})
 
     def _observe(self, result: Result) -> None:
         """The per-model-version distributions, and the drift window."""
